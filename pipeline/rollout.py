@@ -1,0 +1,153 @@
+"""Every `generate` call in the project, and the forward pass that scores sampled responses.
+
+Prompts are left-padded; responses are right-padded after the first stop token. Position ids are
+derived from the attention mask so a row's logits do not depend on how much left padding it has.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from pipeline import ppo_math
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+def encode_prompts(tokenizer, prompts: Sequence[list[dict]], max_prompt_length: int) -> list[list[int]]:
+    """Apply the chat template (with the generation prompt) and check each prompt fits."""
+    out = []
+    for i, messages in enumerate(prompts):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                            return_dict=False)
+        if hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        ids = list(ids)
+        if len(ids) > max_prompt_length:
+            raise PromptTooLongError(
+                f"prompt {i} is {len(ids)} tokens, longer than max_prompt_length={max_prompt_length}: "
+                f"{messages[-1]['content'][:80]!r}")
+        out.append(ids)
+    return out
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) ids and attention mask, padded on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(int(i) for i in gen_eos)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
+             temperature: float, stop_ids: Optional[list[int]] = None, generator_seed: Optional[int] = None):
+    """Sample responses with plain temperature sampling (top_k=0, top_p=1) so that sampling and
+    scoring (logits / temperature) describe the same distribution (DESIGN.md 4.4).
+
+    Returns ``(response_ids (B, T), response_mask (B, T) float, ended (B,) bool)``: tokens after the
+    first stop token are replaced by pad and masked out; the stop token itself is kept.
+    """
+    from transformers import GenerationConfig
+
+    stop_ids = stop_ids or stop_token_ids(tokenizer, model)
+    gen_cfg = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                               max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                               pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=query_ids.to(device), attention_mask=query_mask.to(device),
+                         generation_config=gen_cfg)
+    response = out[:, query_ids.shape[1]:].cpu()
+    if response.shape[1] == 0:
+        response = torch.full((query_ids.shape[0], 1), tokenizer.pad_token_id, dtype=torch.long)
+    return ppo_math.first_stop_truncate(response, stop_ids, tokenizer.pad_token_id)
+
+
+def sample_texts(model, tokenizer, prompts: Sequence[list[dict]], max_new_tokens: int, temperature: float,
+                 batch_size: int = 8, max_prompt_length: int = 512, progress: Optional[str] = None) -> list[str]:
+    """Sample one response per prompt (chat-formatted message lists); returns decoded texts."""
+    from tqdm.auto import tqdm
+
+    texts: list[str] = []
+    encoded = encode_prompts(tokenizer, prompts, max_prompt_length)
+    starts = range(0, len(encoded), batch_size)
+    for s in tqdm(starts, desc=progress, disable=progress is None):
+        q, qm = left_pad(encoded[s:s + batch_size], tokenizer.pad_token_id)
+        resp, mask, _ = generate(model, tokenizer, q, qm, max_new_tokens, temperature)
+        texts.extend(decode_responses(tokenizer, resp, mask))
+    return texts
+
+
+def decode_responses(tokenizer, response_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    return [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip()
+            for r, m in zip(response_ids, mask)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a rollout with the model
+
+
+@dataclass
+class ForwardOut:
+    logprobs: torch.Tensor  # (B, T)
+    entropy: Optional[torch.Tensor]  # (B, T)
+    hidden: Optional[torch.Tensor]  # (B, T, H): hidden state that predicts each response token
+
+
+def _backbone_and_head(model):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model, inner.lm_head
+
+
+def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                     response_mask: torch.Tensor, temperature: float, with_entropy: bool = False,
+                     with_hidden: bool = False) -> ForwardOut:
+    """Logprobs of the response tokens under ``model`` (logits / temperature), B x T.
+
+    The LM head runs only on the T positions that predict response tokens (position P-1+t predicts
+    response token t), which saves most of the vocabulary projection for short responses.
+    """
+    backbone, lm_head = _backbone_and_head(model)
+    input_ids = torch.cat([query_ids, response_ids], dim=1)
+    attn = torch.cat([query_mask.long(), response_mask.long()], dim=1)
+    # Padding after the stop token keeps attention 0; position ids ignore the left padding.
+    position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)
+    hidden = backbone(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
+    p, t = query_ids.shape[1], response_ids.shape[1]
+    h = hidden[:, p - 1:p - 1 + t]
+    logits = lm_head(h).float()
+    logprobs = ppo_math.logprobs_from_logits(logits, response_ids, temperature)
+    entropy = ppo_math.entropy_from_logits(logits, temperature) if with_entropy else None
+    return ForwardOut(logprobs=logprobs, entropy=entropy, hidden=h if with_hidden else None)
+
+
+def last_hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   index: torch.Tensor) -> torch.Tensor:
+    """Final hidden state at ``index`` (B,) of each row: what a score head reads. (B, H)."""
+    backbone, _ = _backbone_and_head(model)
+    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
+    return hidden[torch.arange(hidden.shape[0]), index]

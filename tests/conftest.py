@@ -1,0 +1,34 @@
+"""Shared fixtures: everything runs offline on CPU with a tiny Llama built in-process."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "embedded:tiny-random-llama"
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> str:
+    from pipeline.models import resolve_model_path
+
+    return resolve_model_path(TINY)
+
+
+@pytest.fixture
+def tiny_model_cfg():
+    from pipeline.config import ModelConfig
+
+    return ModelConfig(name=TINY, load_in_4bit=True)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
