@@ -403,3 +403,88 @@ def active_adapters(peft_model, names: Optional[list[str]]) -> Iterator[None]:
                 yield
     finally:
         set_active_adapters(peft_model, previous)
+
+
+def attach_adapter(peft_model, adapter_dir: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """Load a saved LoRA adapter into ``peft_model`` under ``name``, frozen.
+
+    Works across task types: an adapter trained for sequence classification (our reward model) attaches
+    to a causal-LM base because both keep the backbone at ``model.*``. Weights of ``modules_to_save``
+    (e.g. the score head) are not attached; they are returned for the caller to use.
+    """
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg = LoraConfig.from_pretrained(str(adapter_dir))
+    cfg.task_type = "CAUSAL_LM"
+    cfg.modules_to_save = None
+    cfg.inference_mode = True
+    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    lora_state = {k: v for k, v in state.items() if ".lora_" in k}
+    others = {k: v for k, v in state.items() if ".lora_" not in k}
+    peft_model.add_adapter(name, cfg)
+    result = set_peft_model_state_dict(peft_model, lora_state, adapter_name=name)
+    missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+    if missing:
+        raise RuntimeError(f"adapter {adapter_dir} does not fit this base: missing {missing[:3]}")
+    for n, p in peft_model.named_parameters():
+        if f".{name}." in n:
+            p.requires_grad_(False)
+    return others
+
+
+def save_adapter(peft_model, name: str, out_dir: str | Path) -> None:
+    """Save adapter ``name`` as a top-level PEFT folder (adapter_config.json + adapter_model.safetensors),
+    loadable with ``PeftModel.from_pretrained`` / ``load_adapter``. peft itself nests non-default names."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(peft_model, adapter_name=name)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out_dir / "adapter_model.safetensors"))
+    cfg = peft_model.peft_config[name]
+    inference_mode = cfg.inference_mode
+    cfg.inference_mode = True
+    cfg.save_pretrained(str(out_dir))
+    cfg.inference_mode = inference_mode
+
+
+def load_adapter_weights(peft_model, name: str, adapter_dir: str | Path) -> None:
+    """Overwrite the weights of an existing adapter ``name`` from a saved folder (e.g. on resume)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    set_peft_model_state_dict(peft_model, state, adapter_name=name)
+
+
+def stack_adapters(base_model, adapter_dirs: dict[str, str | Path], trainable: Optional[str] = None,
+                   new_adapter=None):
+    """Wrap ``base_model`` in one PeftModel holding several named adapters (frozen unless ``trainable``).
+
+    ``new_adapter`` is an optional ``(name, LoraConfig)`` for a freshly initialised adapter.
+    Returns the PeftModel with every named adapter active (deltas add up).
+    """
+    from peft import PeftModel, get_peft_model
+
+    peft_model = None
+    for name, path in adapter_dirs.items():
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(base_model, str(path), adapter_name=name, is_trainable=False)
+        else:
+            peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    if new_adapter is not None:
+        name, cfg = new_adapter
+        if peft_model is None:
+            peft_model = get_peft_model(base_model, cfg, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, cfg)
+    if peft_model is None:
+        raise ValueError("stack_adapters needs at least one adapter")
+    names = list(adapter_dirs) + ([new_adapter[0]] if new_adapter is not None else [])
+    set_active_adapters(peft_model, names)
+    for n, p in peft_model.named_parameters():
+        p.requires_grad_(trainable is not None and f".{trainable}." in n)
+    return peft_model

@@ -117,7 +117,7 @@ class ForwardOut:
 
 def _backbone_and_head(model):
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model, inner.lm_head
+    return inner.model, getattr(inner, "lm_head", None)
 
 
 def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,

@@ -33,6 +33,14 @@ def gold_mean(model, tok, prompts: list[list[dict]], max_new_tokens: int, temper
     return float(sum(scores) / len(scores))
 
 
+def _eval_loss(trainer, max_length: int) -> float:
+    result = trainer.evaluate()
+    if "eval_loss" not in result:
+        raise data.DataError(f"the SFT eval split has no assistant tokens left within sft.max_length={max_length}; "
+                             "raise sft.max_length or check data.sft_eval")
+    return result["eval_loss"]
+
+
 def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -> Path:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -71,6 +79,8 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
             max_length=sc.max_length, assistant_only_loss=assistant_masks, padding_free=sc.padding_free,
             gradient_checkpointing=sc.gradient_checkpointing, seed=sc.seed, data_seed=sc.seed,
             dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
+            # PeftModel.forward hides `labels` behind **kwargs, so the Trainer cannot infer it.
+            label_names=["labels"],
             **trainer_precision_kwargs(device, dtype))
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tok, peft_config=models.lora_config(sc.lora),
@@ -83,7 +93,7 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
         # 3. evaluate before training
         metrics: dict = {"trainable_params": trainable, "total_params": total}
         if eval_ds is not None:
-            metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+            metrics["eval_loss_before"] = _eval_loss(trainer, sc.max_length)
         if eval_prompts:
             metrics["gold_before"] = gold_mean(trainer.model, tok, eval_prompts, sc.gold_max_new_tokens, 0.7, sc.seed)
 
@@ -97,7 +107,7 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
 
         # 5. evaluate after training
         if eval_ds is not None:
-            metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+            metrics["eval_loss_after"] = _eval_loss(trainer, sc.max_length)
         if eval_prompts:
             metrics["gold_after"] = gold_mean(trainer.model, tok, eval_prompts, sc.gold_max_new_tokens, 0.7, sc.seed)
         metrics["wall_seconds"] = round(time.time() - t0, 1)

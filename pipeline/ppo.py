@@ -1,0 +1,422 @@
+"""Stage 3: PPO on a LoRA policy. One NF4 base in memory carries every role:
+
+- policy    = base + sft adapter (frozen) + policy adapter (trained)
+- reference = base + sft adapter ("reference: sft") or the bare base ("reference: base"): the same
+              weights with adapters switched off, never a second model
+- value     = a scalar head on the policy's hidden states ("head") or a value adapter + head ("adapter")
+- reward    = any reward plugin; a learned reward model on the same base is one more adapter
+
+The math lives in pipeline/ppo_math.py; every `generate` call in pipeline/rollout.py.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pipeline import data, models, ppo_math, rollout
+from pipeline.artifacts import (ArtifactError, MetricsLogger, check_same_base, is_complete, read_manifest,
+                                write_manifest)
+from pipeline.config import PipelineConfig, substitute_run_dir
+
+POLICY, VALUE, SFT = "policy", "value", "sft"
+
+
+class PPOError(RuntimeError):
+    """The run stopped; the message says why and where the resumable checkpoint is."""
+
+
+class PolicyValue(nn.Module):
+    """The trained parts behind one ``forward`` (what DDP wraps): logprobs, entropy and values."""
+
+    def __init__(self, peft_model, hidden_size: int, policy_adapters: list[str],
+                 value_adapters: Optional[list[str]]):
+        super().__init__()
+        self.peft_model = peft_model
+        self.value_head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.policy_adapters = policy_adapters
+        self.value_adapters = value_adapters  # None: the head reads the policy's hidden states
+
+    def forward(self, query, query_mask, response, response_mask, temperature: float, with_entropy: bool = False):
+        out = rollout.forward_response(self.peft_model, query, query_mask, response, response_mask, temperature,
+                                       with_entropy=with_entropy, with_hidden=self.value_adapters is None)
+        if self.value_adapters is None:
+            hidden = out.hidden
+        else:
+            with models.active_adapters(self.peft_model, self.value_adapters):
+                hidden = rollout.forward_response(self.peft_model, query, query_mask, response, response_mask,
+                                                  temperature, with_hidden=True).hidden
+        values = self.value_head(hidden.float()).squeeze(-1)
+        return out.logprobs, out.entropy, values
+
+
+def _prompt_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _reduce_mean(accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return float(value)
+    t = torch.tensor([float(value)], device=accelerator.device)
+    return float(accelerator.reduce(t, reduction="mean").item())
+
+
+def save_checkpoint(path: Path, pv: PolicyValue, optimizer, scheduler, kl_ctl, reward_fn, state: dict) -> None:
+    """Everything needed to continue exactly: adapter, value parameters, optimizer, scheduler, KL
+    controller, reward normalisers, RNG states and data position. Written to a temp folder, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    models.save_adapter(pv.peft_model, POLICY, tmp / "policy")
+    if pv.value_adapters is not None:
+        models.save_adapter(pv.peft_model, VALUE, tmp / "value_adapter")
+    torch.save({"value_head": pv.value_head.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "kl_controller": kl_ctl.state_dict(),
+                "reward": reward_fn.state_dict(), "rng": _rng_state(), **state}, tmp / "trainer_state.pt")
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    (path.parent / "latest").write_text(path.name)
+
+
+def _latest_checkpoint(work: Path) -> Optional[Path]:
+    marker = work / "checkpoints" / "latest"
+    if marker.is_file():
+        ckpt = work / "checkpoints" / marker.read_text().strip()
+        if (ckpt / "trainer_state.pt").is_file():
+            return ckpt
+    return None
+
+
+def _print_samples(rows: list[dict], step: int) -> None:
+    print(f"\n[ppo] samples at step {step}:", flush=True)
+    print(f"  {'score':>7} {'kl':>6}  prompt -> response", flush=True)
+    for r in rows:
+        print(f"  {r['score']:7.3f} {r['kl']:6.2f}  {r['prompt'][:50]!r} -> {r['response'][:90]!r}", flush=True)
+
+
+def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    from accelerate import Accelerator
+    from reward.registry import build_reward
+    from tqdm.auto import tqdm
+
+    from pipeline.reward_stage import load_reward_scorer
+
+    pc = cfg.ppo
+    run_dir = Path(run_dir)
+    out, work = run_dir / "ppo", run_dir / "ppo.work"
+    device = models.resolve_device(cfg.model.device)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    main_proc = accelerator.is_main_process
+
+    # 0. where we write: a work folder holds checkpoints; it becomes RUN/ppo when the run completes
+    ckpt = None
+    if is_complete(out) and not overwrite:
+        raise ArtifactError(f"{out} already holds a complete PPO output; pass --overwrite to replace it")
+    if resume:
+        ckpt = _latest_checkpoint(work)
+        if ckpt is None:
+            raise ArtifactError(f"--resume: no checkpoint in {work}/checkpoints; start without --resume")
+    elif work.exists():
+        if not overwrite and _latest_checkpoint(work) is not None:
+            raise ArtifactError(f"{work} holds checkpoints of an unfinished run; pass --resume to continue it "
+                                "or --overwrite to start over")
+        if main_proc:
+            shutil.rmtree(work)
+    accelerator.wait_for_everyone()
+    if main_proc:
+        (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    # 1. prompts
+    prompts, report = data.load_prompts(cfg.data.prompts_train, columns=cfg.data.columns,
+                                        skip_invalid=cfg.data.skip_invalid, max_rows=cfg.data.max_rows,
+                                        split=cfg.data.split, system_prompt=cfg.data.system_prompt)
+    if main_proc:
+        print(f"[ppo] {report.summary()}", flush=True)
+
+    # 2. one base, many adapters
+    base_model, tok, base = models.load_base(cfg.model, device=accelerator.device)
+    encoded = rollout.encode_prompts(tok, [p["prompt"] for p in prompts], pc.max_prompt_length)
+    sft_dir = substitute_run_dir(pc.sft_adapter, run_dir)
+    adapters: dict[str, Path] = {}
+    consumed: dict = {}
+    if sft_dir:
+        sft_manifest = read_manifest(sft_dir)
+        check_same_base(sft_manifest, base, f"SFT adapter {sft_dir}")
+        adapters[SFT] = Path(sft_dir)
+        consumed[SFT] = {"path": str(sft_dir), "sha256": models.sha256_file(Path(sft_dir) / "adapter_model.safetensors")}
+    elif pc.reference == "sft":
+        raise ArtifactError("ppo.reference=sft needs ppo.sft_adapter; set ppo.reference=base to anchor to the base")
+    peft_model = models.stack_adapters(base_model, adapters, trainable=POLICY,
+                                       new_adapter=(POLICY, models.lora_config(pc.lora)))
+    policy_adapters = list(adapters) + [POLICY]
+    value_adapters = None
+    if pc.value_model == "adapter":
+        peft_model.add_adapter(VALUE, models.lora_config(pc.lora))
+        value_adapters = list(adapters) + [VALUE]
+    models.set_active_adapters(peft_model, policy_adapters)
+    for n, p in peft_model.named_parameters():
+        p.requires_grad_(f".{POLICY}." in n or f".{VALUE}." in n)
+    reference_adapters = [SFT] if pc.reference == "sft" else None
+    pv = PolicyValue(peft_model, base_model.config.hidden_size, policy_adapters, value_adapters)
+    pv.value_head.to(accelerator.device)
+    peft_model.eval()  # no dropout anywhere, rollouts and PPO epochs alike (DESIGN.md 4.5)
+
+    # 3. rewards: plugins by name; a learned reward model on this base attaches as one more adapter
+    reward_specs = substitute_run_dir(pc.rewards, run_dir)
+    reward_fn = build_reward(reward_specs, context={
+        "load_reward_model": lambda path, **kw: load_reward_scorer(path, host=(peft_model, tok, base), **kw)})
+    for spec in reward_specs if isinstance(reward_specs, list) else [reward_specs]:
+        path = spec.get("args", {}).get("path") if isinstance(spec, dict) else None
+        if path:
+            consumed[f"reward:{spec.get('id', spec.get('name'))}"] = {"path": str(path)}
+
+    # 4. optimizer, schedule, KL controller
+    trainable = [p for p in pv.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=pc.learning_rate, eps=1e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(1, pc.steps)))
+    kl_ctl = ppo_math.make_kl_controller(pc.kl_controller, pc.kl_coef, pc.kl_target, pc.kl_horizon)
+    t_params, t_total = models.count_parameters(pv)
+    if main_proc:
+        print(f"[ppo] trainable parameters: {t_params:,} of {t_total:,}; policy adapters {policy_adapters}, "
+              f"reference {reference_adapters or 'base (all adapters off)'}, value {pc.value_model}", flush=True)
+    pv_ddp, optimizer = accelerator.prepare(pv, optimizer)
+
+    start_step, epoch, cursor = 0, 0, 0
+    random.seed(pc.seed)
+    torch.manual_seed(pc.seed + accelerator.process_index)
+    if ckpt is not None:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        models.load_adapter_weights(peft_model, POLICY, ckpt / "policy")
+        if value_adapters is not None:
+            models.load_adapter_weights(peft_model, VALUE, ckpt / "value_adapter")
+        pv.value_head.load_state_dict(state["value_head"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        kl_ctl.load_state_dict(state["kl_controller"])
+        reward_fn.load_state_dict(state["reward"])
+        rng = state["rng_per_process"][accelerator.process_index] if "rng_per_process" in state else state["rng"]
+        _set_rng_state(rng)
+        start_step, epoch, cursor = state["step"], state["epoch"], state["cursor"]
+        if main_proc:
+            print(f"[ppo] resumed from {ckpt} at step {start_step}", flush=True)
+
+    logger = MetricsLogger(work / "metrics.jsonl", work / "tensorboard" if pc.tensorboard else None,
+                           append=ckpt is not None) if main_proc else None
+    if logger is not None and ckpt is not None:
+        # Drop rows logged after the checkpoint (the killed run got further than it saved).
+        rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if r.get("step", 0) <= start_step]
+        (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    samples_path = work / "samples.jsonl"
+    stop_ids = rollout.stop_token_ids(tok, base_model)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_proc = pc.batch_size
+    mb_size = per_proc // pc.minibatches
+
+    def checkpoint(step: int, ep: int, cur: int, name: Optional[str] = None) -> Path:
+        rngs = [None] * world
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_gather_object(rngs, _rng_state())
+        else:
+            rngs = [_rng_state()]
+        path = work / "checkpoints" / (name or f"step-{step:06d}")
+        if main_proc:
+            save_checkpoint(path, pv, optimizer, scheduler, kl_ctl, reward_fn,
+                            {"step": step, "epoch": ep, "cursor": cur, "rng_per_process": rngs})
+        accelerator.wait_for_everyone()
+        return path
+
+    order = _prompt_order(len(encoded), pc.seed, epoch)
+    bar = tqdm(range(start_step, pc.steps), desc="ppo", disable=not main_proc, initial=start_step, total=pc.steps)
+    step_start_state = None
+    for step in bar:
+        t_step = time.time()
+        step_epoch, step_cursor = epoch, cursor
+        # 1. rollout: this process's share of the global batch, in a seeded shuffled order
+        idx = []
+        while len(idx) < per_proc * world:
+            if cursor >= len(order):
+                epoch, cursor = epoch + 1, 0
+                order = _prompt_order(len(encoded), pc.seed, epoch)
+            idx.append(order[cursor])
+            cursor += 1
+        idx = idx[rank * per_proc:(rank + 1) * per_proc]
+        query, query_mask = rollout.left_pad([encoded[i] for i in idx], tok.pad_token_id)
+        t0 = time.time()
+        with models.active_adapters(peft_model, policy_adapters):
+            response, mask, ended = rollout.generate(peft_model, tok, query, query_mask, pc.max_new_tokens,
+                                                     pc.temperature, stop_ids)
+        dev = accelerator.device
+        query, query_mask, response, mask, ended = (t.to(dev) for t in (query, query_mask, response, mask, ended))
+        maskf = mask.float()
+        t_generate = time.time() - t0
+
+        # 2. score
+        t0 = time.time()
+        texts = rollout.decode_responses(tok, response.cpu(), mask.cpu())
+        prompt_msgs = [prompts[i]["prompt"] for i in idx]
+        try:
+            result = reward_fn([m[-1]["content"] for m in prompt_msgs], texts, prompt_messages=prompt_msgs,
+                               response_ids=[r[m.bool()].tolist() for r, m in zip(response.cpu(), mask.cpu())],
+                               tokenizer=tok)
+        except Exception as e:
+            path = checkpoint(step, step_epoch, step_cursor, name=f"step-{step:06d}")
+            raise PPOError(f"step {step + 1}: {e}\nA resumable checkpoint of the last completed step is in {path}; "
+                           f"fix the reward and run again with --resume.") from e
+        scores = torch.tensor(result.total, dtype=torch.float32, device=dev)
+        if pc.missing_eos_penalty is not None:
+            scores = ppo_math.apply_missing_eos_penalty(scores, ended, pc.missing_eos_penalty)
+        t_score = time.time() - t0
+
+        # 3. old logprobs, reference logprobs, values: frozen for the whole PPO update
+        t0 = time.time()
+        with torch.no_grad():
+            old_logprobs, _, old_values = pv(query, query_mask, response, mask, pc.temperature)
+            with models.active_adapters(peft_model, reference_adapters):
+                ref_logprobs = rollout.forward_response(peft_model, query, query_mask, response, mask,
+                                                        pc.temperature).logprobs
+        kl = ppo_math.kl_per_token(old_logprobs, ref_logprobs, pc.kl_estimator) * maskf
+        kl_coef = kl_ctl.value
+        in_reward = pc.kl_in == "reward"
+        rewards = ppo_math.per_token_rewards(scores, kl, maskf, kl_coef if in_reward else 0.0)
+        if pc.whiten_rewards:
+            rewards = ppo_math.masked_whiten(rewards, maskf, shift_mean=False)
+        advantages, returns = ppo_math.gae_advantages(rewards, old_values * maskf, maskf, pc.gamma, pc.lam)
+        advantages = ppo_math.masked_whiten(advantages, maskf)
+
+        # 4. PPO epochs over shuffled minibatches
+        step_start_state = ({n: p.detach().clone() for n, p in pv.named_parameters() if p.requires_grad},
+                            copy.deepcopy(optimizer.state_dict()))
+        stats: dict[str, list[float]] = {}
+        first: dict = {}
+        for ppo_epoch in range(pc.ppo_epochs):
+            perm = torch.randperm(per_proc)
+            for mb in range(pc.minibatches):
+                sel = perm[mb * mb_size:(mb + 1) * mb_size].to(dev)
+                m = maskf[sel]
+                logprobs, entropy, values = pv_ddp(query[sel], query_mask[sel], response[sel], mask[sel],
+                                                   pc.temperature, with_entropy=True)
+                pg_loss, pg_stats = ppo_math.policy_loss(logprobs, old_logprobs[sel], advantages[sel], m,
+                                                         pc.cliprange)
+                vf_loss, vf_stats = ppo_math.value_loss(values, old_values[sel], returns[sel], m,
+                                                        pc.cliprange_value)
+                loss = pg_loss + pc.vf_coef * vf_loss
+                if not in_reward:
+                    kl_term = ppo_math.masked_mean(
+                        ppo_math.kl_per_token(logprobs, ref_logprobs[sel], pc.kl_estimator), m)
+                    loss = loss + kl_coef * kl_term
+                if not torch.isfinite(loss):
+                    with torch.no_grad():
+                        for n, p in pv.named_parameters():
+                            if n in step_start_state[0]:
+                                p.copy_(step_start_state[0][n])
+                    optimizer.load_state_dict(step_start_state[1])
+                    path = checkpoint(step, step_epoch, step_cursor)
+                    raise PPOError(f"step {step + 1}, PPO epoch {ppo_epoch + 1}: loss is {loss.item()} "
+                                   f"(policy {pg_loss.item()}, value {vf_loss.item()}); parameters restored to the "
+                                   f"start of the step and saved in {path}. Lower ppo.learning_rate or check the "
+                                   "rewards, then run with --resume.")
+                accelerator.backward(loss)
+                if pc.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, pc.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                row = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
+                       "entropy": ppo_math.masked_mean(entropy.detach(), m).item(),
+                       **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}}
+                if not first:
+                    first = {"first_ratio": row["ratio_mean"], "first_clipfrac": row["clipfrac"],
+                             "first_approx_kl": row["approx_kl"]}
+                for k, v in row.items():
+                    stats.setdefault(k, []).append(v)
+        scheduler.step()
+        t_train = time.time() - t0
+
+        # 5. KL control and logging
+        seq_kl = kl.sum(1)
+        mean_kl = _reduce_mean(accelerator, seq_kl.mean().item())
+        kl_ctl.update(mean_kl, per_proc * world)
+        lengths = maskf.sum(1)
+        metrics = {
+            "step": step + 1,
+            "ppo/kl": mean_kl,
+            "ppo/kl_coef": kl_coef,
+            "ppo/score": _reduce_mean(accelerator, scores.mean().item()),
+            "ppo/rlhf_reward": _reduce_mean(accelerator, (scores - kl_coef * seq_kl).mean().item()),
+            "ppo/non_score_reward": _reduce_mean(accelerator, (-kl_coef * seq_kl).mean().item()),
+            "ppo/response_length": _reduce_mean(accelerator, lengths.mean().item()),
+            "ppo/eos_fraction": _reduce_mean(accelerator, ended.float().mean().item()),
+            "ppo/advantage_mean": ppo_math.masked_mean(advantages, maskf).item(),
+            "ppo/explained_variance": float(ppo_math.explained_variance(old_values, returns, maskf)),
+            "ppo/lr": scheduler.get_last_lr()[0],
+            **{f"ppo/{k}": _reduce_mean(accelerator, sum(v) / len(v)) for k, v in stats.items()},
+            **{f"ppo/{k}": v for k, v in first.items()},
+            **{f"ppo/score/{name}": _reduce_mean(accelerator, sum(v) / len(v))
+               for name, v in result.components.items()},
+            "time/generate": t_generate, "time/score": t_score, "time/train": t_train,
+            "time/step": time.time() - t_step,
+        }
+        if main_proc:
+            logger.log(metrics, step=step + 1)
+            bar.set_postfix(kl=f"{mean_kl:.3f}", score=f"{metrics['ppo/score']:.3f}")
+            if pc.sample_every and (step + 1) % pc.sample_every == 0:
+                rows = [{"step": step + 1, "prompt": prompt_msgs[i][-1]["content"], "response": texts[i],
+                         "score": float(scores[i]), "kl": float(seq_kl[i]),
+                         **{f"score/{k}": v[i] for k, v in result.components.items()}}
+                        for i in range(min(pc.samples_to_show, len(texts)))]
+                with open(samples_path, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+                _print_samples(rows, step + 1)
+        if pc.save_every and (step + 1) % pc.save_every == 0 and step + 1 < pc.steps:
+            checkpoint(step + 1, epoch, cursor)
+
+    # 6. final output: policy adapter (stacked on the SFT adapter), value head, checkpoints, logs, manifest
+    final = checkpoint(pc.steps, epoch, cursor)
+    if main_proc:
+        logger.close()
+        models.save_adapter(peft_model, POLICY, work)
+        tok.save_pretrained(work)
+        torch.save(pv.value_head.state_dict(), work / "value_head.pt")
+        rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        last = rows[-1] if rows else {}
+        headline = {k: last[k] for k in ("ppo/kl", "ppo/score", "ppo/rlhf_reward", "ppo/kl_coef") if k in last}
+        headline["steps"] = pc.steps
+        headline["mean_step_seconds"] = sum(r["time/step"] for r in rows) / max(1, len(rows))
+        write_manifest(work, "ppo", cfg, base, headline, adapters=consumed,
+                       data={"prompts": {"source": cfg.data.prompts_train,
+                                         "sha256": data.data_hash(cfg.data.prompts_train), "rows": report.kept}},
+                       extra={"stacked_on": list(adapters), "reference": pc.reference,
+                              "value_model": pc.value_model, "final_checkpoint": str(final.name)})
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+        print(f"[ppo] done -> {out}", flush=True)
+    accelerator.wait_for_everyone()
+    return out
