@@ -1,0 +1,71 @@
+"""Configuration: defaults <- YAML <- overrides; errors name the key."""
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, PipelineConfig, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, PipelineConfig)
+
+
+def test_precedence_defaults_yaml_overrides(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("sft:\n  learning_rate: 0.001\n  lora: {r: 4}\nppo:\n  kl_coef: 0.2\n")
+    cfg = load_config(yml, ["ppo.kl_coef=0.3", "sft.lora.alpha=7", "ppo.missing_eos_penalty=-1"])
+    assert cfg.sft.learning_rate == 0.001      # YAML over default 2e-4
+    assert cfg.sft.lora.r == 4                 # YAML
+    assert cfg.sft.lora.alpha == 7             # override over default 32
+    assert cfg.ppo.kl_coef == 0.3              # override over YAML 0.2
+    assert cfg.ppo.missing_eos_penalty == -1.0
+    assert cfg.reward.learning_rate == 1e-4    # untouched default
+
+
+@pytest.mark.parametrize("override,message", [
+    ("ppo.kl_coeff=0.1", "unknown key 'ppo.kl_coeff'; valid keys in 'ppo': lora, rewards"),
+    ("sft.batch_size=eight", "sft.batch_size: expected int, got 'eight'"),
+    ("sft.batch_size=2.5", "sft.batch_size: expected int, got 2.5"),
+    ("nosuch.key=1", "unknown key 'nosuch'"),
+    ("ppo.reference=policy", "ppo.reference: 'policy' is not one of sft, base"),
+    ("sft.lora=3", "sft.lora: expected a section"),
+    ("justtext", "not of the form section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    yml = tmp_path / "bad.yaml"
+    yml.write_text("sft:\n  lerning_rate: 1\n")
+    with pytest.raises(ConfigError, match="bad.yaml: unknown key 'sft.lerning_rate'"):
+        load_config(yml)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["ppo.steps=7", "sft.lora.target_modules=[q_proj, v_proj]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+
+
+def test_cli_reports_config_errors_without_traceback():
+    r = CliRunner().invoke(main, ["sft", "--config", str(REPO / "configs/tiny.yaml"), "sft.nope=1"])
+    assert r.exit_code != 0
+    assert "unknown key 'sft.nope'" in r.output
+    assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("command", ["sft", "reward", "ppo", "fuse", "eval", "score"])
+def test_every_command_has_help(command):
+    r = CliRunner().invoke(main, [command, "--help"])
+    assert r.exit_code == 0
+    assert "OVERRIDES" in r.output and "--config" in r.output
