@@ -102,8 +102,9 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
         result = trainer.train()
         metrics["train_seconds"] = round(time.time() - t_train, 1)
         metrics["train_loss"] = result.training_loss
-        metrics["train_tokens_per_second"] = round(trainer.state.num_input_tokens_seen / metrics["train_seconds"], 1) \
-            if getattr(trainer.state, "num_input_tokens_seen", 0) else None
+        # Non-padding tokens (include_num_input_tokens_seen="non_padding"), so padding-free runs compare fairly.
+        metrics["train_tokens"] = int(trainer.state.num_input_tokens_seen)
+        metrics["train_tokens_per_second"] = round(metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9), 1)
 
         # 5. evaluate after training
         if eval_ds is not None:

@@ -1,0 +1,98 @@
+"""SFT training throughput: our `rlhf sft` against a plain trl SFTTrainer script, same model, data and batch.
+
+Both train a LoRA (r=16, all-linear) on the embedded SmolLM2-135M-Instruct in NF4 on CPU for the same
+number of steps on data/sft_train.jsonl, batch 8. Throughput = non-padding tokens seen / training
+seconds (the trainer's own counters). Each variant runs in its own process.
+
+    python benchmarks/sft_throughput.py [--steps 12]
+
+Prints `RESULT name=<variant> tokens_per_s=<x> seconds=<s> tokens=<n>` and the ratio of each of ours to
+the plain script measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("trl-plain", "ours", "ours-padding-free")
+
+
+def plain_trl(steps: int) -> dict:
+    """What a user writes with trl alone (the baseline)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.models import resolve_model_path
+
+    path = resolve_model_path("embedded:smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(path)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map="cpu", dtype=torch.float32)
+    rows = [json.loads(line) for line in (REPO / "data" / "sft_train.jsonl").read_text().splitlines()]
+    ds = Dataset.from_list([{"messages": r["messages"]} for r in rows])
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(output_dir=tmp, per_device_train_batch_size=8, max_steps=steps, learning_rate=2e-4,
+                         max_length=256, logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True,
+                         seed=42, include_num_input_tokens_seen="non_padding")
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                             peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                    target_modules="all-linear", task_type="CAUSAL_LM"))
+        out = trainer.train()
+        seconds = out.metrics["train_runtime"]
+        tokens = trainer.state.num_input_tokens_seen
+    return {"tokens": tokens, "seconds": seconds}
+
+
+def ours(steps: int, padding_free: bool) -> dict:
+    from pipeline.config import load_config
+    from pipeline.sft import run_sft
+
+    overrides = [f"sft.max_steps={steps}", "sft.batch_size=8", "sft.max_length=256", "sft.gold_eval_prompts=0",
+                 "data.sft_eval=", f"sft.padding_free={str(padding_free).lower()}", "sft.logging_steps=1000"]
+    cfg = load_config(REPO / "configs" / "default.yaml", overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = run_sft(cfg, tmp)
+        metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    return {"tokens": metrics["train_tokens"], "seconds": metrics["train_seconds"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        r = plain_trl(a.steps) if a.child == "trl-plain" else ours(a.steps, a.child == "ours-padding-free")
+        print(json.dumps(r))
+        return
+    results = {}
+    for name in a.variants.split(","):
+        p = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(a.steps)], cwd=REPO,
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.stderr.write(p.stdout[-2000:] + p.stderr[-3000:])
+            raise SystemExit(f"{name} failed")
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        results[name] = r
+        print(f"RESULT name={name} tokens_per_s={r['tokens_per_s']:.1f} seconds={r['seconds']:.1f} "
+              f"tokens={r['tokens']:.0f}", flush=True)
+    if "trl-plain" in results:
+        base = results["trl-plain"]["tokens_per_s"]
+        for name, r in results.items():
+            if name != "trl-plain":
+                print(f"RATIO name={name} tokens_per_s_vs_trl_plain={r['tokens_per_s'] / base:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
