@@ -1,0 +1,455 @@
+"""Stage 4 (optional): fuse stage adapters into one LoRA adapter and, optionally, a merged model.
+
+Output (``RUN/fused/``, written atomically, manifest last)::
+
+    adapter/        one PEFT LoRA adapter: PeftModel.from_pretrained(base, "RUN/fused/adapter")
+    merged/         (fuse.merged) a full model in fuse.merged_dtype: AutoModelForCausalLM.from_pretrained
+    manifest.json   stage "fuse", the consumed adapters with their sha256, method, weights, checks
+    config.yaml
+
+Methods
+-------
+``cat`` (default) is exact. The PPO policy is base + sft delta + ppo delta (both adapters active,
+deltas add), and one LoRA of rank sum(r_i) reproduces that sum: see :func:`cat_lora`. The other
+methods (linear, svd, ties, dare_linear, ...) are peft's ``add_weighted_adapter``: approximations.
+
+Why not peft's ``add_weighted_adapter(..., combination_type="cat")``?
+--------------------------------------------------------------------
+Its arithmetic is right (peft 0.21.2, ``peft/tuners/lora/model.py``): per module it concatenates
+``A_i * weight_i * scaling_i`` (rows) and unscaled ``B_i`` (columns), gives the new adapter
+``r = lora_alpha = sum(r_i)`` (scaling 1) and leaves zeros where an adapter lacks a module. A quick
+try on the tiny NF4 model still missed the stacked adapters by 5 to 9 logits, for reasons around it:
+
+1. The new config is ``replace(peft_config[adapters[0]], r=..., lora_alpha=...)``, so it inherits
+   adapter 0's ``lora_dropout``, and the layers it injects are created in train mode even after
+   ``model.eval()``: the SFT adapter's dropout ran at inference (off by ~5 logits, different on
+   every call). Calling ``eval()`` again brought it to 7.6e-6.
+2. It also inherits ``use_rslora``: if adapter 0 used rsLoRA, the new scaling is
+   ``r / sqrt(r) = sqrt(r)`` instead of 1 (x2.45 for r=6), in memory and in the saved adapter.
+3. Without the bitsandbytes guard (DESIGN.md 8) the first no-grad eval forward repacked the NF4
+   weights for the bf16 CPU kernel: stacked and fused then disagreed by 7e-4 even with 1. fixed,
+   and both had drifted from the float32 policy.
+
+4. It targets the union of the sources' ``target_modules`` *names* with adapter 0's
+   ``layers_to_transform``: with a PPO adapter limited to layer 1, "o_proj" reached layer 0 where
+   no source has weights and peft stopped ("No matching LoRAs found"); a layer filter on adapter 0
+   would instead silently drop the other adapters' layers.
+
+It also silently does nothing when an adapter of that name exists. :func:`cat_lora` therefore
+builds a fresh config (dropout 0, no rsLoRA, the exact module paths) from the saved tensors alone,
+needing no model. For the other methods we use peft, work around 4. (:func:`exact_targets`) and
+repair 1. and 2. in the saved config.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from pipeline import models
+from pipeline.artifacts import ArtifactError, atomic_output, check_same_base, is_complete, read_manifest, write_manifest
+from pipeline.config import FuseConfig, ModelConfig, PipelineConfig, substitute_run_dir
+
+CAT = "cat"
+WEIGHTED_METHODS = ("linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                    "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+FUSED = "fused"
+ADAPTER_FILE = "adapter_model.safetensors"
+_KEY_PREFIX = "base_model.model."
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+PROBE_TEXT = "Tell me a fun fact about the ocean. The quick brown fox jumps over the lazy dog."
+# Max |logit| difference allowed between the fused adapter and the stacked adapters (float32 compute).
+CAT_TOLERANCE = 1e-3
+# LoRA options whose adapters are not plain "W + s * B @ A" and cannot be fused here.
+_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "lora_bias", "modules_to_save": "modules_to_save",
+                "target_parameters": "target_parameters", "trainable_token_indices": "trainable tokens",
+                "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA", "layer_replication": "layer_replication"}
+
+
+class FuseError(ArtifactError):
+    """The adapters cannot be fused as asked; the message says which one and why."""
+
+
+@dataclass
+class Source:
+    """One adapter to fuse: its folder, stage manifest, LoRA config and content hash."""
+
+    name: str
+    path: Path
+    manifest: dict
+    config: object  # peft.LoraConfig
+    sha256: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking the adapters
+
+
+def check_options(fc: FuseConfig) -> None:
+    """Refuse an unknown method or a weight list that does not match the adapter list."""
+    if fc.method != CAT and fc.method not in WEIGHTED_METHODS:
+        raise FuseError(f"fuse.method: '{fc.method}' is not one of {', '.join((CAT,) + WEIGHTED_METHODS)}")
+    if not fc.adapters:
+        raise FuseError("fuse.adapters is empty; list the stage folders to fuse, e.g. [{run_dir}/sft, {run_dir}/ppo]")
+    if len(fc.weights) != len(fc.adapters):
+        raise FuseError(f"fuse.weights has {len(fc.weights)} values for {len(fc.adapters)} adapters "
+                        f"({fc.adapters}); give one weight per adapter")
+
+
+def check_lora_config(config, where: str) -> None:
+    """Refuse adapters that are not plain causal-LM LoRA (W + s * B @ A with no bias)."""
+    if str(config.peft_type).split(".")[-1] != "LORA":
+        raise FuseError(f"{where}: only LoRA adapters can be fused, this is {config.peft_type}")
+    if str(config.task_type).split(".")[-1] != "CAUSAL_LM":
+        raise FuseError(f"{where}: task_type {config.task_type} is not CAUSAL_LM (a reward model?); only policy "
+                        "adapters (sft, ppo) can be fused into a causal LM")
+    if config.bias != "none":
+        raise FuseError(f"{where}: bias='{config.bias}' trains base-layer biases; fusion handles bias='none' only")
+    for field, label in _UNSUPPORTED.items():
+        if getattr(config, field, None):
+            raise FuseError(f"{where}: {label} adapters are not supported by fusion")
+    if config.init_lora_weights not in (True, False, "gaussian"):
+        raise FuseError(f"{where}: init_lora_weights='{config.init_lora_weights}' changes the base weights; "
+                        "such adapters cannot be fused onto the original base")
+
+
+def read_sources(paths: list[Path], base) -> list[Source]:
+    """Read each adapter folder's manifest and config; refuse another base or an unsupported adapter."""
+    from peft import LoraConfig
+
+    sources: list[Source] = []
+    for path in paths:
+        manifest = read_manifest(path)
+        check_same_base(manifest, base, f"adapter {path}")
+        if not (path / ADAPTER_FILE).is_file():
+            raise FuseError(f"{path} has no {ADAPTER_FILE}; it is not an adapter folder")
+        config = LoraConfig.from_pretrained(str(path))
+        check_lora_config(config, str(path))
+        stage = manifest.get("stage") or path.name
+        name, i = stage, 1
+        while any(s.name == name for s in sources):  # two adapters of one stage need distinct names
+            name, i = f"{stage}_{i}", i + 1
+        sources.append(Source(name, path, manifest, config, models.sha256_file(path / ADAPTER_FILE)))
+    return sources
+
+
+def check_stacking(sources: list[Source]) -> None:
+    """Refuse an adapter trained stacked on another (PPO on SFT) unless that very adapter is fused too.
+
+    A PPO delta was learned on top of the SFT delta: without it (or with another SFT adapter) the
+    result is not the trained policy.
+    """
+    hashes = {s.sha256 for s in sources}
+    stages = {s.manifest.get("stage") for s in sources}
+    for s in sources:
+        consumed = s.manifest.get("adapters", {})
+        for below in s.manifest.get("stacked_on", []):
+            want = consumed.get(below, {}).get("sha256")
+            if (want and want not in hashes) or (not want and below not in stages):
+                detail = f"{consumed.get(below, {}).get('path', below)} (sha256 {str(want)[:12]})" if want else below
+                raise FuseError(f"{s.path} was trained stacked on {detail}, which is not among fuse.adapters; "
+                                f"the policy is base + {below} + {s.name}, so list both adapters")
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA tensors
+
+
+def lora_modules(state: dict[str, torch.Tensor], where: str = "adapter") -> dict[str, tuple[torch.Tensor, ...]]:
+    """``{module path in the base model: (A [r, in], B [out, r])}`` from a saved adapter state dict."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key in state:
+        if not key.endswith(_A):
+            if not key.endswith(_B):
+                raise FuseError(f"{where}: unexpected tensor '{key}' (only lora_A / lora_B weights can be fused)")
+            continue
+        module = key[: -len(_A)]
+        if (module + _B) not in state:
+            raise FuseError(f"{where}: '{module}' has lora_A but no lora_B")
+        out[module.removeprefix(_KEY_PREFIX)] = (state[key].float(), state[module + _B].float())
+    return out
+
+
+def lora_scaling(config, module: str, r: int) -> float:
+    """peft's scaling for ``module``: alpha / r, or alpha / sqrt(r) with rsLoRA (alpha_pattern honoured)."""
+    from peft.utils.other import get_pattern_key
+
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+    return alpha / math.sqrt(r) if config.use_rslora else alpha / r
+
+
+def lora_deltas(config, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{module: s * B @ A}``: the weight change one adapter makes to each module it targets."""
+    return {m: lora_scaling(config, m, a.shape[0]) * (b @ a) for m, (a, b) in lora_modules(state).items()}
+
+
+def cat_lora(configs: list, states: list[dict[str, torch.Tensor]], weights: list[float], base_path: str = ""):
+    """One LoRA adapter equal to the weighted sum of several: ``(LoraConfig, state dict)``.
+
+    delta_W = sum_i w_i s_i B_i A_i = [w_1 s_1 B_1 | w_2 s_2 B_2 | ...] @ [A_1; A_2; ...]
+    so A = concat_rows(A_i), B = concat_cols(w_i s_i B_i), r = lora_alpha = sum_i r_i (scaling 1).
+    Each adapter owns a block of r_i rows (its largest rank); a module it lacks, or where its
+    rank_pattern gives fewer rows, gets zeros there. ``target_modules`` is the union of the exact
+    module paths the adapters hold, so the result does not depend on how they named their targets.
+    """
+    from peft import LoraConfig
+
+    if len({bool(c.fan_in_fan_out) for c in configs}) > 1:
+        raise FuseError("adapters disagree on fan_in_fan_out; they cannot be concatenated")
+    mods = [lora_modules(s, f"adapter {i}") for i, s in enumerate(states)]
+    widths = [max(a.shape[0] for a, _ in m.values()) for m in mods]
+    shapes: dict[str, tuple[int, int]] = {}
+    for m in mods:
+        for name, (a, b) in m.items():
+            if shapes.setdefault(name, (b.shape[0], a.shape[1])) != (b.shape[0], a.shape[1]):
+                raise FuseError(f"adapters disagree on the shape of {name}")
+    state: dict[str, torch.Tensor] = {}
+    for name, (n_out, n_in) in sorted(shapes.items()):
+        blocks_a, blocks_b = [], []
+        for config, m, width, w in zip(configs, mods, widths, weights):
+            a_i, b_i = torch.zeros(width, n_in), torch.zeros(n_out, width)
+            if name in m:
+                a, b = m[name]
+                a_i[: a.shape[0]] = a
+                b_i[:, : a.shape[0]] = (w * lora_scaling(config, name, a.shape[0])) * b
+            blocks_a.append(a_i)
+            blocks_b.append(b_i)
+        state[_KEY_PREFIX + name + _A] = torch.cat(blocks_a, 0).contiguous()
+        state[_KEY_PREFIX + name + _B] = torch.cat(blocks_b, 1).contiguous()
+    r = sum(widths)
+    config = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(shapes), lora_dropout=0.0, bias="none",
+                        use_rslora=False, fan_in_fan_out=bool(configs[0].fan_in_fan_out), task_type="CAUSAL_LM",
+                        base_model_name_or_path=base_path or configs[0].base_model_name_or_path, inference_mode=True)
+    return config, state
+
+
+def save_lora(folder: Path, config, state: dict[str, torch.Tensor]) -> None:
+    """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / ADAPTER_FILE))
+    config.save_pretrained(str(folder))
+
+
+def load_lora_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved adapter folder."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / ADAPTER_FILE))
+
+
+def delta_rel_error(sources: list[Source], weights: list[float], fused_dir: Path) -> float:
+    """||delta_fused - sum_i w_i delta_i||_F / ||sum_i w_i delta_i||_F over all modules (0 for an exact fusion)."""
+    from peft import LoraConfig
+
+    want: dict[str, torch.Tensor] = {}
+    for s, w in zip(sources, weights):
+        for m, d in lora_deltas(s.config, load_lora_state(s.path)).items():
+            want[m] = want.get(m, 0) + w * d
+    got = lora_deltas(LoraConfig.from_pretrained(str(fused_dir)), load_lora_state(fused_dir))
+    err = sum(float((got.get(m, 0) - d).pow(2).sum()) for m, d in want.items())
+    err += sum(float(d.pow(2).sum()) for m, d in got.items() if m not in want)
+    return math.sqrt(err) / max(math.sqrt(sum(float(d.pow(2).sum()) for d in want.values())), 1e-30)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fusing
+
+
+def fuse_cat(sources: list[Source], weights: list[float], out_dir: Path, base_path: str) -> None:
+    """Write the exact concatenation of ``sources`` (see :func:`cat_lora`) to ``out_dir``."""
+    config, state = cat_lora([s.config for s in sources], [load_lora_state(s.path) for s in sources], weights,
+                             base_path)
+    save_lora(out_dir, config, state)
+
+
+@contextlib.contextmanager
+def exact_targets(peft_model, sources: list[Source]) -> Iterator[None]:
+    """Temporarily give each source config the exact module paths it holds, and no layer filter,
+    so that ``add_weighted_adapter``'s union of targets is exact (finding 4 in the module docstring)."""
+    saved = {s.name: peft_model.peft_config[s.name] for s in sources}
+    try:
+        for s in sources:
+            paths = set(lora_modules(load_lora_state(s.path), str(s.path)))
+            peft_model.peft_config[s.name] = dataclasses.replace(saved[s.name], target_modules=paths,
+                                                                 layers_to_transform=None, layers_pattern=None)
+        yield
+    finally:
+        peft_model.peft_config.update(saved)
+
+
+def fuse_weighted(peft_model, sources: list[Source], fc: FuseConfig, out_dir: Path, base_path: str) -> None:
+    """peft's ``add_weighted_adapter`` over the loaded ``sources``, saved with a repaired config.
+
+    The new adapter's config is copied from the first source; its A/B already carry every scaling,
+    so it must have scaling 1: rsLoRA off (peft keeps it, giving sqrt(r)) and no dropout.
+    """
+    names = [s.name for s in sources]
+    if FUSED in peft_model.peft_config:
+        raise FuseError(f"an adapter named '{FUSED}' is already loaded; peft would silently keep it")
+    density = fc.density if fc.method not in ("linear", "svd") else None
+    # dare_* drop entries at random: a fixed seed makes the stage reproducible.
+    with torch.random.fork_rng(), exact_targets(peft_model, sources):
+        torch.manual_seed(0)
+        try:
+            peft_model.add_weighted_adapter(names, list(fc.weights), FUSED, combination_type=fc.method,
+                                            density=density)
+        except ValueError as e:
+            raise FuseError(f"fuse.method={fc.method}: {e}") from e
+    peft_model.peft_config[FUSED] = dataclasses.replace(
+        peft_model.peft_config[FUSED], use_rslora=False, lora_dropout=0.0, base_model_name_or_path=base_path)
+    models.save_adapter(peft_model, FUSED, out_dir)
+    peft_model.delete_adapter(FUSED)
+
+
+def probe_logits(peft_model, ids: torch.Tensor, adapters: Optional[list[str]]) -> torch.Tensor:
+    """float32 logits of ``ids`` with only ``adapters`` active (None: the bare base)."""
+    with torch.no_grad(), models.active_adapters(peft_model, adapters):
+        return peft_model(input_ids=ids).logits.float().cpu()
+
+
+def check_against_stacked(peft_model, fused_dir: Path, ids: torch.Tensor, stacked: torch.Tensor) -> float:
+    """Max |logit| difference between the saved fused adapter and ``stacked`` (the sources' logits)."""
+    peft_model.load_adapter(str(fused_dir), adapter_name="fused_check", is_trainable=False)
+    peft_model.eval()  # layers injected by load_adapter start in train mode
+    fused = probe_logits(peft_model, ids, ["fused_check"])
+    peft_model.delete_adapter("fused_check")
+    return float((fused - stacked).abs().max())
+
+
+def merge_full(model_cfg: ModelConfig, adapter_dir: Path, out_dir: Path, dtype: str, ids: torch.Tensor,
+               policy_logits: Optional[torch.Tensor]) -> dict:
+    """Merge the fused adapter into the full-precision base and save it for plain ``transformers``.
+
+    The base is reloaded from its original float weights (not the NF4 copy the adapters were
+    trained on), so the merged model differs from the trained policy by the NF4 quantization error;
+    that gap is measured and returned with the merge's own round-off.
+    """
+    from peft import PeftModel
+
+    full_cfg = dataclasses.replace(model_cfg, load_in_4bit=False, compute_dtype="float32")
+    model, tok, _ = models.load_base(full_cfg)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    peft_model.eval()
+    ids = ids.to(model.device)
+    with torch.no_grad():
+        unmerged = peft_model(input_ids=ids).logits.float().cpu()
+        merged = peft_model.merge_and_unload(safe_merge=True)
+        after = merged(input_ids=ids).logits.float().cpu()
+    merged.config.use_cache = True  # load_base turns the KV cache off for training; a released model generates
+    merged.to(getattr(torch, dtype))
+    merged.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+    metrics = {"merged_max_abs_logit_diff_vs_unmerged": float((after - unmerged).abs().max())}
+    if policy_logits is not None:
+        metrics["merged_max_abs_logit_diff_vs_nf4_policy"] = float((after - policy_logits).abs().max())
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Model card
+
+
+def model_card(cfg: PipelineConfig, base, sources: list[Source], metrics: dict, kind: str) -> str:
+    """README.md for the fused adapter (kind "adapter") or merged model (kind "merged")."""
+    fc = cfg.fuse
+    lines = [f"# RLHF policy ({'merged model' if kind == 'merged' else 'fused LoRA adapter'})", "",
+             f"- Base model: `{base.name}` (weights sha256 `{base.weights_sha256[:16]}`, "
+             f"tokenizer sha256 `{base.tokenizer_sha256[:16]}`)",
+             f"- Stages fused: {', '.join(s.name for s in sources)}",
+             f"- Method: `{fc.method}`, weights {list(fc.weights)}"
+             + (f", density {fc.density}" if fc.method not in (CAT, "linear", "svd") else ""),
+             "", "## Training stages and data", ""]
+    for s in sources:
+        m = s.manifest
+        stacked = f", trained stacked on {', '.join(m['stacked_on'])}" if m.get("stacked_on") else ""
+        lines.append(f"### {s.name} (`{s.path}`, adapter sha256 `{s.sha256[:16]}`{stacked})")
+        for key, d in (m.get("data") or {}).items():
+            if isinstance(d, dict) and d.get("source"):
+                rows = f", {d['rows']} rows" if d.get("rows") is not None else ""
+                lines.append(f"- data `{key}`: `{d['source']}` (sha256 `{str(d.get('sha256'))[:16]}`{rows})")
+        for key, d in (m.get("adapters") or {}).items():
+            lines.append(f"- used `{key}`: `{d.get('path', '')}`")
+        headline = {k: v for k, v in (m.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        if headline:
+            lines.append("- metrics: " + ", ".join(f"{k} = {v:.4g}" for k, v in headline.items()))
+        lines.append("")
+    lines += ["## Checks", ""] + [f"- {k}: {v:.3g}" for k, v in metrics.items()] + ["", "## Loading", ""]
+    if kind == "merged":
+        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  'model = AutoModelForCausalLM.from_pretrained("path/to/fused/merged")',
+                  'tokenizer = AutoTokenizer.from_pretrained("path/to/fused/merged")', "```", "",
+                  f"Weights: the fused adapter merged into the original float weights of `{base.name}`, saved "
+                  f"in {fc.merged_dtype}. The adapters were trained on the base quantized to 4-bit NF4, so this "
+                  "model differs from the trained policy by the quantization error "
+                  "(merged_max_abs_logit_diff_vs_nf4_policy under Checks, measured when all weights are 1)."]
+    else:
+        lines += ["```python", "from peft import PeftModel",
+                  'model = PeftModel.from_pretrained(base_model, "path/to/fused/adapter")', "```", "",
+                  f"`base_model` must be `{base.name}`, loaded as the stages were ({json.dumps(base.quantization)})."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage
+
+
+def run_fuse(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -> Path:
+    """Fuse ``cfg.fuse.adapters`` into ``RUN/fused/adapter`` (and ``merged/``); returns ``RUN/fused``."""
+    fc = cfg.fuse
+    run_dir = Path(run_dir)
+    out = run_dir / "fused"
+    check_options(fc)
+    if is_complete(out) and not overwrite:
+        raise ArtifactError(f"{out} already holds a complete output; pass --overwrite to replace it")
+    paths = [Path(p) for p in substitute_run_dir(list(fc.adapters), run_dir)]
+    base_model, tok, base = models.load_base(cfg.model)
+    sources = read_sources(paths, base)
+    check_stacking(sources)
+    peft_model = models.stack_adapters(base_model, {s.name: s.path for s in sources})
+    peft_model.eval()
+    models.assert_bnb_guarded(peft_model)
+    ids = tok(PROBE_TEXT, return_tensors="pt").input_ids.to(base_model.device)
+    all_ones = all(w == 1.0 for w in fc.weights)
+    policy_logits = probe_logits(peft_model, ids, [s.name for s in sources]) if all_ones else None
+
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        adapter_dir = tmp / "adapter"
+        print(f"[fuse] {fc.method} of {', '.join(s.name for s in sources)} with weights {list(fc.weights)}", flush=True)
+        if fc.method == CAT:
+            fuse_cat(sources, list(fc.weights), adapter_dir, base.path)
+        else:
+            fuse_weighted(peft_model, sources, fc, adapter_dir, base.path)
+        metrics: dict = {"rank": json.loads((adapter_dir / "adapter_config.json").read_text())["r"],
+                         "delta_rel_error_vs_weighted_sum": delta_rel_error(sources, list(fc.weights), adapter_dir)}
+        if all_ones:
+            diff = check_against_stacked(peft_model, adapter_dir, ids, policy_logits)
+            metrics["max_abs_logit_diff_vs_stacked"] = diff
+            fp32 = base.quantization.get("compute_dtype", "float32") == "float32"
+            if fc.method == CAT and fp32 and diff > CAT_TOLERANCE:
+                raise FuseError(f"the fused adapter differs from the stacked adapters by {diff:.3g} logits "
+                                f"(> {CAT_TOLERANCE})")
+        del peft_model, base_model
+        if fc.merged:
+            metrics.update(merge_full(cfg.model, adapter_dir, tmp / "merged", fc.merged_dtype, ids.cpu(),
+                                      policy_logits))
+            (tmp / "merged" / "README.md").write_text(model_card(cfg, base, sources, metrics, "merged"))
+        (adapter_dir / "README.md").write_text(model_card(cfg, base, sources, metrics, "adapter"))
+        data = {f"{s.name}:{k}": v for s in sources for k, v in (s.manifest.get("data") or {}).items()}
+        consumed = {s.name: {"path": str(s.path), "sha256": s.sha256, "stage": s.manifest.get("stage")}
+                    for s in sources}
+        write_manifest(tmp, "fuse", cfg, base, metrics, data=data, adapters=consumed,
+                       extra={"method": fc.method, "weights": list(fc.weights), "density": fc.density,
+                              "outputs": ["adapter"] + (["merged"] if fc.merged else []),
+                              "merged_dtype": fc.merged_dtype if fc.merged else None})
+    for k, v in metrics.items():
+        print(f"[fuse] {k}: {v:.3g}", flush=True)
+    print(f"[fuse] done -> {out}", flush=True)
+    return out
