@@ -1,0 +1,206 @@
+"""Evaluation: KL estimators against exact KL, best-of-n KL, win rates, and `rlhf eval` end to end."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from pipeline.evaluate import (CSV_COLUMNS, bon_kl, exact_kl, mean_se, sequence_kl, wilson_interval,
+                               win_rate)
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def _sampled_kl_terms(estimator: str, n: int = 200_000):
+    """Per-token KL estimates for tokens sampled from p, as length-1 sequences; and the exact KL."""
+    g = torch.Generator().manual_seed(123)
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05], dtype=torch.float64)
+    q = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2], dtype=torch.float64)
+    tokens = torch.multinomial(p, n, replacement=True, generator=g)
+    logp, logq = p.log()[tokens].unsqueeze(1), q.log()[tokens].unsqueeze(1)
+    per_seq = sequence_kl(logp, logq, torch.ones_like(logp, dtype=torch.bool), estimator)
+    return per_seq, exact_kl(p, q)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_estimator_sample_mean_matches_exact_kl(estimator):
+    per_seq, exact = _sampled_kl_terms(estimator)
+    mean, se = mean_se(per_seq.tolist())
+    assert exact == pytest.approx(0.5 * math.log(2.5) + 0.2 * math.log(1.0) + 0.15 * math.log(0.75)
+                                  + 0.1 * math.log(0.5) + 0.05 * math.log(0.25))
+    assert abs(mean - exact) < 4 * se, (mean, exact, se)
+    if estimator == "k3":
+        assert bool((per_seq >= 0).all())  # never negative per token
+    else:
+        assert bool((per_seq < 0).any())  # k1 is unbiased but negative on some tokens
+
+
+def test_sequence_kl_sums_real_tokens_only():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.0, float("-inf")], [-0.1, -3.0, float("nan")]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    k1 = sequence_kl(logp, ref, mask, "k1")
+    assert k1.tolist() == pytest.approx([0.5 - 1.0, 0.0])  # padding (inf/nan) contributes exactly 0
+    k3 = sequence_kl(logp, ref, mask, "k3")
+    d1, d2 = -0.5, 1.0  # ref - logp
+    assert k3.tolist() == pytest.approx([(math.exp(d1) - 1 - d1) + (math.exp(d2) - 1 - d2), 0.0])
+    assert k3[1].item() == 0.0
+
+
+def test_exact_kl_hand_computed():
+    assert exact_kl([0.5, 0.5], [0.25, 0.75]) == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+    assert exact_kl([0.3, 0.7], [0.3, 0.7]) == 0.0
+    assert exact_kl([1.0, 0.0], [0.5, 0.5]) == pytest.approx(math.log(2))  # p=0 terms are 0
+    assert exact_kl([0.5, 0.5], [1.0, 0.0]) == math.inf
+
+
+def test_bon_kl_by_hand():
+    assert bon_kl(1) == 0.0
+    assert bon_kl(2) == pytest.approx(0.1931471805599453, abs=1e-15)  # log 2 - 1/2
+    assert bon_kl(4) == pytest.approx(math.log(4) - 0.75)
+    assert bon_kl(16) == pytest.approx(2.772588722239781 - 0.9375)
+    with pytest.raises(ValueError):
+        bon_kl(0)
+
+
+def test_mean_se_hand_computed():
+    mean, se = mean_se([1, 2, 3, 4])
+    assert mean == 2.5
+    assert se == pytest.approx(math.sqrt((1.5 ** 2 + 0.5 ** 2 + 0.5 ** 2 + 1.5 ** 2) / 3 / 4))  # 0.6455
+    assert mean_se([2.0, 2.0, 2.0]) == (2.0, 0.0)
+    m, s = mean_se([3.0])
+    assert m == 3.0 and math.isnan(s)
+
+
+def test_win_rate_ties_count_half_and_wilson_interval():
+    # pairs: win, tie, loss, win -> (2 + 0.5) / 4
+    rate, lo, hi = win_rate([1, 2, 3, 4], [0, 2, 5, 1])
+    assert rate == 0.625
+    # Wilson, z = 1.96: centre (p + z^2/2n) / (1 + z^2/n), half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n)
+    assert (lo, hi) == pytest.approx((0.21943, 0.90810), abs=1e-5)
+    assert win_rate([1, 1, 1], [1, 1, 1])[0] == 0.5
+    # 0 wins out of 10: the classic Wilson upper bound z^2/(n + z^2) = 0.2775
+    rate, lo, hi = win_rate([0] * 10, [1] * 10)
+    assert rate == 0.0 and lo == 0.0 and hi == pytest.approx(0.27753, abs=1e-5)
+    assert wilson_interval(0.5, 8) == pytest.approx((0.21522, 0.78478), abs=1e-5)
+    with pytest.raises(ValueError):
+        win_rate([1, 2], [1])
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: sft -> reward -> ppo -> eval through the CLI on the tiny config
+
+PROMPTS = ["How do I keep my plants healthy?", "Tell me a fun fact about the ocean.",
+           "Could you suggest a quick breakfast idea?", "What a lovely day, any plans?",
+           "How was your day?", "Give me a tip for learning."]
+GOOD = ["Water them regularly, they will be great!", "The ocean is wonderful and huge.",
+        "Try oatmeal with fresh berries, lovely!", "Yes, a wonderful walk in the sun.",
+        "Great, thank you so much!", "Practice a little every day, it is fun."]
+BAD = ["This is terrible.", "I am sad about it.", "Nothing, it is awful.", "I hate this.", "Bad.",
+       "Terrible idea."]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    tmp = tmp_path_factory.mktemp("eval_e2e")
+    sft = _write_jsonl(tmp / "sft.jsonl", [{"messages": [{"role": "user", "content": p},
+                                                         {"role": "assistant", "content": g}]}
+                                           for p, g in zip(PROMPTS, GOOD)])
+    pairs = _write_jsonl(tmp / "pairs.jsonl", [{"prompt": p, "chosen": g, "rejected": b}
+                                               for p, g, b in zip(PROMPTS, GOOD, BAD)])
+    prompts = _write_jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    run = tmp / "run"
+    overrides = [f"data.sft_train={sft}", f"data.sft_eval={sft}", f"data.pairs_train={pairs}",
+                 f"data.pairs_eval={pairs}", f"data.prompts_train={prompts}", f"data.prompts_eval={prompts}",
+                 "sft.gold_eval_prompts=0", "sft.max_steps=2", "reward.max_steps=2"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only adds contention on 2 shared cores
+    try:
+        runner = CliRunner()
+        for stage in ("sft", "reward", "ppo", "eval"):
+            result = runner.invoke(main, [stage, "--config", "configs/tiny.yaml", "--run-dir", str(run), *overrides])
+            assert result.exit_code == 0, (stage, result.output, result.exception)
+        again = runner.invoke(main, ["eval", "--config", "configs/tiny.yaml", "--run-dir", str(run), *overrides])
+    finally:
+        torch.set_num_threads(threads)
+    rows = list(csv.DictReader(open(run / "eval" / "curves.csv")))
+    return run, rows, result.output, again
+
+
+def _f(row, key):
+    return float(row[key])
+
+
+def test_eval_curves_csv_numbers_are_consistent(eval_run):
+    run, rows, output, _ = eval_run
+    assert list(rows[0]) == list(CSV_COLUMNS)
+    by_name = {r["name"]: r for r in rows}
+    assert [r["kind"] for r in rows] == ["base", "sft", "ppo", "ppo", "bon", "bon", "bon"]
+    # tiny.yaml: ppo.steps=3, save_every=2 -> checkpoints at steps 2 and 3 (the final one)
+    assert [r["name"] for r in rows if r["kind"] == "ppo"] == ["step-000002", "step-000003"]
+    assert [int(r["step"]) for r in rows if r["kind"] == "ppo"] == [2, 3]
+    prompts, spp = 4, 2  # tiny.yaml eval section
+    for r in rows:
+        if r["kind"] != "bon":
+            assert int(r["n_samples"]) == prompts * spp
+        assert _f(r, "win_lo") <= _f(r, "win_rate") <= _f(r, "win_hi")
+        assert _f(r, "kl_k3_mean") >= 0.0  # k3 is never negative
+        assert _f(r, "sqrt_kl") == math.sqrt(max(_f(r, "kl_k1_mean"), 0.0))
+        for key in ("proxy_mean", "gold_mean", "kl_k1_mean"):
+            assert math.isfinite(_f(r, key))
+
+    # The reference is the SFT adapter (ppo.reference=sft): SFT's KL is exactly 0 with both estimators,
+    # although it is computed (two forwards under separately switched adapter sets), not assumed.
+    sft = by_name["sft"]
+    assert _f(sft, "kl_k1_mean") == 0.0 and _f(sft, "kl_k3_mean") == 0.0 and _f(sft, "kl_k1_se") == 0.0
+    assert _f(sft, "win_rate") == 0.5  # SFT against its own responses: all ties
+
+    # The base (all adapters off) differs from the SFT model: a positive k3 estimate, and a finite k1.
+    base = by_name["base"]
+    assert _f(base, "kl_k3_mean") > 0.0
+    assert _f(base, "kl_k1_se") > 0.0
+
+    # best-of-n: analytic KL, exactly; groups of n out of max(best_of_n)=4 samples per prompt
+    for n in (1, 2, 4):
+        r = by_name[f"n={n}"]
+        assert _f(r, "kl_k1_mean") == math.log(n) - (n - 1) / n
+        assert _f(r, "kl_k3_mean") == math.log(n) - (n - 1) / n
+        assert _f(r, "kl_k1_se") == 0.0
+        assert int(r["n_samples"]) == prompts * (4 // n)
+    # same pool: the best of each group of 4 is at least the mean of those 4 (n=1 averages all of them)
+    assert _f(by_name["n=4"], "proxy_mean") >= _f(by_name["n=1"], "proxy_mean") - 1e-9
+
+
+def test_eval_outputs_manifest_summary_samples_and_png(eval_run):
+    run, rows, output, again = eval_run
+    out = run / "eval"
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    summary = (out / "summary.txt").read_text()
+    assert "gold peaks at step-00000" in summary
+    assert "gold peaks at" in output  # printed at the end
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "eval"
+    points = manifest["metrics"]["points"]
+    assert [p["name"] for p in points] == [r["name"] for r in rows]
+    assert [p["gold_mean"] for p in points] == [float(r["gold_mean"]) for r in rows]
+    assert set(manifest["adapters"]) == {"sft", "ppo:step-000002", "ppo:step-000003"}
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["name"] for s in samples} >= {"base", "sft", "step-000002", "step-000003", "n=4"}
+    for s in samples:
+        assert isinstance(s["response"], str) and math.isfinite(s["gold"]) and math.isfinite(s["proxy"])
+        if s["name"] == "sft":
+            assert s["kl_k1"] == 0.0 and s["kl_k3"] == 0.0
+    # a second eval refuses to overwrite a complete output
+    assert again.exit_code != 0 and "already holds a complete eval output" in again.output
