@@ -457,7 +457,12 @@ def load_adapter_weights(peft_model, name: str, adapter_dir: str | Path) -> None
     from safetensors.torch import load_file
 
     state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
-    set_peft_model_state_dict(peft_model, state, adapter_name=name)
+    result = set_peft_model_state_dict(peft_model, state, adapter_name=name)
+    if result.unexpected_keys:
+        raise RuntimeError(f"{adapter_dir} does not fit adapter '{name}': unexpected {result.unexpected_keys[:3]}")
+    missing = [k for k in result.missing_keys if f".{name}." in k]
+    if missing:
+        raise RuntimeError(f"{adapter_dir} does not fit adapter '{name}': missing {missing[:3]}")
 
 
 def stack_adapters(base_model, adapter_dirs: dict[str, str | Path], trainable: Optional[str] = None,

@@ -73,11 +73,14 @@ def generate(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor
     gen_cfg = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                                pad_token_id=tokenizer.pad_token_id, use_cache=True)
-    if generator_seed is not None:
-        torch.manual_seed(generator_seed)
     device = next(model.parameters()).device
-    out = model.generate(input_ids=query_ids.to(device), attention_mask=query_mask.to(device),
-                         generation_config=gen_cfg)
+    # A per-call seed samples reproducibly without disturbing the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                               enabled=generator_seed is not None):
+        if generator_seed is not None:
+            torch.manual_seed(generator_seed)
+        out = model.generate(input_ids=query_ids.to(device), attention_mask=query_mask.to(device),
+                             generation_config=gen_cfg)
     response = out[:, query_ids.shape[1]:].cpu()
     if response.shape[1] == 0:
         response = torch.full((query_ids.shape[0], 1), tokenizer.pad_token_id, dtype=torch.long)

@@ -95,7 +95,8 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
         if eval_ds is not None:
             metrics["eval_loss_before"] = _eval_loss(trainer, sc.max_length)
         if eval_prompts:
-            metrics["gold_before"] = gold_mean(trainer.model, tok, eval_prompts, sc.gold_max_new_tokens, 0.7, sc.seed)
+            metrics["gold_before"] = gold_mean(trainer.model, tok, eval_prompts, sc.gold_max_new_tokens,
+                                             cfg.ppo.temperature, sc.seed)
 
         # 4. train
         t_train = time.time()
@@ -110,7 +111,8 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
         if eval_ds is not None:
             metrics["eval_loss_after"] = _eval_loss(trainer, sc.max_length)
         if eval_prompts:
-            metrics["gold_after"] = gold_mean(trainer.model, tok, eval_prompts, sc.gold_max_new_tokens, 0.7, sc.seed)
+            metrics["gold_after"] = gold_mean(trainer.model, tok, eval_prompts, sc.gold_max_new_tokens,
+                                             cfg.ppo.temperature, sc.seed)
         metrics["wall_seconds"] = round(time.time() - t0, 1)
         logger.log({"step": trainer.state.global_step, **{f"sft/{k}": v for k, v in metrics.items()
                                                           if isinstance(v, (int, float))}})
