@@ -171,6 +171,9 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         consumed[SFT] = {"path": str(sft_dir), "sha256": models.sha256_file(Path(sft_dir) / "adapter_model.safetensors")}
     elif pc.reference == "sft":
         raise ArtifactError("ppo.reference=sft needs ppo.sft_adapter; set ppo.reference=base to anchor to the base")
+    # The fresh policy (and value) adapter's init draws from the global RNG: seed it, so that the same
+    # ppo.seed gives the same run however much RNG was consumed before (in-process callers, tests).
+    torch.manual_seed(pc.seed)
     peft_model = models.stack_adapters(base_model, adapters, trainable=POLICY,
                                        new_adapter=(POLICY, models.lora_config(pc.lora)))
     policy_adapters = list(adapters) + [POLICY]
@@ -238,18 +241,29 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     per_proc = pc.batch_size
     mb_size = per_proc // pc.minibatches
 
-    def checkpoint(step: int, ep: int, cur: int, name: Optional[str] = None) -> Path:
+    def checkpoint(step: int, ep: int, cur: int, name: Optional[str] = None, rng: Optional[dict] = None,
+                   reward_state: Optional[dict] = None) -> Path:
+        """Save the state after ``step`` completed steps. A failed step passes the RNG and reward
+        state captured at its start (``rng``, ``reward_state``): resuming then redoes it exactly."""
+        own_rng = rng if rng is not None else _rng_state()
         rngs = [None] * world
         if world > 1:
             import torch.distributed as dist
 
-            dist.all_gather_object(rngs, _rng_state())
+            dist.all_gather_object(rngs, own_rng)
         else:
-            rngs = [_rng_state()]
+            rngs = [own_rng]
         path = work / "checkpoints" / (name or f"step-{step:06d}")
         if main_proc:
-            save_checkpoint(path, pv, optimizer, scheduler, kl_ctl, reward_fn,
-                            {"step": step, "epoch": ep, "cursor": cur, "rng_per_process": rngs})
+            if reward_state is not None:
+                current = reward_fn.state_dict()
+                reward_fn.load_state_dict(reward_state)
+            try:
+                save_checkpoint(path, pv, optimizer, scheduler, kl_ctl, reward_fn,
+                                {"step": step, "epoch": ep, "cursor": cur, "rng_per_process": rngs})
+            finally:
+                if reward_state is not None:
+                    reward_fn.load_state_dict(current)
         accelerator.wait_for_everyone()
         return path
 
@@ -259,6 +273,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     for step in bar:
         t_step = time.time()
         step_epoch, step_cursor = epoch, cursor
+        step_rng, step_reward_state = _rng_state(), copy.deepcopy(reward_fn.state_dict())
         # 1. rollout: this process's share of the global batch, in a seeded shuffled order
         idx = []
         while len(idx) < per_proc * world:
@@ -287,7 +302,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                                response_ids=[r[m.bool()].tolist() for r, m in zip(response.cpu(), mask.cpu())],
                                tokenizer=tok)
         except Exception as e:
-            path = checkpoint(step, step_epoch, step_cursor, name=f"step-{step:06d}")
+            path = checkpoint(step, step_epoch, step_cursor, rng=step_rng, reward_state=step_reward_state)
             raise PPOError(f"step {step + 1}: {e}\nA resumable checkpoint of the last completed step is in {path}; "
                            f"fix the reward and run again with --resume.") from e
         scores = torch.tensor(result.total, dtype=torch.float32, device=dev)
@@ -338,7 +353,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                             if n in step_start_state[0]:
                                 p.copy_(step_start_state[0][n])
                     optimizer.load_state_dict(step_start_state[1])
-                    path = checkpoint(step, step_epoch, step_cursor)
+                    path = checkpoint(step, step_epoch, step_cursor, rng=step_rng,
+                                      reward_state=step_reward_state)
                     raise PPOError(f"step {step + 1}, PPO epoch {ppo_epoch + 1}: loss is {loss.item()} "
                                    f"(policy {pg_loss.item()}, value {vf_loss.item()}); parameters restored to the "
                                    f"start of the step and saved in {path}. Lower ppo.learning_rate or check the "

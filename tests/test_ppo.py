@@ -1,0 +1,593 @@
+"""PPO stage on the tiny NF4 Llama: the properties DESIGN.md section 4 demands, checked with numbers.
+
+One SFT + reward run directory is built per module (through the CLI, in-process) and every PPO
+run links to it. The SFT and reward adapters are trained with lora_dropout=0.1 on purpose: if any
+dropout were live during rollouts or PPO epochs, the exact-equality checks below would fail.
+"""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline import models, ppo, ppo_math, rollout
+from pipeline.cli import main
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "tiny.yaml")
+REWARDS_MODULE = "rlhf_ppo_test_rewards"
+
+QUESTIONS = ["What a lovely day to learn something new?", "Could you suggest a quick breakfast idea?",
+             "How do I keep my plants healthy?", "Tell me a fun fact about the ocean.",
+             "Is this terrible?", "Say something nice.", "What is the quick brown fox?", "Count to five."]
+ANSWERS = ["Try oatmeal with fresh berries.", "Water them regularly.", "The ocean is great!",
+           "Thank you so much!", "That sounds wonderful.", "I feel great today.",
+           "The fox jumps over the lazy dog.", "1 2 3 4 5."]
+
+# Rewards reached by dotted path (module written to a temp folder put on sys.path / PYTHONPATH).
+REWARDS_SOURCE = textwrap.dedent('''
+    import os
+    from pathlib import Path
+
+    STATE = {"calls": 0, "fail_at": None, "fail_kind": "error", "watch": None, "seen": []}
+
+
+    def reset(fail_at=None, fail_kind="error", watch=None):
+        STATE.update(calls=0, fail_at=fail_at, fail_kind=fail_kind, watch=watch, seen=[])
+
+
+    def flaky(prompts, responses):
+        """0.1 per character; fails on call number STATE['fail_at']."""
+        STATE["calls"] += 1
+        if STATE["watch"] is not None:
+            run = Path(STATE["watch"])
+            STATE["seen"].append(((run / "ppo").exists(), (run / "ppo.work").exists()))
+        if STATE["calls"] == STATE["fail_at"]:
+            if STATE["fail_kind"] == "interrupt":
+                raise KeyboardInterrupt  # what a killed run looks like from inside the loop
+            if STATE["fail_kind"] == "nan":
+                return [1.0, float("nan")] + [1.0] * (len(responses) - 2)
+            raise RuntimeError("flaky broke on purpose")
+        return [0.1 * len(r) for r in responses]
+
+
+    def chars(prompts, responses):
+        return [float(len(r)) for r in responses]
+
+
+    def rank_logged(prompts, responses):
+        with open(os.environ["PPO_TEST_RANK_LOG"], "a") as f:
+            f.write(os.environ.get("RANK", "?") + "\\n")
+        return [float(len(r)) for r in responses]
+''')
+
+
+def _write_jsonl(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread for this module. On 2 shared cores, when another process holds a core, the
+    OpenMP parallel regions of the NF4 CPU kernels wait on a descheduled thread: a 4-step tiny PPO run
+    took ~26 s with 2 threads against ~1.2 s with 1 (another process busy on one core)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def rewards_mod(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rewards")
+    (folder / f"{REWARDS_MODULE}.py").write_text(REWARDS_SOURCE)
+    sys.path.insert(0, str(folder))
+    import importlib
+
+    mod = importlib.import_module(REWARDS_MODULE)
+    yield mod
+    sys.path.remove(str(folder))
+    sys.modules.pop(REWARDS_MODULE, None)
+
+
+@pytest.fixture(scope="module")
+def data_overrides(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    sft = _write_jsonl(d / "sft.jsonl", [{"messages": [{"role": "user", "content": q},
+                                                       {"role": "assistant", "content": a}]}
+                                         for q, a in zip(QUESTIONS, ANSWERS)])
+    pairs = _write_jsonl(d / "pairs.jsonl", [{"prompt": q, "chosen": a, "rejected": "This is terrible and I am sad."}
+                                             for q, a in zip(QUESTIONS, ANSWERS)])
+    prompts = _write_jsonl(d / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS])
+    return [f"data.sft_train={sft}", f"data.sft_eval={sft}", f"data.pairs_train={pairs}",
+            f"data.pairs_eval={pairs}", f"data.prompts_train={prompts}"]
+
+
+def _cli(stage, run, overrides, flags=()):
+    return CliRunner().invoke(main, [stage, "--config", CONFIG, "--run-dir", str(run), *flags, *overrides])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_overrides):
+    """RUN/sft and RUN/reward, trained once, both with lora_dropout=0.1."""
+    run = tmp_path_factory.mktemp("trained")
+    for stage in ("sft", "reward"):
+        r = _cli(stage, run, [*data_overrides, f"{stage}.lora.dropout=0.1"])
+        assert r.exit_code == 0, r.output
+    assert json.loads((run / "sft" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+    return run
+
+
+@pytest.fixture
+def new_run(tmp_path, trained):
+    """A fresh run directory whose sft/ and reward/ are the module's trained stages."""
+    counter = iter(range(100))
+
+    def make() -> Path:
+        run = tmp_path / f"run{next(counter)}"
+        run.mkdir()
+        (run / "sft").symlink_to(trained / "sft", target_is_directory=True)
+        (run / "reward").symlink_to(trained / "reward", target_is_directory=True)
+        return run
+
+    return make
+
+
+def _ppo(run, data_overrides, *overrides, flags=()):
+    return _cli("ppo", run, [*data_overrides, *overrides], flags)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _reward_spec(*extra: str) -> str:
+    base = "{name: reward_model, args: {path: '{run_dir}/reward'}, normalize: {kind: running}}"
+    return "ppo.rewards=[" + ", ".join([base, *extra]) + "]"
+
+
+RESUME_OVERRIDES = (_reward_spec(f"{{name: '{REWARDS_MODULE}:flaky', weight: 0.5}}"),
+                    "ppo.steps=4", "ppo.save_every=2")
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, trained, data_overrides, rewards_mod):
+    """Uninterrupted reference run: 4 steps, checkpoints every 2, learned reward (running-normalised) + flaky."""
+    run = tmp_path_factory.mktemp("run_a")
+    for stage in ("sft", "reward"):
+        (run / stage).symlink_to(trained / stage, target_is_directory=True)
+    rewards_mod.reset()
+    r = _ppo(run, data_overrides, *RESUME_OVERRIDES)
+    assert r.exit_code == 0, r.output
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# The stacked model, built the way run_ppo builds it
+
+
+@pytest.fixture(scope="module")
+def stack(trained):
+    cfg = load_config(CONFIG)
+    base_model, tok, _ = models.load_base(cfg.model)
+    peft_model = models.stack_adapters(base_model, {ppo.SFT: trained / "sft"}, trainable=ppo.POLICY,
+                                       new_adapter=(ppo.POLICY, models.lora_config(cfg.ppo.lora)))
+    policy = [ppo.SFT, ppo.POLICY]
+    models.set_active_adapters(peft_model, policy)
+    pv = ppo.PolicyValue(peft_model, base_model.config.hidden_size, policy, None)
+    peft_model.eval()
+    prompts = [[{"role": "user", "content": q}] for q in QUESTIONS[:4]]
+    encoded = rollout.encode_prompts(tok, prompts, cfg.ppo.max_prompt_length)
+    query, query_mask = rollout.left_pad(encoded, tok.pad_token_id)
+    torch.manual_seed(0)
+    stop = rollout.stop_token_ids(tok, base_model)
+    with models.active_adapters(peft_model, policy):
+        response, mask, ended = rollout.generate(peft_model, tok, query, query_mask, 8, cfg.ppo.temperature, stop)
+    return dict(cfg=cfg, tok=tok, peft=peft_model, pv=pv, policy=policy, encoded=encoded, query=query,
+                query_mask=query_mask, response=response, mask=mask, T=cfg.ppo.temperature)
+
+
+def _fresh_sft_model(cfg, sft_dir):
+    from peft import PeftModel
+
+    base_model, _, _ = models.load_base(cfg.model)
+    return PeftModel.from_pretrained(base_model, str(sft_dir)).eval()
+
+
+# 1. KL is exactly zero before the first update ------------------------------------------------
+
+def test_kl_is_exactly_zero_before_the_first_update_k1_and_k3(stack):
+    s = stack
+    maskf = s["mask"].float()
+    assert maskf.sum() > 0
+    with torch.no_grad():
+        logprobs, _, _ = s["pv"](s["query"], s["query_mask"], s["response"], s["mask"], s["T"])
+        with models.active_adapters(s["peft"], [ppo.SFT]):  # reference: sft
+            ref = rollout.forward_response(s["peft"], s["query"], s["query_mask"], s["response"], s["mask"],
+                                           s["T"]).logprobs
+        with models.active_adapters(s["peft"], None):  # the bare base, for contrast
+            base_lp = rollout.forward_response(s["peft"], s["query"], s["query_mask"], s["response"], s["mask"],
+                                               s["T"]).logprobs
+    for estimator in ("k1", "k3"):
+        kl = ppo_math.kl_per_token(logprobs, ref, estimator) * maskf
+        assert torch.equal(kl, torch.zeros_like(kl)), (estimator, kl.abs().max())
+    # The check has teeth: the trained SFT adapter (part of the policy) moves the logprobs off the base.
+    assert ((logprobs - base_lp) * maskf).abs().max() > 1e-4
+
+
+def test_first_logged_step_has_zero_kl(run_a):
+    row = _rows(run_a / "ppo" / "metrics.jsonl")[0]  # k1 (default), reference: sft
+    assert row["step"] == 1 and row["ppo/kl"] == 0.0 and row["ppo/non_score_reward"] == 0.0
+    assert row["ppo/rlhf_reward"] == row["ppo/score"]
+
+
+@pytest.mark.parametrize("overrides", [("ppo.kl_estimator=k3",),
+                                       ("ppo.value_model=adapter",),
+                                       ("ppo.sft_adapter=", "ppo.reference=base")],
+                         ids=["k3", "value-adapter", "no-sft-reference-base"])
+def test_first_step_invariants_in_other_settings(overrides, new_run, data_overrides):
+    """KL == 0 and ratio == 1 at step 1 also with k3, with a value adapter (its forward switches
+    adapters inside PolicyValue.forward) and with a fresh policy on the bare base."""
+    run = new_run()
+    r = _ppo(run, data_overrides, *overrides, "ppo.steps=1", "ppo.ppo_epochs=2")
+    assert r.exit_code == 0, r.output
+    row = _rows(run / "ppo" / "metrics.jsonl")[0]
+    assert row["ppo/kl"] == 0.0 and row["ppo/non_score_reward"] == 0.0
+    assert row["ppo/rlhf_reward"] == row["ppo/score"]
+    assert (row["ppo/first_ratio"], row["ppo/first_clipfrac"], row["ppo/first_approx_kl"]) == (1.0, 0.0, 0.0)
+
+
+# 2. Reference logits ----------------------------------------------------------------------------
+
+def test_reference_sft_equals_sft_model_loaded_alone(stack, trained):
+    s = stack
+    ids = torch.cat([s["query"], s["response"]], dim=1)
+    attn = torch.cat([s["query_mask"], s["mask"].long()], dim=1)
+    sft_alone = _fresh_sft_model(s["cfg"], trained / "sft")
+    with torch.no_grad():
+        with models.active_adapters(s["peft"], [ppo.SFT]):
+            ref_logits = s["peft"](input_ids=ids, attention_mask=attn).logits
+            ref_lp = rollout.forward_response(s["peft"], s["query"], s["query_mask"], s["response"], s["mask"],
+                                              s["T"]).logprobs
+        want_logits = sft_alone(input_ids=ids, attention_mask=attn).logits
+        want_lp = rollout.forward_response(sft_alone, s["query"], s["query_mask"], s["response"], s["mask"],
+                                           s["T"]).logprobs
+    assert (ref_logits - want_logits).abs().max() <= 1e-6
+    assert (ref_lp - want_lp).abs().max() <= 1e-6
+    # and the policy adapter was restored afterwards
+    assert list(s["peft"].base_model.active_adapters) == s["policy"]
+
+
+def test_reference_base_equals_freshly_loaded_base(stack):
+    s = stack
+    ids = torch.cat([s["query"], s["response"]], dim=1)
+    attn = torch.cat([s["query_mask"], s["mask"].long()], dim=1)
+    fresh, _, _ = models.load_base(s["cfg"].model)
+    fresh.eval()
+    with torch.no_grad():
+        with models.active_adapters(s["peft"], None):
+            ref_logits = s["peft"](input_ids=ids, attention_mask=attn).logits
+            ref_lp = rollout.forward_response(s["peft"], s["query"], s["query_mask"], s["response"], s["mask"],
+                                              s["T"]).logprobs
+        want_logits = fresh(input_ids=ids, attention_mask=attn).logits
+        want_lp = rollout.forward_response(fresh, s["query"], s["query_mask"], s["response"], s["mask"],
+                                           s["T"]).logprobs
+        sft_logits = s["peft"](input_ids=ids, attention_mask=attn).logits  # policy adapters back on
+    assert (ref_logits - want_logits).abs().max() <= 1e-6
+    assert (ref_lp - want_lp).abs().max() <= 1e-6
+    assert (sft_logits - want_logits).abs().max() > 1e-4
+
+
+# 3. Left padding ----------------------------------------------------------------------------------
+
+def test_left_padding_does_not_change_logprobs(stack):
+    s = stack
+    pad, eos = s["tok"].pad_token_id, s["tok"].eos_token_id
+    # Row 0 as sampled; row 1 with a stop token at position 3, so pad follows it in the response.
+    early = s["response"][1:2].clone()
+    early[0, 3] = eos
+    early, early_mask, ended = ppo_math.first_stop_truncate(early, [eos], pad)
+    assert ended.all() and early_mask.sum() == 4 and (early[0, 4:] == pad).all()
+    cases = [(s["encoded"][0], s["response"][0:1], s["mask"][0:1]), (s["encoded"][1], early, early_mask)]
+    for prompt, resp, mask in cases:
+        outs = []
+        for extra in (0, 5):
+            q = torch.tensor([[pad] * extra + prompt])
+            qm = torch.tensor([[0] * extra + [1] * len(prompt)])
+            with torch.no_grad():
+                outs.append(rollout.forward_response(s["peft"], q, qm, resp, mask, s["T"], with_entropy=True,
+                                                     with_hidden=True))
+        m = mask.float()
+        assert ((outs[0].logprobs - outs[1].logprobs) * m).abs().max() <= 1e-5
+        assert ((outs[0].entropy - outs[1].entropy) * m).abs().max() <= 1e-5
+        assert ((outs[0].hidden - outs[1].hidden) * m.unsqueeze(-1)).abs().max() <= 1e-5
+    # Inside a batch, a row padded to the longest prompt scores like the row alone.
+    with torch.no_grad():
+        batch = rollout.forward_response(s["peft"], s["query"], s["query_mask"], s["response"], s["mask"], s["T"])
+        for row in range(s["query"].shape[0]):
+            alone = rollout.forward_response(s["peft"], torch.tensor([s["encoded"][row]]),
+                                             torch.ones(1, len(s["encoded"][row]), dtype=torch.long),
+                                             s["response"][row:row + 1], s["mask"][row:row + 1], s["T"])
+            m = s["mask"][row].float()
+            assert ((batch.logprobs[row] - alone.logprobs[0]) * m).abs().max() <= 1e-5
+
+
+# 4. No dropout ------------------------------------------------------------------------------------
+
+def _live_dropouts(module) -> list[str]:
+    return [n for n, m in module.named_modules() if isinstance(m, torch.nn.Dropout) and m.training and m.p > 0]
+
+
+def test_policy_value_forward_is_deterministic_in_ppo_mode(monkeypatch, new_run, data_overrides):
+    """Two forwards of the PolicyValue that run_ppo trained, in the mode its loop leaves it, agree
+    exactly; the SFT adapter was trained with lora_dropout=0.1 and the policy adapter has 0.1 too."""
+    captured: dict = {"pv": None, "live": [], "calls": 0}
+
+    class Recording(ppo.PolicyValue):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            captured["pv"] = self
+
+        def forward(self, *args, **kwargs):
+            captured["calls"] += 1
+            captured["live"].extend(_live_dropouts(self))
+            captured["args"] = (args, kwargs)
+            return super().forward(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "PolicyValue", Recording)
+    run = new_run()
+    r = _ppo(run, data_overrides, "ppo.lora.dropout=0.1", "ppo.steps=1")
+    assert r.exit_code == 0, r.output
+    pv = captured["pv"]
+    assert captured["calls"] >= 3 and captured["live"] == []
+    dropouts = [n for n, m in pv.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    assert any(".sft" in n for n in dropouts) and any(".policy" in n for n in dropouts)
+    args, kwargs = captured["args"]
+    first = pv(*args, **kwargs)  # grad enabled, as in the PPO epochs
+    second = pv(*args, **kwargs)
+    for a, b in zip(first, second):
+        assert a is None and b is None or torch.equal(a, b)
+    # Control: the same forwards in train mode do differ, so the check above can fail.
+    pv.peft_model.train()
+    try:
+        assert not torch.equal(pv(*args, **kwargs)[0], pv(*args, **kwargs)[0])
+    finally:
+        pv.peft_model.eval()
+
+
+# 5. First minibatch -------------------------------------------------------------------------------
+
+def test_first_minibatch_ratio_is_one(run_a):
+    row = _rows(run_a / "ppo" / "metrics.jsonl")[0]
+    assert row["step"] == 1
+    assert row["ppo/first_ratio"] == 1.0
+    assert row["ppo/first_clipfrac"] == 0.0
+    assert row["ppo/first_approx_kl"] == 0.0
+
+
+# 6. Missing-EOS penalty through run_ppo ---------------------------------------------------------
+
+def test_missing_eos_penalty_lowers_the_logged_score(new_run, data_overrides, rewards_mod):
+    run = new_run()
+    r = _ppo(run, data_overrides, f"ppo.rewards=[{{name: '{REWARDS_MODULE}:chars'}}]",
+             "ppo.missing_eos_penalty=-1.0", "ppo.max_new_tokens=2", "ppo.steps=1", "ppo.ppo_epochs=1")
+    assert r.exit_code == 0, r.output
+    row = _rows(run / "ppo" / "metrics.jsonl")[0]
+    raw = row[f"ppo/score/{REWARDS_MODULE}:chars"]
+    assert row["ppo/eos_fraction"] < 1.0 and raw > 0
+    assert row["ppo/score"] == pytest.approx(raw - 1.0 * (1.0 - row["ppo/eos_fraction"]), abs=1e-5)
+
+
+# 7. Resume ---------------------------------------------------------------------------------------
+
+COMPARED = ("ppo/kl", "ppo/score", "ppo/policy_loss", "ppo/value_loss")
+
+
+def test_same_seed_gives_the_same_run_whatever_the_global_rng(new_run, data_overrides):
+    """ppo.seed alone decides the run: the fresh policy adapter's init must not depend on how much of
+    the global RNG was used before run_ppo (in-process callers, a resumed run's reference)."""
+    from safetensors.torch import load_file
+
+    runs = []
+    for entry_seed in (1, 2):
+        torch.manual_seed(entry_seed)
+        torch.rand(entry_seed)
+        run = new_run()
+        r = _ppo(run, data_overrides, "ppo.steps=1", "ppo.ppo_epochs=2")
+        assert r.exit_code == 0, r.output
+        runs.append(run)
+    a, b = (_rows(run / "ppo" / "metrics.jsonl")[0] for run in runs)
+    assert {k: v for k, v in a.items() if not k.startswith("time/")} == \
+           {k: v for k, v in b.items() if not k.startswith("time/")}
+    wa, wb = (load_file(str(run / "ppo" / "adapter_model.safetensors")) for run in runs)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("kind", ["error", "interrupt"])
+def test_resume_matches_an_uninterrupted_run(kind, run_a, new_run, data_overrides, rewards_mod):
+    """'error': the reward raises at step 3, the run saves a checkpoint and stops with a message.
+    'interrupt': the run dies at step 4 (KeyboardInterrupt, no chance to save): the latest regular
+    checkpoint (step 2) is used and the metrics row it already logged for step 3 is dropped."""
+    run = new_run()
+    fail_at = 3 if kind == "error" else 4
+    rewards_mod.reset(fail_at=fail_at, fail_kind=kind, watch=run)
+    r = _ppo(run, data_overrides, *RESUME_OVERRIDES)
+    assert r.exit_code != 0
+    if kind == "error":
+        assert isinstance(r.exception, ppo.PPOError), r.output
+        msg = str(r.exception)
+        assert f"'{REWARDS_MODULE}:flaky'" in msg and "flaky broke on purpose" in msg
+        ckpt = run / "ppo.work" / "checkpoints" / "step-000002"
+        assert str(ckpt) in msg and "--resume" in msg
+    # RUN/ppo appears only when the run completes; until then everything is in RUN/ppo.work
+    assert rewards_mod.STATE["seen"] == [(False, True)] * fail_at
+    assert not (run / "ppo").exists() and (run / "ppo.work" / "checkpoints" / "latest").is_file()
+    assert (run / "ppo.work" / "checkpoints" / "latest").read_text() == "step-000002"
+
+    rewards_mod.reset()
+    r = _ppo(run, data_overrides, *RESUME_OVERRIDES, flags=["--resume"])
+    assert r.exit_code == 0, r.output
+    want = _rows(run_a / "ppo" / "metrics.jsonl")
+    got = _rows(run / "ppo" / "metrics.jsonl")
+    assert [g["step"] for g in got] == [1, 2, 3, 4]
+    # Bit-identical on CPU (one thread, same process): data position, RNG, optimizer, scheduler, KL
+    # controller and reward normaliser all come back from the checkpoint.
+    for w, g in zip(want[2:], got[2:]):
+        for k in COMPARED:
+            assert g[k] == w[k], (g["step"], k, g[k], w[k])
+        for k in w:  # every other logged number too (timings aside)
+            if not k.startswith("time/") and not (isinstance(w[k], float) and math.isnan(w[k])):
+                assert g[k] == w[k], (g["step"], k, g[k], w[k])
+    # and the final adapters are the same
+    from safetensors.torch import load_file
+
+    a = load_file(str(run_a / "ppo" / "adapter_model.safetensors"))
+    b = load_file(str(run / "ppo" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(torch.load(run_a / "ppo" / "value_head.pt")["weight"],
+                       torch.load(run / "ppo" / "value_head.pt")["weight"])
+
+
+# 8. Bad input -----------------------------------------------------------------------------------
+
+def test_empty_prompt_file_is_a_clear_error(new_run, data_overrides, tmp_path):
+    empty = tmp_path / "empty_prompts.jsonl"
+    empty.write_text("")
+    run = new_run()
+    r = _ppo(run, data_overrides, f"data.prompts_train={empty}")
+    assert r.exit_code != 0
+    assert str(empty) in r.output and "no rows" in r.output
+
+
+def test_prompt_longer_than_max_prompt_length_is_a_clear_error(new_run, data_overrides):
+    run = new_run()
+    r = _ppo(run, data_overrides, "ppo.max_prompt_length=8")
+    assert r.exit_code != 0
+    assert "PromptTooLongError" in r.output and "longer than max_prompt_length=8" in r.output
+
+
+def test_nan_reward_stops_with_a_resumable_checkpoint(new_run, data_overrides, rewards_mod):
+    run = new_run()
+    spec = f"ppo.rewards=[{{name: '{REWARDS_MODULE}:flaky'}}]"
+    rewards_mod.reset(fail_at=2, fail_kind="nan")
+    r = _ppo(run, data_overrides, spec, "ppo.steps=2", "ppo.save_every=0", "ppo.ppo_epochs=1")
+    assert r.exit_code != 0
+    msg = str(r.exception)
+    assert f"reward '{REWARDS_MODULE}:flaky': row 1 returned nan" in msg, msg
+    ckpt = ppo._latest_checkpoint(run / "ppo.work")
+    assert ckpt is not None and ckpt.parent == run / "ppo.work" / "checkpoints" and str(ckpt) in msg
+    assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["step"] == 1
+    assert not (run / "ppo").exists()
+    rewards_mod.reset()
+    r = _ppo(run, data_overrides, spec, "ppo.steps=2", "ppo.save_every=0", "ppo.ppo_epochs=1", flags=["--resume"])
+    assert r.exit_code == 0, r.output
+    assert [g["step"] for g in _rows(run / "ppo" / "metrics.jsonl")] == [1, 2]
+
+
+def test_nan_loss_restores_and_saves_the_start_of_the_step(monkeypatch, new_run, data_overrides):
+    """policy_loss turns NaN on the 2nd PPO epoch of step 2 (after one optimizer step inside that
+    step): run_ppo must put back the parameters, optimizer and RNG of the start of step 2 and save them."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    seen: dict = {"pv": None, "loss_calls": 0, "rng": []}
+
+    class Recording(ppo.PolicyValue):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen["pv"] = self
+
+    def trainables():
+        pv = seen["pv"]
+        state = {f"policy/{k}": v.detach().clone()
+                 for k, v in get_peft_model_state_dict(pv.peft_model, adapter_name=ppo.POLICY).items()}
+        state.update({f"value_head/{k}": v.detach().clone() for k, v in pv.value_head.state_dict().items()})
+        return state
+
+    real_loss, real_generate = ppo_math.policy_loss, rollout.generate
+
+    def nan_loss(*args, **kwargs):
+        seen["loss_calls"] += 1
+        loss, stats = real_loss(*args, **kwargs)
+        if seen["loss_calls"] == 3:  # step 2, first minibatch: nothing updated yet in this step
+            seen["start"] = trainables()
+        if seen["loss_calls"] == 4:  # step 2, second epoch: one update done
+            seen["mid"] = trainables()
+            return loss * float("nan"), stats
+        return loss, stats
+
+    def recording_generate(*args, **kwargs):
+        seen["rng"].append(torch.get_rng_state())
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "PolicyValue", Recording)
+    monkeypatch.setattr(ppo_math, "policy_loss", nan_loss)
+    monkeypatch.setattr(rollout, "generate", recording_generate)
+    run = new_run()
+    cfg = load_config(CONFIG, [*data_overrides, "ppo.steps=3", "ppo.save_every=0", "ppo.ppo_epochs=2"])
+    with pytest.raises(ppo.PPOError, match=r"step 2, PPO epoch 2: loss is nan") as info:
+        ppo.run_ppo(cfg, run)
+    ckpt = ppo._latest_checkpoint(run / "ppo.work")
+    assert ckpt == run / "ppo.work" / "checkpoints" / "step-000001" and str(ckpt) in str(info.value)
+    start, mid = seen["start"], seen["mid"]
+    assert any(not torch.equal(start[k], mid[k]) for k in start)  # the restore has something to undo
+    now = trainables()
+    assert all(torch.equal(now[k], start[k]) for k in start)  # restored in memory
+    saved = {f"policy/{k}": v for k, v in load_file(str(ckpt / "policy" / "adapter_model.safetensors")).items()}
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    saved.update({f"value_head/{k}": v for k, v in state["value_head"].items()})
+    assert saved.keys() == start.keys()
+    assert all(torch.equal(saved[k], start[k]) for k in start)  # and on disk
+    assert state["step"] == 1
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {2}  # 2 updates in step 1
+    assert torch.equal(state["rng_per_process"][0]["torch"], seen["rng"][1])  # RNG at the start of step 2
+    assert not (run / "ppo").exists()
+
+
+# 9. Two processes ----------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_cpu_run(new_run, data_overrides, rewards_mod, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` does not start two processes (accelerate 1.15 sends
+    --cpu to its simple launcher, which needs an MPI hostfile for several CPU processes and otherwise
+    runs the script once); `--multi_gpu` selects the torchrun launcher, and run_ppo's
+    Accelerator(cpu=True) then sets up MULTI_CPU with gloo."""
+    run = new_run()
+    rank_log = tmp_path / "ranks.txt"
+    env = dict(os.environ, PPO_TEST_RANK_LOG=str(rank_log), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+               PYTHONPATH=os.pathsep.join([str(Path(rewards_mod.__file__).parent), str(REPO),
+                                           os.environ.get("PYTHONPATH", "")]))
+    port = _free_port()
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+           "-m", "pipeline.cli", "ppo", "--config", CONFIG, "--run-dir", str(run), *data_overrides,
+           "model.device=cpu", "ppo.steps=2", "ppo.ppo_epochs=1", "ppo.save_every=1",
+           f"ppo.rewards=[{{name: reward_model, args: {{path: '{{run_dir}}/reward'}}}}, "
+           f"{{name: '{REWARDS_MODULE}:rank_logged', weight: 0.1}}]"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert sorted(rank_log.read_text().split()) == ["0", "0", "1", "1"], out[-3000:]  # really 2 processes
+    rows = _rows(run / "ppo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["ppo/kl"] == 0.0 and rows[0]["ppo/first_ratio"] == 1.0
+    assert all(math.isfinite(r["ppo/policy_loss"]) for r in rows)
+    assert (run / "ppo" / "manifest.json").is_file() and not (run / "ppo.work").exists()
+    print(f"two-process run: {time.time() - t0:.1f}s")
