@@ -24,7 +24,9 @@ def _user_errors():
     from pipeline.data import DataError
     from pipeline.rollout import PromptTooLongError
 
-    errors = [ConfigError, ArtifactError, DataError, PromptTooLongError, FileNotFoundError]
+    from pipeline.ppo import PPOError
+
+    errors = [ConfigError, ArtifactError, DataError, PromptTooLongError, PPOError, FileNotFoundError]
     try:
         from reward.base import RewardError
 

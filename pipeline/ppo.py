@@ -112,6 +112,16 @@ def _latest_checkpoint(work: Path) -> Optional[Path]:
     return None
 
 
+def _advantages(old_logprobs, ref_logprobs, old_values, scores, maskf, kl_coef: float, pc):
+    """Per-token KL, whitened GAE advantages and returns for one rollout (DESIGN.md 4.1, 4.8)."""
+    kl = ppo_math.kl_per_token(old_logprobs, ref_logprobs, pc.kl_estimator) * maskf
+    rewards = ppo_math.per_token_rewards(scores, kl, maskf, kl_coef)
+    if pc.whiten_rewards:
+        rewards = ppo_math.masked_whiten(rewards, maskf, shift_mean=False)
+    advantages, returns = ppo_math.gae_advantages(rewards, old_values * maskf, maskf, pc.gamma, pc.lam)
+    return kl, ppo_math.masked_whiten(advantages, maskf), returns
+
+
 def _print_samples(rows: list[dict], step: int) -> None:
     print(f"\n[ppo] samples at step {step}:", flush=True)
     print(f"  {'score':>7} {'kl':>6}  prompt -> response", flush=True)
@@ -190,11 +200,15 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     peft_model.eval()  # no dropout anywhere, rollouts and PPO epochs alike (DESIGN.md 4.5)
 
     # 3. rewards: plugins by name; a learned reward model on this base attaches as one more adapter
-    reward_specs = substitute_run_dir(pc.rewards, run_dir)
+    reward_specs = [spec if isinstance(spec, dict) else {"name": spec}
+                    for spec in substitute_run_dir(pc.rewards, run_dir)]
+    # A reward that hangs must stop the run like one that fails (ppo.reward_timeout, unless the spec sets its own).
+    reward_specs = [{"timeout": pc.reward_timeout, **spec} if pc.reward_timeout and spec.get("name") != "composite"
+                    else spec for spec in reward_specs]
     reward_fn = build_reward(reward_specs, context={
         "load_reward_model": lambda path, **kw: load_reward_scorer(path, host=(peft_model, tok, base), **kw)})
-    for spec in reward_specs if isinstance(reward_specs, list) else [reward_specs]:
-        path = spec.get("args", {}).get("path") if isinstance(spec, dict) else None
+    for spec in reward_specs:
+        path = spec.get("args", {}).get("path")
         if path:
             consumed[f"reward:{spec.get('id', spec.get('name'))}"] = {"path": str(path)}
 
@@ -310,21 +324,21 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
             scores = ppo_math.apply_missing_eos_penalty(scores, ended, pc.missing_eos_penalty)
         t_score = time.time() - t0
 
-        # 3. old logprobs, reference logprobs, values: frozen for the whole PPO update
+        # 3. reference logprobs; old logprobs and values (frozen for the whole PPO update)
         t0 = time.time()
-        with torch.no_grad():
-            old_logprobs, _, old_values = pv(query, query_mask, response, mask, pc.temperature)
-            with models.active_adapters(peft_model, reference_adapters):
-                ref_logprobs = rollout.forward_response(peft_model, query, query_mask, response, mask,
-                                                        pc.temperature).logprobs
-        kl = ppo_math.kl_per_token(old_logprobs, ref_logprobs, pc.kl_estimator) * maskf
+        with torch.no_grad(), models.active_adapters(peft_model, reference_adapters):
+            ref_logprobs = rollout.forward_response(peft_model, query, query_mask, response, mask,
+                                                    pc.temperature).logprobs
         kl_coef = kl_ctl.value
         in_reward = pc.kl_in == "reward"
-        rewards = ppo_math.per_token_rewards(scores, kl, maskf, kl_coef if in_reward else 0.0)
-        if pc.whiten_rewards:
-            rewards = ppo_math.masked_whiten(rewards, maskf, shift_mean=False)
-        advantages, returns = ppo_math.gae_advantages(rewards, old_values * maskf, maskf, pc.gamma, pc.lam)
-        advantages = ppo_math.masked_whiten(advantages, maskf)
+        old_logprobs = old_values = kl = advantages = returns = None
+        if pc.minibatches > 1:
+            with torch.no_grad():
+                old_logprobs, _, old_values = pv(query, query_mask, response, mask, pc.temperature)
+            kl, advantages, returns = _advantages(old_logprobs, ref_logprobs, old_values, scores, maskf,
+                                                  kl_coef if in_reward else 0.0, pc)
+        # With one minibatch, the first PPO forward below sees the whole batch with the rollout's
+        # parameters: its detached outputs are the old logprobs and values (one forward saved per step).
 
         # 4. PPO epochs over shuffled minibatches
         step_start_state = ({n: p.detach().clone() for n, p in pv.named_parameters() if p.requires_grad},
@@ -338,6 +352,11 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                 m = maskf[sel]
                 logprobs, entropy, values = pv_ddp(query[sel], query_mask[sel], response[sel], mask[sel],
                                                    pc.temperature, with_entropy=True)
+                if old_logprobs is None:
+                    old_logprobs, old_values = torch.empty_like(logprobs), torch.empty_like(values)
+                    old_logprobs[sel], old_values[sel] = logprobs.detach(), values.detach()
+                    kl, advantages, returns = _advantages(old_logprobs, ref_logprobs, old_values, scores, maskf,
+                                                          kl_coef if in_reward else 0.0, pc)
                 pg_loss, pg_stats = ppo_math.policy_loss(logprobs, old_logprobs[sel], advantages[sel], m,
                                                          pc.cliprange)
                 vf_loss, vf_stats = ppo_math.value_loss(values, old_values[sel], returns[sel], m,

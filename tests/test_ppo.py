@@ -349,7 +349,8 @@ def test_policy_value_forward_is_deterministic_in_ppo_mode(monkeypatch, new_run,
     r = _ppo(run, data_overrides, "ppo.lora.dropout=0.1", "ppo.steps=1")
     assert r.exit_code == 0, r.output
     pv = captured["pv"]
-    assert captured["calls"] >= 3 and captured["live"] == []
+    # tiny.yaml runs 2 PPO epochs; with one minibatch the first epoch's forward also gives the old logprobs.
+    assert captured["calls"] >= 2 and captured["live"] == []
     dropouts = [n for n, m in pv.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
     assert any(".sft" in n for n in dropouts) and any(".policy" in n for n in dropouts)
     args, kwargs = captured["args"]
@@ -424,8 +425,9 @@ def test_resume_matches_an_uninterrupted_run(kind, run_a, new_run, data_override
     r = _ppo(run, data_overrides, *RESUME_OVERRIDES)
     assert r.exit_code != 0
     if kind == "error":
-        assert isinstance(r.exception, ppo.PPOError), r.output
-        msg = str(r.exception)
+        # The CLI shows PPOError as one clean line (no traceback).
+        msg = r.output
+        assert "PPOError" in msg and "Traceback" not in msg, msg
         assert f"'{REWARDS_MODULE}:flaky'" in msg and "flaky broke on purpose" in msg
         ckpt = run / "ppo.work" / "checkpoints" / "step-000002"
         assert str(ckpt) in msg and "--resume" in msg
@@ -482,7 +484,7 @@ def test_nan_reward_stops_with_a_resumable_checkpoint(new_run, data_overrides, r
     rewards_mod.reset(fail_at=2, fail_kind="nan")
     r = _ppo(run, data_overrides, spec, "ppo.steps=2", "ppo.save_every=0", "ppo.ppo_epochs=1")
     assert r.exit_code != 0
-    msg = str(r.exception)
+    msg = r.output.replace("\n", " ")
     assert f"reward '{REWARDS_MODULE}:flaky': row 1 returned nan" in msg, msg
     ckpt = ppo._latest_checkpoint(run / "ppo.work")
     assert ckpt is not None and ckpt.parent == run / "ppo.work" / "checkpoints" and str(ckpt) in msg
