@@ -10,7 +10,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 RLHF   := $(BIN)/rlhf
 STAGE  = $(RLHF) $(1) --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
-.PHONY: install sft reward ppo fuse eval pipeline data bench test test-slow clean-runs
+.PHONY: install sft reward ppo fuse eval pipeline data bench bench-sft bench-reward-memory test test-slow clean-runs
 
 install: $(VENV)/.installed
 
@@ -44,8 +44,15 @@ pipeline: sft reward ppo fuse eval
 data: install
 	$(BIN)/python -m pipeline.datagen --seed 0 --out data
 
+# PPO step time and memory against trl 1.12's PPOTrainer (../shared/bench), measured in the same run.
 bench: install
 	$(BIN)/python benchmarks/ppo_step.py
+
+bench-sft: install
+	$(BIN)/python benchmarks/sft_throughput.py
+
+bench-reward-memory: install
+	$(BIN)/python benchmarks/reward_memory.py
 
 test: install
 	$(BIN)/python -m pytest -q

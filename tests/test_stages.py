@@ -1,0 +1,166 @@
+"""SFT and reward stages through the CLI on the tiny config, and the whole pipeline end to end."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline import models
+from pipeline.cli import main
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "tiny.yaml")
+
+
+def _invoke(*args):
+    r = CliRunner().invoke(main, list(args))
+    assert r.exit_code == 0, r.output
+    return r
+
+
+@pytest.fixture(scope="module")
+def threads():
+    # The tiny model is faster on one thread, and bitsandbytes' OpenMP threads stall when a core is busy.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, threads):
+    """Run `rlhf sft` once, keeping the trained in-memory model and a snapshot of the base before training."""
+    from trl import SFTTrainer
+
+    run = tmp_path_factory.mktemp("run")
+    seen = {}
+    original = SFTTrainer.train
+
+    def train(self, *a, **k):
+        seen["before"] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        out = original(self, *a, **k)
+        seen["model"] = self.model
+        return out
+
+    SFTTrainer.train = train
+    try:
+        _invoke("sft", "--config", CONFIG, "--run-dir", str(run))
+    finally:
+        SFTTrainer.train = original
+    return run, seen
+
+
+def test_sft_trains_the_adapter_and_leaves_the_base_byte_identical(sft_run):
+    _, seen = sft_run
+    after = dict(seen["model"].named_parameters())
+    lora_b = [n for n in after if "lora_B" in n]
+    assert lora_b and all(after[n].abs().sum() > 0 for n in lora_b)  # B starts at 0
+    assert all(not torch.equal(after[n], seen["before"][n]) for n in after if "lora_A" in n)
+    base = [n for n in after if "lora_" not in n]
+    assert any(after[n].dtype == torch.uint8 for n in base)  # the NF4 weights are among them
+    for n in base:
+        assert torch.equal(after[n].detach(), seen["before"][n]), n
+
+
+def test_sft_adapter_reloads_with_plain_peft_and_reproduces_logits(sft_run):
+    from peft import PeftModel
+
+    run, seen = sft_run
+    trained = seen["model"]
+    trained.eval()
+    cfg = load_config(CONFIG)
+    base, tok, _ = models.load_base(cfg.model)
+    reloaded = PeftModel.from_pretrained(base, str(run / "sft"))
+    reloaded.eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": "Tell me a fun fact."}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        a = trained(input_ids=ids).logits
+        b = reloaded(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_sft_artifact_is_complete(sft_run):
+    run, _ = sft_run
+    out = run / "sft"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "config.yaml", "metrics.jsonl", "manifest.json"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "sft"
+    assert manifest["base"]["name"] == "embedded:tiny-random-llama"
+    assert manifest["base"]["quantization"]["quant_type"] == "nf4"
+    assert len(manifest["base"]["weights_sha256"]) == 64 and len(manifest["data"]["train"]["sha256"]) == 64
+    m = manifest["metrics"]
+    assert m["eval_loss_after"] < m["eval_loss_before"]
+    assert m["trainable_params"] > 0 and m["total_params"] > m["trainable_params"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("sft/loss" in r for r in rows)
+    assert not list(run.glob(".sft.tmp-*"))
+
+
+def test_existing_output_is_not_overwritten(sft_run):
+    run, _ = sft_run
+    r = CliRunner().invoke(main, ["sft", "--config", CONFIG, "--run-dir", str(run)])
+    assert r.exit_code != 0 and "--overwrite" in r.output
+
+
+def test_bad_sft_rows_name_file_and_row(tmp_path, threads):
+    bad = tmp_path / "bad.jsonl"
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n")
+    r = CliRunner().invoke(main, ["sft", "--config", CONFIG, "--run-dir", str(tmp_path / "run"),
+                                  f"data.sft_train={bad}"])
+    assert r.exit_code != 0
+    assert "bad.jsonl row 2" in r.output and "'bot'" in r.output
+    assert not (tmp_path / "run" / "sft").exists()
+
+
+@pytest.fixture(scope="module")
+def reward_run(sft_run):
+    run, _ = sft_run
+    _invoke("reward", "--config", CONFIG, "--run-dir", str(run))
+    return run
+
+
+def test_reward_model_reloads_with_the_same_scores(reward_run):
+    """The learned reward served on its own base and attached to a policy's base scores identically."""
+    from peft import get_peft_model
+
+    from pipeline.reward_stage import load_reward_scorer
+
+    manifest = json.loads((reward_run / "reward" / "manifest.json").read_text())
+    assert {"eval_accuracy", "eval_margin", "eval_n_pairs"} <= set(manifest["metrics"])
+    prompts = ["How are you?", "Tell me about cats."]
+    responses = ["Wonderful, thank you!", "They are awful."]
+    alone = load_reward_scorer(reward_run / "reward")(prompts, responses)
+    cfg = load_config(CONFIG)
+    base, tok, info = models.load_base(cfg.model)
+    policy = get_peft_model(base, models.lora_config(cfg.ppo.lora), adapter_name="policy")
+    shared = load_reward_scorer(reward_run, host=(policy, tok, info))
+    assert shared.model is policy  # attached, not loaded again
+    assert torch.allclose(torch.tensor(alone), torch.tensor(shared(prompts, responses)), atol=1e-5)
+    # the pair metrics in the manifest come from the same scorer
+    assert 0.0 <= manifest["metrics"]["eval_accuracy"] <= 1.0
+
+
+def test_pipeline_end_to_end_through_the_cli(reward_run):
+    run = reward_run
+    _invoke("ppo", "--config", CONFIG, "--run-dir", str(run))
+    _invoke("fuse", "--config", CONFIG, "--run-dir", str(run))
+    _invoke("eval", "--config", CONFIG, "--run-dir", str(run))
+    for stage in ("sft", "reward", "ppo", "fused", "eval"):
+        assert (run / stage / "manifest.json").is_file(), stage
+    assert (run / "fused" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "fused" / "merged" / "config.json").is_file()
+    assert (run / "eval" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (run / "eval" / "curves.csv").read_text().splitlines()
+    assert rows[0].startswith("kind,") and len(rows) > 4
+    ppo_rows = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ppo_rows] == [1, 2, 3]
+    assert ppo_rows[0]["ppo/kl"] == 0.0 and ppo_rows[0]["ppo/first_ratio"] == 1.0
+    for key in ("ppo/kl_coef", "ppo/score/reward_model", "ppo/score/sentiment", "ppo/rlhf_reward",
+                "ppo/entropy", "ppo/approx_kl", "ppo/clipfrac", "ppo/policy_loss", "ppo/value_loss",
+                "ppo/response_length", "ppo/eos_fraction", "time/generate", "time/score", "time/train"):
+        assert key in ppo_rows[-1], key
