@@ -273,6 +273,27 @@ def quantization_info(cfg: ModelConfig, device: torch.device) -> dict:
             "compute_dtype": str(compute_dtype(cfg, device)).replace("torch.", "")}
 
 
+def tune_cpu_allocator() -> bool:
+    """Fix glibc's mmap threshold so large freed tensors go back to the OS.
+
+    glibc raises its mmap threshold (up to 32 MB) each time a large mmapped block is freed; after
+    that, the per-layer temporaries of a 4-bit forward/backward (dequantized weights, activations)
+    come from the heap and are kept. Measured on the embedded model: RSS grew ~0.9 GB with every
+    PPO forward+backward without this, and stayed flat at ~1.2 GB with it. Returns whether it applied.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3
+    return bool(libc.mallopt(m_mmap_threshold, 128 * 1024))
+
+
 def guard_bnb_cpu(model: torch.nn.Module) -> int:
     """Stop bitsandbytes from repacking NF4 weights for its bf16 CPU kernel. Returns layers guarded.
 

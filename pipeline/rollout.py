@@ -140,9 +140,17 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
                       use_cache=False).last_hidden_state
     p, t = query_ids.shape[1], response_ids.shape[1]
     h = hidden[:, p - 1:p - 1 + t]
-    logits = lm_head(h).float()
-    logprobs = ppo_math.logprobs_from_logits(logits, response_ids, temperature)
-    entropy = ppo_math.entropy_from_logits(logits, temperature) if with_entropy else None
+    if lm_head.bias is None:
+        # lm_head(h) / T == lm_head(h / T): divide the (B, T, H) input, not the (B, T, vocab) logits.
+        logits = lm_head(h / temperature).float()
+    else:
+        logits = lm_head(h).float() / temperature
+    logprobs = ppo_math.logprobs_from_logits(logits, response_ids)
+    entropy = None
+    if with_entropy:
+        # A logged statistic, not part of the loss: no autograd graph over the vocabulary.
+        with torch.no_grad():
+            entropy = ppo_math.entropy_from_logits(logits)
     return ForwardOut(logprobs=logprobs, entropy=entropy, hidden=h if with_hidden else None)
 
 
