@@ -169,6 +169,9 @@ class EvalConfig:
     samples_per_prompt: int = 4
     max_new_tokens: int = 32
     best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    # Sampling/scoring batch: on CPU, 32 rows amortise the 4-bit dequantisation per decode step
+    # (0.31 s/sample vs 0.48-0.68 s at 8, data/README.md).
+    batch_size: int = 32
     gold: list[Any] = field(default_factory=lambda: [{"name": "sentiment"}])
     seed: int = 1234
 
@@ -285,7 +288,7 @@ def validate(cfg: PipelineConfig) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise ConfigError(f"{section}.{key}: '{value}' is not one of {', '.join(choices)}")
-    for section in ("sft", "reward", "ppo"):
+    for section in ("sft", "reward", "ppo", "eval"):
         sec = getattr(cfg, section)
         if sec.batch_size < 1:
             raise ConfigError(f"{section}.batch_size must be >= 1, got {sec.batch_size}")

@@ -512,7 +512,7 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     encoded = rollout.encode_prompts(tok, [p["prompt"] for p in prompts], pc.max_prompt_length)
     stop_ids = rollout.stop_token_ids(tok, base_model)
     k = ec.samples_per_prompt
-    batch_size = max(1, pc.batch_size)
+    batch_size = ec.batch_size
     specs = [ModelSpec("base", "base", None)]
     if sft_dir is not None:
         specs.append(ModelSpec("sft", "sft", [SFT]))
