@@ -56,10 +56,8 @@ def _make_reward_model(folder: Path) -> None:
 def run_setting(name: str, steps: int, reward_dir: str) -> dict:
     """Child process: run PPO for `steps` steps, report the mean of steps 2.. (step 1 warms caches)."""
     from pipeline.config import load_config
-    from pipeline.models import tune_cpu_allocator
     from pipeline.ppo import run_ppo
 
-    tune_cpu_allocator()  # as `rlhf` does at start-up
     with tempfile.TemporaryDirectory() as tmp:
         overrides = COMMON + SETTINGS[name] + [f"ppo.steps={steps}",
                                                f"ppo.rewards=[{{name: reward_model, args: {{path: {reward_dir}}}}}]"]

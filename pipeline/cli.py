@@ -67,9 +67,6 @@ def main():
     Each stage saves its adapter, resolved config.yaml, metrics.jsonl and manifest.json.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from pipeline.models import tune_cpu_allocator
-
-    tune_cpu_allocator()
 
 
 @main.command(help="Stage 1: supervised fine-tuning of a LoRA adapter on the NF4 base (QLoRA)." + _OVERRIDES_HELP)

@@ -326,16 +326,19 @@ def check_against_stacked(peft_model, fused_dir: Path, ids: torch.Tensor, stacke
 
 def merge_full(model_cfg: ModelConfig, adapter_dir: Path, out_dir: Path, dtype: str, ids: torch.Tensor,
                policy_logits: Optional[torch.Tensor]) -> dict:
-    """Merge the fused adapter into the full-precision base and save it for plain ``transformers``.
+    """Merge the fused adapter into the dequantized base and save it for plain ``transformers``.
 
-    The base is reloaded from its original float weights (not the NF4 copy the adapters were
-    trained on), so the merged model differs from the trained policy by the NF4 quantization error;
-    that gap is measured and returned with the merge's own round-off.
+    The base is the NF4 base the adapters were trained on, dequantized to float32 (the issue's
+    "base dequantized"), so the merged model reproduces the trained policy up to float round-off;
+    both that gap and the merge's own round-off are measured and returned. A base trained without
+    4-bit quantization is reloaded in full precision instead.
     """
     from peft import PeftModel
 
-    full_cfg = dataclasses.replace(model_cfg, load_in_4bit=False, compute_dtype="float32")
-    model, tok, _ = models.load_base(full_cfg)
+    if model_cfg.load_in_4bit:
+        model, tok, _ = models.load_dequantized_base(model_cfg)
+    else:
+        model, tok, _ = models.load_base(dataclasses.replace(model_cfg, compute_dtype="float32"))
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     peft_model.eval()
     ids = ids.to(model.device)
@@ -386,10 +389,10 @@ def model_card(cfg: PipelineConfig, base, sources: list[Source], metrics: dict, 
         lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   'model = AutoModelForCausalLM.from_pretrained("path/to/fused/merged")',
                   'tokenizer = AutoTokenizer.from_pretrained("path/to/fused/merged")', "```", "",
-                  f"Weights: the fused adapter merged into the original float weights of `{base.name}`, saved "
-                  f"in {fc.merged_dtype}. The adapters were trained on the base quantized to 4-bit NF4, so this "
-                  "model differs from the trained policy by the quantization error "
-                  "(merged_max_abs_logit_diff_vs_nf4_policy under Checks, measured when all weights are 1)."]
+                  f"Weights: the fused adapter merged into `{base.name}` as the adapters were trained on it "
+                  f"(the 4-bit NF4 base, dequantized), saved in {fc.merged_dtype}; it reproduces the trained "
+                  "policy up to float round-off (merged_max_abs_logit_diff_vs_nf4_policy under Checks, measured "
+                  "when all weights are 1)."]
     else:
         lines += ["```python", "from peft import PeftModel",
                   'model = PeftModel.from_pretrained(base_model, "path/to/fused/adapter")', "```", "",

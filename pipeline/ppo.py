@@ -429,6 +429,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                 with open(samples_path, "a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in rows)
                 _print_samples(rows, step + 1)
+        models.release_free_memory()
         if pc.save_every and (step + 1) % pc.save_every == 0 and step + 1 < pc.steps:
             checkpoint(step + 1, epoch, cursor)
 
