@@ -78,7 +78,8 @@ class SFTConfig:
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
     gradient_checkpointing: bool = False
-    # Drop padding by concatenating the batch into one row with position ids (flash-attention style).
+    # Pack examples into rows of max_length (best-fit decreasing) and drop padding; sequences are
+    # kept apart by position ids. Off by default: see README "SFT throughput".
     padding_free: bool = False
     logging_steps: int = 5
     tensorboard: bool = False

@@ -77,6 +77,8 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
             lr_scheduler_type=sc.lr_scheduler, warmup_steps=sc.warmup_ratio, weight_decay=sc.weight_decay,
             logging_steps=sc.logging_steps, save_strategy="no", eval_strategy="no", report_to=[],
             max_length=sc.max_length, assistant_only_loss=assistant_masks, padding_free=sc.padding_free,
+            # trl enforces max_length in padding-free mode only through best-fit-decreasing packing.
+            packing=sc.padding_free, packing_strategy="bfd",
             gradient_checkpointing=sc.gradient_checkpointing, seed=sc.seed, data_seed=sc.seed,
             dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
             # PeftModel.forward hides `labels` behind **kwargs, so the Trainer cannot infer it.
