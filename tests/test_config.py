@@ -43,6 +43,16 @@ def test_bad_overrides_name_the_key(override, message):
     assert message in str(e.value)
 
 
+def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; "1e-4" is what people type for a learning rate.
+    yml = tmp_path / "c.yaml"
+    yml.write_text("sft:\n  learning_rate: 3e-4\n")
+    cfg = load_config(yml, ["ppo.learning_rate=1e-4", "ppo.kl_coef=-2E-2"])
+    assert cfg.sft.learning_rate == 3e-4 and cfg.ppo.learning_rate == 1e-4 and cfg.ppo.kl_coef == -0.02
+    with pytest.raises(ConfigError, match="ppo.learning_rate: expected float, got 'fast'"):
+        load_config(None, ["ppo.learning_rate=fast"])
+
+
 def test_yaml_errors_name_the_file(tmp_path):
     yml = tmp_path / "bad.yaml"
     yml.write_text("sft:\n  lerning_rate: 1\n")
