@@ -48,12 +48,21 @@ CHATML_TEMPLATE = (
 # Hashing
 
 
+_HASHES: dict[tuple, str] = {}
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a file, remembered per (path, size, mtime): cache validation and the manifest's
+    weights hash read the same 500 MB file on every model load otherwise."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
 
 
 def weights_hash(folder: str | Path) -> str:
