@@ -565,6 +565,12 @@ def _load(source: Any, used: tuple[str, ...], convert: Callable[[dict, bool, Opt
     return rows, report
 
 
+def loader_options(dc) -> dict:
+    """The keyword arguments every loader takes, from a ``pipeline.config.DataConfig``."""
+    return dict(columns=dc.columns, skip_invalid=dc.skip_invalid, max_rows=dc.max_rows, split=dc.split,
+                system_prompt=dc.system_prompt)
+
+
 def load_sft(source: str, columns: Optional[dict] = None, skip_invalid: bool = False, max_rows: int = 0,
              split: str = "train", system_prompt: Optional[str] = None) -> tuple[list[dict], LoadReport]:
     """Load SFT conversations as ``{"messages": [...]}`` rows ending with an assistant turn.

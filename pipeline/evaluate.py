@@ -437,9 +437,7 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
         raise ConfigError(f"eval.best_of_n: every n must be >= 1, got {bad_n}")
 
     # 1. prompts
-    prompts, report = data.load_prompts(cfg.data.prompts_eval, columns=cfg.data.columns,
-                                        skip_invalid=cfg.data.skip_invalid, max_rows=cfg.data.max_rows,
-                                        split=cfg.data.split, system_prompt=cfg.data.system_prompt)
+    prompts, report = data.load_prompts(cfg.data.prompts_eval, **data.loader_options(cfg.data))
     if len(prompts) < ec.prompts:
         print(f"[eval] only {len(prompts)} eval prompts available (eval.prompts={ec.prompts})", flush=True)
     prompts = prompts[:ec.prompts]

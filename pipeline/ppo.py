@@ -162,9 +162,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         (work / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     # 1. prompts
-    prompts, report = data.load_prompts(cfg.data.prompts_train, columns=cfg.data.columns,
-                                        skip_invalid=cfg.data.skip_invalid, max_rows=cfg.data.max_rows,
-                                        split=cfg.data.split, system_prompt=cfg.data.system_prompt)
+    prompts, report = data.load_prompts(cfg.data.prompts_train, **data.loader_options(cfg.data))
     if main_proc:
         print(f"[ppo] {report.summary()}", flush=True)
 

@@ -169,8 +169,7 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
     t0 = time.time()
 
     # 1. data: preference pairs with an explicit conversational prompt
-    dkw = dict(columns=cfg.data.columns, skip_invalid=cfg.data.skip_invalid, max_rows=cfg.data.max_rows,
-               split=cfg.data.split, system_prompt=cfg.data.system_prompt)
+    dkw = data.loader_options(cfg.data)
     train_rows, train_report = data.load_pairs(cfg.data.pairs_train, **dkw)
     eval_rows, eval_report = data.load_pairs(cfg.data.pairs_eval, **dkw) if cfg.data.pairs_eval else ([], None)
     for rep in (train_report, eval_report):

@@ -52,8 +52,7 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
     t0 = time.time()
 
     # 1. data
-    dkw = dict(columns=cfg.data.columns, skip_invalid=cfg.data.skip_invalid, max_rows=cfg.data.max_rows,
-               split=cfg.data.split, system_prompt=cfg.data.system_prompt)
+    dkw = data.loader_options(cfg.data)
     train_rows, train_report = data.load_sft(cfg.data.sft_train, **dkw)
     eval_rows, eval_report = data.load_sft(cfg.data.sft_eval, **dkw) if cfg.data.sft_eval else ([], None)
     for rep in (train_report, eval_report):
