@@ -30,8 +30,13 @@ SETTINGS = {
     "head": ["ppo.value_model=head"],
     # a separate value LoRA adapter + head: a second forward per minibatch
     "value-adapter": ["ppo.value_model=adapter"],
-    # 4-bit matmuls in bf16 (AVX512-BF16 on this CPU); activations, LoRA and the loss stay fp32
+    # bf16 compute (AMX on this CPU): unquantized parameters and activations in bf16, LoRA masters fp32
     "head-bf16": ["ppo.value_model=head", "model.compute_dtype=bfloat16"],
+    # ... and the minibatch in two micro-batches of 4 rows (gradient accumulation): less activation memory
+    "head-bf16-micro4": ["ppo.value_model=head", "model.compute_dtype=bfloat16", "ppo.micro_batch_size=4"],
+    # ablations: sampling through the 4-bit kernels and LoRA layers, and transformers' sdpa attention
+    "head-bf16-adapters": ["ppo.value_model=head", "model.compute_dtype=bfloat16", "ppo.rollout_weights=adapters"],
+    "head-bf16-sdpa": ["ppo.value_model=head", "model.compute_dtype=bfloat16", "model.attn_implementation=sdpa"],
 }
 COMMON = ["ppo.batch_size=8", "ppo.max_new_tokens=32", "ppo.ppo_epochs=4", "ppo.minibatches=1",
           "ppo.lora.r=8", "ppo.lora.alpha=16", "ppo.lora.dropout=0.0", "ppo.lora.target_modules=all-linear",

@@ -29,8 +29,11 @@ class ModelConfig:
     load_in_4bit: bool = True
     quant_type: str = "nf4"
     double_quant: bool = True
-    # "auto": float32 on CPU (bitsandbytes' CPU kernels), bfloat16 on CUDA.
+    # "auto": float32 on CPU, bfloat16 on CUDA. bfloat16 on a CPU with AMX/AVX512-BF16 runs matmuls
+    # several times faster (unquantized parameters are then stored in bf16; LoRA weights stay fp32).
     compute_dtype: str = "auto"
+    # "auto": eager on CPU (faster backward for short sequences, measured), transformers' default elsewhere.
+    attn_implementation: str = "auto"
     device: str = "auto"
     # Where converted embedded models are cached; default ~/.cache/rlhf-pipeline (or $RLHF_CACHE).
     cache_dir: Optional[str] = None
@@ -142,6 +145,17 @@ class PPOConfig:
     temperature: float = 0.7
     max_new_tokens: int = 32
     max_prompt_length: int = 256
+    # Rows per forward/backward inside a minibatch (gradient accumulation; 0 = the whole minibatch).
+    # Bounds activation memory; the update is the same. With micro-batches and one minibatch, old
+    # logprobs/values need one extra no-grad forward per step.
+    micro_batch_size: int = 0
+    # Sampling weights. "merged": each rollout samples from dense weights, the dequantized base with
+    # the policy's adapters merged in (built per rollout, freed after: one dense copy of the linear
+    # weights in the compute dtype while sampling; 2.1x faster sampling on the embedded model, README).
+    # "adapters": through the 4-bit kernels and LoRA layers, no extra memory. "auto": merged when the
+    # copy takes at most rollout_merge_max_gb.
+    rollout_weights: str = "auto"
+    rollout_merge_max_gb: float = 1.0
     # Added to the score of responses that end without a stop token (None = no penalty).
     missing_eos_penalty: Optional[float] = None
     # Seconds a reward may take per batch before the run stops.
@@ -281,8 +295,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 _CHOICES = {
     ("model", "quant_type"): ("nf4", "fp4"),
     ("model", "compute_dtype"): ("auto", "float32", "bfloat16", "float16"),
+    ("model", "attn_implementation"): ("auto", "eager", "sdpa", "flash_attention_2"),
     ("ppo", "reference"): ("sft", "base"),
     ("ppo", "value_model"): ("head", "adapter"),
+    ("ppo", "rollout_weights"): ("auto", "merged", "adapters"),
     ("ppo", "kl_estimator"): ("k1", "k2", "k3"),
     ("ppo", "kl_in"): ("reward", "loss"),
     ("ppo", "kl_controller"): ("fixed", "adaptive"),
@@ -303,6 +319,8 @@ def validate(cfg: PipelineConfig) -> None:
     if cfg.ppo.batch_size % cfg.ppo.minibatches:
         raise ConfigError(f"ppo.batch_size ({cfg.ppo.batch_size}) must be divisible by ppo.minibatches "
                           f"({cfg.ppo.minibatches})")
+    if cfg.ppo.micro_batch_size < 0:
+        raise ConfigError(f"ppo.micro_batch_size must be >= 0 (0 = whole minibatch), got {cfg.ppo.micro_batch_size}")
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> PipelineConfig:

@@ -10,6 +10,7 @@ The math lives in pipeline/ppo_math.py; every `generate` call in pipeline/rollou
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -215,10 +216,16 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     optimizer = torch.optim.AdamW(trainable, lr=pc.learning_rate, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(1, pc.steps)))
     kl_ctl = ppo_math.make_kl_controller(pc.kl_controller, pc.kl_coef, pc.kl_target, pc.kl_horizon)
+    merge_rollout = pc.rollout_weights == "merged" or (
+        pc.rollout_weights == "auto"
+        and models.dense_weight_bytes(peft_model, models.compute_dtype(cfg.model, accelerator.device))
+        <= pc.rollout_merge_max_gb * 2**30)
+    rollout_ctx = models.merged_linear_weights if merge_rollout else lambda model: contextlib.nullcontext()
     t_params, t_total = models.count_parameters(pv)
     if main_proc:
         print(f"[ppo] trainable parameters: {t_params:,} of {t_total:,}; policy adapters {policy_adapters}, "
-              f"reference {reference_adapters or 'base (all adapters off)'}, value {pc.value_model}", flush=True)
+              f"reference {reference_adapters or 'base (all adapters off)'}, value {pc.value_model}, "
+              f"rollout weights {'merged' if merge_rollout else 'adapters'}", flush=True)
     pv_ddp, optimizer = accelerator.prepare(pv, optimizer)
 
     start_step, epoch, cursor = 0, 0, 0
@@ -297,7 +304,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         idx = idx[rank * per_proc:(rank + 1) * per_proc]
         query, query_mask = rollout.left_pad([encoded[i] for i in idx], tok.pad_token_id)
         t0 = time.time()
-        with models.active_adapters(peft_model, policy_adapters):
+        with models.active_adapters(peft_model, policy_adapters), rollout_ctx(peft_model):
             response, mask, ended = rollout.generate(peft_model, tok, query, query_mask, pc.max_new_tokens,
                                                      pc.temperature, stop_ids)
         dev = accelerator.device
@@ -329,16 +336,21 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                                                     pc.temperature).logprobs
         kl_coef = kl_ctl.value
         in_reward = pc.kl_in == "reward"
+        micro = min(pc.micro_batch_size or mb_size, mb_size)
         old_logprobs = old_values = kl = advantages = returns = None
-        if pc.minibatches > 1:
+        if pc.minibatches > 1 or micro < mb_size:
             with torch.no_grad():
-                old_logprobs, _, old_values = pv(query, query_mask, response, mask, pc.temperature)
+                outs = [pv(query[c], query_mask[c], response[c], mask[c], pc.temperature)
+                        for c in torch.arange(per_proc, device=dev).split(micro)]
+            old_logprobs, old_values = torch.cat([o[0] for o in outs]), torch.cat([o[2] for o in outs])
             kl, advantages, returns = _advantages(old_logprobs, ref_logprobs, old_values, scores, maskf,
                                                   kl_coef if in_reward else 0.0, pc)
-        # With one minibatch, the first PPO forward below sees the whole batch with the rollout's
-        # parameters: its detached outputs are the old logprobs and values (one forward saved per step).
+        # With one minibatch in one piece, the first PPO forward below sees the whole batch with the
+        # rollout's parameters: its detached outputs are the old logprobs and values (one forward saved).
 
-        # 4. PPO epochs over shuffled minibatches
+        # 4. PPO epochs over shuffled minibatches; each minibatch in micro-batches of `micro` rows whose
+        # losses are weighted by their share of the minibatch's tokens, so the accumulated gradient is
+        # that of the minibatch's masked mean (every loss term and statistic is a masked mean).
         step_start_state = ({n: p.detach().clone() for n, p in pv.named_parameters() if p.requires_grad},
                             copy.deepcopy(optimizer.state_dict()))
         stats: dict[str, list[float]] = {}
@@ -347,43 +359,54 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
             perm = torch.randperm(per_proc)
             for mb in range(pc.minibatches):
                 sel = perm[mb * mb_size:(mb + 1) * mb_size].to(dev)
-                m = maskf[sel]
-                logprobs, entropy, values = pv_ddp(query[sel], query_mask[sel], response[sel], mask[sel],
-                                                   pc.temperature, with_entropy=True)
-                if old_logprobs is None:
-                    old_logprobs, old_values = torch.empty_like(logprobs), torch.empty_like(values)
-                    old_logprobs[sel], old_values[sel] = logprobs.detach(), values.detach()
-                    kl, advantages, returns = _advantages(old_logprobs, ref_logprobs, old_values, scores, maskf,
-                                                          kl_coef if in_reward else 0.0, pc)
-                pg_loss, pg_stats = ppo_math.policy_loss(logprobs, old_logprobs[sel], advantages[sel], m,
-                                                         pc.cliprange)
-                vf_loss, vf_stats = ppo_math.value_loss(values, old_values[sel], returns[sel], m,
-                                                        pc.cliprange_value)
-                loss = pg_loss + pc.vf_coef * vf_loss
-                if not in_reward:
-                    kl_term = ppo_math.masked_mean(
-                        ppo_math.kl_per_token(logprobs, ref_logprobs[sel], pc.kl_estimator), m)
-                    loss = loss + kl_coef * kl_term
-                if not torch.isfinite(loss):
-                    with torch.no_grad():
-                        for n, p in pv.named_parameters():
-                            if n in step_start_state[0]:
-                                p.copy_(step_start_state[0][n])
-                    optimizer.load_state_dict(step_start_state[1])
-                    path = checkpoint(step, step_epoch, step_cursor, rng=step_rng,
-                                      reward_state=step_reward_state)
-                    raise PPOError(f"step {step + 1}, PPO epoch {ppo_epoch + 1}: loss is {loss.item()} "
-                                   f"(policy {pg_loss.item()}, value {vf_loss.item()}); parameters restored to the "
-                                   f"start of the step and saved in {path}. Lower ppo.learning_rate or check the "
-                                   "rewards, then run with --resume.")
-                accelerator.backward(loss)
+                mb_tokens = maskf[sel].sum().clamp(min=1.0)
+                chunks = sel.split(micro)
+                row: dict[str, float] = {}
+                for ci, c in enumerate(chunks):
+                    m = maskf[c]
+                    weight = m.sum() / mb_tokens
+                    sync = accelerator.no_sync(pv_ddp) if ci < len(chunks) - 1 else contextlib.nullcontext()
+                    with sync:
+                        logprobs, entropy, values = pv_ddp(query[c], query_mask[c], response[c], mask[c],
+                                                           pc.temperature, with_entropy=True)
+                        if old_logprobs is None:
+                            old_logprobs, old_values = torch.empty_like(logprobs), torch.empty_like(values)
+                            old_logprobs[c], old_values[c] = logprobs.detach(), values.detach()
+                            kl, advantages, returns = _advantages(old_logprobs, ref_logprobs, old_values, scores,
+                                                                  maskf, kl_coef if in_reward else 0.0, pc)
+                        pg_loss, pg_stats = ppo_math.policy_loss(logprobs, old_logprobs[c], advantages[c], m,
+                                                                 pc.cliprange)
+                        vf_loss, vf_stats = ppo_math.value_loss(values, old_values[c], returns[c], m,
+                                                                pc.cliprange_value)
+                        loss = pg_loss + pc.vf_coef * vf_loss
+                        if not in_reward:
+                            kl_term = ppo_math.masked_mean(
+                                ppo_math.kl_per_token(logprobs, ref_logprobs[c], pc.kl_estimator), m)
+                            loss = loss + kl_coef * kl_term
+                        if not torch.isfinite(loss):
+                            with torch.no_grad():
+                                for n, p in pv.named_parameters():
+                                    if n in step_start_state[0]:
+                                        p.copy_(step_start_state[0][n])
+                            optimizer.load_state_dict(step_start_state[1])
+                            optimizer.zero_grad(set_to_none=True)
+                            path = checkpoint(step, step_epoch, step_cursor, rng=step_rng,
+                                              reward_state=step_reward_state)
+                            raise PPOError(f"step {step + 1}, PPO epoch {ppo_epoch + 1}: loss is {loss.item()} "
+                                           f"(policy {pg_loss.item()}, value {vf_loss.item()}); parameters restored "
+                                           f"to the start of the step and saved in {path}. Lower "
+                                           "ppo.learning_rate or check the rewards, then run with --resume.")
+                        accelerator.backward(loss * weight)
+                    w = float(weight)
+                    parts = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
+                             "entropy": ppo_math.masked_mean(entropy.detach(), m).item(),
+                             **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}}
+                    for k, v in parts.items():
+                        row[k] = row.get(k, 0.0) + w * v
                 if pc.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, pc.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                row = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
-                       "entropy": ppo_math.masked_mean(entropy.detach(), m).item(),
-                       **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}}
                 if not first:
                     first = {"first_ratio": row["ratio_mean"], "first_clipfrac": row["clipfrac"],
                              "first_approx_kl": row["approx_kl"]}

@@ -1,6 +1,7 @@
 """Model loading: the embedded cache, NF4 on CPU, the bitsandbytes guard, adapters on one base."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +164,87 @@ def test_unguarded_model_shows_the_trap_the_guard_prevents(tiny_model_cfg):
     if has_avx512bf16():
         with pytest.raises(RuntimeError, match="not guarded"):
             models.assert_bnb_guarded(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed paths: merged sampling weights, mixed precision, loader details
+
+
+def _two_adapter_model(cfg):
+    """Tiny NF4 base with two active LoRA adapters whose B matrices are non-zero (so both deltas count)."""
+    from peft import get_peft_model
+
+    model, tok, _ = models.load_base(cfg)
+    torch.manual_seed(0)
+    pm = get_peft_model(model, models.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)), adapter_name="one")
+    pm.add_adapter("two", models.lora_config(LoraConfigSection(r=2, alpha=8, dropout=0.0)))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    models.set_active_adapters(pm, ["one", "two"])
+    pm.eval()
+    ids = torch.randint(5, tok.vocab_size - 1, (3, 12))
+    return pm, ids
+
+
+def test_merged_weights_equal_the_adapter_path_and_leave_the_model_unchanged(tiny_model_cfg):
+    pm, ids = _two_adapter_model(tiny_model_cfg)
+    with torch.no_grad():
+        before = pm(input_ids=ids).logits
+        with models.active_adapters(pm, None):
+            base = pm(input_ids=ids).logits
+        for _ in range(2):  # twice: a merge must not leak into the next one
+            with models.merged_linear_weights(pm):
+                merged = pm(input_ids=ids).logits
+            torch.testing.assert_close(merged, before, atol=2e-5, rtol=0)
+        with models.active_adapters(pm, None), models.merged_linear_weights(pm):
+            torch.testing.assert_close(pm(input_ids=ids).logits, base, atol=2e-5, rtol=0)
+        after = pm(input_ids=ids).logits
+    assert torch.equal(after, before)
+    assert (before - base).abs().max() > 1e-2  # the adapters matter, so the comparisons have teeth
+    assert not any("forward" in vars(m) for m in pm.modules())  # every patched forward was removed
+
+
+def test_dense_weight_bytes_counts_logical_weights(tiny_model_cfg):
+    pm, _ = _two_adapter_model(tiny_model_cfg)
+    import bitsandbytes as bnb
+
+    logical = sum(m.weight.quant_state.shape.numel() for m in pm.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert models.dense_weight_bytes(pm, torch.bfloat16) == 2 * logical
+    assert models.dense_weight_bytes(pm, torch.float32) == 4 * logical
+
+
+def test_bf16_compute_keeps_fp32_lora_masters_and_restores_peft_casting(tiny_model_cfg):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    cfg = ModelConfig(**{**tiny_model_cfg.__dict__, "compute_dtype": "bfloat16"})
+    pm, ids = _two_adapter_model(cfg)
+    assert pm.get_input_embeddings().weight.dtype == torch.bfloat16
+    lora = [p for n, p in pm.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    layers = [m for m in pm.modules() if isinstance(m, BaseTunerLayer)]
+    with models.compute_context(pm):
+        assert torch.is_autocast_enabled("cpu") and not any(m.cast_input_dtype_enabled for m in layers)
+        logits = pm(input_ids=ids).logits
+    assert all(m.cast_input_dtype_enabled for m in layers) and not torch.is_autocast_enabled("cpu")
+    assert logits.dtype == torch.bfloat16
+    # float32 models run unchanged
+    pm32, _ = _two_adapter_model(tiny_model_cfg)
+    with models.compute_context(pm32):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_loader_defaults_to_eager_attention_on_cpu_and_copies_parameters_out_of_the_file(tiny_model_cfg):
+    model, _, _ = models.load_base(tiny_model_cfg)
+    assert model.config._attn_implementation == "eager"
+    cfg = ModelConfig(**{**tiny_model_cfg.__dict__, "attn_implementation": "sdpa"})
+    assert models.load_base(cfg)[0].config._attn_implementation == "sdpa"
+    # No parameter may still view the memory-mapped weights file: it would keep the file's pages resident.
+    import gc
+    import sys
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        weights = str(sorted(Path(models.resolve_model_path(tiny_model_cfg.name)).glob("*.safetensors"))[0])
+        assert weights not in Path("/proc/self/maps").read_text()

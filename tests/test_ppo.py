@@ -233,11 +233,16 @@ def test_first_logged_step_has_zero_kl(run_a):
 
 @pytest.mark.parametrize("overrides", [("ppo.kl_estimator=k3",),
                                        ("ppo.value_model=adapter",),
-                                       ("ppo.sft_adapter=", "ppo.reference=base")],
-                         ids=["k3", "value-adapter", "no-sft-reference-base"])
+                                       ("ppo.sft_adapter=", "ppo.reference=base"),
+                                       ("model.compute_dtype=bfloat16",),
+                                       ("ppo.micro_batch_size=1",),
+                                       ("ppo.rollout_weights=adapters",)],
+                         ids=["k3", "value-adapter", "no-sft-reference-base", "bf16", "micro-batches",
+                              "rollout-through-adapters"])
 def test_first_step_invariants_in_other_settings(overrides, new_run, data_overrides):
     """KL == 0 and ratio == 1 at step 1 also with k3, with a value adapter (its forward switches
-    adapters inside PolicyValue.forward) and with a fresh policy on the bare base."""
+    adapters inside PolicyValue.forward), with a fresh policy on the bare base, in bf16 mixed precision,
+    with micro-batches (old logprobs from a separate no-grad forward) and sampling through the adapters."""
     run = new_run()
     r = _ppo(run, data_overrides, *overrides, "ppo.steps=1", "ppo.ppo_epochs=2")
     assert r.exit_code == 0, r.output
@@ -593,3 +598,63 @@ def test_two_process_cpu_run(new_run, data_overrides, rewards_mod, tmp_path):
     assert all(math.isfinite(r["ppo/policy_loss"]) for r in rows)
     assert (run / "ppo" / "manifest.json").is_file() and not (run / "ppo.work").exists()
     print(f"two-process run: {time.time() - t0:.1f}s")
+
+
+# 10. Speed paths: micro-batches, Gumbel-max sampling -------------------------------------------
+
+def test_micro_batches_give_the_same_update_as_the_whole_minibatch(new_run, data_overrides):
+    """Gradient accumulation over micro-batches weighted by token share == one masked mean over the
+    minibatch: same metrics and (to float rounding) the same adapter after two steps."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for micro in (0, 1, 3):
+        run = new_run()
+        r = _ppo(run, data_overrides, "ppo.steps=2", "ppo.ppo_epochs=2", f"ppo.micro_batch_size={micro}")
+        assert r.exit_code == 0, r.output
+        runs[micro] = run
+    ref_rows = _rows(runs[0] / "ppo" / "metrics.jsonl")
+    ref_w = load_file(str(runs[0] / "ppo" / "adapter_model.safetensors"))
+    moved = max((ref_w[k] - torch.zeros_like(ref_w[k])).abs().max().item() for k in ref_w if "lora_B" in k)
+    assert moved > 1e-4  # the policy did change, so equal adapters mean equal updates
+    for micro in (1, 3):
+        rows = _rows(runs[micro] / "ppo" / "metrics.jsonl")
+        for a, b in zip(ref_rows, rows):
+            for k in ("ppo/kl", "ppo/score", "ppo/policy_loss", "ppo/value_loss", "ppo/ratio_mean", "ppo/clipfrac"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (micro, a["step"], k)
+        w = load_file(str(runs[micro] / "ppo" / "adapter_model.safetensors"))
+        for k in ref_w:
+            torch.testing.assert_close(w[k], ref_w[k], atol=1e-6, rtol=1e-4)
+
+
+def test_gumbel_max_sampler_samples_softmax_over_temperature():
+    # logits (0, 1, 2, 3) at T = 0.5: softmax(0, 2, 4, 6) = e^(0,2,4,6) / (1 + 7.389 + 54.598 + 403.429)
+    # = (0.00214, 0.01587, 0.11731, 0.86468)
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(40000, 1)
+    torch.manual_seed(0)
+    picks = rollout.GumbelMaxSampler(0.5)(None, logits).argmax(-1)
+    freq = torch.bincount(picks, minlength=4).float() / picks.numel()
+    expected = torch.tensor([0.00214, 0.01587, 0.11731, 0.86468])
+    # binomial standard error at n=40000 is at most 0.0025; 0.006 is > 2.4 sigma for every entry
+    assert (freq - expected).abs().max() < 0.006, freq
+    # T = 2: softmax(0, 0.5, 1, 1.5) = (0.1015, 0.1674, 0.2760, 0.4551)
+    picks = rollout.GumbelMaxSampler(2.0)(None, logits).argmax(-1)
+    freq = torch.bincount(picks, minlength=4).float() / picks.numel()
+    assert (freq - torch.tensor([0.1015, 0.1674, 0.2760, 0.4551])).abs().max() < 0.01, freq
+
+
+def test_generate_samples_the_models_distribution(stack):
+    """First sampled token over many rows vs the model's own softmax(logits / T) for that prompt."""
+    s = stack
+    n = 3000
+    q, qm = s["query"][:1].repeat(n, 1), s["query_mask"][:1].repeat(n, 1)
+    with torch.no_grad(), models.active_adapters(s["peft"], s["policy"]):
+        logits = s["peft"](input_ids=q[:1], attention_mask=qm[:1],
+                           position_ids=(qm[:1].cumsum(1) - 1).clamp(min=0)).logits[0, -1]
+        probs = torch.softmax(logits.float() / s["T"], -1)
+        resp, _, _ = rollout.generate(s["peft"], s["tok"], q, qm, 1, s["T"], [-1], generator_seed=3)
+    freq = torch.bincount(resp[:, 0], minlength=probs.numel()).float() / n
+    top = probs.topk(5).indices
+    # standard error sqrt(p(1-p)/3000) <= 0.0092
+    assert (freq[top] - probs[top]).abs().max() < 0.03, (freq[top], probs[top])
+    assert (freq - probs).abs().sum() / 2 < 0.1  # total variation over the whole vocabulary
