@@ -4,8 +4,8 @@ Setting (issue 4): SmolLM2-135M-Instruct in NF4 on CPU, batch 8, 32 response tok
 1 minibatch, LoRA r=8 on all linear layers, reference = base with adapters off, a learned reward
 model (LoRA + score head) on the same base. Each setting runs in its own process so peak RSS is its own.
 
-    python benchmarks/ppo_step.py                      # all settings + the trl anchor if available
-    python benchmarks/ppo_step.py --settings head --no-anchor
+    python benchmarks/ppo_step.py                      # the main settings + the trl anchor if available
+    python benchmarks/ppo_step.py --settings head-bf16,head-bf16-adapters,head-bf16-sdpa --no-anchor
 
 Prints `RESULT name=<setting> per_step=<s>s peak_rss_mb=<MB> generate=<s>s score=<s>s train=<s>s`, then
 ratios against the anchor (per-step time and peak memory).
@@ -108,7 +108,8 @@ def _run_anchor(steps: int) -> dict | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", default="head,value-adapter", help="comma-separated: " + ", ".join(SETTINGS))
+    ap.add_argument("--settings", default="head,value-adapter,head-bf16,head-bf16-micro4",
+                    help="comma-separated: " + ", ".join(SETTINGS))
     ap.add_argument("--steps", type=int, default=4, help="PPO steps per setting (the first is not timed)")
     ap.add_argument("--anchor-steps", type=int, default=3)
     ap.add_argument("--no-anchor", action="store_true")

@@ -36,6 +36,9 @@ def test_precedence_defaults_yaml_overrides(tmp_path):
     ("ppo.reference=policy", "ppo.reference: 'policy' is not one of sft, base"),
     ("sft.lora=3", "sft.lora: expected a section"),
     ("justtext", "not of the form section.key=value"),
+    ("ppo.micro_batch_size=-1", "ppo.micro_batch_size must be >= 0"),
+    ("ppo.rollout_weights=dense", "ppo.rollout_weights: 'dense' is not one of auto, merged, adapters"),
+    ("model.attn_implementation=fast", "model.attn_implementation: 'fast' is not one of auto, eager, sdpa"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

@@ -70,15 +70,54 @@ def test_embedded_cat_fusion_matches_stacked_adapters(tmp_path):
     assert diff < 1e-4, diff
 
 
-def test_embedded_first_ppo_step(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_embedded_first_ppo_step(tmp_path, dtype):
     from pipeline.ppo import run_ppo
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Say something kind.", "Describe rain.")))
     cfg = load_config(REPO / "configs" / "default.yaml", [
         f"data.prompts_train={prompts}", "ppo.sft_adapter=", "ppo.reference=base", "ppo.steps=1",
-        "ppo.batch_size=2", "ppo.max_new_tokens=8", "ppo.rewards=[{name: sentiment}]", "ppo.save_every=0"])
+        "ppo.batch_size=2", "ppo.max_new_tokens=8", "ppo.rewards=[{name: sentiment}]", "ppo.save_every=0",
+        f"model.compute_dtype={dtype}"])
     run_ppo(cfg, tmp_path / "run")
     row = json.loads((tmp_path / "run" / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["ppo/kl"] == 0.0
     assert row["ppo/first_ratio"] == 1.0 and row["ppo/first_clipfrac"] == 0.0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_embedded_merged_sampling_weights_match_the_adapter_path(dtype):
+    """The sampler's weights (dequantized base + merged LoRA) vs the training path (4-bit + LoRA).
+
+    fp32: equal to rounding. bf16: the two round differently; measured KL(merged || adapters)
+    0.003 nats per token, a third of the gap between bf16 and fp32 compute of the same model (0.011)."""
+    from peft import get_peft_model
+
+    from pipeline import models
+    from pipeline.config import LoraConfigSection, PipelineConfig
+
+    cfg = PipelineConfig()
+    cfg.model.compute_dtype = dtype
+    model, tok, _ = models.load_base(cfg.model)
+    torch.manual_seed(0)
+    pm = get_peft_model(model, models.lora_config(LoraConfigSection(r=8, alpha=16, dropout=0.0)))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    pm.eval()
+    ids = tok("The weather today is lovely and I feel", return_tensors="pt").input_ids
+    with torch.no_grad(), models.compute_context(pm):
+        adapters = torch.log_softmax(pm(input_ids=ids).logits.float(), -1)
+        with models.merged_linear_weights(pm):
+            merged = torch.log_softmax(pm(input_ids=ids).logits.float(), -1)
+        with models.active_adapters(pm, None):
+            base = torch.log_softmax(pm(input_ids=ids).logits.float(), -1)
+    kl = (merged.exp() * (merged - adapters)).sum(-1).mean().item()
+    adapter_effect = (adapters.exp() * (adapters - base)).sum(-1).mean().item()
+    assert adapter_effect > 1e-3
+    if dtype == "float32":
+        assert (merged - adapters).abs().max() < 1e-4
+    else:
+        assert kl < 0.01, kl
