@@ -37,6 +37,7 @@ SETTINGS = {
     # ablations: sampling through the 4-bit kernels and LoRA layers, and transformers' sdpa attention
     "head-bf16-adapters": ["ppo.value_model=head", "model.compute_dtype=bfloat16", "ppo.rollout_weights=adapters"],
     "head-bf16-sdpa": ["ppo.value_model=head", "model.compute_dtype=bfloat16", "model.attn_implementation=sdpa"],
+    "head-bf16-nolean": ["ppo.value_model=head", "model.compute_dtype=bfloat16", "ppo.lean_ops=false"],
 }
 COMMON = ["ppo.batch_size=8", "ppo.max_new_tokens=32", "ppo.ppo_epochs=4", "ppo.minibatches=1",
           "ppo.lora.r=8", "ppo.lora.alpha=16", "ppo.lora.dropout=0.0", "ppo.lora.target_modules=all-linear",

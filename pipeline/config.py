@@ -156,6 +156,9 @@ class PPOConfig:
     # copy takes at most rollout_merge_max_gb.
     rollout_weights: str = "auto"
     rollout_merge_max_gb: float = 1.0
+    # Route RMSNorm and SwiGLU MLPs of Llama/Mistral/Qwen2/Qwen3 models through autograd functions with
+    # the same forward that keep less for backward (pipeline/lean_ops.py); false = the model's own.
+    lean_ops: bool = True
     # Added to the score of responses that end without a stop token (None = no penalty).
     missing_eos_penalty: Optional[float] = None
     # Seconds a reward may take per batch before the run stops.

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pipeline import data, models, ppo_math, rollout
+from pipeline import data, lean_ops, models, ppo_math, rollout
 from pipeline.artifacts import (ArtifactError, MetricsLogger, check_same_base, is_complete, read_manifest,
                                 write_manifest)
 from pipeline.config import PipelineConfig, substitute_run_dir
@@ -221,6 +221,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         and models.dense_weight_bytes(peft_model, models.compute_dtype(cfg.model, accelerator.device))
         <= pc.rollout_merge_max_gb * 2**30)
     rollout_ctx = models.merged_linear_weights if merge_rollout else lambda model: contextlib.nullcontext()
+    if pc.lean_ops:
+        lean_ops.install(peft_model)  # same forward, less kept for backward (RMSNorm, SwiGLU)
     t_params, t_total = models.count_parameters(pv)
     if main_proc:
         print(f"[ppo] trainable parameters: {t_params:,} of {t_total:,}; policy adapters {policy_adapters}, "
