@@ -161,7 +161,8 @@ class PPOConfig:
     lean_ops: bool = True
     # Added to the score of responses that end without a stop token (None = no penalty).
     missing_eos_penalty: Optional[float] = None
-    # Seconds a reward may take per batch before the run stops.
+    # Seconds a reward may take per batch before the run stops (not applied to reward_model, the
+    # in-process learned reward; a spec's own `timeout` wins).
     reward_timeout: float = 600.0
     save_every: int = 10
     sample_every: int = 5
