@@ -557,7 +557,8 @@ def merged_linear_weights(model: torch.nn.Module, dtype: Optional[torch.dtype] =
     4-bit layer uses its dequantized weight. A decode step touches each weight for a handful of
     tokens, so per-call dequantisation and adapter overhead dominate sampling otherwise. Costs one
     dense copy of the linear weights while open, freed on exit. Equals the adapter path up to
-    rounding in ``dtype`` (tested). No autograd through it.
+    rounding in ``dtype`` (tested). No autograd through it. Layers with an active DoRA adapter are
+    left as they are.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -571,15 +572,15 @@ def merged_linear_weights(model: torch.nn.Module, dtype: Optional[torch.dtype] =
         with torch.no_grad():
             for layer in lora_layers + bare:
                 base = layer.get_base_layer() if isinstance(layer, LoraLayer) else layer
-                weight = _dense_weight(base)
+                active = []
                 if isinstance(layer, LoraLayer) and not layer.disable_adapters:
-                    for name in layer.active_adapters:
-                        if name not in layer.lora_A:
-                            continue
-                        if layer.use_dora.get(name):
-                            raise NotImplementedError("merged_linear_weights does not support DoRA adapters")
-                        weight += layer.scaling[name] * (layer.lora_B[name].weight.float()
-                                                          @ layer.lora_A[name].weight.float())
+                    active = [name for name in layer.active_adapters if name in layer.lora_A]
+                if any(layer.use_dora.get(name) for name in active):
+                    continue  # DoRA rescales per output column, not a plain sum: the layer keeps its adapters
+                weight = _dense_weight(base)
+                for name in active:
+                    weight += layer.scaling[name] * (layer.lora_B[name].weight.float()
+                                                      @ layer.lora_A[name].weight.float())
                 bias = None if base.bias is None else base.bias.detach().to(dtype)
                 layer.forward = _dense_forward(weight.to(dtype), bias)
                 patched.append(layer)
@@ -690,7 +691,6 @@ def load_dequantized_base(cfg: ModelConfig):
     import dataclasses
 
     import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
     from transformers import AutoModelForCausalLM
 
     nf4_cfg = dataclasses.replace(cfg, load_in_4bit=True, compute_dtype="float32", device="cpu")
@@ -698,7 +698,7 @@ def load_dequantized_base(cfg: ModelConfig):
     state = {}
     for name, module in nf4.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            state[f"{name}.weight"] = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            state[f"{name}.weight"] = _dense_weight(module)
             if module.bias is not None:
                 state[f"{name}.bias"] = module.bias.detach().float()
     for name, p in nf4.named_parameters():

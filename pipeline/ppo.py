@@ -292,6 +292,19 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         accelerator.wait_for_everyone()
         return path
 
+    def restore_and_stop(why: str) -> None:
+        """A non-finite loss: put the trained parameters and the optimizer back to the start of the
+        current step, save that as a resumable checkpoint, and stop."""
+        with torch.no_grad():
+            for n, p in pv.named_parameters():
+                if n in step_start_state[0]:
+                    p.copy_(step_start_state[0][n])
+        optimizer.load_state_dict(step_start_state[1])
+        optimizer.zero_grad(set_to_none=True)
+        path = checkpoint(step, step_epoch, step_cursor, rng=step_rng, reward_state=step_reward_state)
+        raise PPOError(f"{why}; parameters restored to the start of the step and saved in {path}. Lower "
+                       "ppo.learning_rate or check the rewards, then run with --resume.")
+
     order = _prompt_order(len(encoded), pc.seed, epoch)
     bar = tqdm(range(start_step, pc.steps), desc="ppo", disable=not main_proc, initial=start_step, total=pc.steps)
     step_start_state = None
@@ -390,18 +403,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                                 ppo_math.kl_per_token(logprobs, ref_logprobs[c], pc.kl_estimator), m)
                             loss = loss + kl_coef * kl_term
                         if not torch.isfinite(loss):
-                            with torch.no_grad():
-                                for n, p in pv.named_parameters():
-                                    if n in step_start_state[0]:
-                                        p.copy_(step_start_state[0][n])
-                            optimizer.load_state_dict(step_start_state[1])
-                            optimizer.zero_grad(set_to_none=True)
-                            path = checkpoint(step, step_epoch, step_cursor, rng=step_rng,
-                                              reward_state=step_reward_state)
-                            raise PPOError(f"step {step + 1}, PPO epoch {ppo_epoch + 1}: loss is {loss.item()} "
-                                           f"(policy {pg_loss.item()}, value {vf_loss.item()}); parameters restored "
-                                           f"to the start of the step and saved in {path}. Lower "
-                                           "ppo.learning_rate or check the rewards, then run with --resume.")
+                            restore_and_stop(f"step {step + 1}, PPO epoch {ppo_epoch + 1}: loss is {loss.item()} "
+                                             f"(policy {pg_loss.item()}, value {vf_loss.item()})")
                         accelerator.backward(loss * weight)
                     w = float(weight)
                     parts = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import randomize_lora_b
 from pipeline import fuse, models
 from pipeline.artifacts import ArtifactError, write_manifest
 from pipeline.config import ModelConfig, PipelineConfig
@@ -60,11 +61,7 @@ def run(tmp_path_factory) -> Run:
                          target_modules=["q_proj", "o_proj", "down_proj"], layers_to_transform=[1])
     pm = get_peft_model(model, sft_cfg, adapter_name="sft")
     pm.add_adapter("ppo", ppo_cfg)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomize_lora_b(pm, 0.3, torch.Generator().manual_seed(7))
     pcfg = _pipeline_cfg()
     models.save_adapter(pm, "sft", run_dir / "sft")
     write_manifest(run_dir / "sft", "sft", pcfg, info, metrics={"train_loss": 1.25}, data=SFT_DATA)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from helpers import randomize_lora_b
 from pipeline import lean_ops, models
 from pipeline.config import LoraConfigSection
 
@@ -63,10 +64,7 @@ def test_installed_model_has_the_same_logits_and_lora_gradients(tiny_model_cfg):
         model, tok, _ = models.load_base(tiny_model_cfg)
         torch.manual_seed(0)
         pm = get_peft_model(model, models.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)))
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
+        randomize_lora_b(pm, 0.1)
         return pm.eval()
 
     ids = torch.randint(5, 200, (2, 10))

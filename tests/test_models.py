@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import randomize_lora_b
 from pipeline import models
 from pipeline.config import LoraConfigSection, ModelConfig
 
@@ -114,10 +115,8 @@ def test_adapter_switch_reference_equals_base_and_sft(tiny_model_cfg):
     lcfg = models.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0))
     pm = get_peft_model(model, lcfg, adapter_name="sft")
     pm.add_adapter("ppo", lcfg)
+    randomize_lora_b(pm, 0.3)
     with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
         models.set_active_adapters(pm, ["sft"])
         sft_logits = pm(ids).logits.clone()
         models.set_active_adapters(pm, ["sft", "ppo"])
@@ -178,10 +177,7 @@ def _two_adapter_model(cfg):
     torch.manual_seed(0)
     pm = get_peft_model(model, models.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)), adapter_name="one")
     pm.add_adapter("two", models.lora_config(LoraConfigSection(r=2, alpha=8, dropout=0.0)))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
+    randomize_lora_b(pm, 0.2)
     models.set_active_adapters(pm, ["one", "two"])
     pm.eval()
     ids = torch.randint(5, tok.vocab_size - 1, (3, 12))
@@ -248,3 +244,24 @@ def test_loader_defaults_to_eager_attention_on_cpu_and_copies_parameters_out_of_
     if sys.platform.startswith("linux"):
         weights = str(sorted(Path(models.resolve_model_path(tiny_model_cfg.name)).glob("*.safetensors"))[0])
         assert weights not in Path("/proc/self/maps").read_text()
+
+
+def test_merged_weights_leave_dora_layers_on_their_adapters(tiny_model_cfg):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok, _ = models.load_base(tiny_model_cfg)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True,
+                                          target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    randomize_lora_b(pm, 0.3)
+    pm.eval()
+    ids = torch.randint(5, tok.vocab_size - 1, (2, 9))
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+        with models.merged_linear_weights(pm):
+            patched = [n for n, m in pm.named_modules() if "forward" in vars(m)]
+            got = pm(input_ids=ids).logits
+        with models.active_adapters(pm, None):
+            base = pm(input_ids=ids).logits
+    assert not any("q_proj" in n or "v_proj" in n for n in patched) and patched  # other 4-bit layers merged
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    assert (want - base).abs().max() > 1e-3

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import randomize_lora_b
 from pipeline import fuse, models
 from pipeline.artifacts import write_manifest
 from pipeline.config import LoraConfigSection, ModelConfig, PipelineConfig, load_config
@@ -44,11 +45,7 @@ def test_embedded_cat_fusion_matches_stacked_adapters(tmp_path):
     ppo = models.lora_config(LoraConfigSection(r=8, alpha=16, dropout=0.0))
     pm = get_peft_model(model, sft, adapter_name="sft")
     pm.add_adapter("ppo", ppo)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    randomize_lora_b(pm, 0.01, torch.Generator().manual_seed(0))
     cfg = PipelineConfig(model=ModelConfig(name=EMBEDDED))
     cfg.fuse.merged = False
     models.save_adapter(pm, "sft", tmp_path / "sft")
@@ -102,10 +99,7 @@ def test_embedded_merged_sampling_weights_match_the_adapter_path(dtype):
     model, tok, _ = models.load_base(cfg.model)
     torch.manual_seed(0)
     pm = get_peft_model(model, models.lora_config(LoraConfigSection(r=8, alpha=16, dropout=0.0)))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
+    randomize_lora_b(pm, 0.02)
     pm.eval()
     ids = tok("The weather today is lovely and I feel", return_tensors="pt").input_ids
     with torch.no_grad(), models.compute_context(pm):
