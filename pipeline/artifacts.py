@@ -90,6 +90,16 @@ def write_manifest(folder: str | Path, stage: str, cfg: PipelineConfig, base: An
     return manifest
 
 
+def write_jsonl(path: str | Path, rows) -> None:
+    """One JSON object per line, written to a temporary name and renamed (never half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
 def read_manifest(folder: str | Path) -> dict:
     folder = Path(folder)
     if not is_complete(folder):

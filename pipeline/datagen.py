@@ -3,12 +3,18 @@
     python -m pipeline.datagen --seed 0            # what `make data` runs; writes data/
     python -m pipeline.datagen --quick --out /tmp/d --model embedded:tiny-random-llama --max-new-tokens 8
 
-1. About 600 short everyday prompts are built in code (topics x request forms, de-duplicated),
-   shuffled with the seed and split into train (300: SFT and PPO), reward (200: preference pairs)
-   and eval (100).
+1. About 840 short everyday prompts are built in code (topics x request forms, de-duplicated),
+   shuffled with the seed and split into train (SFT and PPO), tune (held out from training, for
+   choosing settings), reward (extra preference-pair prompts), reward_eval (held-out pairs) and eval
+   (reported numbers only).
 2. SFT rows: ``n_best`` responses per train prompt are sampled from the base model and scored with
    the gold signal (VADER compound sentiment); the best one is kept (best-of-n distillation).
-3. Preference pairs: two responses per reward prompt, chosen = the higher gold score; with
+3. Preference pairs: for every pair prompt (train + reward prompts for training pairs, reward_eval
+   prompts for held-out pairs, drawn the same way) one response is sampled under each of a few
+   system prompts ("styles": default, upbeat, dry, glum), so the responses differ in tone the way
+   different policies would. The prompt of a pair row is the user turn alone: the style is not
+   visible. Of the candidate pairs, those whose gold differs by at least ``min_gap`` are eligible
+   and up to ``pairs_per_prompt`` are kept (seeded choice). Chosen = the higher gold; with
    probability ``label_noise`` the label is swapped, so a learned reward is an imperfect proxy of
    gold. ``flipped`` records the swap: the gold-correct preference is ``chosen`` when ``flipped`` is
    false and ``rejected`` when it is true (equivalently, the response with the larger ``gold_*``).
@@ -31,6 +37,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+
+from pipeline.artifacts import write_jsonl
 
 # ---------------------------------------------------------------------------------------------
 # Prompts
@@ -134,11 +142,22 @@ TIME_FORMS: list[str] = [
 ]
 
 MAX_PROMPT_WORDS = 24
-SPLITS = {"train": 300, "reward": 200, "eval": 100}
-QUICK_SPLITS = {"train": 6, "reward": 6, "eval": 4}
+SPLIT_NAMES = ("train", "tune", "reward", "reward_eval", "eval")
+# 300 + 302 pair prompts x ~3.9 kept pairs -> ~2,300 training pairs; 90 -> ~350 held-out pairs.
+SPLITS = {"train": 300, "tune": 50, "reward": 302, "reward_eval": 90, "eval": 100}
+QUICK_SPLITS = {"train": 6, "tune": 2, "reward": 4, "reward_eval": 3, "eval": 4}
 SFT_EVAL_PROMPTS = 40
 QUICK_SFT_EVAL_PROMPTS = 2
-PAIRS_EVAL_FRACTION = 0.2  # 200 reward prompts -> 160 train pairs, 40 eval pairs
+
+# System prompts that shift the tone of the base model's answers (measured on 32 prompts, T=0.9,
+# 40 tokens: mean gold default +0.57, upbeat +0.68, dry +0.37, glum +0.29; spread 0.3-0.5 each).
+# Mixing them gives pairs whose gold differs in the way responses of different policies do.
+STYLES: dict[str, Optional[str]] = {
+    "default": None,
+    "upbeat": "You are a cheerful, warm and enthusiastic assistant. Answer with joy and positivity.",
+    "dry": "You are a terse, matter-of-fact assistant. Answer plainly without emotion.",
+    "glum": "You are a gloomy, pessimistic assistant. Answer in a sad, negative, complaining tone.",
+}
 MAX_ROUNDS = 4  # resampling rounds for empty / identical / gold-tied responses
 
 
@@ -174,7 +193,7 @@ def derive_seed(seed: int, tag: str) -> int:
 
 
 def build_prompts(seed: int, sizes: Optional[dict[str, int]] = None) -> dict[str, list[str]]:
-    """Shuffle the pool with ``seed`` and split it into ``{"train", "reward", "eval"}``."""
+    """Shuffle the pool with ``seed`` and split it into :data:`SPLIT_NAMES` (in that order)."""
     sizes = dict(sizes or SPLITS)
     pool = prompt_pool()
     need = sum(sizes.values())
@@ -182,9 +201,9 @@ def build_prompts(seed: int, sizes: Optional[dict[str, int]] = None) -> dict[str
         raise ValueError(f"asked for {need} prompts but the pool has only {len(pool)}")
     random.Random(derive_seed(seed, "prompts")).shuffle(pool)
     out, start = {}, 0
-    for name in ("train", "reward", "eval"):
-        out[name] = pool[start:start + sizes[name]]
-        start += sizes[name]
+    for name in SPLIT_NAMES:
+        out[name] = pool[start:start + sizes.get(name, 0)]
+        start += sizes.get(name, 0)
     return out
 
 
@@ -192,21 +211,29 @@ def build_prompts(seed: int, sizes: Optional[dict[str, int]] = None) -> dict[str
 # Labelling
 
 
-def label_pair(prompt: str, a: str, b: str, gold_a: float, gold_b: float, flip: bool) -> dict:
-    """A preference row: chosen = higher gold (``a`` on a tie), swapped when ``flip``."""
-    if gold_a >= gold_b:
-        chosen, rejected, gc, gr = a, b, gold_a, gold_b
-    else:
-        chosen, rejected, gc, gr = b, a, gold_b, gold_a
+def label_pair(prompt: str, a: str, b: str, gold_a: float, gold_b: float, style_a: Optional[str] = None,
+               style_b: Optional[str] = None, *, flip: bool) -> dict:
+    """A preference row: chosen = higher gold (``a`` on a tie), swapped when ``flip``.
+
+    With styles given, ``style_chosen`` / ``style_rejected`` record which system prompt made each
+    response (information only; the stages never read it).
+    """
+    first, second = (a, gold_a, style_a), (b, gold_b, style_b)
+    if gold_a < gold_b:
+        first, second = second, first
     if flip:
-        chosen, rejected, gc, gr = rejected, chosen, gr, gc
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "gold_chosen": float(gc), "gold_rejected": float(gr), "flipped": bool(flip)}
+        first, second = second, first
+    row = {"prompt": prompt, "chosen": first[0], "rejected": second[0],
+           "gold_chosen": float(first[1]), "gold_rejected": float(second[1]), "flipped": bool(flip)}
+    if style_a is not None or style_b is not None:
+        row.update(style_chosen=first[2], style_rejected=second[2])
+    return row
 
 
-def label_pairs(items: Sequence[tuple[str, str, str, float, float]], label_noise: float,
+def label_pairs(items: Sequence[tuple], label_noise: float,
                 seed: int) -> list[dict]:
-    """Label ``(prompt, a, b, gold_a, gold_b)`` items; each is flipped with prob. ``label_noise``.
+    """Label ``(prompt, a, b, gold_a, gold_b[, style_a, style_b])`` items; each is flipped with
+    probability ``label_noise``.
 
     One draw per item from a RNG seeded by ``seed``, so the flips depend only on the seed and
     the item's position, not on the responses.
@@ -288,14 +315,16 @@ class Sampler:
     n_samples: int = 0
     counts: dict = field(default_factory=lambda: {"empty": 0, "ended": 0, "trimmed": 0})
 
-    def sample(self, prompts: Sequence[str], tag: str) -> list[Sample]:
+    def sample(self, prompts: Sequence[str], tag: str, system: Optional[str] = None) -> list[Sample]:
+        """One response per prompt; ``system`` (a system prompt) steers the style, gold sees only the text."""
         from pipeline.rollout import decode_responses, encode_prompts, generate, left_pad
 
+        head = [{"role": "system", "content": system}] if system else []
         out: list[Sample] = []
         for b, s in enumerate(range(0, len(prompts), self.batch_size)):
             chunk = list(prompts[s:s + self.batch_size])
             t0 = time.perf_counter()
-            ids = encode_prompts(self.tokenizer, [[{"role": "user", "content": p}] for p in chunk], 512)
+            ids = encode_prompts(self.tokenizer, [head + [{"role": "user", "content": p}] for p in chunk], 512)
             q, qm = left_pad(ids, self.tokenizer.pad_token_id)
             # torch.manual_seed inside generate(): one seed per (run seed, phase, batch index).
             resp, mask, ended = generate(self.model, self.tokenizer, q, qm, self.max_new_tokens,
@@ -368,52 +397,47 @@ def best_of_n(sampler: Sampler, prompts: Sequence[str], n: int, tag: str) -> tup
     return rows, stats
 
 
-def _pair_problem(a: Sample, b: Sample) -> Optional[str]:
-    if not a.text or not b.text:
-        return "empty"
-    if _normalise(a.text) == _normalise(b.text):
-        return "identical"
-    if a.gold == b.gold:
-        return "tie"
-    return None
+def pair_candidates(golds: Sequence[Optional[float]], texts: Sequence[str], min_gap: float) -> list[tuple[int, int]]:
+    """Index pairs ``(i, j)``, ``i < j``, of one prompt's responses that can make a preference pair:
+    both non-empty, not the same text, and gold differing by at least ``min_gap``.
 
-
-def sample_pairs(sampler: Sampler, prompts: Sequence[str], tag: str) -> tuple[list[tuple], dict]:
-    """Two responses per prompt; an empty one, the second of an identical pair, or the second of a
-    gold-tied pair (no gold-correct orientation) is resampled for up to ``MAX_ROUNDS`` rounds.
-    Pairs still empty or identical after that are dropped; a remaining tie is kept (the first
-    response counts as chosen before noise). Returns ``([(prompt, a, b, gold_a, gold_b)], stats)``.
+    >>> pair_candidates([0.9, 0.5, None, 0.45], ["a", "b", "", "c"], 0.1)
+    [(0, 1), (0, 3)]
     """
-    outs = sampler.sample([p for p in prompts for _ in range(2)], f"{tag}/round0")
-    slots = [[outs[2 * i], outs[2 * i + 1]] for i in range(len(prompts))]
-    resampled = {"empty": 0, "identical": 0, "tie": 0}
-    for r in range(1, MAX_ROUNDS):
-        jobs: list[tuple[int, int]] = []
-        for i, (a, b) in enumerate(slots):
-            problem = _pair_problem(a, b)
-            if problem is None:
+    out = []
+    for i in range(len(golds)):
+        for j in range(i + 1, len(golds)):
+            if golds[i] is None or golds[j] is None or _normalise(texts[i]) == _normalise(texts[j]):
                 continue
-            resampled[problem] += 1
-            if not a.text:
-                jobs.append((i, 0))
-            if not b.text or a.text:
-                jobs.append((i, 1))
-        if not jobs:
-            break
-        sampler.extend_total(len(jobs))
-        new = sampler.sample([prompts[i] for i, _ in jobs], f"{tag}/round{r}")
-        for (i, j), s in zip(jobs, new):
-            slots[i][j] = s
-    items, dropped, ties = [], 0, 0
-    for p, (a, b) in zip(prompts, slots):
-        problem = _pair_problem(a, b)
-        if problem in ("empty", "identical"):
-            dropped += 1
-            continue
-        ties += problem == "tie"
-        items.append((p, a.text, b.text, a.gold, b.gold))
-    return items, {"prompts": len(prompts), "pairs": len(items), "dropped": dropped, "ties_kept": ties,
-                   "resampled": resampled}
+            if abs(golds[i] - golds[j]) >= min_gap:
+                out.append((i, j))
+    return out
+
+
+def sample_style_pairs(sampler: Sampler, prompts: Sequence[str], tag: str, min_gap: float,
+                       per_prompt: int, seed: int) -> tuple[list[tuple], dict]:
+    """One response per prompt under each of :data:`STYLES`; per prompt, up to ``per_prompt`` pairs
+    chosen at random (seeded by ``seed`` and ``tag``) among :func:`pair_candidates`.
+
+    Returns ``([(prompt, a, b, gold_a, gold_b, style_a, style_b)], stats)``, prompts in order.
+    """
+    names = list(STYLES)
+    by_style = {name: sampler.sample(prompts, f"{tag}/{name}", system=STYLES[name]) for name in names}
+    rng = random.Random(derive_seed(seed, f"{tag}/pick"))
+    items, per = [], []
+    for k, p in enumerate(prompts):
+        samples = [by_style[n][k] for n in names]
+        cands = pair_candidates([x.gold for x in samples], [x.text for x in samples], min_gap)
+        rng.shuffle(cands)
+        kept = sorted(cands[:per_prompt])
+        per.append(len(kept))
+        for i, j in kept:
+            a, b = samples[i], samples[j]
+            items.append((p, a.text, b.text, a.gold, b.gold, names[i], names[j]))
+    style_gold = {n: _mean([x.gold for x in by_style[n] if x.gold is not None]) for n in names}
+    return items, {"prompts": len(prompts), "pairs": len(items), "mean_gold_by_style": style_gold,
+                   "prompts_without_pair": sum(c == 0 for c in per),
+                   "empty": sum(not x.text for n in names for x in by_style[n])}
 
 
 def _mean(xs: Sequence[float]) -> Optional[float]:
@@ -458,16 +482,8 @@ def load_sampling_model(model_name: str, bf16_kernel: bool = True):
 # Writing
 
 
-FILES = ("prompts_train.jsonl", "prompts_eval.jsonl", "sft_train.jsonl", "sft_eval.jsonl",
+FILES = ("prompts_train.jsonl", "prompts_tune.jsonl", "prompts_eval.jsonl", "sft_train.jsonl", "sft_eval.jsonl",
          "pairs_train.jsonl", "pairs_eval.jsonl")
-
-
-def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def pair_stats(rows: Sequence[dict]) -> dict:
@@ -476,6 +492,7 @@ def pair_stats(rows: Sequence[dict]) -> dict:
     return {"n": n, "flipped": sum(r["flipped"] for r in rows),
             "mean_gold_chosen": _mean([r["gold_chosen"] for r in rows]),
             "mean_gold_rejected": _mean([r["gold_rejected"] for r in rows]),
+            "mean_gold_gap": _mean([abs(r["gold_chosen"] - r["gold_rejected"]) for r in rows]),
             "label_agrees_with_gold": round(len(gold_correct) / n, 4) if n else None}
 
 
@@ -483,10 +500,13 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:+.3f}"
 
 
-def render_readme(args, info, sizes: dict, counts: dict, stats: dict, command: str) -> str:
-    sft, sft_ev, pairs = stats["sft_train"], stats["sft_eval"], stats["pairs"]
+def render_readme(args, info, sizes: dict, counts: dict, stats: dict, command: str, timing: dict) -> str:
+    sft, sft_ev = stats["sft_train"], stats["sft_eval"]
     ptr, pev = stats["pairs_train"], stats["pairs_eval"]
     s = stats["sampling"]
+    styles = "\n".join(f"  - `{n}`: " + (f"\"{p}\"" if p else "the chat template's default system prompt")
+                       for n, p in STYLES.items())
+    by_style = stats["pairs"]["mean_gold_by_style"]
     lines = [
         "# Default task data: \"upbeat assistant\"",
         "",
@@ -509,11 +529,12 @@ def render_readme(args, info, sizes: dict, counts: dict, stats: dict, command: s
         "| file | rows | content |",
         "|---|---:|---|",
         f"| `prompts_train.jsonl` | {counts['prompts_train.jsonl']} | `{{\"prompt\"}}`: training prompts, used by SFT and PPO |",
-        f"| `prompts_eval.jsonl` | {counts['prompts_eval.jsonl']} | `{{\"prompt\"}}`: held-out prompts for evaluation |",
+        f"| `prompts_tune.jsonl` | {counts['prompts_tune.jsonl']} | `{{\"prompt\"}}`: split off the training prompts, never trained on: for choosing settings |",
+        f"| `prompts_eval.jsonl` | {counts['prompts_eval.jsonl']} | `{{\"prompt\"}}`: held-out prompts for the reported numbers only |",
         f"| `sft_train.jsonl` | {counts['sft_train.jsonl']} | `{{\"messages\": [user, assistant], \"gold\"}}`: best-of-{args.n_best} response per training prompt |",
         f"| `sft_eval.jsonl` | {counts['sft_eval.jsonl']} | same, for the first {sizes['sft_eval']} eval prompts |",
-        f"| `pairs_train.jsonl` | {counts['pairs_train.jsonl']} | `{{\"prompt\", \"chosen\", \"rejected\", \"gold_chosen\", \"gold_rejected\", \"flipped\"}}` |",
-        f"| `pairs_eval.jsonl` | {counts['pairs_eval.jsonl']} | same, held out for reward-model accuracy |",
+        f"| `pairs_train.jsonl` | {counts['pairs_train.jsonl']} | `{{\"prompt\", \"chosen\", \"rejected\", \"gold_chosen\", \"gold_rejected\", \"flipped\", \"style_chosen\", \"style_rejected\"}}` |",
+        f"| `pairs_eval.jsonl` | {counts['pairs_eval.jsonl']} | same, on {sizes['reward_eval']} prompts of their own, held out for reward-model accuracy |",
         "",
         "Prompts are single user turns. In the pair files, `flipped` is true when the label was swapped",
         "by the noise: the **gold-correct** preference is `chosen` when `flipped` is false and",
@@ -525,30 +546,41 @@ def render_readme(args, info, sizes: dict, counts: dict, stats: dict, command: s
         f"- Prompts: {stats['pool']} distinct prompts built in code from {len(TOPICS)} everyday topics x "
         f"{len(THING_FORMS) + len(ACTIVITY_FORMS)} request forms plus {len(TIMES)} time periods x "
         f"{len(TIME_FORMS)} forms (all under {MAX_PROMPT_WORDS + 1} words), de-duplicated, shuffled with seed "
-        f"{args.seed}; the first {sizes['train']} are train, the next {sizes['reward']} make the preference "
-        f"pairs, the next {sizes['eval']} are eval.",
+        f"{args.seed} and split in this order: train {sizes['train']}, tune {sizes['tune']}, reward "
+        f"{sizes['reward']}, reward_eval {sizes['reward_eval']}, eval {sizes['eval']}. No prompt is in two splits.",
         f"- Model: `{args.model}` (NF4 4-bit base, weights sha256 `{info.weights_sha256[:16]}...`), "
         f"sampled through `pipeline/rollout.py` with temperature {args.temperature}, top_k 0, top_p 1, at most "
-        f"{args.max_new_tokens} new tokens, batch size {args.batch_size}, the chat template's default system "
-        "prompt. `torch.manual_seed` is set before every batch from (seed, phase, batch index).",
+        f"{args.max_new_tokens} new tokens, batch size {args.batch_size}. `torch.manual_seed` is set before every "
+        "batch from (seed, phase, batch index).",
         "- A response cut off by the token limit is trimmed back to its last complete sentence when that",
         f"  leaves at least {MIN_TRIMMED_CHARS} characters; gold is scored on the final text. "
         f"Of {s['samples']} samples: {s['ended']} ended with the stop token, {s['trimmed']} were trimmed, "
         f"{s['empty']} were empty.",
-        f"- SFT: {args.n_best} samples per prompt; kept: the highest gold among the complete ones (ended with the",
-        "  stop token or trimmed to a sentence end), else the highest gold overall; empty responses are skipped",
-        f"  (a prompt with only empty samples is resampled up to {MAX_ROUNDS - 1} times). Complete kept responses: "
+        f"- SFT: {args.n_best} samples per prompt under the chat template's default system prompt; kept: the",
+        "  highest gold among the complete ones (ended with the stop token or trimmed to a sentence end), else",
+        f"  the highest gold overall; empty responses are skipped (a prompt with only empty samples is resampled up",
+        f"  to {MAX_ROUNDS - 1} times). Complete kept responses: "
         f"{sft['complete']} of {sft['rows']} (train), {sft_ev['complete']} of {sft_ev['rows']} (eval).",
-        f"- Pairs: 2 samples per prompt; an empty response, or the second of an identical or gold-tied pair,",
-        f"  is resampled (up to {MAX_ROUNDS - 1} rounds; resampled pairs: {pairs['resampled']['empty']} empty, "
-        f"{pairs['resampled']['identical']} identical, {pairs['resampled']['tie']} tied); dropped pairs: "
-        f"{pairs['dropped']}, gold ties kept: {pairs['ties_kept']}. Chosen = higher gold, then each label "
-        f"is swapped with probability {args.label_noise} (seeded RNG). The first "
-        f"{counts['pairs_train.jsonl']} pairs are train, the rest eval.",
+        f"- Pairs: one response per prompt under each of {len(STYLES)} system prompts (styles):",
+        styles,
+        "  The pair rows hold only the user turn, so a reward model sees the responses, never the style.",
+        f"  Candidate pairs (any two of a prompt's {len(STYLES)} responses) need a gold difference of at least "
+        f"{args.min_gap}, both non-empty and",
+        f"  not the same text; up to {args.pairs_per_prompt} are kept per prompt (seeded choice). Training pairs "
+        f"come from the train and reward prompts",
+        f"  ({stats['pairs']['prompts']} prompts, {stats['pairs']['prompts_without_pair']} without a pair), "
+        f"held-out pairs from the reward_eval prompts ({stats['pairs_heldout']['prompts']} prompts, "
+        f"{stats['pairs_heldout']['prompts_without_pair']} without a pair),",
+        "  the same way. Chosen = higher gold, then each label is swapped with probability "
+        f"{args.label_noise} (seeded RNG).",
+        "- Mean gold by style (training pair prompts): " + ", ".join(f"{n} {_fmt(g)}" for n, g in by_style.items())
+        + ".",
         "- Only the data-generation process lets bitsandbytes use its bf16 CPU kernel for speed "
         f"({'on' if args.bf16_kernel else 'off'} for this run); it never trains. On another CPU type or on a GPU "
         "the sampled text can differ.",
-        "- Speed (2 shared CPU cores, 48 new tokens, seconds per sample, best of 2 interleaved runs of",
+        f"- Time: {timing['total_s'] / 60:.1f} minutes on this machine's 2 CPU cores ({timing['samples']} samples, "
+        f"{timing['s_per_sample']} s per sample).",
+        "  Batch size (48 new tokens, seconds per sample, best of 2 interleaved runs of",
         "  `python -m pipeline.datagen --benchmark`): batch 8: 0.48 with the bf16 kernel vs 0.68 without;",
         "  batch 16: 0.36 vs 0.44; batch 32: 0.31 vs 0.32. Batch 32 is the default. The thread count",
         "  (`--threads`) changes speed only, not the files.",
@@ -562,12 +594,12 @@ def render_readme(args, info, sizes: dict, counts: dict, stats: dict, command: s
         f"| SFT train: each prompt's first sample | {_fmt(sft['mean_gold_first_sample'])} |",
         f"| SFT eval: best-of-{args.n_best} (kept) | {_fmt(sft_ev['mean_gold_best'])} |",
         f"| SFT eval: a single sample (mean over all samples) | {_fmt(sft_ev['mean_gold_all_samples'])} |",
-        f"| pairs train: chosen / rejected | {_fmt(ptr['mean_gold_chosen'])} / {_fmt(ptr['mean_gold_rejected'])} |",
-        f"| pairs eval: chosen / rejected | {_fmt(pev['mean_gold_chosen'])} / {_fmt(pev['mean_gold_rejected'])} |",
+        f"| pairs train: chosen / rejected (gold gap {_fmt(ptr['mean_gold_gap'])}) | {_fmt(ptr['mean_gold_chosen'])} / {_fmt(ptr['mean_gold_rejected'])} |",
+        f"| pairs eval: chosen / rejected (gold gap {_fmt(pev['mean_gold_gap'])}) | {_fmt(pev['mean_gold_chosen'])} / {_fmt(pev['mean_gold_rejected'])} |",
         "",
         f"Labels flipped by noise: {ptr['flipped']} of {ptr['n']} train pairs, {pev['flipped']} of {pev['n']} "
         f"eval pairs; the labels agree with gold on {_fmt_pct(ptr['label_agrees_with_gold'])} (train) and "
-        f"{_fmt_pct(pev['label_agrees_with_gold'])} (eval) of the pairs.",
+        f"{_fmt_pct(pev['label_agrees_with_gold'])} (eval) of the pairs. Gold gap = mean |gold_chosen - gold_rejected|.",
         "",
         "## License",
         "",
@@ -637,7 +669,7 @@ def generate_data(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     sizes = dict(QUICK_SPLITS if args.quick else SPLITS)
     sizes["sft_eval"] = QUICK_SFT_EVAL_PROMPTS if args.quick else SFT_EVAL_PROMPTS
-    splits = build_prompts(args.seed, {k: sizes[k] for k in ("train", "reward", "eval")})
+    splits = build_prompts(args.seed, {k: sizes[k] for k in SPLIT_NAMES})
 
     model, tok, info, n_fast = load_sampling_model(args.model, bf16_kernel=args.bf16_kernel)
     t_loaded = time.perf_counter()
@@ -646,7 +678,9 @@ def generate_data(args) -> dict:
           f"{torch.get_num_threads()}", flush=True)
 
     sft_eval_prompts = splits["eval"][:sizes["sft_eval"]]
-    planned = (len(splits["train"]) + len(sft_eval_prompts)) * args.n_best + 2 * len(splits["reward"])
+    pair_prompts = splits["train"] + splits["reward"]
+    planned = ((len(splits["train"]) + len(sft_eval_prompts)) * args.n_best
+               + len(STYLES) * (len(pair_prompts) + len(splits["reward_eval"])))
     bar = tqdm(total=planned, unit="sample", desc="datagen", mininterval=2.0, file=sys.stderr,
                dynamic_ncols=True)
     sampler = Sampler(model, tok, args.max_new_tokens, args.temperature, args.batch_size, args.seed,
@@ -660,19 +694,22 @@ def generate_data(args) -> dict:
     sft_eval_rows, stats["sft_eval"] = best_of_n(sampler, sft_eval_prompts, args.n_best, "sft_eval")
     phase_seconds["sft_eval"] = time.perf_counter() - t
     t = time.perf_counter()
-    items, stats["pairs"] = sample_pairs(sampler, splits["reward"], "pairs")
+    items, stats["pairs"] = sample_style_pairs(sampler, pair_prompts, "pairs", args.min_gap,
+                                               args.pairs_per_prompt, args.seed)
+    items_eval, stats["pairs_heldout"] = sample_style_pairs(sampler, splits["reward_eval"], "pairs_eval",
+                                                            args.min_gap, args.pairs_per_prompt, args.seed)
     phase_seconds["pairs"] = time.perf_counter() - t
     bar.close()
 
-    pair_rows = label_pairs(items, args.label_noise, args.seed)
-    n_eval_pairs = round(len(splits["reward"]) * PAIRS_EVAL_FRACTION)
-    n_train_pairs = max(len(pair_rows) - n_eval_pairs, 0)
-    pairs_train, pairs_eval = pair_rows[:n_train_pairs], pair_rows[n_train_pairs:]
+    # Label noise: one seeded draw per pair, train pairs first, so both files follow one stream.
+    pair_rows = label_pairs(items + items_eval, args.label_noise, args.seed)
+    pairs_train, pairs_eval = pair_rows[:len(items)], pair_rows[len(items):]
     stats["pairs_train"], stats["pairs_eval"] = pair_stats(pairs_train), pair_stats(pairs_eval)
     stats["sampling"] = {"samples": sampler.n_samples, **sampler.counts}
 
     contents = {
         "prompts_train.jsonl": [{"prompt": p} for p in splits["train"]],
+        "prompts_tune.jsonl": [{"prompt": p} for p in splits["tune"]],
         "prompts_eval.jsonl": [{"prompt": p} for p in splits["eval"]],
         "sft_train.jsonl": sft_rows,
         "sft_eval.jsonl": sft_eval_rows,
@@ -683,13 +720,13 @@ def generate_data(args) -> dict:
         write_jsonl(out / name, rows)
     counts = {k: len(v) for k, v in contents.items()}
     command = "python -m pipeline.datagen " + " ".join(_cli_args(args))
-    (out / "README.md").write_text(render_readme(args, info, sizes, counts, stats, command), encoding="utf-8")
-
     total = time.perf_counter() - t_start
     timing = {"total_s": round(total, 1), "load_s": round(t_loaded - t_start, 1),
               "sampling_s": round(sampler.seconds, 1), "samples": sampler.n_samples,
               "s_per_sample": round(sampler.seconds / max(sampler.n_samples, 1), 3),
               **{f"{k}_s": round(v, 1) for k, v in phase_seconds.items()}}
+    (out / "README.md").write_text(render_readme(args, info, sizes, counts, stats, command, timing),
+                                   encoding="utf-8")
     print(f"[datagen] wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
     print(f"[datagen] gold: SFT best-of-{args.n_best} {_fmt(stats['sft_train']['mean_gold_best'])} vs single "
           f"sample {_fmt(stats['sft_train']['mean_gold_all_samples'])}; pairs train chosen "
@@ -707,7 +744,8 @@ def _cli_args(args) -> list[str]:
     parts += ["--seed", str(args.seed)]
     defaults = build_parser().parse_args([])
     # --threads is left out: it changes speed, not the output (checked: same files with 1 and 2 threads).
-    for key in ("model", "n_best", "label_noise", "batch_size", "max_new_tokens", "temperature"):
+    for key in ("model", "n_best", "label_noise", "min_gap", "pairs_per_prompt", "batch_size", "max_new_tokens",
+                "temperature"):
         if getattr(args, key) != getattr(defaults, key):
             parts += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.quick:
@@ -723,11 +761,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data", help="output folder (default: data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    p.add_argument("--label-noise", type=float, default=0.2, help="probability of swapping a pair's label")
+    # Some noise keeps the learned reward an imperfect proxy of gold, so over-optimisation can show.
+    p.add_argument("--label-noise", type=float, default=0.1, help="probability of swapping a pair's label")
+    p.add_argument("--min-gap", type=float, default=0.1,
+                   help="smallest gold difference between the two responses of a pair")
+    p.add_argument("--pairs-per-prompt", type=int, default=4,
+                   help=f"most pairs kept per prompt (of the {len(STYLES) * (len(STYLES) - 1) // 2} a prompt's "
+                        f"{len(STYLES)} styled responses can make)")
     p.add_argument("--n-best", type=int, default=4, help="samples per SFT prompt; the best gold is kept")
     # 32 was the fastest per sample of 8/16/32 here (README); the batch size changes the samples.
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=0.9)
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is steadier when other processes share the cores")
@@ -743,8 +787,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.n_best < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
-        raise SystemExit("--n-best, --batch-size and --max-new-tokens must be >= 1")
+    if min(args.n_best, args.batch_size, args.max_new_tokens, args.pairs_per_prompt) < 1:
+        raise SystemExit("--n-best, --batch-size, --max-new-tokens and --pairs-per-prompt must be >= 1")
+    if not 0.0 <= args.min_gap <= 2.0:
+        raise SystemExit(f"--min-gap must be in [0, 2] (gold is in [-1, 1]), got {args.min_gap}")
     import torch
 
     threads = torch.get_num_threads()

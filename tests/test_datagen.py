@@ -26,9 +26,10 @@ def test_prompt_pool_is_deduplicated_and_short():
 
 def test_build_prompts_deterministic_splits():
     a = datagen.build_prompts(0)
-    assert {k: len(v) for k, v in a.items()} == {"train": 300, "reward": 200, "eval": 100}
-    everything = a["train"] + a["reward"] + a["eval"]
-    assert len(set(everything)) == 600  # disjoint splits
+    assert {k: len(v) for k, v in a.items()} == {"train": 300, "tune": 50, "reward": 302, "reward_eval": 90,
+                                                "eval": 100}
+    everything = [p for k in datagen.SPLIT_NAMES for p in a[k]]
+    assert len(set(everything)) == 842  # disjoint splits
     assert datagen.build_prompts(0) == a
     b = datagen.build_prompts(1)
     assert b["train"] != a["train"]
@@ -62,6 +63,24 @@ def test_label_pair_orientation():
         == ("bad", "good", -0.2, 0.8, True)
 
 
+def test_label_pair_records_styles_with_the_response():
+    # b has the higher gold, so it is chosen; the flip swaps text, gold and style together
+    row = datagen.label_pair("p", "meh", "yay", 0.1, 0.9, "dry", "upbeat", flip=False)
+    assert (row["chosen"], row["style_chosen"], row["rejected"], row["style_rejected"]) == ("yay", "upbeat", "meh", "dry")
+    row = datagen.label_pair("p", "meh", "yay", 0.1, 0.9, "dry", "upbeat", flip=True)
+    assert (row["chosen"], row["gold_chosen"], row["style_chosen"]) == ("meh", 0.1, "dry")
+
+
+def test_pair_candidates_gap_empty_and_identical():
+    golds = [0.9, 0.5, None, 0.45, 0.85]
+    texts = ["a", "b", "", "c", "A "]
+    # |0.9-0.5|=0.4 ok; (0,2) empty; |0.9-0.45|=0.45 ok; (0,4) same text; |0.5-0.45|=0.05 < 0.1;
+    # |0.5-0.85|=0.35 ok; |0.45-0.85|=0.4 ok
+    assert datagen.pair_candidates(golds, texts, 0.1) == [(0, 1), (0, 3), (1, 4), (3, 4)]
+    assert datagen.pair_candidates(golds, texts, 0.04) == [(0, 1), (0, 3), (1, 3), (1, 4), (3, 4)]
+    assert datagen.pair_candidates(golds, texts, 0.41) == [(0, 3)]
+
+
 def test_label_noise_deterministic_and_rate():
     items = _synthetic_items(5000)
     rows = datagen.label_pairs(items, 0.2, seed=0)
@@ -91,7 +110,8 @@ def test_tidy_trims_truncated_responses_only():
 def test_quick_mode_writes_all_files(tmp_path):
     out = tmp_path / "data"
     argv = ["--quick", "--out", str(out), "--model", "embedded:tiny-random-llama", "--max-new-tokens", "8",
-            "--seed", "3", "--batch-size", "8", "--threads", "1"]  # 1 thread: steady on shared cores
+            "--seed", "3", "--batch-size", "8", "--threads", "1",  # 1 thread: steady on shared cores
+            "--min-gap", "0"]  # the random model's text almost always has gold 0: pairs of any gap
     assert datagen.main(argv) == 0
     rows = {}
     for name in datagen.FILES:
@@ -115,7 +135,11 @@ def test_quick_mode_writes_all_files(tmp_path):
     assert [r["messages"][0]["content"] for r in rows["sft_train.jsonl"]] == train_prompts
     for name in ("pairs_train.jsonl", "pairs_eval.jsonl"):
         for r in rows[name]:
-            assert set(r) == {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected", "flipped"}
+            assert set(r) == {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected", "flipped",
+                              "style_chosen", "style_rejected"}
+            assert {r["style_chosen"], r["style_rejected"]} <= set(datagen.STYLES)
+            assert r["style_chosen"] != r["style_rejected"]
+            assert r["style_chosen"] in datagen.STYLES
             assert r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"]
             assert isinstance(r["flipped"], bool)
             assert all(math.isfinite(r[k]) and -1 <= r[k] <= 1 for k in ("gold_chosen", "gold_rejected"))
@@ -133,7 +157,8 @@ def test_quick_mode_writes_all_files(tmp_path):
 
 def _check_with_loaders(folder):
     from pipeline import data
-    for name, loader in (("prompts_train.jsonl", data.load_prompts), ("prompts_eval.jsonl", data.load_prompts),
+    for name, loader in (("prompts_train.jsonl", data.load_prompts), ("prompts_tune.jsonl", data.load_prompts),
+                         ("prompts_eval.jsonl", data.load_prompts),
                          ("sft_train.jsonl", data.load_sft), ("sft_eval.jsonl", data.load_sft),
                          ("pairs_train.jsonl", data.load_pairs), ("pairs_eval.jsonl", data.load_pairs)):
         rows, report = loader(str(folder / name))
@@ -145,16 +170,19 @@ def test_committed_data_is_valid():
     from pathlib import Path
 
     folder = Path(__file__).resolve().parent.parent / "data"
-    expected = {"prompts_train.jsonl": 300, "prompts_eval.jsonl": 100, "sft_train.jsonl": 300,
-                "sft_eval.jsonl": 40, "pairs_train.jsonl": 160, "pairs_eval.jsonl": 40}
     rows = {n: [json.loads(line) for line in (folder / n).read_text(encoding="utf-8").splitlines()]
-            for n in expected}
-    assert {n: len(r) for n, r in rows.items()} == expected
+            for n in datagen.FILES}
+    expected = {"prompts_train.jsonl": 300, "prompts_tune.jsonl": 50, "prompts_eval.jsonl": 100,
+                "sft_train.jsonl": 300, "sft_eval.jsonl": 40}
+    assert {n: len(rows[n]) for n in expected} == expected
+    # the floor: at least 2,000 training and 300 held-out preference pairs
+    assert len(rows["pairs_train.jsonl"]) >= 2000 and len(rows["pairs_eval.jsonl"]) >= 300
     splits = datagen.build_prompts(0)
-    assert [r["prompt"] for r in rows["prompts_train.jsonl"]] == splits["train"]
-    assert [r["prompt"] for r in rows["prompts_eval.jsonl"]] == splits["eval"]
-    assert [r["prompt"] for r in rows["pairs_train.jsonl"] + rows["pairs_eval.jsonl"]] == splits["reward"]
+    for name in ("train", "tune", "eval"):
+        assert [r["prompt"] for r in rows[f"prompts_{name}.jsonl"]] == splits[name]
+    assert {r["prompt"] for r in rows["pairs_train.jsonl"]} <= set(splits["train"] + splits["reward"])
+    assert {r["prompt"] for r in rows["pairs_eval.jsonl"]} <= set(splits["reward_eval"])
     for r in rows["pairs_train.jsonl"] + rows["pairs_eval.jsonl"]:
-        assert r["gold_chosen"] != r["gold_rejected"]
+        assert abs(r["gold_chosen"] - r["gold_rejected"]) >= 0.1
         assert (r["gold_chosen"] > r["gold_rejected"]) == (not r["flipped"])
     _check_with_loaders(folder)
