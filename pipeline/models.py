@@ -269,10 +269,42 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AMX or AVX512-BF16).
+
+    There bf16 matmuls ran 3-6x faster than float32 at the embedded model's shapes (1.1-2.0 vs
+    0.23-0.33 TFLOP/s measured on 2 cores) and PPO steps 1.8x faster in 0.6x the memory. Without
+    them torch emulates bf16 and it is slower than float32.
+    """
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:
+        return any(check() for check in checks if check is not None)
+    except RuntimeError:
+        return False
+
+
 def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """"auto": bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16 (:func:`cpu_has_fast_bf16`), float32
+    elsewhere; otherwise the named dtype."""
     if cfg.compute_dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
+            return torch.bfloat16
+        return torch.float32
     return getattr(torch, cfg.compute_dtype)
+
+
+def describe_precision(cfg: ModelConfig, device: torch.device) -> str:
+    """One log line saying which compute dtype a stage uses and why."""
+    dtype = str(compute_dtype(cfg, device)).replace("torch.", "")
+    if cfg.compute_dtype != "auto":
+        return f"compute dtype {dtype} (model.compute_dtype={cfg.compute_dtype})"
+    if device.type == "cuda":
+        return f"compute dtype {dtype} (auto: CUDA)"
+    if dtype == "bfloat16":
+        return f"compute dtype {dtype} (auto: this CPU has AMX/AVX512-BF16)"
+    return (f"compute dtype {dtype} (auto: this CPU has no AMX/AVX512-BF16, where bf16 would be emulated and "
+            "slower; set model.compute_dtype=bfloat16 to force it)")
 
 
 def attn_implementation(cfg: ModelConfig, device: torch.device) -> Optional[str]:
@@ -439,6 +471,7 @@ def load_base(cfg: ModelConfig, kind: str = "causal", device: Optional[torch.dev
     attn = attn_implementation(cfg, device)
     if attn:
         kwargs["attn_implementation"] = attn
+    print(f"[model] {cfg.name}: {describe_precision(cfg, device)}", flush=True)
     tok = load_tokenizer(path)
     if kind == "causal":
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -458,11 +491,40 @@ def load_base(cfg: ModelConfig, kind: str = "causal", device: Optional[torch.dev
     return model, tok, info
 
 
-def lora_config(section: LoraConfigSection, task_type: str = "CAUSAL_LM", **extra):
+def lora_config(section: LoraConfigSection, task_type: str = "CAUSAL_LM", model=None, **extra):
+    """peft LoraConfig for a config section; ``model`` (its config's num_hidden_layers) is needed when
+    ``section.top_layers`` limits the adapter to the top layers."""
     from peft import LoraConfig
 
+    targets = section.target_modules
+    if section.top_layers:
+        n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        if n is None:
+            raise ValueError("lora.top_layers needs the model (its config.num_hidden_layers)")
+        extra["layers_to_transform"] = list(range(max(n - section.top_layers, 0), n))
+        if targets == "all-linear":  # peft takes layers_to_transform only with explicit module names
+            targets = _decoder_linear_names(model)
     return LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout, bias=section.bias,
-                      target_modules=section.target_modules, task_type=task_type, **extra)
+                      target_modules=targets, task_type=task_type, **extra)
+
+
+def _decoder_linear_names(model: torch.nn.Module) -> list[str]:
+    """Names of the linear modules inside the decoder layers (``layers.<i>.``), e.g. q_proj ... down_proj:
+    what peft's "all-linear" selects there."""
+    import re
+
+    linear = (torch.nn.Linear,)
+    try:
+        import bitsandbytes as bnb
+
+        linear += (bnb.nn.Linear4bit,)
+    except ImportError:
+        pass
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+             if isinstance(m, linear) and re.search(r"(^|\.)layers\.\d+\.", name)}
+    if not names:
+        raise ValueError("lora.top_layers: found no linear modules inside numbered decoder layers")
+    return sorted(names)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -535,6 +597,12 @@ def dense_weight_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
     layers.update({id(m.get_base_layer()): m.get_base_layer() for m in model.modules() if isinstance(m, LoraLayer)})
     size = torch.empty((), dtype=dtype).element_size()
     return sum(_logical_numel(m.weight) * size for m in layers.values())
+
+
+def sample_from_merged(model: torch.nn.Module, mode: str, max_gb: float, dtype: torch.dtype) -> bool:
+    """Whether sampling should use :func:`merged_linear_weights` (``ppo.rollout_weights``): always for
+    "merged", never for "adapters", and for "auto" when the dense copy takes at most ``max_gb``."""
+    return mode == "merged" or (mode == "auto" and dense_weight_bytes(model, dtype) <= max_gb * 2**30)
 
 
 def _logical_numel(weight) -> int:

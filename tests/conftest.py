@@ -24,9 +24,18 @@ def tiny_path() -> str:
 
 @pytest.fixture
 def tiny_model_cfg():
+    """The float32 path, pinned (``compute_dtype: auto`` is bf16 on CPUs with AMX/AVX512-BF16)."""
     from pipeline.config import ModelConfig
 
-    return ModelConfig(name=TINY, load_in_4bit=True)
+    return ModelConfig(name=TINY, load_in_4bit=True, compute_dtype="float32")
+
+
+@pytest.fixture(params=["float32", "bfloat16"])
+def tiny_model_cfg_both(request):
+    """The same model in each compute precision, for invariants that must hold in both."""
+    from pipeline.config import ModelConfig
+
+    return ModelConfig(name=TINY, load_in_4bit=True, compute_dtype=request.param)
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,7 @@ class Run:
 
 
 def _pipeline_cfg(**fuse_overrides) -> PipelineConfig:
-    cfg = PipelineConfig(model=ModelConfig(name=TINY))
+    cfg = PipelineConfig(model=ModelConfig(name=TINY))  # auto precision: the fuse stage checks in float32
     for k, v in fuse_overrides.items():
         setattr(cfg.fuse, k, v)
     return cfg
@@ -42,7 +42,7 @@ def _logits(model, ids) -> torch.Tensor:
 
 
 def _nf4_base():
-    return models.load_base(ModelConfig(name=TINY))
+    return models.load_base(ModelConfig(name=TINY, compute_dtype="float32"))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def run(tmp_path_factory) -> Run:
         sft_logits = _logits(pm, ids)
     with models.active_adapters(pm, ["sft", "ppo"]):
         stacked = _logits(pm, ids)
-    full, _, _ = models.load_base(ModelConfig(name=TINY, load_in_4bit=False))
+    full, _, _ = models.load_base(ModelConfig(name=TINY, load_in_4bit=False, compute_dtype="float32"))
     full_stacked = _logits(models.stack_adapters(full, {"sft": run_dir / "sft", "ppo": run_dir / "ppo"}), ids)
     return Run(run_dir, ids, base_logits, sft_logits, stacked, full_stacked)
 
