@@ -1,7 +1,17 @@
-"""Stage 2: a reward model (LoRA + score head on the NF4 base) trained with trl's RewardTrainer,
-and the scorer that serves it as a reward plugin, on its own base or on the policy's in-memory base."""
+"""Stage 2: a reward model (LoRA + linear score head on the NF4 base) trained on preference pairs with
+the pairwise (Bradley-Terry) loss, and the scorer that serves it as a reward plugin, on its own base or
+on the policy's in-memory base.
+
+The head reads the final hidden states **averaged over the response tokens** (``reward.pooling:
+mean``). The usual last-token pooling (trl's RewardTrainer, AutoModelForSequenceClassification) did
+not learn the default task within an epoch of 2,304 pairs: training loss stayed at log 2 and held-out
+accuracy against gold reached 0.69 (README "Reward model"). With mean pooling a linear head sees a
+bag of the response's token features from the first step. Reward models trained by earlier versions
+(last-token, recorded in their manifest) still load and score as they were trained.
+"""
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -13,21 +23,53 @@ from pipeline import data, models
 from pipeline.artifacts import (ArtifactError, MetricsLogger, atomic_output, is_complete, read_manifest,
                                 write_manifest)
 from pipeline.config import ModelConfig, PipelineConfig
-from pipeline.rollout import last_hidden_at, left_pad
-from pipeline.trainer_utils import JsonlMetrics, restore_fp32_trainables, trainer_precision_kwargs
+from pipeline.rollout import last_hidden_at, left_pad, response_pooled_hidden
+from pipeline.trainer_utils import restore_fp32_trainables
 
 REWARD_ADAPTER = "reward"
+POOLINGS = ("mean", "last")
+
+
+def encode_conversation(tokenizer, conv: list[dict], response: str, max_length: int) -> tuple[list[int], int, bool]:
+    """Token ids of ``conv`` + the assistant ``response`` (chat template), the index where the response
+    starts, and whether the row was cut: a row over ``max_length`` tokens loses tokens from the left
+    (the start of the prompt), so the response and the prompt's end are kept."""
+    full = tokenizer.apply_chat_template(conv + [{"role": "assistant", "content": response}], tokenize=True,
+                                         return_dict=False)
+    prompt = tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=False)
+    full = list(full["input_ids"] if hasattr(full, "keys") else full)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    start = len(prompt) if full[:len(prompt)] == prompt else len(full) - 1
+    cut = max(len(full) - max_length, 0)
+    return full[cut:], max(start - cut, 0), cut > 0
+
+
+def pooled_features(model, encoded: Sequence[tuple[list[int], int]], pad_id: int, pooling: str) -> torch.Tensor:
+    """(B, H) float32 features the score head reads for left-padded rows ``(ids, response_start)``."""
+    ids, mask = left_pad([e[0] for e in encoded], pad_id)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    if pooling == "last":
+        last = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=device)
+        return last_hidden_at(model, ids, mask, last).float()
+    width = ids.shape[1]
+    pos = torch.arange(width, device=device).unsqueeze(0)
+    starts = torch.tensor([width - len(i) + s for i, s in encoded], device=device).unsqueeze(1)
+    return response_pooled_hidden(model, ids, mask, (pos >= starts) & mask.bool())
 
 
 class RewardModelScorer:
     """A reward plugin (prompts, responses -> scores) backed by a LoRA reward adapter + linear head.
 
-    The conversation is rendered with the chat template exactly as trl's RewardTrainer renders it
-    during training, and the head reads the final hidden state of the last token.
+    The conversation is rendered with the chat template exactly as in training; the head reads the
+    final hidden states pooled as the model was trained (``pooling``: mean over the response tokens,
+    or the last token for reward models trained with trl's RewardTrainer).
     """
 
     def __init__(self, model, tokenizer, head_weight: torch.Tensor, head_bias: Optional[torch.Tensor] = None,
-                 adapter: str = REWARD_ADAPTER, batch_size: int = 16, max_length: int = 1024):
+                 adapter: str = REWARD_ADAPTER, batch_size: int = 16, max_length: int = 1024, pooling: str = "mean"):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.model = model
         self.tokenizer = tokenizer
         device = next(model.parameters()).device
@@ -36,30 +78,27 @@ class RewardModelScorer:
         self.adapter = adapter
         self.batch_size = batch_size
         self.max_length = max_length
+        self.pooling = pooling
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str],
-               prompt_messages: Optional[Sequence[list[dict]]] = None) -> list[list[int]]:
+               prompt_messages: Optional[Sequence[list[dict]]] = None) -> list[tuple[list[int], int]]:
         out = []
         for i, (p, r) in enumerate(zip(prompts, responses)):
             conv = list(prompt_messages[i]) if prompt_messages is not None else [{"role": "user", "content": p}]
-            ids = self.tokenizer.apply_chat_template(conv + [{"role": "assistant", "content": r}], tokenize=True,
-                                                     return_dict=False)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-            out.append(ids[-self.max_length:])
+            ids, start, _ = encode_conversation(self.tokenizer, conv, r, self.max_length)
+            out.append((ids, start))
         return out
 
     @torch.no_grad()
-    def score_ids(self, seqs: list[list[int]]) -> torch.Tensor:
+    def score_ids(self, seqs: list[tuple[list[int], int]]) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()
         scores = []
         try:
             with models.active_adapters(self.model, [self.adapter]):
                 for s in range(0, len(seqs), self.batch_size):
-                    ids, mask = left_pad(seqs[s:s + self.batch_size], self.tokenizer.pad_token_id)
-                    device = self.head_weight.device
-                    last = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=device)
-                    h = last_hidden_at(self.model, ids.to(device), mask.to(device), last).float()
+                    h = pooled_features(self.model, seqs[s:s + self.batch_size], self.tokenizer.pad_token_id,
+                                        self.pooling)
                     v = h @ self.head_weight.T
                     if self.head_bias is not None:
                         v = v + self.head_bias
@@ -97,13 +136,20 @@ def load_reward_scorer(path: str | Path, host=None, batch_size: int = 16) -> Rew
         raise ArtifactError(f"{path} is a '{manifest.get('stage')}' output, not a reward model")
     if host is not None:
         model, tok, base = host
+        trained_in = manifest["base"].get("quantization", {}).get("compute_dtype")
+        used_in = base.quantization.get("compute_dtype")
+        if trained_in and used_in and trained_in != used_in:
+            # Measured: an fp32-trained reward model read bf16 hidden states with a ~0.12 offset.
+            print(f"[reward] note: {path} was trained in {trained_in} and now scores in {used_in}; its scores "
+                  "shift with the precision. Train the reward model in the precision PPO uses.", flush=True)
         if (manifest["base"].get("weights_sha256") == base.weights_sha256
                 and manifest["base"].get("tokenizer_sha256") == base.tokenizer_sha256
                 and isinstance(model, PeftModel)):
             if REWARD_ADAPTER not in model.peft_config:
                 state = models.attach_adapter(model, path, REWARD_ADAPTER)
                 model._rlhf_reward_head = _head_from_state(state, str(path))
-            return RewardModelScorer(model, tok, *model._rlhf_reward_head, batch_size=batch_size)
+            return RewardModelScorer(model, tok, *model._rlhf_reward_head, batch_size=batch_size,
+                                     pooling=_pooling(manifest))
     mcfg = ModelConfig(**manifest["config"]["model"])
     base_model, tok, _ = models.load_base(mcfg)
     from peft import get_peft_model
@@ -113,7 +159,16 @@ def load_reward_scorer(path: str | Path, host=None, batch_size: int = 16) -> Rew
         models.LoraConfigSection(r=1, target_modules=["q_proj"])), adapter_name="unused")
     state = models.attach_adapter(peft_model, path, REWARD_ADAPTER)
     peft_model.delete_adapter("unused")
-    return RewardModelScorer(peft_model, tok, *_head_from_state(state, str(path)), batch_size=batch_size)
+    return RewardModelScorer(peft_model, tok, *_head_from_state(state, str(path)), batch_size=batch_size,
+                             pooling=_pooling(manifest))
+
+
+def _pooling(manifest: dict) -> str:
+    """How the saved reward model pools hidden states; "last" for models from before mean pooling."""
+    pooling = manifest.get("pooling", "last")
+    if pooling not in POOLINGS:
+        raise ArtifactError(f"reward model pooling {pooling!r} is not one of {POOLINGS}")
+    return pooling
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -132,35 +187,98 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float((ra @ rb) / (ra.norm() * rb.norm()).clamp_min(1e-12))
 
 
-def pair_metrics(scorer: RewardModelScorer, rows: list[dict], gold_flipped: Optional[list[bool]] = None) -> dict:
-    """Held-out pairwise accuracy and mean margin; with ``gold_flipped``, accuracy against gold too."""
+def accuracy_se(correct: int, n: int) -> float:
+    """Binomial standard error of an accuracy, sqrt(p (1 - p) / n); 0.8 on 400 pairs: sqrt(0.16 / 400) = 0.02."""
+    if n == 0:
+        return float("nan")
+    p = correct / n
+    return (p * (1 - p) / n) ** 0.5
+
+
+def pair_metrics(scorer: RewardModelScorer, rows: list[dict], gold: Optional[list[tuple[float, float]]] = None,
+                 gold_min_gap: float = 0.05) -> dict:
+    """Held-out pairwise accuracy against the labels, and mean margin; with ``gold`` (per pair, the gold
+    scores of chosen and rejected) also accuracy against gold over the pairs whose gold differs by at
+    least ``gold_min_gap`` (near-ties have no meaningful order). Accuracies come with n and SE."""
     convs = [r["prompt"] for r in rows]
-    chosen = scorer.score_ids(scorer.encode([""] * len(rows), [r["chosen"][0]["content"] for r in rows], convs))
-    rejected = scorer.score_ids(scorer.encode([""] * len(rows), [r["rejected"][0]["content"] for r in rows], convs))
-    margin = chosen - rejected
-    out = {"accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()),
-           "n_pairs": len(rows)}
-    if gold_flipped is not None:
-        gold_sign = torch.tensor([-1.0 if f else 1.0 for f in gold_flipped])
-        out["accuracy_vs_gold"] = float(((margin * gold_sign) > 0).float().mean())
+    n = len(rows)
+    texts = [r["chosen"][0]["content"] for r in rows] + [r["rejected"][0]["content"] for r in rows]
+    scores = scorer.score_ids(scorer.encode([""] * 2 * n, texts, convs + convs))
+    margin = scores[:n] - scores[n:]
+    correct = int((margin > 0).sum())
+    out = {"accuracy": correct / n, "accuracy_se": accuracy_se(correct, n), "accuracy_n": n,
+           "margin": float(margin.mean()), "n_pairs": n}
+    if gold is not None:
+        gap = torch.tensor([c - r for c, r in gold], dtype=torch.float64)
+        # gold is rounded to 4 decimals in the data files; round the gap too so 0.05 counts as 0.05.
+        keep = gap.abs().round(decimals=4) >= gold_min_gap
+        agree = ((margin.double() * gap.sign()) > 0)[keep]
+        k = int(keep.sum())
+        out.update({"accuracy_vs_gold": float(agree.double().mean()) if k else float("nan"),
+                    "accuracy_vs_gold_se": accuracy_se(int(agree.sum()), k), "accuracy_vs_gold_n": k,
+                    "accuracy_vs_gold_min_gap": gold_min_gap})
     return out
 
 
-def _gold_flips(source: str, n: int) -> Optional[list[bool]]:
-    """The shipped pairs record whether the label was flipped from the gold order (data/README.md)."""
+def _pair_gold(source: str, n: int, skipped: int = 0) -> Optional[list[tuple[float, float]]]:
+    """(gold_chosen, gold_rejected) of the first ``n`` pairs, for pair files that record them
+    (data/README.md); None when the file has no gold or rows were skipped (the rows would not line up)."""
+    if skipped:
+        return None
     try:
-        rows = [r for _, r in data.read_rows(source)]
+        rows = [r for _, r in data.read_rows(source, max_rows=n)]
     except Exception:
         return None
-    flips = [r.get("flipped") for r in rows]
-    if len(flips) != n or any(not isinstance(f, bool) for f in flips):
+    if len(rows) != n:
         return None
-    return flips
+    out = []
+    for r in rows:
+        c, j = r.get("gold_chosen"), r.get("gold_rejected")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (c, j)):
+            return None
+        out.append((float(c), float(j)))
+    return out
+
+
+def spearman_on_sft_samples(scorer: RewardModelScorer, sft_dir: Path) -> Optional[dict]:
+    """Rank correlation between the reward model and gold on responses the SFT policy sampled for the
+    eval prompts (``sft/gold_samples.jsonl``, written by the SFT stage); None when there are none."""
+    path = sft_dir / "gold_samples.jsonl"
+    if not path.is_file():
+        return None
+    rows = [r for _, r in data.read_rows(str(path)) if r.get("model") == "sft"]
+    if len(rows) < 3:
+        return None
+    learned = scorer([r["prompt"] for r in rows], [r["response"] for r in rows])
+    return {"spearman_vs_gold_sft_samples": _spearman(learned, [r["gold"] for r in rows]),
+            "spearman_vs_gold_sft_samples_n": len(rows)}
+
+
+def lr_at(step: int, total: int, warmup: int, kind: str) -> float:
+    """Learning-rate multiplier after ``step`` optimizer steps: linear warm-up over ``warmup`` steps, then
+    "cosine" (to 0 at ``total``), "linear" (to 0) or "constant". E.g. total 10, warmup 2, cosine:
+    step 1 -> 0.5, step 2 -> 1, step 6 -> (1 + cos(pi * 4 / 8)) / 2 = 0.5, step 10 -> 0."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1) if warmup else 1.0
+    if kind == "constant":
+        return 1.0
+    frac = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    return 1.0 - frac if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, center: float = 0.0) -> torch.Tensor:
+    """Bradley-Terry loss -log sigmoid(r_c - r_r), mean over pairs (Ouyang et al. 2022, eq. 1), plus
+    ``center`` * mean((r_c + r_r)^2) to keep rewards near 0 (Eisenstein et al. 2023; trl's
+    center_rewards_coefficient). Margins (2, 0): (-log sigmoid(2) - log sigmoid(0)) / 2 = (0.1269 + 0.6931) / 2."""
+    loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+    if center:
+        loss = loss + center * ((chosen + rejected) ** 2).mean()
+    return loss
 
 
 def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -> Path:
-    from datasets import Dataset
-    from trl import RewardConfig, RewardTrainer
+    from peft import get_peft_model
+    from tqdm.auto import tqdm
 
     out = Path(run_dir) / "reward"
     if is_complete(out) and not overwrite:
@@ -176,45 +294,99 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
         if rep is not None:
             print(f"[reward] {rep.summary()}", flush=True)
 
-    # 2. model: NF4 base as a 1-output sequence classifier + LoRA (score head trained in full)
+    # 2. model: NF4 base + LoRA (top layers) + a linear score head, as one peft SEQ_CLS adapter
     model, tok, base = models.load_base(cfg.model, kind="seqcls", num_labels=1)
-    device = next(model.parameters()).device
-    dtype = models.compute_dtype(cfg.model, device)
+    torch.manual_seed(rc.seed)
+    peft_model = get_peft_model(model, models.lora_config(rc.lora, task_type="SEQ_CLS", model=model))
+    restore_fp32_trainables(peft_model)  # LoRA and head weights are float32 masters in bf16 compute too
+    head = peft_model.base_model.model.score
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in named if ".score." not in n], "lr": rc.learning_rate},
+         {"params": [p for n, p in named if ".score." in n], "lr": rc.head_learning_rate or rc.learning_rate}],
+        weight_decay=0.0)
+    trainable, total = models.count_parameters(peft_model)
+    print(f"[reward] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); "
+          f"pooling {rc.pooling}", flush=True)
+
+    # Rows are cut from the left to reward.max_length (the response is kept), in training and scoring alike.
+    pad = tok.pad_token_id
+    pairs, cut = [], 0
+    for r in train_rows:
+        c = encode_conversation(tok, r["prompt"], r["chosen"][0]["content"], rc.max_length)
+        j = encode_conversation(tok, r["prompt"], r["rejected"][0]["content"], rc.max_length)
+        cut += c[2] or j[2]
+        pairs.append((c[:2], j[:2]))
+    if cut:
+        print(f"[reward] {cut} of {len(pairs)} training pairs are longer than reward.max_length={rc.max_length} "
+              "tokens and lost tokens from the start of the prompt", flush=True)
+    per_step = rc.batch_size * rc.grad_accum
+    steps = rc.max_steps if rc.max_steps > 0 else max(1, math.ceil(rc.epochs * len(pairs) / per_step))
+    warmup = round(rc.warmup_ratio * steps)
 
     with atomic_output(out, overwrite=overwrite) as tmp:
         logger = MetricsLogger(tmp / "metrics.jsonl", tmp / "tensorboard" if rc.tensorboard else None)
-        args = RewardConfig(
-            output_dir=str(tmp / "trainer"), per_device_train_batch_size=rc.batch_size,
-            per_device_eval_batch_size=rc.batch_size, gradient_accumulation_steps=rc.grad_accum,
-            learning_rate=rc.learning_rate, num_train_epochs=rc.epochs, max_steps=rc.max_steps,
-            lr_scheduler_type=rc.lr_scheduler, warmup_steps=rc.warmup_ratio, logging_steps=rc.logging_steps,
-            save_strategy="no", eval_strategy="no", report_to=[], max_length=rc.max_length,
-            center_rewards_coefficient=rc.center_rewards_coefficient or None, seed=rc.seed, data_seed=rc.seed,
-            dataloader_num_workers=0, **trainer_precision_kwargs(device, dtype))
-        trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
-                                processing_class=tok,
-                                peft_config=models.lora_config(rc.lora, task_type="SEQ_CLS"),
-                                callbacks=[JsonlMetrics(logger, "reward")])
-        restore_fp32_trainables(trainer.model, dtype)
-        trainable, total = models.count_parameters(trainer.model)
-        print(f"[reward] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",
-              flush=True)
 
-        # 3. train
+        # 3. train: shuffled batches of pairs, chosen and rejected rows in one forward
         t_train = time.time()
-        result = trainer.train()
-        metrics: dict = {"trainable_params": trainable, "total_params": total, "train_loss": result.training_loss,
+        gen = torch.Generator().manual_seed(rc.seed)
+        order, cursor, epoch = torch.randperm(len(pairs), generator=gen).tolist(), 0, 0
+        window: dict[str, list[float]] = {}
+        losses = []
+        peft_model.train()
+        bar = tqdm(range(steps), desc="reward", unit="step")
+        for step in bar:
+            for g in optimizer.param_groups:
+                g.setdefault("initial_lr", g["lr"])
+                g["lr"] = g["initial_lr"] * lr_at(step, steps, warmup, rc.lr_scheduler)
+            for _ in range(rc.grad_accum):
+                batch = []
+                while len(batch) < rc.batch_size:
+                    if cursor == len(order):
+                        order, cursor, epoch = torch.randperm(len(pairs), generator=gen).tolist(), 0, epoch + 1
+                    batch.append(pairs[order[cursor]])
+                    cursor += 1
+                feats = pooled_features(peft_model, [b[0] for b in batch] + [b[1] for b in batch], pad, rc.pooling)
+                scores = head(feats.to(head.weight.dtype) if hasattr(head, "weight") else feats).squeeze(-1).float()
+                chosen, rejected = scores[:len(batch)], scores[len(batch):]
+                loss = pairwise_loss(chosen, rejected, rc.center_rewards_coefficient)
+                if not torch.isfinite(loss):
+                    raise ArtifactError(f"reward step {step + 1}: loss is {loss.item()}; lower reward.learning_rate")
+                (loss / rc.grad_accum).backward()
+                for k, v in (("loss", loss.item()), ("accuracy", (chosen > rejected).float().mean().item()),
+                             ("margin", (chosen - rejected).mean().item())):
+                    window.setdefault(k, []).append(v)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            models.release_free_memory()  # the step's freed activations go back to the OS
+            losses.append(window["loss"][-1])
+            if (step + 1) % rc.logging_steps == 0 or step + 1 == steps:
+                row = {f"reward/{k}": sum(v) / len(v) for k, v in window.items()}
+                logger.log({"step": step + 1, **row, "reward/grad_norm": float(grad_norm),
+                            "reward/learning_rate": optimizer.param_groups[0]["lr"],
+                            "reward/epoch": epoch + cursor / len(order),
+                            "time/elapsed": round(time.time() - t_train, 2)}, step=step + 1)
+                bar.set_postfix(loss=f"{row['reward/loss']:.3f}", acc=f"{row['reward/accuracy']:.2f}")
+                window = {}
+        peft_model.eval()
+        metrics: dict = {"trainable_params": trainable, "total_params": total, "steps": steps,
+                         "train_loss": sum(losses) / len(losses), "train_pairs_cut": cut,
                          "train_seconds": round(time.time() - t_train, 1)}
 
         # 4. held-out accuracy and margin, with the same scorer PPO will use
-        score_module = trainer.model.get_base_model().score
-        wrapped = getattr(score_module, "modules_to_save", None)
-        head = wrapped["default"] if wrapped is not None else score_module
-        scorer = RewardModelScorer(trainer.model, tok, head.weight, head.bias, adapter="default")
+        wrapped = getattr(head, "modules_to_save", None)
+        head_module = wrapped["default"] if wrapped is not None else head
+        scorer = RewardModelScorer(peft_model, tok, head_module.weight, head_module.bias, adapter="default",
+                                   max_length=rc.max_length, pooling=rc.pooling)
         if eval_rows:
-            held = pair_metrics(scorer, eval_rows, _gold_flips(cfg.data.pairs_eval, len(eval_rows)))
+            gold = _pair_gold(cfg.data.pairs_eval, len(eval_rows), eval_report.skipped)
+            held = pair_metrics(scorer, eval_rows, gold, rc.gold_min_gap)
             metrics.update({f"eval_{k}": v for k, v in held.items()})
-        if cfg.data.sft_eval:
+        on_sft = spearman_on_sft_samples(scorer, Path(run_dir) / "sft")
+        if on_sft is not None:
+            metrics.update(on_sft)
+        elif cfg.data.sft_eval:
             sft_rows, _ = data.load_sft(cfg.data.sft_eval, **dkw)
             convs = [r["messages"][:-1] for r in sft_rows]
             responses = [r["messages"][-1]["content"] for r in sft_rows]
@@ -224,21 +396,27 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
             gold = build_reward("sentiment")([c[-1]["content"] for c in convs], responses).total
             metrics["spearman_vs_gold_sft_eval"] = _spearman(learned, gold)
         metrics["wall_seconds"] = round(time.time() - t0, 1)
-        logger.log({"step": trainer.state.global_step,
-                    **{f"reward/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        logger.log({"step": steps, **{f"reward/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
         logger.close()
 
         # 5. save: adapter (LoRA + score head) + tokenizer + config + manifest (last)
-        trainer.model.save_pretrained(tmp)
+        peft_model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
         write_manifest(tmp, "reward", cfg, base, metrics,
                        data={"train": {"source": cfg.data.pairs_train, "sha256": data.data_hash(cfg.data.pairs_train),
                                        "rows": train_report.kept, "skipped": train_report.skipped},
                              "eval": {"source": cfg.data.pairs_eval,
-                                      "sha256": data.data_hash(cfg.data.pairs_eval) if cfg.data.pairs_eval else None}})
+                                      "sha256": data.data_hash(cfg.data.pairs_eval) if cfg.data.pairs_eval else None}},
+                       extra={"pooling": rc.pooling})
     print(f"[reward] done in {metrics['wall_seconds']}s -> {out}", flush=True)
-    for k in ("eval_accuracy", "eval_accuracy_vs_gold", "eval_margin", "spearman_vs_gold_sft_eval"):
+    if "eval_accuracy" in metrics:
+        print(f"[reward] held-out accuracy vs labels {metrics['eval_accuracy']:.3f} ± {metrics['eval_accuracy_se']:.3f} "
+              f"(n={metrics['eval_accuracy_n']}), margin {metrics['eval_margin']:.3f}", flush=True)
+    if "eval_accuracy_vs_gold" in metrics:
+        print(f"[reward] held-out accuracy vs gold {metrics['eval_accuracy_vs_gold']:.3f} ± "
+              f"{metrics['eval_accuracy_vs_gold_se']:.3f} (n={metrics['eval_accuracy_vs_gold_n']} pairs whose gold "
+              f"differs by >= {rc.gold_min_gap})", flush=True)
+    for k in ("spearman_vs_gold_sft_samples", "spearman_vs_gold_sft_eval"):
         if k in metrics:
-            print(f"[reward] {k}: {metrics[k]:.4f}", flush=True)
+            print(f"[reward] {k}: {metrics[k]:.3f}", flush=True)
     return out

@@ -180,6 +180,27 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
     return ForwardOut(logprobs=logprobs, entropy=entropy, hidden=h if with_hidden else None)
 
 
+def mean_pool(hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` (B, T, H) over the positions where ``pool_mask`` (B, T) is 1, in float32: (B, H).
+
+    A row with no pooled position gives zeros. Rows ((1, 2), (3, 4), (5, 6)) with mask (1, 0, 1):
+    ((1 + 5) / 2, (2 + 6) / 2) = (3, 4)."""
+    m = pool_mask.to(torch.float32).unsqueeze(-1)
+    return (hidden.float() * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+def response_pooled_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           response_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states averaged over each row's response tokens (``response_mask``), (B, H) float32:
+    what the reward model's score head reads. Rows are left-padded; position ids come from the mask."""
+    backbone, _ = _backbone_and_head(model)
+    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    with models.compute_context(model):
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
+    return mean_pool(hidden, response_mask)
+
+
 def last_hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    index: torch.Tensor) -> torch.Tensor:
     """Final hidden state at ``index`` (B,) of each row: what a score head reads. (B, H)."""

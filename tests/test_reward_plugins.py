@@ -596,3 +596,4 @@ def test_classifier_bad_args(tiny_classifier, args, text):
     with pytest.raises(RewardError) as err:
         build_reward({"name": "classifier", "args": {"model": str(path), **args}})
     assert text in str(err.value)
+
