@@ -184,11 +184,11 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     # ppo.seed gives the same run however much RNG was consumed before (in-process callers, tests).
     torch.manual_seed(pc.seed)
     peft_model = models.stack_adapters(base_model, adapters, trainable=POLICY,
-                                       new_adapter=(POLICY, models.lora_config(pc.lora)))
+                                       new_adapter=(POLICY, models.lora_config(pc.lora, model=base_model)))
     policy_adapters = list(adapters) + [POLICY]
     value_adapters = None
     if pc.value_model == "adapter":
-        peft_model.add_adapter(VALUE, models.lora_config(pc.lora))
+        peft_model.add_adapter(VALUE, models.lora_config(pc.lora, model=base_model))
         value_adapters = list(adapters) + [VALUE]
     models.set_active_adapters(peft_model, policy_adapters)
     for n, p in peft_model.named_parameters():
@@ -214,16 +214,21 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         path = spec.get("args", {}).get("path")
         if path:
             consumed[f"reward:{spec.get('id', spec.get('name'))}"] = {"path": str(path)}
+    # Monitors: scored and logged every step, never optimised (a gold signal to watch the proxy against).
+    monitor_fn = None
+    if pc.monitor:
+        monitor_specs = [spec if isinstance(spec, dict) else {"name": spec}
+                         for spec in substitute_run_dir(pc.monitor, run_dir)]
+        monitor_fn = build_reward(monitor_specs, context={
+            "load_reward_model": lambda path, **kw: load_reward_scorer(path, host=(peft_model, tok, base), **kw)})
 
     # 4. optimizer, schedule, KL controller
     trainable = [p for p in pv.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=pc.learning_rate, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(1, pc.steps)))
     kl_ctl = ppo_math.make_kl_controller(pc.kl_controller, pc.kl_coef, pc.kl_target, pc.kl_horizon)
-    merge_rollout = pc.rollout_weights == "merged" or (
-        pc.rollout_weights == "auto"
-        and models.dense_weight_bytes(peft_model, models.compute_dtype(cfg.model, accelerator.device))
-        <= pc.rollout_merge_max_gb * 2**30)
+    merge_rollout = models.sample_from_merged(peft_model, pc.rollout_weights, pc.rollout_merge_max_gb,
+                                              models.compute_dtype(cfg.model, accelerator.device))
     rollout_ctx = models.merged_linear_weights if merge_rollout else lambda model: contextlib.nullcontext()
     if pc.lean_ops:
         lean_ops.install(peft_model)  # same forward, less kept for backward (RMSNorm, SwiGLU)
@@ -346,6 +351,15 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         scores = torch.tensor(result.total, dtype=torch.float32, device=dev)
         if pc.missing_eos_penalty is not None:
             scores = ppo_math.apply_missing_eos_penalty(scores, ended, pc.missing_eos_penalty)
+        monitored: dict[str, float] = {}
+        if monitor_fn is not None:
+            try:
+                mon = monitor_fn([m[-1]["content"] for m in prompt_msgs], texts, prompt_messages=prompt_msgs)
+            except Exception as e:
+                path = checkpoint(step, step_epoch, step_cursor, rng=step_rng, reward_state=step_reward_state)
+                raise PPOError(f"step {step + 1}: monitor: {e}\nA resumable checkpoint of the last completed step "
+                               f"is in {path}; fix ppo.monitor and run again with --resume.") from e
+            monitored = {name: _reduce_mean(accelerator, sum(v) / len(v)) for name, v in mon.components.items()}
         t_score = time.time() - t0
 
         # 3. reference logprobs; old logprobs and values (frozen for the whole PPO update)
@@ -445,12 +459,14 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
             **{f"ppo/{k}": v for k, v in first.items()},
             **{f"ppo/score/{name}": _reduce_mean(accelerator, sum(v) / len(v))
                for name, v in result.components.items()},
+            **{f"ppo/monitor/{name}": v for name, v in monitored.items()},
             "time/generate": t_generate, "time/score": t_score, "time/train": t_train,
             "time/step": time.time() - t_step,
         }
         if main_proc:
             logger.log(metrics, step=step + 1)
-            bar.set_postfix(kl=f"{mean_kl:.3f}", score=f"{metrics['ppo/score']:.3f}")
+            bar.set_postfix(kl=f"{mean_kl:.3f}", score=f"{metrics['ppo/score']:.3f}",
+                            **{name: f"{v:.3f}" for name, v in monitored.items()})
             if pc.sample_every and (step + 1) % pc.sample_every == 0:
                 rows = [{"step": step + 1, "prompt": prompt_msgs[i][-1]["content"], "response": texts[i],
                          "score": float(scores[i]), "kl": float(seq_kl[i]),
