@@ -30,6 +30,7 @@ is scored on the same scale; without saved statistics the raw score is used.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -146,6 +147,83 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.
     return torch.where(mask.bool(), per_token, torch.zeros_like(per_token)).sum(dim=-1)
 
 
+def fit_gao(d: Sequence[float], r: Sequence[float], form: str) -> Optional[tuple[float, float]]:
+    """Least-squares fit of Gao, Schulman & Hilton 2022 ("Scaling Laws for Reward Model
+    Overoptimization", arXiv 2210.10760, eqs. 1-2) to gold gains ``r`` at ``d = sqrt(KL)``:
+
+    - ``form="bon"``: R(d) = d (alpha - beta d)       (best-of-n)
+    - ``form="rl"``:  R(d) = d (alpha - beta log d)   (RL)
+
+    Both are linear in (alpha, beta) with no intercept (R(0) = 0: gains are relative to the starting
+    model), so ordinary least squares on the features ``[d, -d^2]`` or ``[d, -d log d]`` solves them.
+    Points with ``d <= 0`` are skipped (they carry no information and log 0 is undefined). Returns
+    ``(alpha, beta)``, or None with fewer than 2 usable points or a singular system.
+    """
+    pts = [(float(x), float(y)) for x, y in zip(d, r) if x > 0 and math.isfinite(x) and math.isfinite(y)]
+    if len(pts) < 2 or form not in ("bon", "rl"):
+        return None
+    feats = [(x, -(x * x if form == "bon" else x * math.log(x))) for x, _ in pts]
+    # Normal equations of the 2-parameter fit.
+    a11 = math.fsum(f[0] * f[0] for f in feats)
+    a12 = math.fsum(f[0] * f[1] for f in feats)
+    a22 = math.fsum(f[1] * f[1] for f in feats)
+    b1 = math.fsum(f[0] * y for f, (_, y) in zip(feats, pts))
+    b2 = math.fsum(f[1] * y for f, (_, y) in zip(feats, pts))
+    det = a11 * a22 - a12 * a12
+    if abs(det) <= 1e-12 * max(a11 * a22, 1e-300):
+        return None
+    return (b1 * a22 - b2 * a12) / det, (a11 * b2 - a12 * b1) / det
+
+
+def gao_curve(d: float, alpha: float, beta: float, form: str) -> float:
+    """R(d) of :func:`fit_gao`'s functional forms (R(0) = 0)."""
+    if d <= 0:
+        return 0.0
+    return d * (alpha - beta * (d if form == "bon" else math.log(d)))
+
+
+def gao_peak(alpha: float, beta: float, form: str) -> Optional[tuple[float, float]]:
+    """``(d*, R*)`` where the fitted curve peaks, or None when it has no maximum (beta <= 0).
+
+    bon: dR/dd = alpha - 2 beta d = 0  ->  d* = alpha / (2 beta),  R* = alpha^2 / (4 beta).
+    rl:  dR/dd = alpha - beta (log d + 1) = 0  ->  d* = exp(alpha / beta - 1),  R* = beta d*.
+    """
+    if beta <= 0:
+        return None
+    if form == "bon":
+        return alpha / (2 * beta), alpha * alpha / (4 * beta)
+    x = alpha / beta - 1
+    if x > 50:  # exp overflow: the peak is far beyond any KL a run reaches
+        return None
+    d = math.exp(x)
+    return d, beta * d
+
+
+def curve_fits(points: list[dict]) -> dict:
+    """Gao fits of gold gain over the starting (SFT, else base) point for PPO and best-of-n.
+
+    Returns ``{"ppo": {...}, "bon": {...}}`` with alpha, beta, the predicted peak (``peak_kl`` in nats,
+    ``peak_gold`` absolute) and the points used; a family without a fit is left out.
+    """
+    start = next((p for p in points if p["kind"] == "sft"), None) or next(
+        (p for p in points if p["kind"] == "base"), None)
+    if start is None:
+        return {}
+    g0 = start["gold_mean"]
+    out = {}
+    for kind, form in (("ppo", "rl"), ("bon", "bon")):
+        fam = [p for p in points if p["kind"] == kind]
+        fit = fit_gao([p["sqrt_kl"] for p in fam], [p["gold_mean"] - g0 for p in fam], form)
+        if fit is None:
+            continue
+        alpha, beta = fit
+        peak = gao_peak(alpha, beta, form)
+        out[kind] = {"form": form, "alpha": alpha, "beta": beta, "gold_start": g0, "n_points": len(fam),
+                     "peak_kl": None if peak is None else peak[0] ** 2,
+                     "peak_gold": None if peak is None else g0 + peak[1]}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Models, rewards and sampling
 
@@ -211,20 +289,28 @@ def _seed(base_seed: int, name: str) -> int:
 
 def _sample(peft_model, tok, encoded: list[list[int]], k: int, adapters: Optional[list[str]],
             reference: Optional[list[str]], temperature: float, max_new_tokens: int, stop_ids: list[int],
-            batch_size: int, seed: int, desc: str, with_kl: bool = True) -> Samples:
-    """``k`` responses per prompt under ``adapters``, with per-sequence KL to ``reference``."""
+            batch_size: int, seed: int, desc: str, with_kl: bool = True, merged: bool = False) -> Samples:
+    """``k`` responses per prompt under ``adapters``, with per-sequence KL to ``reference``.
+
+    With ``merged`` the responses are sampled from dense weights with the adapters merged in (as PPO's
+    rollouts are, ``ppo.rollout_weights``; 2x faster on CPU); the KL is always computed through the
+    adapters themselves, so it is the KL of the model as trained.
+    """
     from tqdm.auto import tqdm
 
     device = next(peft_model.parameters()).device
     rows = [(i, j) for i in range(len(encoded)) for j in range(k)]
     out = Samples()
-    starts = range(0, len(rows), batch_size)
-    for b, s in enumerate(tqdm(starts, desc=desc, leave=False)):
-        chunk = rows[s:s + batch_size]
-        query, query_mask = rollout.left_pad([encoded[i] for i, _ in chunk], tok.pad_token_id)
-        with models.active_adapters(peft_model, adapters):
+    batches = []
+    weights = models.merged_linear_weights if merged else lambda model: contextlib.nullcontext()
+    with models.active_adapters(peft_model, adapters), weights(peft_model):
+        for b, s in enumerate(tqdm(range(0, len(rows), batch_size), desc=desc, leave=False)):
+            chunk = rows[s:s + batch_size]
+            query, query_mask = rollout.left_pad([encoded[i] for i, _ in chunk], tok.pad_token_id)
             response, mask, ended = rollout.generate(peft_model, tok, query, query_mask, max_new_tokens,
                                                      temperature, stop_ids, generator_seed=seed + b)
+            batches.append((chunk, query, query_mask, response, mask, ended))
+    for chunk, query, query_mask, response, mask, ended in batches:
         if with_kl:
             q, qm, r, m = (t.to(device) for t in (query, query_mask, response, mask))
             with torch.no_grad():
@@ -312,8 +398,8 @@ def _pm(mean: float, se: float) -> str:
     return f"{mean:8.3f} ± {se:5.3f}"
 
 
-def summary_text(points: list[dict], header: str) -> str:
-    """An aligned table of the points and a 'gold peaks at ...' line."""
+def summary_text(points: list[dict], header: str, fits: Optional[dict] = None) -> str:
+    """An aligned table of the points, where gold peaks, PPO against best-of-n, and the curve fits."""
     lines = [header, ""]
     cols = (f"{'model':<13} {'KL k1 (nats)':>16} {'KL k3':>7} {'sqrtKL':>6}  {'proxy':>16}  {'gold':>16}  "
             f"{'win vs SFT [95% CI]':>21} {'n':>5}")
@@ -340,14 +426,64 @@ def summary_text(points: list[dict], header: str) -> str:
         b = max(bon, key=lambda p: p["gold_mean"])
         lines.append(f"best-of-n's gold peaks at {b['name']}: gold {b['gold_mean']:.3f} ± {b['gold_se']:.3f} at "
                      f"KL {b['kl_k1_mean']:.3f} nats (analytic)")
+        ppo = [p for p in points if p["kind"] == "ppo"]
+        if ppo and best is not None and best["kind"] == "ppo":
+            higher = best["gold_mean"] > b["gold_mean"]
+            lines.append(f"PPO {'reached a higher' if higher else 'did not reach a higher'} gold than best-of-n: "
+                         f"PPO {best['gold_mean']:.3f} at KL {best['kl_k1_mean']:.2f} nats, best-of-n "
+                         f"{b['gold_mean']:.3f} at KL {b['kl_k1_mean']:.2f} nats (difference "
+                         f"{best['gold_mean'] - b['gold_mean']:+.3f} ± {math.hypot(best['gold_se'], b['gold_se']):.3f})")
+        efficiency = proxy_per_nat(points)
+        if efficiency:
+            lines.append("proxy gain per nat of KL (over the start), PPO vs best-of-n at the same KL "
+                         "(interpolated):")
+            for e in efficiency:
+                bon_txt = "beyond best-of-n's KL range" if e["bon_per_nat"] is None else f"{e['bon_per_nat']:.3f}"
+                lines.append(f"  {e['name']:<13} KL {e['kl']:.2f}: PPO {e['ppo_per_nat']:.3f}, best-of-n {bon_txt}")
+    if fits:
+        names = {"ppo": "PPO, R = d(alpha - beta log d)", "bon": "best-of-n, R = d(alpha - beta d)"}
+        lines.append("Gao et al. 2022 fits of gold gain over the start against d = sqrt(KL):")
+        for kind in ("ppo", "bon"):
+            f = fits.get(kind)
+            if not f:
+                continue
+            peak = ("no peak within the fit (beta <= 0: gold still rising)" if f["peak_kl"] is None else
+                    f"predicted peak gold {f['peak_gold']:.3f} at KL {f['peak_kl']:.2f} nats")
+            lines.append(f"  {names[kind]}: alpha {f['alpha']:.3f}, beta {f['beta']:.3f} ({f['n_points']} points); "
+                         f"{peak}")
     return "\n".join(lines) + "\n"
+
+
+def proxy_per_nat(points: list[dict]) -> list[dict]:
+    """For each PPO checkpoint with KL > 0: its proxy gain over the starting model per nat of KL, and
+    best-of-n's at the same KL, linearly interpolated between best-of-n points (None outside their range)."""
+    start = next((p for p in points if p["kind"] == "sft"), None) or next(
+        (p for p in points if p["kind"] == "base"), None)
+    bon = sorted((p for p in points if p["kind"] == "bon"), key=lambda p: p["kl_k1_mean"])
+    if start is None:
+        return []
+    p0 = start["proxy_mean"]
+    out = []
+    for p in points:
+        if p["kind"] != "ppo" or not p["kl_k1_mean"] > 0:
+            continue
+        kl = p["kl_k1_mean"]
+        bon_gain = None
+        for lo, hi in zip(bon, bon[1:]):
+            if lo["kl_k1_mean"] <= kl <= hi["kl_k1_mean"] and hi["kl_k1_mean"] > lo["kl_k1_mean"]:
+                t = (kl - lo["kl_k1_mean"]) / (hi["kl_k1_mean"] - lo["kl_k1_mean"])
+                bon_gain = lo["proxy_mean"] + t * (hi["proxy_mean"] - lo["proxy_mean"]) - p0
+                break
+        out.append({"name": p["name"], "kl": kl, "ppo_per_nat": (p["proxy_mean"] - p0) / kl,
+                    "bon_per_nat": None if bon_gain is None else bon_gain / kl})
+    return out
 
 
 def _nan0(values):
     return [0.0 if (v is None or math.isnan(v)) else v for v in values]
 
 
-def plot_curves(points: list[dict], path: Path, title: str) -> None:
+def plot_curves(points: list[dict], path: Path, title: str, fits: Optional[dict] = None) -> None:
     """Proxy and gold reward against sqrt(KL): PPO checkpoints, best-of-n, base and SFT."""
     import matplotlib
 
@@ -381,6 +517,15 @@ def plot_curves(points: list[dict], path: Path, title: str) -> None:
                         color=color, capsize=3, ms=8, label=p["name"].upper() if p["kind"] == "sft" else "base")
             ax.annotate(p["name"].upper() if p["kind"] == "sft" else "base", (p["sqrt_kl"], p[f"{key}_mean"]),
                         textcoords="offset points", xytext=(6, 6), fontsize=9, color=color, fontweight="bold")
+        if key == "gold" and fits:
+            top = max([p["sqrt_kl"] for p in points] + [0.1])
+            for kind, color in (("ppo", "tab:blue"), ("bon", "tab:orange")):
+                f = fits.get(kind)
+                if not f:
+                    continue
+                xs = [top * 1.15 * i / 100 for i in range(101)]
+                ax.plot(xs, [f["gold_start"] + gao_curve(x, f["alpha"], f["beta"], f["form"]) for x in xs], ":",
+                        color=color, lw=1.3, label=f"{'PPO' if kind == 'ppo' else 'best-of-n'} fit (Gao et al.)")
         if best is not None and best["kind"] == "ppo":
             ax.plot([best["sqrt_kl"]], [best[f"{key}_mean"]], linestyle="none", marker="*", ms=20,
                     color="gold", markeredgecolor="black", zorder=5, label=f"best gold: {best['name']}")
@@ -395,6 +540,9 @@ def plot_curves(points: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.set_xlim(left=-0.05 * max([p["sqrt_kl"] for p in points] + [1.0]))
     axes[0].legend(loc="best", fontsize=8, framealpha=0.85)
+    if fits:
+        axes[1].legend(handles=[h for h in axes[1].get_legend_handles_labels()[0]
+                                if "fit" in str(h.get_label())], loc="lower right", fontsize=8, framealpha=0.85)
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -511,6 +659,8 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     stop_ids = rollout.stop_token_ids(tok, base_model)
     k = ec.samples_per_prompt
     batch_size = ec.batch_size
+    merged = models.sample_from_merged(peft_model, pc.rollout_weights, pc.rollout_merge_max_gb,
+                                       models.compute_dtype(cfg.model, device))
     specs = [ModelSpec("base", "base", None)]
     if sft_dir is not None:
         specs.append(ModelSpec("sft", "sft", [SFT]))
@@ -528,7 +678,7 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
             models.load_adapter_weights(peft_model, POLICY, spec.policy_dir)
             _check_adapter_loaded(peft_model, POLICY, spec.policy_dir)
         s = _sample(peft_model, tok, encoded, k, spec.adapters, reference, pc.temperature, ec.max_new_tokens,
-                    stop_ids, batch_size, _seed(ec.seed, spec.name), desc=f"sample {spec.name}")
+                    stop_ids, batch_size, _seed(ec.seed, spec.name), desc=f"sample {spec.name}", merged=merged)
         _score(s, prompts, tok, proxy_fn, gold_fn, batch_size=max(16, batch_size))
         results[spec.name] = s
 
@@ -544,7 +694,8 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     if ec.best_of_n:
         m = max(ec.best_of_n)
         pool = _sample(peft_model, tok, encoded, m, start, reference, pc.temperature, ec.max_new_tokens,
-                       stop_ids, batch_size, _seed(ec.seed, "best-of-n pool"), desc="sample best-of-n", with_kl=False)
+                       stop_ids, batch_size, _seed(ec.seed, "best-of-n pool"), desc="sample best-of-n", with_kl=False,
+                       merged=merged)
         _score(pool, prompts, tok, proxy_fn, gold_fn, batch_size=max(16, batch_size))
         for n in sorted(set(ec.best_of_n)):
             groups = m // n
@@ -591,19 +742,21 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     header = (f"eval of {run_dir}: {len(prompts)} prompts x {k} samples, temperature {pc.temperature}, "
               f"KL to the {pc.reference} reference (per sequence, nats); win = gold win rate vs "
               f"{'SFT' if sft_dir is not None else 'base'} (ties half)")
-    summary = summary_text(points, header)
+    fits = curve_fits(points)
+    summary = summary_text(points, header, fits)
     best = _best_gold(points)
     title = (f"Reward vs KL to the {pc.reference.upper()} reference: {run_dir.name} "
              f"({len(prompts)} prompts x {k} samples, T={pc.temperature}, error bars = 1 s.e.)")
     with atomic_output(out, overwrite=overwrite) as tmp:
         _write_csv(points, tmp / "curves.csv")
-        plot_curves(points, tmp / "curves.png", title)
+        plot_curves(points, tmp / "curves.png", title, fits)
         (tmp / "summary.txt").write_text(summary)
         with open(tmp / "samples.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in sample_rows)
         metrics = {"points": [_json_safe(p) for p in points], "best_gold": None if best is None else
                    {k_: best[k_] for k_ in ("name", "step", "gold_mean", "gold_se", "proxy_mean", "kl_k1_mean")},
-                   "per_model": extras, "prompts": len(prompts), "samples_per_prompt": k,
+                   "per_model": extras, "fits": fits, "proxy_per_nat": proxy_per_nat(points),
+                   "prompts": len(prompts), "samples_per_prompt": k,
                    "temperature": pc.temperature, "reference": pc.reference}
         write_manifest(tmp, "eval", cfg, base, metrics, adapters=consumed,
                        data={"prompts": {"source": cfg.data.prompts_eval,

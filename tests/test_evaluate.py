@@ -74,6 +74,45 @@ def test_mean_se_hand_computed():
     assert m == 3.0 and math.isnan(s)
 
 
+def test_gao_fits_recover_hand_made_curves_and_their_peaks():
+    from pipeline.evaluate import fit_gao, gao_curve, gao_peak
+
+    # best-of-n form, alpha 1, beta 0.5: R(1) = 1 - 0.5 = 0.5, R(2) = 2 - 2 = 0, R(0.5) = 0.5 - 0.125 = 0.375
+    a, b = fit_gao([0.0, 0.5, 1.0, 2.0], [0.0, 0.375, 0.5, 0.0], "bon")
+    assert (a, b) == (pytest.approx(1.0, abs=1e-12), pytest.approx(0.5, abs=1e-12))
+    # peak: d* = alpha / (2 beta) = 1, R* = alpha^2 / (4 beta) = 0.5
+    assert gao_peak(1.0, 0.5, "bon") == (1.0, 0.5)
+    # RL form, alpha 1, beta 0.5: R(1) = 1, R(e) = e (1 - 0.5) = 1.359141, R(e^2) = e^2 (1 - 1) = 0
+    e = math.e
+    a, b = fit_gao([1.0, e, e * e], [1.0, 0.5 * e, 0.0], "rl")
+    assert (a, b) == (pytest.approx(1.0, abs=1e-12), pytest.approx(0.5, abs=1e-12))
+    # peak: d* = exp(alpha / beta - 1) = e, R* = beta d* = 1.359141
+    d, r = gao_peak(1.0, 0.5, "rl")
+    assert d == pytest.approx(e) and r == pytest.approx(1.3591409142295225)
+    assert gao_curve(e, 1.0, 0.5, "rl") == pytest.approx(r) and gao_curve(0.0, 1.0, 0.5, "rl") == 0.0
+    # noisy points: least squares, not interpolation. Features [d, -d^2] at d = 1, 2 with R = 1, 1:
+    # A = [[1, -1], [2, -4]]; A^T A = [[5, -9], [-9, 17]], A^T R = [3, -5]; det = 85 - 81 = 4;
+    # alpha = (3 * 17 - (-5)(-9)) / 4 = 1.5, beta = (5 * (-5) - (-9) * 3) / 4 = 0.5
+    assert fit_gao([1.0, 2.0], [1.0, 1.0], "bon") == (pytest.approx(1.5), pytest.approx(0.5))
+    assert gao_peak(1.0, -0.1, "rl") is None and gao_peak(1.0, 0.0, "bon") is None  # still rising
+    assert fit_gao([0.0, 1.0], [0.0, 1.0], "bon") is None  # one usable point
+
+
+def test_proxy_per_nat_interpolates_best_of_n_at_the_same_kl():
+    from pipeline.evaluate import proxy_per_nat
+
+    pts = [{"kind": "sft", "name": "sft", "kl_k1_mean": 0.0, "proxy_mean": 0.2},
+           {"kind": "bon", "name": "n=1", "kl_k1_mean": 0.0, "proxy_mean": 0.2},
+           {"kind": "bon", "name": "n=4", "kl_k1_mean": 0.6, "proxy_mean": 0.8},
+           {"kind": "ppo", "name": "step-1", "kl_k1_mean": 0.3, "proxy_mean": 0.35},
+           {"kind": "ppo", "name": "step-2", "kl_k1_mean": 2.0, "proxy_mean": 1.0}]
+    out = proxy_per_nat(pts)
+    # step-1: PPO (0.35 - 0.2) / 0.3 = 0.5; best-of-n at KL 0.3 is halfway: 0.2 + 0.5 * 0.6 = 0.5 -> 0.3 / 0.3 = 1
+    assert out[0]["ppo_per_nat"] == pytest.approx(0.5) and out[0]["bon_per_nat"] == pytest.approx(1.0)
+    # step-2: (1.0 - 0.2) / 2 = 0.4; KL 2 is beyond best-of-n's range
+    assert out[1]["ppo_per_nat"] == pytest.approx(0.4) and out[1]["bon_per_nat"] is None
+
+
 def test_win_rate_ties_count_half_and_wilson_interval():
     # pairs: win, tie, loss, win -> (2 + 0.5) / 4
     rate, lo, hi = win_rate([1, 2, 3, 4], [0, 2, 5, 1])
@@ -189,6 +228,8 @@ def test_eval_outputs_manifest_summary_samples_and_png(eval_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     summary = (out / "summary.txt").read_text()
     assert "gold peaks at step-00000" in summary
+    assert "Gao et al. 2022 fits" in summary and "did" in summary and "gold than best-of-n" in summary
+    assert set(json.loads((out / "manifest.json").read_text())["metrics"]["fits"]) <= {"ppo", "bon"}
     assert "gold peaks at" in output  # printed at the end
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "eval"
