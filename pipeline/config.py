@@ -29,8 +29,9 @@ class ModelConfig:
     load_in_4bit: bool = True
     quant_type: str = "nf4"
     double_quant: bool = True
-    # "auto": float32 on CPU, bfloat16 on CUDA. bfloat16 on a CPU with AMX/AVX512-BF16 runs matmuls
-    # several times faster (unquantized parameters are then stored in bf16; LoRA weights stay fp32).
+    # "auto": bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16 (matmuls several times faster there),
+    # float32 on other CPUs (the log says which and why). In bfloat16 the unquantized parameters are
+    # stored in bf16 and LoRA weights stay float32 masters.
     compute_dtype: str = "auto"
     # "auto": eager on CPU (faster backward for short sequences, measured), transformers' default elsewhere.
     attn_implementation: str = "auto"
@@ -47,6 +48,9 @@ class LoraConfigSection:
     bias: str = "none"
     # "all-linear" or a list of module names such as [q_proj, v_proj].
     target_modules: Union[str, list[str]] = "all-linear"
+    # Adapt only the top N transformer layers (0 = all). The backward pass then stops at the lowest
+    # adapted layer: with 10 of the embedded model's 30 layers a reward step took 0.5x the time (README).
+    top_layers: int = 0
 
 
 @dataclass
@@ -88,15 +92,21 @@ class SFTConfig:
     logging_steps: int = 5
     tensorboard: bool = False
     seed: int = 42
-    # Prompts sampled before/after training to report the gold score (0 = skip).
-    gold_eval_prompts: int = 32
-    gold_max_new_tokens: int = 48
+    # Eval prompts (from data.sft_eval) sampled before/after training to report the gold score, with
+    # gold_samples_per_prompt samples each (0 = skip). The samples are kept in sft/gold_samples.jsonl:
+    # the reward stage reports its rank correlation with gold on them.
+    gold_eval_prompts: int = 40
+    gold_samples_per_prompt: int = 2
+    gold_max_new_tokens: int = 32
 
 
 @dataclass
 class RewardStageConfig:
     lora: LoraConfigSection = field(default_factory=LoraConfigSection)
     learning_rate: float = 1e-4
+    # The score head starts random (std 0.02) and Adam moves each weight by about the learning rate per
+    # step: at the LoRA rate it stayed at its initial norm over a whole epoch (measured). 0 = learning_rate.
+    head_learning_rate: float = 0.0
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 8
@@ -109,6 +119,13 @@ class RewardStageConfig:
     seed: int = 42
     # Auxiliary loss that keeps rewards centred (trl's center_rewards_coefficient); 0 disables.
     center_rewards_coefficient: float = 0.0
+    # What the score head reads: "mean" of the final hidden states over the response tokens, or the
+    # "last" token's (the AutoModelForSequenceClassification convention). Mean pooling learned the
+    # default task where last-token pooling stayed at chance for an epoch (README "Reward model").
+    pooling: str = "mean"
+    # Held-out accuracy against gold counts only pairs whose gold scores differ by at least this
+    # (near-ties have no meaningful gold order), for pair files that record gold_chosen/gold_rejected.
+    gold_min_gap: float = 0.05
 
 
 @dataclass
@@ -117,6 +134,9 @@ class PPOConfig:
     # Reward specs (see reward.registry.build_reward). "{run_dir}" is replaced by the run directory.
     rewards: list[Any] = field(
         default_factory=lambda: [{"name": "reward_model", "args": {"path": "{run_dir}/reward"}}])
+    # Reward specs scored on every rollout and logged (ppo/monitor/<name>, progress bar) but never
+    # optimised: watch a gold signal drift apart from the proxy while training.
+    monitor: list[Any] = field(default_factory=list)
     # KL anchor: "sft" (SFT adapter on, PPO adapter off) or "base" (all adapters off).
     reference: str = "sft"
     # Start from the SFT adapter in {run_dir}/sft ("" = start from the base model).
@@ -299,6 +319,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 _CHOICES = {
     ("model", "quant_type"): ("nf4", "fp4"),
     ("model", "compute_dtype"): ("auto", "float32", "bfloat16", "float16"),
+    ("reward", "pooling"): ("mean", "last"),
+    ("reward", "lr_scheduler"): ("cosine", "linear", "constant"),
     ("model", "attn_implementation"): ("auto", "eager", "sdpa", "flash_attention_2"),
     ("ppo", "reference"): ("sft", "base"),
     ("ppo", "value_model"): ("head", "adapter"),
@@ -323,6 +345,29 @@ def validate(cfg: PipelineConfig) -> None:
     if cfg.ppo.batch_size % cfg.ppo.minibatches:
         raise ConfigError(f"ppo.batch_size ({cfg.ppo.batch_size}) must be divisible by ppo.minibatches "
                           f"({cfg.ppo.minibatches})")
+    for section in ("sft", "reward", "ppo"):
+        lora = getattr(cfg, section).lora
+        if lora.r < 1:
+            raise ConfigError(f"{section}.lora.r must be >= 1, got {lora.r}")
+        if lora.top_layers < 0:
+            raise ConfigError(f"{section}.lora.top_layers must be >= 0 (0 = every layer), got {lora.top_layers}")
+        if not 0.0 <= lora.dropout < 1.0:
+            raise ConfigError(f"{section}.lora.dropout must be in [0, 1), got {lora.dropout}")
+    for i, spec in enumerate(cfg.ppo.monitor):
+        if isinstance(spec, dict) and "normalize" in spec:
+            raise ConfigError(f"ppo.monitor[{i}]: monitors are logged raw; remove 'normalize' from the spec")
+    for section in ("sft", "reward", "ppo"):
+        if getattr(cfg, section).learning_rate <= 0:
+            raise ConfigError(f"{section}.learning_rate must be > 0, got {getattr(cfg, section).learning_rate}")
+    if cfg.reward.grad_accum < 1 or cfg.reward.logging_steps < 1:
+        raise ConfigError("reward.grad_accum and reward.logging_steps must be >= 1")
+    if not 0.0 <= cfg.reward.warmup_ratio < 1.0:
+        raise ConfigError(f"reward.warmup_ratio must be in [0, 1), got {cfg.reward.warmup_ratio}")
+    if cfg.reward.head_learning_rate < 0:
+        raise ConfigError(f"reward.head_learning_rate must be >= 0 (0 = reward.learning_rate), "
+                          f"got {cfg.reward.head_learning_rate}")
+    if not 0.0 <= cfg.reward.gold_min_gap <= 2.0:
+        raise ConfigError(f"reward.gold_min_gap must be in [0, 2] (gold is in [-1, 1]), got {cfg.reward.gold_min_gap}")
     if cfg.ppo.micro_batch_size < 0:
         raise ConfigError(f"ppo.micro_batch_size must be >= 0 (0 = whole minibatch), got {cfg.ppo.micro_batch_size}")
 

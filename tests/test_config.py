@@ -39,6 +39,11 @@ def test_precedence_defaults_yaml_overrides(tmp_path):
     ("ppo.micro_batch_size=-1", "ppo.micro_batch_size must be >= 0"),
     ("ppo.rollout_weights=dense", "ppo.rollout_weights: 'dense' is not one of auto, merged, adapters"),
     ("model.attn_implementation=fast", "model.attn_implementation: 'fast' is not one of auto, eager, sdpa"),
+    ("sft.lora.r=0", "sft.lora.r must be >= 1, got 0"),
+    ("reward.lora.top_layers=-2", "reward.lora.top_layers must be >= 0"),
+    ("ppo.lora.dropout=1.5", "ppo.lora.dropout must be in [0, 1)"),
+    ("reward.gold_min_gap=3", "reward.gold_min_gap must be in [0, 2]"),
+    ("ppo.monitor=[{name: sentiment, normalize: {kind: running}}]", "ppo.monitor[0]: monitors are logged raw"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

@@ -29,9 +29,10 @@ def threads():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory, threads):
-    """Run `rlhf sft` once, keeping the trained in-memory model and a snapshot of the base before training."""
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def sft_run(request, tmp_path_factory, threads):
+    """Run `rlhf sft` once per compute precision, keeping the trained in-memory model and a snapshot of
+    the base before training."""
     from trl import SFTTrainer
 
     run = tmp_path_factory.mktemp("run")
@@ -46,9 +47,10 @@ def sft_run(tmp_path_factory, threads):
 
     SFTTrainer.train = train
     try:
-        _invoke("sft", "--config", CONFIG, "--run-dir", str(run))
+        _invoke("sft", "--config", CONFIG, "--run-dir", str(run), f"model.compute_dtype={request.param}")
     finally:
         SFTTrainer.train = original
+    seen["precision"] = request.param
     return run, seen
 
 
@@ -57,7 +59,8 @@ def test_sft_trains_the_adapter_and_leaves_the_base_byte_identical(sft_run):
     after = dict(seen["model"].named_parameters())
     lora_b = [n for n in after if "lora_B" in n]
     assert lora_b and all(after[n].abs().sum() > 0 for n in lora_b)  # B starts at 0
-    assert all(not torch.equal(after[n], seen["before"][n]) for n in after if "lora_A" in n)
+    unchanged = [n for n in after if "lora_A" in n and torch.equal(after[n], seen["before"][n])]
+    assert not unchanged, unchanged
     base = [n for n in after if "lora_" not in n]
     assert any(after[n].dtype == torch.uint8 for n in base)  # the NF4 weights are among them
     for n in base:
@@ -70,15 +73,16 @@ def test_sft_adapter_reloads_with_plain_peft_and_reproduces_logits(sft_run):
     run, seen = sft_run
     trained = seen["model"]
     trained.eval()
-    cfg = load_config(CONFIG)
+    cfg = load_config(CONFIG, [f"model.compute_dtype={seen['precision']}"])
     base, tok, _ = models.load_base(cfg.model)
     reloaded = PeftModel.from_pretrained(base, str(run / "sft"))
     reloaded.eval()
     ids = tok.apply_chat_template([{"role": "user", "content": "Tell me a fun fact."}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
-        a = trained(input_ids=ids).logits
-        b = reloaded(input_ids=ids).logits
+        a = trained(input_ids=ids).logits.float()
+        with models.compute_context(reloaded):  # the mixed precision the trainer ran in (a no-op in float32)
+            b = reloaded(input_ids=ids).logits.float()
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
 
 
@@ -98,6 +102,13 @@ def test_sft_artifact_is_complete(sft_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("sft/loss" in r for r in rows)
     assert not list(run.glob(".sft.tmp-*"))
+    # gold before/after on the eval prompts, with the samples kept for the reward stage's correlation
+    samples = [json.loads(line) for line in (out / "gold_samples.jsonl").read_text().splitlines()]
+    cfg = load_config(CONFIG)
+    n = min(cfg.sft.gold_eval_prompts, cfg.data.max_rows) * cfg.sft.gold_samples_per_prompt
+    assert [s["model"] for s in samples] == ["base"] * n + ["sft"] * n == ["base"] * m["gold_samples"] + ["sft"] * n
+    sft_gold = [s["gold"] for s in samples if s["model"] == "sft"]
+    assert m["gold_after"] == pytest.approx(sum(sft_gold) / n) and m["gold_after_se"] >= 0
 
 
 def test_existing_output_is_not_overwritten(sft_run):
@@ -124,6 +135,24 @@ def reward_run(sft_run):
     return run
 
 
+def test_reward_training_reaches_every_lora_weight(reward_run, sft_run):
+    """Every LoRA A and B of the reward adapter moved from its initial value (B starts at 0; A's init is
+    rebuilt from reward.seed): gradients reached every layer, in both precisions."""
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    cfg = load_config(CONFIG, [f"model.compute_dtype={sft_run[1]['precision']}"])
+    model, _, _ = models.load_base(cfg.model, kind="seqcls", num_labels=1)
+    torch.manual_seed(cfg.reward.seed)
+    init = get_peft_model(model, models.lora_config(cfg.reward.lora, task_type="SEQ_CLS", model=model))
+    start = {n.replace(".default", ""): p.detach().float() for n, p in init.named_parameters() if "lora_" in n}
+    saved = load_file(str(reward_run / "reward" / "adapter_model.safetensors"))
+    lora = {k: v for k, v in saved.items() if "lora_" in k}
+    assert lora and set(lora) == set(start)
+    unchanged = [k for k, v in lora.items() if torch.equal(v.float(), start[k])]
+    assert not unchanged, unchanged
+
+
 def test_reward_model_reloads_with_the_same_scores(reward_run):
     """The learned reward served on its own base and attached to a policy's base scores identically."""
     from peft import get_peft_model
@@ -131,7 +160,10 @@ def test_reward_model_reloads_with_the_same_scores(reward_run):
     from pipeline.reward_stage import load_reward_scorer
 
     manifest = json.loads((reward_run / "reward" / "manifest.json").read_text())
-    assert {"eval_accuracy", "eval_margin", "eval_n_pairs"} <= set(manifest["metrics"])
+    assert {"eval_accuracy", "eval_accuracy_se", "eval_accuracy_n", "eval_margin", "eval_n_pairs",
+            "eval_accuracy_vs_gold", "eval_accuracy_vs_gold_se", "eval_accuracy_vs_gold_n",
+            "spearman_vs_gold_sft_samples", "spearman_vs_gold_sft_samples_n"} <= set(manifest["metrics"])
+    assert -1.0 <= manifest["metrics"]["spearman_vs_gold_sft_samples"] <= 1.0
     prompts = ["How are you?", "Tell me about cats."]
     responses = ["Wonderful, thank you!", "They are awful."]
     alone = load_reward_scorer(reward_run / "reward")(prompts, responses)
@@ -157,10 +189,11 @@ def test_pipeline_end_to_end_through_the_cli(reward_run):
     assert (run / "eval" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (run / "eval" / "curves.csv").read_text().splitlines()
     assert rows[0].startswith("kind,") and len(rows) > 4
+    assert "Gao et al. 2022 fits" in (run / "eval" / "summary.txt").read_text()
     ppo_rows = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in ppo_rows] == [1, 2, 3]
     assert ppo_rows[0]["ppo/kl"] == 0.0 and ppo_rows[0]["ppo/first_ratio"] == 1.0
-    for key in ("ppo/kl_coef", "ppo/score/reward_model", "ppo/score/sentiment", "ppo/rlhf_reward",
+    for key in ("ppo/kl_coef", "ppo/score/reward_model", "ppo/score/sentiment", "ppo/monitor/gold", "ppo/rlhf_reward",
                 "ppo/entropy", "ppo/approx_kl", "ppo/clipfrac", "ppo/policy_loss", "ppo/value_loss",
                 "ppo/response_length", "ppo/eos_fraction", "time/generate", "time/score", "time/train"):
         assert key in ppo_rows[-1], key
