@@ -62,7 +62,7 @@ def _make_reward_model(folder: Path) -> None:
     pm = get_peft_model(model, models.lora_config(LoraConfigSection(r=8, alpha=16, dropout=0.0), task_type="SEQ_CLS"))
     torch.manual_seed(0)
     pm.save_pretrained(folder)
-    write_manifest(folder, "reward", cfg, base, metrics={})
+    write_manifest(folder, "reward", cfg, base, metrics={}, extra={"pooling": cfg.reward.pooling})
 
 
 def run_setting(name: str, steps: int, reward_dir: str) -> dict:

@@ -20,8 +20,10 @@
    false and ``rejected`` when it is true (equivalently, the response with the larger ``gold_*``).
 4. ``README.md`` with the command, settings, counts and gold statistics.
 
-All sampling goes through :mod:`pipeline.rollout`. Output is deterministic for a seed and batch size
-on a given CPU type (the thread count does not change it; another CPU type or a GPU can).
+All sampling goes through :mod:`pipeline.rollout`, seeded per batch. The files are not bit-for-bit
+reproducible across runs on this CPU: two runs of the same code and seed shared 5 of 40 SFT eval rows
+(the bf16 CPU kernel's multi-threaded sums can round differently from run to run, and one different
+token changes the rest of a sample). Counts and gold statistics agree between runs (data/README.md).
 """
 from __future__ import annotations
 
@@ -355,14 +357,9 @@ class Sampler:
             self.bar.refresh()
 
 
-def best_of_n(sampler: Sampler, prompts: Sequence[str], n: int, tag: str) -> tuple[list[dict], dict]:
-    """One SFT row per prompt: the best-gold non-empty response among ``n`` samples (complete
-    responses first, see :attr:`Sample.complete`).
-
-    A prompt whose samples are all empty is resampled (``n`` more) for up to ``MAX_ROUNDS`` rounds,
-    then dropped. Returns ``(rows, stats)``; stats hold the mean gold of the kept responses, of
-    every non-empty sample (the expected gold of a single sample) and of each prompt's first sample.
-    """
+def sample_candidates(sampler: Sampler, prompts: Sequence[str], n: int, tag: str) -> list[list[Sample]]:
+    """``n`` samples per prompt; a prompt whose samples are all empty is resampled (``n`` more) for up
+    to ``MAX_ROUNDS`` rounds."""
     cands: list[list[Sample]] = [[] for _ in prompts]
     todo = list(range(len(prompts)))
     for r in range(MAX_ROUNDS):
@@ -375,10 +372,22 @@ def best_of_n(sampler: Sampler, prompts: Sequence[str], n: int, tag: str) -> tup
         for k, i in enumerate(todo):
             cands[i].extend(outs[k * n:(k + 1) * n])
         todo = [i for i in todo if not any(c.text for c in cands[i])]
+    return cands
+
+
+def best_of_n(prompts: Sequence[str], cands: list[list[Sample]],
+              extra: Optional[list[list[Sample]]] = None) -> tuple[list[dict], dict]:
+    """One SFT row per prompt: the best-gold non-empty response among its candidates (complete
+    responses first, see :attr:`Sample.complete`), ``extra[i]`` included when given (the styled
+    samples of the pair phase). A prompt without a non-empty candidate is dropped.
+
+    Returns ``(rows, stats)``; stats hold the mean gold of the kept responses, of every non-empty
+    sample of ``cands`` (the expected gold of a single default sample) and of each prompt's first sample.
+    """
     rows, best, first, complete = [], [], [], 0
     every = [c.gold for cs in cands for c in cs if c.gold is not None]
-    for p, cs in zip(prompts, cands):
-        good = [c for c in cs if c.text]
+    for i, (p, cs) in enumerate(zip(prompts, cands)):
+        good = [c for c in list(cs) + list(extra[i] if extra else []) if c.text]
         if not good:
             continue
         # A complete response (ended with the stop token, or trimmed to its last sentence) beats a
@@ -389,7 +398,7 @@ def best_of_n(sampler: Sampler, prompts: Sequence[str], n: int, tag: str) -> tup
         rows.append({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": top.text}],
                      "gold": top.gold})
         best.append(top.gold)
-        if cs[0].gold is not None:
+        if cs and cs[0].gold is not None:
             first.append(cs[0].gold)
     stats = {"prompts": len(prompts), "rows": len(rows), "dropped": len(prompts) - len(rows),
              "complete": complete, "samples": sum(len(cs) for cs in cands), "mean_gold_best": _mean(best),
@@ -419,7 +428,8 @@ def sample_style_pairs(sampler: Sampler, prompts: Sequence[str], tag: str, min_g
     """One response per prompt under each of :data:`STYLES`; per prompt, up to ``per_prompt`` pairs
     chosen at random (seeded by ``seed`` and ``tag``) among :func:`pair_candidates`.
 
-    Returns ``([(prompt, a, b, gold_a, gold_b, style_a, style_b)], stats)``, prompts in order.
+    Returns ``([(prompt, a, b, gold_a, gold_b, style_a, style_b)], stats, samples)``, prompts in order;
+    ``samples[k]`` holds prompt k's styled responses.
     """
     names = list(STYLES)
     by_style = {name: sampler.sample(prompts, f"{tag}/{name}", system=STYLES[name]) for name in names}
@@ -435,9 +445,9 @@ def sample_style_pairs(sampler: Sampler, prompts: Sequence[str], tag: str, min_g
             a, b = samples[i], samples[j]
             items.append((p, a.text, b.text, a.gold, b.gold, names[i], names[j]))
     style_gold = {n: _mean([x.gold for x in by_style[n] if x.gold is not None]) for n in names}
-    return items, {"prompts": len(prompts), "pairs": len(items), "mean_gold_by_style": style_gold,
-                   "prompts_without_pair": sum(c == 0 for c in per),
-                   "empty": sum(not x.text for n in names for x in by_style[n])}
+    stats = {"prompts": len(prompts), "pairs": len(items), "mean_gold_by_style": style_gold,
+             "prompts_without_pair": sum(c == 0 for c in per), "empty": sum(not x.text for n in names for x in by_style[n])}
+    return items, stats, [[by_style[n][k] for n in names] for k in range(len(prompts))]
 
 
 def _mean(xs: Sequence[float]) -> Optional[float]:
@@ -531,7 +541,7 @@ def render_readme(args, info, sizes: dict, counts: dict, stats: dict, command: s
         f"| `prompts_train.jsonl` | {counts['prompts_train.jsonl']} | `{{\"prompt\"}}`: training prompts, used by SFT and PPO |",
         f"| `prompts_tune.jsonl` | {counts['prompts_tune.jsonl']} | `{{\"prompt\"}}`: split off the training prompts, never trained on: for choosing settings |",
         f"| `prompts_eval.jsonl` | {counts['prompts_eval.jsonl']} | `{{\"prompt\"}}`: held-out prompts for the reported numbers only |",
-        f"| `sft_train.jsonl` | {counts['sft_train.jsonl']} | `{{\"messages\": [user, assistant], \"gold\"}}`: best-of-{args.n_best} response per training prompt |",
+        f"| `sft_train.jsonl` | {counts['sft_train.jsonl']} | `{{\"messages\": [user, assistant], \"gold\"}}`: best of {args.n_best} default + {len(STYLES)} styled responses per training prompt |",
         f"| `sft_eval.jsonl` | {counts['sft_eval.jsonl']} | same, for the first {sizes['sft_eval']} eval prompts |",
         f"| `pairs_train.jsonl` | {counts['pairs_train.jsonl']} | `{{\"prompt\", \"chosen\", \"rejected\", \"gold_chosen\", \"gold_rejected\", \"flipped\", \"style_chosen\", \"style_rejected\"}}` |",
         f"| `pairs_eval.jsonl` | {counts['pairs_eval.jsonl']} | same, on {sizes['reward_eval']} prompts of their own, held out for reward-model accuracy |",
@@ -556,10 +566,12 @@ def render_readme(args, info, sizes: dict, counts: dict, stats: dict, command: s
         f"  leaves at least {MIN_TRIMMED_CHARS} characters; gold is scored on the final text. "
         f"Of {s['samples']} samples: {s['ended']} ended with the stop token, {s['trimmed']} were trimmed, "
         f"{s['empty']} were empty.",
-        f"- SFT: {args.n_best} samples per prompt under the chat template's default system prompt; kept: the",
-        "  highest gold among the complete ones (ended with the stop token or trimmed to a sentence end), else",
-        f"  the highest gold overall; empty responses are skipped (a prompt with only empty samples is resampled up",
-        f"  to {MAX_ROUNDS - 1} times). Complete kept responses: "
+        f"- SFT: {args.n_best} samples per prompt under the chat template's default system prompt, plus (train",
+        f"  prompts) the prompt's {len(STYLES)} styled responses of the pair phase below; kept: the highest gold among",
+        "  the complete ones (ended with the stop token or trimmed to a sentence end), else the highest gold",
+        "  overall. The row holds the user turn alone, so a response written under the upbeat system prompt",
+        "  teaches that tone without the prompt (context distillation). Empty responses are skipped (a prompt",
+        f"  with only empty samples is resampled up to {MAX_ROUNDS - 1} times). Complete kept responses: "
         f"{sft['complete']} of {sft['rows']} (train), {sft_ev['complete']} of {sft_ev['rows']} (eval).",
         f"- Pairs: one response per prompt under each of {len(STYLES)} system prompts (styles):",
         styles,
@@ -576,8 +588,9 @@ def render_readme(args, info, sizes: dict, counts: dict, stats: dict, command: s
         "- Mean gold by style (training pair prompts): " + ", ".join(f"{n} {_fmt(g)}" for n, g in by_style.items())
         + ".",
         "- Only the data-generation process lets bitsandbytes use its bf16 CPU kernel for speed "
-        f"({'on' if args.bf16_kernel else 'off'} for this run); it never trains. On another CPU type or on a GPU "
-        "the sampled text can differ.",
+        f"({'on' if args.bf16_kernel else 'off'} for this run); it never trains. The sampled text is not bit-for-bit "
+        "reproducible: two runs of the same command on this machine shared 5 of 40 SFT eval rows (multi-threaded "
+        "bf16 sums can round differently from run to run); the counts and gold statistics agree closely.",
         f"- Time: {timing['total_s'] / 60:.1f} minutes on this machine's 2 CPU cores ({timing['samples']} samples, "
         f"{timing['s_per_sample']} s per sample).",
         "  Batch size (48 new tokens, seconds per sample, best of 2 interleaved runs of",
@@ -589,7 +602,7 @@ def render_readme(args, info, sizes: dict, counts: dict, stats: dict, command: s
         "",
         "| set | mean gold |",
         "|---|---:|",
-        f"| SFT train: best-of-{args.n_best} (kept) | {_fmt(sft['mean_gold_best'])} |",
+        f"| SFT train: best of {args.n_best} default + {len(STYLES)} styled (kept) | {_fmt(sft['mean_gold_best'])} |",
         f"| SFT train: a single sample (mean over all samples) | {_fmt(sft['mean_gold_all_samples'])} |",
         f"| SFT train: each prompt's first sample | {_fmt(sft['mean_gold_first_sample'])} |",
         f"| SFT eval: best-of-{args.n_best} (kept) | {_fmt(sft_ev['mean_gold_best'])} |",
@@ -688,18 +701,23 @@ def generate_data(args) -> dict:
     stats: dict = {"pool": len(prompt_pool())}
     phase_seconds = {}
     t = time.perf_counter()
-    sft_rows, stats["sft_train"] = best_of_n(sampler, splits["train"], args.n_best, "sft_train")
+    sft_cands = sample_candidates(sampler, splits["train"], args.n_best, "sft_train")
     phase_seconds["sft_train"] = time.perf_counter() - t
     t = time.perf_counter()
-    sft_eval_rows, stats["sft_eval"] = best_of_n(sampler, sft_eval_prompts, args.n_best, "sft_eval")
+    sft_eval_rows, stats["sft_eval"] = best_of_n(
+        sft_eval_prompts, sample_candidates(sampler, sft_eval_prompts, args.n_best, "sft_eval"))
     phase_seconds["sft_eval"] = time.perf_counter() - t
     t = time.perf_counter()
-    items, stats["pairs"] = sample_style_pairs(sampler, pair_prompts, "pairs", args.min_gap,
-                                               args.pairs_per_prompt, args.seed)
-    items_eval, stats["pairs_heldout"] = sample_style_pairs(sampler, splits["reward_eval"], "pairs_eval",
-                                                            args.min_gap, args.pairs_per_prompt, args.seed)
+    items, stats["pairs"], styled = sample_style_pairs(sampler, pair_prompts, "pairs", args.min_gap,
+                                                       args.pairs_per_prompt, args.seed)
+    items_eval, stats["pairs_heldout"], _ = sample_style_pairs(sampler, splits["reward_eval"], "pairs_eval",
+                                                               args.min_gap, args.pairs_per_prompt, args.seed)
     phase_seconds["pairs"] = time.perf_counter() - t
     bar.close()
+    # SFT train rows: best of the n default samples and the prompt's styled samples (pair_prompts starts
+    # with the train prompts). The row shows the user turn alone, so the upbeat system prompt's effect is
+    # distilled into the model (context distillation) when its response is the best.
+    sft_rows, stats["sft_train"] = best_of_n(splits["train"], sft_cands, styled[:len(splits["train"])])
 
     # Label noise: one seeded draw per pair, train pairs first, so both files follow one stream.
     pair_rows = label_pairs(items + items_eval, args.label_noise, args.seed)
@@ -728,7 +746,7 @@ def generate_data(args) -> dict:
     (out / "README.md").write_text(render_readme(args, info, sizes, counts, stats, command, timing),
                                    encoding="utf-8")
     print(f"[datagen] wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
-    print(f"[datagen] gold: SFT best-of-{args.n_best} {_fmt(stats['sft_train']['mean_gold_best'])} vs single "
+    print(f"[datagen] gold: SFT kept {_fmt(stats['sft_train']['mean_gold_best'])} vs single "
           f"sample {_fmt(stats['sft_train']['mean_gold_all_samples'])}; pairs train chosen "
           f"{_fmt(stats['pairs_train']['mean_gold_chosen'])} vs rejected "
           f"{_fmt(stats['pairs_train']['mean_gold_rejected'])}", flush=True)
@@ -762,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="embedded:smollm2-135m-instruct")
     # Some noise keeps the learned reward an imperfect proxy of gold, so over-optimisation can show.
-    p.add_argument("--label-noise", type=float, default=0.1, help="probability of swapping a pair's label")
+    p.add_argument("--label-noise", type=float, default=0.05, help="probability of swapping a pair's label")
     p.add_argument("--min-gap", type=float, default=0.1,
                    help="smallest gold difference between the two responses of a pair")
     p.add_argument("--pairs-per-prompt", type=int, default=4,
