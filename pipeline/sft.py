@@ -12,7 +12,7 @@ from pipeline.artifacts import (ArtifactError, MetricsLogger, atomic_output, is_
                                 write_manifest)
 from pipeline.config import PipelineConfig
 from pipeline.evaluate import mean_se
-from pipeline.trainer_utils import JsonlMetrics, restore_fp32_trainables, trainer_precision_kwargs
+from pipeline.trainer_utils import JsonlMetrics, ReleaseMemory, restore_fp32_trainables, trainer_precision_kwargs
 
 
 def _to_trainer_rows(rows: list[dict], assistant_masks: bool) -> list[dict]:
@@ -101,7 +101,7 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
             **trainer_precision_kwargs(device, dtype))
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tok, peft_config=models.lora_config(sc.lora, model=model),
-                             callbacks=[JsonlMetrics(logger, "sft")])
+                             callbacks=[JsonlMetrics(logger, "sft"), ReleaseMemory()])
         restore_fp32_trainables(trainer.model)
         trainable, total = models.count_parameters(trainer.model)
         print(f"[sft] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", flush=True)

@@ -28,6 +28,16 @@ class JsonlMetrics(TrainerCallback):
         self.logger.log(row, step=state.global_step)
 
 
+class ReleaseMemory(TrainerCallback):
+    """Hand the step's freed activations back to the OS after every optimizer step (glibc malloc_trim,
+    as PPO does): the full default SFT run peaked at 2.67 GB without it, a 6-step one at 2.23 GB."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from pipeline.models import release_free_memory
+
+        release_free_memory()
+
+
 def restore_fp32_trainables(model: torch.nn.Module) -> int:
     """Undo trl's bf16 cast of trainable parameters on a quantized model: LoRA weights and the score
     head stay float32 masters whatever the compute dtype. Returns parameters restored.
