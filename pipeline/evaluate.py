@@ -518,12 +518,13 @@ def plot_curves(points: list[dict], path: Path, title: str, fits: Optional[dict]
             ax.annotate(p["name"].upper() if p["kind"] == "sft" else "base", (p["sqrt_kl"], p[f"{key}_mean"]),
                         textcoords="offset points", xytext=(6, 6), fontsize=9, color=color, fontweight="bold")
         if key == "gold" and fits:
-            top = max([p["sqrt_kl"] for p in points] + [0.1])
             for kind, color in (("ppo", "tab:blue"), ("bon", "tab:orange")):
                 f = fits.get(kind)
                 if not f:
                     continue
-                xs = [top * 1.15 * i / 100 for i in range(101)]
+                # each fit drawn a little past its own points: an extrapolation far beyond them says little
+                top = max([p["sqrt_kl"] for p in points if p["kind"] == kind] + [0.1])
+                xs = [top * 1.2 * i / 100 for i in range(101)]
                 ax.plot(xs, [f["gold_start"] + gao_curve(x, f["alpha"], f["beta"], f["form"]) for x in xs], ":",
                         color=color, lw=1.3, label=f"{'PPO' if kind == 'ppo' else 'best-of-n'} fit (Gao et al.)")
         if best is not None and best["kind"] == "ppo":

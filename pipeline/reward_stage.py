@@ -251,7 +251,7 @@ def spearman_on_sft_samples(scorer: RewardModelScorer, sft_dir: Path) -> Optiona
         return None
     learned = scorer([r["prompt"] for r in rows], [r["response"] for r in rows])
     return {"spearman_vs_gold_sft_samples": _spearman(learned, [r["gold"] for r in rows]),
-            "spearman_vs_gold_sft_samples_n": len(rows)}
+            "sft_samples_scored": len(rows)}
 
 
 def lr_at(step: int, total: int, warmup: int, kind: str) -> float:

@@ -162,7 +162,7 @@ def test_reward_model_reloads_with_the_same_scores(reward_run):
     manifest = json.loads((reward_run / "reward" / "manifest.json").read_text())
     assert {"eval_accuracy", "eval_accuracy_se", "eval_accuracy_n", "eval_margin", "eval_n_pairs",
             "eval_accuracy_vs_gold", "eval_accuracy_vs_gold_se", "eval_accuracy_vs_gold_n",
-            "spearman_vs_gold_sft_samples", "spearman_vs_gold_sft_samples_n"} <= set(manifest["metrics"])
+            "spearman_vs_gold_sft_samples", "sft_samples_scored"} <= set(manifest["metrics"])
     assert -1.0 <= manifest["metrics"]["spearman_vs_gold_sft_samples"] <= 1.0
     prompts = ["How are you?", "Tell me about cats."]
     responses = ["Wonderful, thank you!", "They are awful."]
