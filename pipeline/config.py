@@ -98,6 +98,9 @@ class SFTConfig:
     gold_eval_prompts: int = 40
     gold_samples_per_prompt: int = 2
     gold_max_new_tokens: int = 32
+    # Rows per generate call of the gold check (sampled from merged dense weights). At 32 the default
+    # SFT run peaked at 2.55 GB, at 16 at 2.44 GB (9 s slower).
+    gold_batch_size: int = 16
 
 
 @dataclass

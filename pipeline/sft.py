@@ -115,7 +115,7 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
         if eval_prompts:
             # The base model: the SFT adapter is a no-op before training (LoRA B starts at zero).
             rows = gold_samples(trainer.model, tok, eval_prompts, sc.gold_samples_per_prompt, sc.gold_max_new_tokens,
-                                cfg.ppo.temperature, sc.seed, cfg.eval.batch_size)
+                                cfg.ppo.temperature, sc.seed, sc.gold_batch_size)
             samples += [{"model": "base", **r} for r in rows]
             metrics["gold_before"], metrics["gold_before_se"] = mean_se([r["gold"] for r in rows])
 
@@ -136,7 +136,7 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
             metrics["eval_loss_after"] = _eval_loss(trainer, sc.max_length)
         if eval_prompts:
             rows = gold_samples(trainer.model, tok, eval_prompts, sc.gold_samples_per_prompt, sc.gold_max_new_tokens,
-                                cfg.ppo.temperature, sc.seed, cfg.eval.batch_size)
+                                cfg.ppo.temperature, sc.seed, sc.gold_batch_size)
             samples += [{"model": "sft", **r} for r in rows]
             metrics["gold_after"], metrics["gold_after_se"] = mean_se([r["gold"] for r in rows])
             metrics["gold_samples"] = len(rows)
