@@ -12,7 +12,6 @@ bag of the response's token features from the first step. Reward models trained 
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Optional, Sequence
