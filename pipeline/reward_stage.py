@@ -346,7 +346,7 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
                     batch.append(pairs[order[cursor]])
                     cursor += 1
                 feats = pooled_features(peft_model, [b[0] for b in batch] + [b[1] for b in batch], pad, rc.pooling)
-                scores = head(feats.to(head.weight.dtype) if hasattr(head, "weight") else feats).squeeze(-1).float()
+                scores = head(feats).squeeze(-1)  # float32 features, float32 head (restored above)
                 chosen, rejected = scores[:len(batch)], scores[len(batch):]
                 loss = pairwise_loss(chosen, rejected, rc.center_rewards_coefficient)
                 if not torch.isfinite(loss):
