@@ -375,23 +375,38 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"ppo.micro_batch_size must be >= 0 (0 = whole minibatch), got {cfg.ppo.micro_batch_size}")
 
 
+def _read_yaml(path: Path, chain: tuple = ()) -> list[tuple[Path, dict]]:
+    """The mapping in ``path`` preceded by those it ``extends:`` (a path relative to the file), base first."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (extended by {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: 'extends' forms a cycle: {' -> '.join(str(p) for p in chain + (path,))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return [(path, data)]
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: 'extends' must be a path to another config file, got {parent!r}")
+    return _read_yaml(path.parent / parent, chain + (path.resolve(),)) + [(path, data)]
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> PipelineConfig:
-    """Defaults <- YAML file <- ``section.key=value`` overrides."""
+    """Defaults <- YAML file (after the files it ``extends:``) <- ``section.key=value`` overrides.
+
+    A file that extends another overrides it key by key; a list (e.g. ``ppo.rewards``) is replaced whole.
+    """
     cfg = PipelineConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        try:
-            _apply(cfg, data, "")
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        for file, data in _read_yaml(Path(path)):
+            try:
+                _apply(cfg, data, "")
+            except ConfigError as e:
+                raise ConfigError(f"{file}: {e}") from None
     for text in overrides:
         keys, value = parse_override(text)
         nested: Any = value

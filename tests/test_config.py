@@ -68,6 +68,34 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_config(yml)
 
 
+def test_extends_applies_the_parent_first_and_lists_replace_whole(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "ppo:\n  steps: 5\n  kl_coef: 0.2\n  lora: {r: 4, alpha: 8}\n  monitor: [{name: sentiment}]\n")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("extends: ../base.yaml\nppo:\n  kl_coef: 0.05\n  lora: {r: 2}\n  monitor: []\n")
+    cfg = load_config(child, ["ppo.steps=9"])
+    assert cfg.ppo.kl_coef == 0.05                          # child over parent 0.2
+    assert (cfg.ppo.lora.r, cfg.ppo.lora.alpha) == (2, 8)   # sections merge key by key
+    assert cfg.ppo.monitor == []                            # a list is replaced, not appended to
+    assert cfg.ppo.steps == 9                               # override over parent 5
+
+
+def test_extends_errors_name_the_files(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("extends: b.yaml\n")
+    b.write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="'extends' forms a cycle"):
+        load_config(a)
+    a.write_text("extends: nope.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope.yaml \(extended by .*a.yaml\)"):
+        load_config(a)
+    b.write_text("extends: a.yaml\nsft: {lerning_rate: 1}\n")
+    a.write_text("ppo: {steps: 2}\n")
+    with pytest.raises(ConfigError, match="b.yaml: unknown key 'sft.lerning_rate'"):
+        load_config(b)
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["ppo.steps=7", "sft.lora.target_modules=[q_proj, v_proj]"])
     save_config(cfg, tmp_path / "config.yaml")
