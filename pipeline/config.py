@@ -180,7 +180,8 @@ class PPOConfig:
     rollout_weights: str = "auto"
     rollout_merge_max_gb: float = 1.0
     # Route RMSNorm and SwiGLU MLPs of Llama/Mistral/Qwen2/Qwen3 models through autograd functions with
-    # the same forward that keep less for backward (pipeline/lean_ops.py); false = the model's own.
+    # the same forward that keep less for backward, and peft's LoRA linears through one addmm each
+    # (pipeline/lean_ops.py); false = the models' own.
     lean_ops: bool = True
     # Added to the score of responses that end without a stop token (None = no penalty).
     missing_eos_penalty: Optional[float] = None

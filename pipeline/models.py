@@ -650,12 +650,16 @@ def merged_linear_weights(model: torch.nn.Module, dtype: Optional[torch.dtype] =
                     weight += layer.scaling[name] * (layer.lora_B[name].weight.float()
                                                       @ layer.lora_A[name].weight.float())
                 bias = None if base.bias is None else base.bias.detach().to(dtype)
+                # A forward already set on the instance (pipeline.lean_ops) comes back on exit.
+                patched.append((layer, vars(layer).get("forward")))
                 layer.forward = _dense_forward(weight.to(dtype), bias)
-                patched.append(layer)
         yield
     finally:
-        for layer in patched:
-            del layer.forward
+        for layer, previous in patched:
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous
         release_free_memory()
 
 

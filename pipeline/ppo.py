@@ -231,7 +231,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                                               models.compute_dtype(cfg.model, accelerator.device))
     rollout_ctx = models.merged_linear_weights if merge_rollout else lambda model: contextlib.nullcontext()
     if pc.lean_ops:
-        lean_ops.install(peft_model)  # same forward, less kept for backward (RMSNorm, SwiGLU)
+        lean_ops.install(peft_model)  # less kept for backward (RMSNorm, SwiGLU), one addmm per LoRA linear
     t_params, t_total = models.count_parameters(pv)
     if main_proc:
         print(f"[ppo] trainable parameters: {t_params:,} of {t_total:,}; policy adapters {policy_adapters}, "

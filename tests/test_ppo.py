@@ -655,10 +655,19 @@ def test_micro_batches_give_the_same_update_as_the_whole_minibatch(new_run, data
         rows = _rows(runs[micro] / "ppo" / "metrics.jsonl")
         for a, b in zip(ref_rows, rows):
             for k in ("ppo/kl", "ppo/score", "ppo/policy_loss", "ppo/value_loss", "ppo/ratio_mean", "ppo/clipfrac"):
-                assert b[k] == pytest.approx(a[k], rel=rel, abs=abs_), (micro, a["step"], k)
+                # clipfrac counts tokens past the clip edge: in bf16 one token of the 64 may round across it.
+                tol = 1.5 / 64 if (k == "ppo/clipfrac" and precision == "bfloat16") else abs_
+                assert b[k] == pytest.approx(a[k], rel=rel, abs=tol), (micro, a["step"], k)
         w = load_file(str(runs[micro] / "ppo" / "adapter_model.safetensors"))
         for k in ref_w:
-            torch.testing.assert_close(w[k], ref_w[k], atol=w_atol, rtol=rel)
+            if precision == "float32":
+                torch.testing.assert_close(w[k], ref_w[k], atol=w_atol, rtol=rel)
+            else:
+                # Each of the two Adam updates moves a weight by ~lr (w_atol) either way, so a weight whose
+                # gradient rounds across zero may differ by both; the typical weight agrees to a tenth of one.
+                diff = (w[k] - ref_w[k]).abs()
+                assert diff.max().item() <= 2 * w_atol + 1e-4, k
+                assert diff.median().item() <= w_atol / 10, k
 
 
 def test_gumbel_max_sampler_samples_softmax_over_temperature():
