@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, models
+from pipeline import data, lengths, models
 from pipeline.artifacts import (ArtifactError, MetricsLogger, atomic_output, is_complete, write_jsonl,
                                 write_manifest)
 from pipeline.config import PipelineConfig
@@ -47,6 +47,21 @@ def gold_samples(model, tok, prompts: list[list[dict]], per_prompt: int, max_new
     prompt_texts = [p[-1]["content"] for p in jobs]
     scores = build_reward("sentiment")(prompt_texts, texts).total
     return [{"prompt": p, "response": t, "gold": float(g)} for p, t, g in zip(prompt_texts, texts, scores)]
+
+
+def _fit_lengths(trainer, split: str, report: data.LoadReport, cfg: PipelineConfig) -> lengths.LengthReport:
+    """Fit the trainer's tokenized ``split`` rows to sft.max_length by data.long_rows (trl got them whole:
+    its own truncation keeps a row's start and so cuts the response), then pack them when padding-free."""
+    attr = f"{split}_dataset"
+    ds, rep = lengths.fit_token_rows(getattr(trainer, attr), cfg.sft.max_length, cfg.data.long_rows,
+                                     f"SFT {split} rows", "sft.max_length", report.row_name)
+    if cfg.sft.padding_free:
+        from trl.data_utils import pack_dataset
+
+        ds = pack_dataset(ds, cfg.sft.max_length, "bfd")
+    setattr(trainer, attr, ds)
+    print(f"[sft] {rep.summary()}", flush=True)
+    return rep
 
 
 def _eval_loss(trainer, max_length: int) -> float:
@@ -91,9 +106,8 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
             learning_rate=sc.learning_rate, num_train_epochs=sc.epochs, max_steps=sc.max_steps,
             lr_scheduler_type=sc.lr_scheduler, warmup_steps=sc.warmup_ratio, weight_decay=sc.weight_decay,
             logging_steps=sc.logging_steps, save_strategy="no", eval_strategy="no", report_to=[],
-            max_length=sc.max_length, assistant_only_loss=assistant_masks, padding_free=sc.padding_free,
-            # trl enforces max_length in padding-free mode only through best-fit-decreasing packing.
-            packing=sc.padding_free, packing_strategy="bfd",
+            # No length limit or packing in trl: _fit_lengths applies data.long_rows, then packs (best-fit decreasing).
+            max_length=None, assistant_only_loss=assistant_masks, padding_free=sc.padding_free, packing=False,
             gradient_checkpointing=sc.gradient_checkpointing, seed=sc.seed, data_seed=sc.seed,
             dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
             # PeftModel.forward hides `labels` behind **kwargs, so the Trainer cannot infer it.
@@ -103,12 +117,16 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
                              processing_class=tok, peft_config=models.lora_config(sc.lora, model=model),
                              callbacks=[JsonlMetrics(logger, "sft"), ReleaseMemory()])
         restore_fp32_trainables(trainer.model)
+        fitted = {"train": _fit_lengths(trainer, "train", train_report, cfg)}
+        if eval_ds is not None:
+            fitted["eval"] = _fit_lengths(trainer, "eval", eval_report, cfg)
         trainable, total = models.count_parameters(trainer.model)
         print(f"[sft] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", flush=True)
         eval_prompts = [r["messages"][:-1] for r in eval_rows[:sc.gold_eval_prompts]]
 
         # 3. evaluate before training
-        metrics: dict = {"trainable_params": trainable, "total_params": total}
+        metrics: dict = {"trainable_params": trainable, "total_params": total,
+                         **{k: v for split, rep in fitted.items() for k, v in rep.metrics(split).items()}}
         if eval_ds is not None:
             metrics["eval_loss_before"] = _eval_loss(trainer, sc.max_length)
         samples: list[dict] = []
@@ -152,10 +170,10 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
         tok.save_pretrained(tmp)
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         write_manifest(tmp, "sft", cfg, base, metrics,
-                       data={"train": {"source": cfg.data.sft_train, "sha256": data.data_hash(cfg.data.sft_train),
-                                       "rows": train_report.kept, "skipped": train_report.skipped},
-                             "eval": {"source": cfg.data.sft_eval,
-                                      "sha256": data.data_hash(cfg.data.sft_eval) if cfg.data.sft_eval else None}})
+                       data={"train": data.manifest_entry(cfg.data.sft_train, train_report, cfg.data.split,
+                                                          fitted["train"]),
+                             "eval": data.manifest_entry(cfg.data.sft_eval, eval_report, cfg.data.split, fitted["eval"])
+                             if eval_report else {"source": cfg.data.sft_eval}})
     print(f"[sft] done in {metrics['wall_seconds']}s -> {out}", flush=True)
     for k in ("eval_loss_before", "eval_loss_after"):
         if k in metrics:
