@@ -179,31 +179,23 @@ def _json_list(value: str) -> Optional[list]:
     return decoded if isinstance(decoded, list) and all(isinstance(m, dict) for m in decoded) else None
 
 
-def _decoded_list(value: Any, name: str, from_csv: bool) -> list:
-    """A list cell; CSV cells hold it JSON-encoded."""
+def _decoded_list(value: Any, name: str, from_csv: bool, of: str = "objects") -> list:
+    """A non-empty list cell (of ``of``, for the messages); CSV cells hold it JSON-encoded."""
     if from_csv and isinstance(value, str):
         decoded = _json_list(value)
         if decoded is None:
-            raise RowProblem(f"{name}: expected a JSON list of objects, got text that is not one")
+            raise RowProblem(f"{name}: expected a JSON list of {of}, got text that is not one")
         value = decoded
     if not isinstance(value, list):
-        raise RowProblem(f"{name}: expected a list, got {type_name(value)}")
+        raise RowProblem(f"{name}: expected a list of {of}, got {type_name(value)}")
     if not value:
-        raise RowProblem(f"{name}: empty list")
+        raise RowProblem(f"{name}: empty list of {of}")
     return value
 
 
 def _messages(value: Any, name: str, from_csv: bool = False, empty_last_ok: bool = False) -> list[dict]:
     """Canonical messages from a message list; ``empty_last_ok`` lets a final assistant turn be empty."""
-    if from_csv and isinstance(value, str):
-        decoded = _json_list(value)
-        if decoded is None:
-            raise RowProblem(f"{name}: expected a JSON list of messages, got text that is not one")
-        value = decoded
-    if not isinstance(value, list):
-        raise RowProblem(f"{name}: expected a list of messages, got {type_name(value)}")
-    if not value:
-        raise RowProblem(f"{name}: empty list of messages")
+    value = _decoded_list(value, name, from_csv, "messages")
     pre = "" if name == "messages" else f"{name}: "
     out = []
     for i, m in enumerate(value, 1):
@@ -338,7 +330,7 @@ def _sft_messages(row: dict, ctx: RowContext) -> list[dict]:
 def _sharegpt(value: Any, from_csv: bool) -> list[dict]:
     """ShareGPT ``[{"from": "human"|"gpt"|"system", "value": text}, ...]`` as canonical messages
     (``user``/``assistant`` are accepted for ``from`` too); a final ``gpt`` turn may be empty."""
-    turns = _decoded_list(value, "conversations", from_csv)
+    turns = _decoded_list(value, "conversations", from_csv, "turns")
     msgs = []
     for i, t in enumerate(turns, 1):
         if not isinstance(t, dict):

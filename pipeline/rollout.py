@@ -126,11 +126,13 @@ def generate(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor
 
 def sample_texts(model, tokenizer, prompts: Sequence[list[dict]], max_new_tokens: int, temperature: float,
                  batch_size: int = 8, max_prompt_length: int = 512, progress: Optional[str] = None) -> list[str]:
-    """Sample one response per prompt (chat-formatted message lists); returns decoded texts."""
+    """Sample one response per prompt (chat-formatted message lists); returns decoded texts. A prompt
+    over ``max_prompt_length`` tokens keeps its last ones (data.long_rows=truncate; callers that drop
+    or refuse long prompts do so first, with ``fit_prompts``)."""
     from tqdm.auto import tqdm
 
     texts: list[str] = []
-    encoded = encode_prompts(tokenizer, prompts, max_prompt_length)
+    encoded = [prompt_ids(tokenizer, p)[-max_prompt_length:] for p in prompts]
     starts = range(0, len(encoded), batch_size)
     for s in tqdm(starts, desc=progress, disable=progress is None):
         q, qm = left_pad(encoded[s:s + batch_size], tokenizer.pad_token_id)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, lengths, models
+from pipeline import data, lengths, models, rollout
 from pipeline.artifacts import (ArtifactError, MetricsLogger, atomic_output, is_complete, write_jsonl,
                                 write_manifest)
 from pipeline.config import PipelineConfig
@@ -27,7 +27,7 @@ GOLD_SAMPLES = "gold_samples.jsonl"
 
 
 def gold_samples(model, tok, prompts: list[list[dict]], per_prompt: int, max_new_tokens: int, temperature: float,
-                 seed: int, batch_size: int) -> list[dict]:
+                 seed: int, batch_size: int, max_prompt_length: int = 512) -> list[dict]:
     """``per_prompt`` sampled responses per prompt with their gold (VADER sentiment) score: the default
     task's quality signal. Rows ``{"prompt", "response", "gold"}``."""
     from pipeline.rollout import sample_texts
@@ -41,7 +41,7 @@ def gold_samples(model, tok, prompts: list[list[dict]], per_prompt: int, max_new
         # Dense weights with the adapter merged in: sampling 2x faster on CPU (README), freed on exit.
         with models.merged_linear_weights(model):
             texts = sample_texts(model, tok, jobs, max_new_tokens, temperature, batch_size=batch_size,
-                                 progress="gold eval")
+                                 max_prompt_length=max_prompt_length, progress="gold eval")
     finally:
         model.train(was_training)
     prompt_texts = [p[-1]["content"] for p in jobs]
@@ -120,9 +120,15 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
         fitted = {"train": _fit_lengths(trainer, "train", train_report, cfg)}
         if eval_ds is not None:
             fitted["eval"] = _fit_lengths(trainer, "eval", eval_report, cfg)
+        # The gold check samples as PPO does: prompts fitted to ppo.max_prompt_length by data.long_rows.
+        kept, _, fitted["gold_prompts"] = rollout.fit_prompts(
+            tok, [{"prompt": r["messages"][:-1]} for r in eval_rows[:sc.gold_eval_prompts]], eval_report,
+            cfg.ppo.max_prompt_length, cfg.data.long_rows, "SFT gold-check prompts")
+        eval_prompts = [r["prompt"] for r in kept]
+        if fitted["gold_prompts"].over:
+            print(f"[sft] {fitted['gold_prompts'].summary()}", flush=True)
         trainable, total = models.count_parameters(trainer.model)
         print(f"[sft] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", flush=True)
-        eval_prompts = [r["messages"][:-1] for r in eval_rows[:sc.gold_eval_prompts]]
 
         # 3. evaluate before training
         metrics: dict = {"trainable_params": trainable, "total_params": total,
@@ -133,7 +139,7 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
         if eval_prompts:
             # The base model: the SFT adapter is a no-op before training (LoRA B starts at zero).
             rows = gold_samples(trainer.model, tok, eval_prompts, sc.gold_samples_per_prompt, sc.gold_max_new_tokens,
-                                cfg.ppo.temperature, sc.seed, sc.gold_batch_size)
+                                cfg.ppo.temperature, sc.seed, sc.gold_batch_size, cfg.ppo.max_prompt_length)
             samples += [{"model": "base", **r} for r in rows]
             metrics["gold_before"], metrics["gold_before_se"] = mean_se([r["gold"] for r in rows])
 
@@ -154,7 +160,7 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
             metrics["eval_loss_after"] = _eval_loss(trainer, sc.max_length)
         if eval_prompts:
             rows = gold_samples(trainer.model, tok, eval_prompts, sc.gold_samples_per_prompt, sc.gold_max_new_tokens,
-                                cfg.ppo.temperature, sc.seed, sc.gold_batch_size)
+                                cfg.ppo.temperature, sc.seed, sc.gold_batch_size, cfg.ppo.max_prompt_length)
             samples += [{"model": "sft", **r} for r in rows]
             metrics["gold_after"], metrics["gold_after_se"] = mean_se([r["gold"] for r in rows])
             metrics["gold_samples"] = len(rows)

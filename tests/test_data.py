@@ -5,21 +5,10 @@ import json
 
 import pytest
 
+from helpers import A, S, U
 from pipeline import data
 from pipeline.data import (DataError, LoadReport, data_hash, load_pairs, load_prompts, load_sft, parse_hh,
                            read_rows)
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 def write_jsonl(path, rows):

@@ -5,24 +5,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import A, S, U
 from pipeline import lengths
 from pipeline.data import DataError, EmptyTargetError, load_pairs, load_prompts, load_sft
 from pipeline.formats import preference_pairs
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "formats"
 HINT = "(to skip such rows and count them instead, set data.skip_invalid=true)"
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 def P(prompt, chosen, rejected):

@@ -7,19 +7,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import A, U
 from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny.yaml")
 HH_PAIRS = str(REPO / "tests" / "fixtures" / "formats" / "pairs_chosen_rejected.jsonl")
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
 
 
 @pytest.fixture(scope="module", autouse=True)
