@@ -45,7 +45,8 @@ def test_reward_stage_trains_on_hh_with_an_empty_reply_and_drops_long_held_out_p
     ]))
     run = tmp_path / "run"
     r = _invoke("reward", "--config", CONFIG, "--run-dir", str(run), "model.compute_dtype=float32",
-                f"data.pairs_train={HH_PAIRS}", f"data.pairs_eval={held_out}", "data.long_rows=drop")
+                f"data.pairs_train={HH_PAIRS}", f"data.pairs_eval={held_out}", "data.long_rows=drop",
+                "data.sft_eval=")
     assert "1 pair with an empty response (kept: a valid preference)" in r.output
     assert "reward held-out pairs: 1 of 3 longer than reward.max_length=256 tokens" in r.output
     manifest = json.loads((run / "reward" / "manifest.json").read_text())
