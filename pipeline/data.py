@@ -90,7 +90,8 @@ class LoadReport:
     ``problems`` holds the first ten as ``"row N: <problem>"``. ``formats`` counts the valid rows of
     each format; ``empty_responses`` the returned pairs with an empty chosen or rejected reply;
     ``no_pair`` the prompts whose responses formed no pair (tied, within the score margin, or one
-    response); ``row_numbers`` the source row of each returned row.
+    response); ``row_numbers`` the source row of each returned row (for one-response-per-row layouts,
+    the row of the pair's chosen response).
     """
     source: str
     total: int = 0
