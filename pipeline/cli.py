@@ -15,6 +15,12 @@ DEFAULT_CONFIG = "configs/default.yaml"
 _OVERRIDES_HELP = """
 OVERRIDES are `section.key=value` pairs applied on top of the YAML file, for example
 `sft.learning_rate=1e-4 sft.lora.r=8 data.skip_invalid=true`. Values are parsed as YAML.
+
+Your own data: `data.sft_train=alpaca.json data.pairs_train=ultrafeedback.jsonl`. Each row's format
+(chat messages, ShareGPT, Alpaca, Anthropic HH, chosen/rejected, PKU-SafeRLHF, UltraFeedback,
+HelpSteer, Nectar) is detected from its columns, or forced with `data.format=NAME`; rows longer
+than a stage's token limit follow `data.long_rows=truncate|drop|error` (default: truncate from the
+left). See README "Data formats".
 """
 
 

@@ -16,6 +16,9 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
+from pipeline.formats import FORMAT_NAMES, PAIRS_FROM
+from pipeline.lengths import LONG_ROWS
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
@@ -71,6 +74,18 @@ class DataConfig:
     # Use at most this many rows per source (0 = all).
     max_rows: int = 0
     system_prompt: Optional[str] = None
+    # "auto" detects each row's format from its columns; a format name forces it on the sources of its
+    # kind (SFT: messages, sharegpt, prompt_completion, alpaca, hh; pairs: chosen_rejected,
+    # response_pair, scored, ranked). Prompts are always detected. README "Data formats".
+    format: str = "auto"
+    # Scored and ranked responses: pair the best with the worst ("best_worst") or every two ("all"),
+    # when their scores differ by more than score_margin.
+    pairs_from: str = "best_worst"
+    score_margin: float = 0.0
+    # Rows longer than a stage's token limit (sft.max_length, reward.max_length, ppo.max_prompt_length):
+    # "truncate" cuts tokens from the left (the start of the prompt; the response and the prompt's end
+    # stay), "drop" leaves the row out, "error" stops naming the row. Every stage reports the counts.
+    long_rows: str = "truncate"
 
 
 @dataclass
@@ -321,6 +336,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 _CHOICES = {
+    ("data", "format"): FORMAT_NAMES,
+    ("data", "pairs_from"): PAIRS_FROM,
+    ("data", "long_rows"): LONG_ROWS,
     ("model", "quant_type"): ("nf4", "fp4"),
     ("model", "compute_dtype"): ("auto", "float32", "bfloat16", "float16"),
     ("reward", "pooling"): ("mean", "last"),
@@ -372,6 +390,8 @@ def validate(cfg: PipelineConfig) -> None:
                           f"got {cfg.reward.head_learning_rate}")
     if not 0.0 <= cfg.reward.gold_min_gap <= 2.0:
         raise ConfigError(f"reward.gold_min_gap must be in [0, 2] (gold is in [-1, 1]), got {cfg.reward.gold_min_gap}")
+    if cfg.data.score_margin < 0:
+        raise ConfigError(f"data.score_margin must be >= 0, got {cfg.data.score_margin}")
     if cfg.ppo.micro_batch_size < 0:
         raise ConfigError(f"ppo.micro_batch_size must be >= 0 (0 = whole minibatch), got {cfg.ppo.micro_batch_size}")
 

@@ -7,23 +7,29 @@ Sources
     (a data-file extension such as ``.jsonl``, more than one ``/``, a leading ``/``, ``.`` or ``~``)
     raises ``DataError`` naming the missing path.
 
+Formats
+    What a row means (Alpaca, ShareGPT, chosen/rejected, PKU-SafeRLHF, UltraFeedback, HelpSteer,
+    Nectar...) is pipeline/formats.py: detected per row from its columns, or forced with ``format``.
+
 Row numbers (used in every error message as ``<source> row N: <problem>``)
     jsonl: the 1-based line number (blank lines are skipped but still counted).
     csv: the line on which the record starts; the header is line 1, so the first record is row 2.
     json, parquet, hub: the 1-based position of the row.
+    ``LoadReport.row_numbers`` gives the source row of every returned row.
 
 Canonical messages
     ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``; other keys are dropped,
-    content is kept verbatim but must not be empty or whitespace only, and only the first message may
-    be a system message.
+    content is kept verbatim but must not be empty or whitespace only (except a preference pair's
+    reply), and only the first message may be a system message.
 
 Column mapping
     ``columns={"prompt": "question"}`` reads the file's ``question`` column as ``prompt``. A mapped
-    column that a row lacks is reported as a missing column for that row. Entries for canonical names a
-    loader does not use are ignored, so one mapping can serve all three loaders.
+    column that a row lacks is reported as a missing column for that row (``response``, ``score``
+    and ``rank`` are also renamed inside ``completions`` objects, so they may be absent at the top).
+    Entries for canonical names a loader does not use are ignored, so one mapping can serve all
+    three loaders.
 
-CSV cells are strings; a message-list field (``messages``, ``prompt``, ``completion``, ``chosen``,
-``rejected``) may hold a JSON-encoded list of messages.
+CSV cells are strings; a message-list or ``completions`` field may hold a JSON-encoded list.
 """
 from __future__ import annotations
 
@@ -35,29 +41,34 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
-__all__ = ["DataError", "LoadReport", "parse_hh", "read_rows", "load_sft", "load_pairs", "load_prompts",
-           "data_hash"]
+from pipeline import formats
+from pipeline.formats import FORMATS, EmptyTarget, RowProblem, type_name
 
-ROLES = ("system", "user", "assistant")
+__all__ = ["DataError", "EmptyTargetError", "LoadReport", "parse_hh", "read_rows", "load_sft", "load_pairs",
+           "load_prompts", "data_hash"]
+
 FILE_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-CANONICAL_COLUMNS = ("messages", "prompt", "completion", "text", "chosen", "rejected")
+SFT_COLUMNS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "text")
+PAIR_COLUMNS = ("prompt", "chosen", "rejected", "response_0", "response_1", "better_response_id", "completions",
+                "response", "score", "rank")
+PROMPT_COLUMNS = ("prompt", "messages", "conversations", "instruction", "input", "text", "chosen")
+CANONICAL_COLUMNS = tuple(dict.fromkeys(SFT_COLUMNS + PAIR_COLUMNS + PROMPT_COLUMNS))
 MAX_PROBLEMS = 10
+SKIP_HINT = "to skip such rows and count them instead, set data.skip_invalid=true"
 
 # Suffixes that mark a string as a file path even though it is not in FILE_TYPES.
 _PATH_SUFFIXES = {".txt", ".tsv", ".gz", ".bz2", ".xz", ".zst", ".zip", ".arrow", ".yaml", ".yml"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
-_HH_MARKER = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant):")
-_HH_HUMAN = re.compile(r"(?:\A\s*|\n\n)Human:")
 
 
 class DataError(ValueError):
     """A data problem; the message names the source and, for a bad row, ``row N`` and the problem."""
 
 
-class _RowProblem(Exception):
-    """One invalid row; the loader adds the source and the row number."""
+class EmptyTargetError(DataError):
+    """An SFT row whose assistant reply is empty: nothing to train on."""
 
 
 @dataclass
@@ -66,39 +77,64 @@ class _Unreadable:
     problem: str
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 @dataclass
 class LoadReport:
     """What a loader read from one source.
 
-    ``total`` rows were examined, ``kept`` are returned, ``skipped`` were invalid (only with
-    ``skip_invalid=True``); ``problems`` holds the first ten as ``"row N: <problem>"``.
+    ``total`` source rows were examined, ``kept`` canonical rows are returned (a scored or ranked row
+    can give several pairs, or none), ``skipped`` rows were invalid (only with ``skip_invalid=True``);
+    ``problems`` holds the first ten as ``"row N: <problem>"``. ``formats`` counts the valid rows of
+    each format; ``empty_responses`` the returned pairs with an empty chosen or rejected reply;
+    ``no_pair`` the prompts whose responses formed no pair (tied, within the score margin, or one
+    response); ``row_numbers`` the source row of each returned row (for one-response-per-row layouts,
+    the row of the pair's chosen response).
     """
     source: str
     total: int = 0
     kept: int = 0
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
+    formats: dict[str, int] = field(default_factory=dict)
+    empty_responses: int = 0
+    no_pair: int = 0
+    pairing: str = ""
+    row_numbers: list[int] = field(default_factory=list, repr=False)
+
+    def row_name(self, i: int) -> str:
+        """``"<source> row N"`` for the ``i``-th returned row."""
+        return f"{self.source} row {self.row_numbers[i]}"
 
     def summary(self) -> str:
         """One line, plus one indented line per recorded problem."""
-        text = f"{self.source}: kept {self.kept} of {self.total} rows"
-        if not self.skipped:
-            return text
-        lines = [f"{text}, skipped {self.skipped} invalid"] + [f"  {p}" for p in self.problems]
+        kinds = ", ".join(f"{k} {v}" for k, v in self.formats.items()) if len(self.formats) > 1 else \
+            next(iter(self.formats), "")
+        if any(name in ("scored", "ranked") for name in self.formats):
+            text = f"{self.source}: {self.kept} pairs from {self.total} rows (format {kinds}; {self.pairing})"
+        else:
+            text = f"{self.source}: kept {self.kept} of {self.total} rows" + (f" (format {kinds})" if kinds else "")
+        if self.skipped:
+            text += f", skipped {self.skipped} invalid"
+        if self.no_pair:
+            text += f", {_count(self.no_pair, 'prompt')} formed no pair (one response, or all tied within the margin)"
+        if self.empty_responses:
+            text += f"; {_count(self.empty_responses, 'pair')} with an empty response (kept: a valid preference)"
+        lines = [text] + [f"  {p}" for p in self.problems]
         if self.skipped > len(self.problems):
             lines.append(f"  ... and {self.skipped - len(self.problems)} more")
         return "\n".join(lines)
 
+    def manifest(self) -> dict:
+        """The counts a stage records in its manifest."""
+        return {"rows": self.kept, "source_rows": self.total, "skipped": self.skipped, "formats": self.formats,
+                "empty_responses": self.empty_responses, "no_pair": self.no_pair}
+
 
 # ---------------------------------------------------------------------------------------------
 # Sources and raw rows
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {str: "text", dict: "object", list: "list", bool: "bool", int: "int", float: "float"}.get(
-        type(value), type(value).__name__)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -139,7 +175,7 @@ def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[int, Any]]:
                     yield n, _Unreadable(f"invalid JSON ({e.msg} at column {e.colno})")
                     continue
                 yield n, obj if isinstance(obj, dict) else _Unreadable(
-                    f"expected a JSON object, got {_type_name(obj)}")
+                    f"expected a JSON object, got {type_name(obj)}")
     except UnicodeDecodeError as e:
         raise DataError(f"{source}: not valid UTF-8 ({e})") from None
 
@@ -162,10 +198,10 @@ def _iter_json(path: Path, source: str) -> Iterator[tuple[int, Any]]:
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        what = f"an object with keys {sorted(data)[:10]}" if isinstance(data, dict) else _type_name(data)
+        what = f"an object with keys {sorted(data)[:10]}" if isinstance(data, dict) else type_name(data)
         raise DataError(f'{source}: expected a JSON list of objects or {{"data": [...]}}, got {what}')
     for n, obj in enumerate(data, 1):
-        yield n, obj if isinstance(obj, dict) else _Unreadable(f"expected a JSON object, got {_type_name(obj)}")
+        yield n, obj if isinstance(obj, dict) else _Unreadable(f"expected a JSON object, got {type_name(obj)}")
 
 
 def _iter_csv(path: Path, source: str) -> Iterator[tuple[int, Any]]:
@@ -250,273 +286,18 @@ def read_rows(source: str, split: str = "train", max_rows: int = 0) -> list[tupl
 
 
 # ---------------------------------------------------------------------------------------------
-# Field validation
-
-
-def parse_hh(text: str) -> list[dict]:
-    """Parse an Anthropic-HH transcript into canonical messages.
-
-    ``"\\n\\nHuman: Hi\\n\\nAssistant: Hello!"`` -> ``[{"role": "user", "content": "Hi"},
-    {"role": "assistant", "content": "Hello!"}]``. Turn markers are ``Human:``/``Assistant:`` at the
-    start of the text or after a blank line; each turn's text is stripped. The transcript must start
-    with ``Human:`` and alternate; an empty final ``Assistant:`` (the cue that ends HH prompts) is
-    dropped, any other empty turn is an error. Raises ``DataError`` describing the problem.
-    """
-    if not isinstance(text, str):
-        raise DataError(f"HH transcript must be text, got {_type_name(text)}")
-    marks = list(_HH_MARKER.finditer(text))
-    if not any(m.group(1) == "Human" for m in marks):
-        raise DataError("HH transcript has no 'Human:' turn")
-    if text[:marks[0].start()].strip():
-        raise DataError("HH transcript has text before its first turn marker")
-    if marks[0].group(1) != "Human":
-        raise DataError("HH transcript must start with 'Human:' (it starts with 'Assistant:')")
-    turns = []
-    for i, m in enumerate(marks):
-        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-        turns.append((m.group(1), text[m.end():end].strip()))
-    if turns[-1] == ("Assistant", "") and len(turns) > 1:
-        turns.pop()
-    messages = []
-    for i, (speaker, content) in enumerate(turns, 1):
-        if i > 1 and speaker == turns[i - 2][0]:
-            raise DataError(f"HH transcript turns {i - 1} and {i} are both '{speaker}:' (turns must alternate)")
-        if not content:
-            raise DataError(f"HH transcript turn {i} ('{speaker}:') is empty")
-        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content})
-    return messages
-
-
-def _looks_hh(text: str) -> bool:
-    return bool(_HH_HUMAN.search(text))
-
-
-def _hh(text: str, name: str) -> list[dict]:
-    try:
-        return parse_hh(text)
-    except DataError as e:
-        raise _RowProblem(f"{name}: {e}") from None
-
-
-def _get(row: dict, name: str) -> Any:
-    if name not in row:
-        raise _RowProblem(f"missing column '{name}'")
-    if row[name] is None:
-        raise _RowProblem(f"{name}: value is null")
-    return row[name]
-
-
-def _require_text(value: str, name: str) -> str:
-    if not value.strip():
-        raise _RowProblem(f"{name}: empty text")
-    return value
-
-
-def _json_list(value: str) -> Optional[list]:
-    if not value.lstrip().startswith("["):
-        return None
-    try:
-        decoded = json.loads(value)
-    except json.JSONDecodeError:
-        return None
-    return decoded if isinstance(decoded, list) and all(isinstance(m, dict) for m in decoded) else None
-
-
-def _messages(value: Any, name: str, from_csv: bool = False) -> list[dict]:
-    if from_csv and isinstance(value, str):
-        decoded = _json_list(value)
-        if decoded is None:
-            raise _RowProblem(f"{name}: expected a JSON list of messages, got text that is not one")
-        value = decoded
-    if not isinstance(value, list):
-        raise _RowProblem(f"{name}: expected a list of messages, got {_type_name(value)}")
-    if not value:
-        raise _RowProblem(f"{name}: empty list of messages")
-    pre = "" if name == "messages" else f"{name}: "
-    out = []
-    for i, m in enumerate(value, 1):
-        if not isinstance(m, dict):
-            raise _RowProblem(f"{pre}message {i} is not an object (got {_type_name(m)})")
-        role = m.get("role")
-        if role is None:
-            raise _RowProblem(f"{pre}message {i} has no role")
-        if not isinstance(role, str):
-            raise _RowProblem(f"{pre}message {i} role must be text, got {_type_name(role)}")
-        if role not in ROLES:
-            raise _RowProblem(f"{pre}message {i} has unknown role {role!r} (expected {', '.join(ROLES)})")
-        content = m.get("content")
-        if content is None:
-            raise _RowProblem(f"{pre}message {i} has no content")
-        if not isinstance(content, str):
-            raise _RowProblem(f"{pre}message {i} content must be text, got {_type_name(content)}")
-        if not content.strip():
-            raise _RowProblem(f"{pre}message {i} ({role}) has empty content")
-        if role == "system" and i > 1:
-            raise _RowProblem(f"{pre}message {i} is a system message; only the first message may be one")
-        out.append({"role": role, "content": content})
-    return out
-
-
-def _text_or_messages(value: Any, name: str, from_csv: bool) -> Any:
-    if isinstance(value, str):
-        if from_csv:
-            decoded = _json_list(value)
-            if decoded is not None:
-                return _messages(decoded, name)
-        return _require_text(value, name)
-    if isinstance(value, list):
-        return _messages(value, name)
-    raise _RowProblem(f"{name}: expected text or a list of messages, got {_type_name(value)}")
-
-
-def _prompt(value: Any, name: str, from_csv: bool, drop_replies: bool = False,
-            text_ok: bool = True) -> list[dict]:
-    """Messages ending with a user turn, from text (plain or HH) or a message list."""
-    if not text_ok:
-        value = _messages(value, name, from_csv)
-    value = _text_or_messages(value, name, from_csv)
-    if isinstance(value, str):
-        msgs = _hh(value, name) if _looks_hh(value) else [{"role": "user", "content": value}]
-    else:
-        msgs = value
-    if drop_replies:
-        while msgs and msgs[-1]["role"] == "assistant":
-            msgs = msgs[:-1]
-        if not msgs or not any(m["role"] == "user" for m in msgs):
-            raise _RowProblem(f"{name}: has no user turn")
-    if msgs[-1]["role"] != "user":
-        raise _RowProblem(f"{name}: must end with a user turn (the last is '{msgs[-1]['role']}')")
-    return msgs
-
-
-def _same_turns(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(x["role"] == y["role"] and x["content"].strip() == y["content"].strip()
-                                    for x, y in zip(a, b))
-
-
-def _reply(value: Any, name: str, prompt: list[dict], from_csv: bool) -> list[dict]:
-    """One assistant message, from text, a message list, or a full conversation repeating ``prompt``."""
-    value = _text_or_messages(value, name, from_csv)
-    if isinstance(value, str):
-        if not _looks_hh(value):
-            marks = list(_HH_MARKER.finditer(value))
-            if len(marks) == 1 and marks[0].start() == 0 and marks[0].group(1) == "Assistant":
-                value = _require_text(value[marks[0].end():].strip(), name)
-            return [{"role": "assistant", "content": value}]
-        value = _hh(value, name)
-    # System messages are compared away: a prompt may carry one that the conversation repeats or not.
-    convo = [m for m in value if m["role"] != "system"]
-    turns = [m for m in prompt if m["role"] != "system"]
-    if convo and convo[0]["role"] != "assistant":
-        if not _same_turns(convo[:len(turns)], turns):
-            raise _RowProblem(f"{name}: conversation does not start with the prompt")
-        convo = convo[len(turns):]
-    if len(convo) != 1 or convo[0]["role"] != "assistant":
-        roles = ", ".join(m["role"] for m in convo) or "nothing"
-        raise _RowProblem(f"{name}: expected one assistant reply after the prompt, got {roles}")
-    return convo
-
-
-def _with_system(msgs: list[dict], system: Optional[str]) -> list[dict]:
-    if system and msgs[0]["role"] != "system":
-        return [{"role": "system", "content": system}] + msgs
-    return msgs
-
-
-def _missing(row: dict, expected: str) -> _RowProblem:
-    names = ", ".join(sorted(map(str, row))[:10]) or "none"
-    return _RowProblem(f"missing column: expected {expected} (the row has: {names})")
-
-
-# ---------------------------------------------------------------------------------------------
-# Row converters
-
-
-def _sft_row(row: dict, from_csv: bool, system: Optional[str]) -> dict:
-    if "messages" in row:
-        msgs = _messages(_get(row, "messages"), "messages", from_csv)
-        if msgs[-1]["role"] != "assistant":
-            raise _RowProblem(f"conversation must end with an assistant turn "
-                              f"(message {len(msgs)} is '{msgs[-1]['role']}')")
-    elif "prompt" in row or "completion" in row:
-        prompt = _prompt(_get(row, "prompt"), "prompt", from_csv)
-        msgs = prompt + _reply(_get(row, "completion"), "completion", prompt, from_csv)
-    elif "text" in row:
-        text = _get(row, "text")
-        if not isinstance(text, str):
-            raise _RowProblem(f"text: expected an HH transcript, got {_type_name(text)}")
-        _require_text(text, "text")
-        if not _looks_hh(text):
-            raise _RowProblem("text: not an HH transcript (no 'Human:' turn)")
-        msgs = _hh(text, "text")
-        if msgs[-1]["role"] != "assistant":
-            raise _RowProblem("text: HH transcript must end with an 'Assistant:' turn")
-    else:
-        raise _missing(row, "'messages', 'prompt' + 'completion', or 'text'")
-    if not any(m["role"] == "user" for m in msgs):
-        raise _RowProblem("conversation has no user turn")
-    return {"messages": _with_system(msgs, system)}
-
-
-def _implicit_pair(chosen: Any, rejected: Any, from_csv: bool) -> tuple[list, list, list]:
-    c = _text_or_messages(chosen, "chosen", from_csv)
-    r = _text_or_messages(rejected, "rejected", from_csv)
-    if isinstance(c, str) != isinstance(r, str):
-        raise _RowProblem("chosen and rejected must both be text or both be message lists")
-    if isinstance(c, str):
-        for text, name in ((c, "chosen"), (r, "rejected")):
-            if not _looks_hh(text):
-                raise _RowProblem(f"missing column 'prompt' ({name} is plain text, not an HH transcript, "
-                                  f"so the prompt cannot be derived from it)")
-        c, r = _hh(c, "chosen"), _hh(r, "rejected")
-    for msgs, name in ((c, "chosen"), (r, "rejected")):
-        if msgs[-1]["role"] != "assistant":
-            raise _RowProblem(f"{name}: must end with an assistant turn (the last is '{msgs[-1]['role']}')")
-    if not _same_turns(c[:-1], r[:-1]):
-        i = next((i for i, (x, y) in enumerate(zip(c, r)) if not _same_turns([x], [y])), min(len(c), len(r)))
-        raise _RowProblem(f"chosen and rejected differ before their final assistant turn (at message {i + 1}), "
-                          f"so they share no prompt")
-    prompt = c[:-1]
-    if not prompt or prompt[-1]["role"] != "user":
-        raise _RowProblem("the turns shared by chosen and rejected must end with a user turn")
-    return prompt, [c[-1]], [r[-1]]
-
-
-def _pair_row(row: dict, from_csv: bool, system: Optional[str]) -> dict:
-    for name in ("chosen", "rejected"):
-        if name not in row:
-            raise _RowProblem(f"missing column '{name}'")
-    if "prompt" in row:
-        prompt = _prompt(_get(row, "prompt"), "prompt", from_csv)
-        chosen = _reply(_get(row, "chosen"), "chosen", prompt, from_csv)
-        rejected = _reply(_get(row, "rejected"), "rejected", prompt, from_csv)
-    else:
-        prompt, chosen, rejected = _implicit_pair(_get(row, "chosen"), _get(row, "rejected"), from_csv)
-    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
-        raise _RowProblem("chosen and rejected are identical")
-    return {"prompt": _with_system(prompt, system), "chosen": chosen, "rejected": rejected}
-
-
-def _prompt_row(row: dict, from_csv: bool, system: Optional[str]) -> dict:
-    if "prompt" in row:
-        msgs = _prompt(_get(row, "prompt"), "prompt", from_csv, drop_replies=True)
-    elif "messages" in row:
-        msgs = _prompt(_get(row, "messages"), "messages", from_csv, drop_replies=True, text_ok=False)
-    elif "text" in row:
-        msgs = _prompt(_get(row, "text"), "text", from_csv, drop_replies=True)
-    else:
-        raise _missing(row, "'prompt', 'messages', or 'text'")
-    return {"prompt": _with_system(msgs, system)}
-
-
-# ---------------------------------------------------------------------------------------------
 # Loaders
 
 
-def _load(source: Any, used: tuple[str, ...], convert: Callable[[dict, bool, Optional[str]], dict],
-          columns: Optional[dict], skip_invalid: bool, max_rows: int, split: str,
-          system_prompt: Optional[str]) -> tuple[list[dict], LoadReport]:
-    source = str(source)
+def parse_hh(text: str, keep_open_reply: bool = False) -> list[dict]:
+    """pipeline.formats.parse_hh, raising ``DataError``."""
+    try:
+        return formats.parse_hh(text, keep_open_reply)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+def _column_map(columns: Optional[dict], used: tuple[str, ...]) -> dict[str, str]:
     mapping = {}
     for canon, col in (columns or {}).items():
         if canon not in CANONICAL_COLUMNS:
@@ -526,92 +307,173 @@ def _load(source: Any, used: tuple[str, ...], convert: Callable[[dict, bool, Opt
             raise DataError(f"columns.{canon}: expected a column name, got {col!r}")
         if canon in used:
             mapping[canon] = col
+    return mapping
+
+
+def _renamed(raw: dict, mapping: dict[str, str]) -> dict:
+    """The row with mapped columns under their canonical names (the mapped-over originals hidden)."""
+    view = {k: v for k, v in raw.items() if k not in mapping and k not in mapping.values()}
+    for canon, col in mapping.items():
+        if col in raw:
+            view[canon] = raw[col]
+        elif canon not in formats.NESTED_COLUMNS:
+            raise RowProblem(f"missing column '{col}' (mapped to '{canon}')")
+    return view
+
+
+def _fixed_format(format: str, kind: str) -> Optional[formats.Format]:
+    """The format ``format`` forces on a loader of ``kind``; None to detect per row. A format of the
+    other kind leaves detection on: one ``data.format`` serves the SFT and the pair sources."""
+    if format not in formats.FORMAT_NAMES:
+        raise DataError(f"format: unknown format {format!r} (expected one of {', '.join(formats.FORMAT_NAMES)})")
+    fmt = FORMATS.get(format)
+    return fmt if fmt is not None and fmt.kind == kind else None
+
+
+def _load(source: Any, kind: str, columns: Optional[dict], skip_invalid: bool, max_rows: int, split: str,
+          system_prompt: Optional[str], format: str = "auto", pairs_from: str = "best_worst",
+          score_margin: float = 0.0) -> tuple[list[dict], LoadReport]:
+    source = str(source)
+    used = {"sft": SFT_COLUMNS, "pairs": PAIR_COLUMNS, "prompts": PROMPT_COLUMNS}[kind]
+    mapping = _column_map(columns, used)
     if not isinstance(max_rows, int) or max_rows < 0:
         raise DataError(f"max_rows must be a non-negative integer (0 = all), got {max_rows!r}")
+    if pairs_from not in formats.PAIRS_FROM:
+        raise DataError(f"pairs_from: expected one of {', '.join(formats.PAIRS_FROM)}, got {pairs_from!r}")
+    if not isinstance(score_margin, (int, float)) or not score_margin >= 0:
+        raise DataError(f"score_margin: expected a number >= 0, got {score_margin!r}")
+    fixed = _fixed_format(format, kind)
     system = system_prompt if system_prompt and system_prompt.strip() else None
 
-    kind, raw_rows = _open(source, split)
-    report = LoadReport(source)
+    file_kind, raw_rows = _open(source, split)
+    ctx = formats.RowContext(from_csv=file_kind == "csv", system=system, pairs_from=pairs_from,
+                             score_margin=float(score_margin),
+                             columns={k: v for k, v in mapping.items() if k in formats.NESTED_COLUMNS})
+    report = LoadReport(source, pairing=f"pairs_from={pairs_from}, score_margin={score_margin:g}" if kind == "pairs" else "")
     rows: list[dict] = []
+    groups: dict[str, tuple[list[dict], list[tuple[list[dict], float, int]]]] = {}
+
+    def keep(new: list[tuple[dict, int]]) -> None:
+        for row, n in new[:max_rows - len(rows) if max_rows else None]:
+            rows.append(row)
+            report.row_numbers.append(n)
+            if "chosen" in row and not (row["chosen"][0]["content"].strip() and row["rejected"][0]["content"].strip()):
+                report.empty_responses += 1
+
     with contextlib.closing(raw_rows):
         for n, raw in raw_rows:
             report.total += 1
             try:
                 if isinstance(raw, _Unreadable):
-                    raise _RowProblem(raw.problem)
-                if mapping:
-                    view = {k: v for k, v in raw.items() if k not in mapping and k not in mapping.values()}
-                    for canon, col in mapping.items():
-                        if col not in raw:
-                            raise _RowProblem(f"missing column '{col}' (mapped to '{canon}')")
-                        view[canon] = raw[col]
-                    raw = view
-                rows.append(convert(raw, kind == "csv", system))
-            except _RowProblem as e:
+                    raise RowProblem(raw.problem)
+                row = _renamed(raw, mapping) if mapping else raw
+                if kind == "prompts":
+                    name, out = None, formats.prompt_row(row, ctx)
+                else:
+                    fmt = fixed or formats.detect(row, kind, ctx)
+                    name, out = fmt.name, fmt.convert(row, ctx)
+            except RowProblem as e:
                 if not skip_invalid:
-                    raise DataError(f"{source} row {n}: {e}") from None
+                    error = EmptyTargetError if isinstance(e, EmptyTarget) else DataError
+                    raise error(f"{source} row {n}: {e} ({SKIP_HINT})") from None
                 report.skipped += 1
                 if len(report.problems) < MAX_PROBLEMS:
                     report.problems.append(f"row {n}: {e}")
                 continue
-            report.kept += 1
-            if max_rows and report.kept >= max_rows:
+            if name is not None:
+                report.formats[name] = report.formats.get(name, 0) + 1
+            if isinstance(out, formats.Group):
+                groups.setdefault(out.key, (out.prompt, []))[1].append((out.reply, out.score, n))
+                continue
+            if not out:
+                report.no_pair += 1
+            keep([(r, n) for r in out])
+            if max_rows and len(rows) >= max_rows:
                 break
+    # One-response-per-row layouts: each prompt's responses, gathered over the whole source, form its pairs.
+    for prompt, items in groups.values():
+        pairs = formats.scored_pairs(prompt, [i[0] for i in items], [i[1] for i in items], ctx, ctx.score_margin)
+        if not pairs:
+            report.no_pair += 1
+        keep([(pair, items[chosen][2]) for pair, chosen in pairs])
+    report.kept = len(rows)
     if not rows:
         if not report.total:
             raise DataError(f"{source}: no rows (the source is empty)")
+        if report.no_pair and not report.skipped:
+            raise DataError(f"{source}: no pairs ({report.total} rows read; {report.no_pair} prompts formed no pair: "
+                            f"one response each, or all tied within score_margin={score_margin:g})")
         raise DataError(f"{source}: no valid rows ({report.total} read, all invalid; first problem: "
-                        f"{report.problems[0]})")
+                        f"{report.problems[0] if report.problems else 'none recorded'})")
     return rows, report
 
 
 def loader_options(dc) -> dict:
     """The keyword arguments every loader takes, from a ``pipeline.config.DataConfig``."""
     return dict(columns=dc.columns, skip_invalid=dc.skip_invalid, max_rows=dc.max_rows, split=dc.split,
-                system_prompt=dc.system_prompt)
+                system_prompt=dc.system_prompt, format=dc.format, pairs_from=dc.pairs_from,
+                score_margin=dc.score_margin)
 
 
 def load_sft(source: str, columns: Optional[dict] = None, skip_invalid: bool = False, max_rows: int = 0,
-             split: str = "train", system_prompt: Optional[str] = None) -> tuple[list[dict], LoadReport]:
-    """Load SFT conversations as ``{"messages": [...]}`` rows ending with an assistant turn.
+             split: str = "train", system_prompt: Optional[str] = None, format: str = "auto",
+             **pair_options) -> tuple[list[dict], LoadReport]:
+    """Load SFT conversations as ``{"messages": [...]}`` rows ending with a non-empty assistant turn.
 
-    Per row (after the column mapping), the first present of: ``messages`` (a message list);
-    ``prompt`` + ``completion`` (each text or a message list; prompt text becomes one user message,
-    or the turns of an HH transcript; completion text becomes one assistant message); ``text`` (an HH
-    transcript ending with an ``Assistant:`` turn). ``system_prompt`` is prepended to conversations
-    without a system message. ``max_rows`` caps the rows kept. Returns ``(rows, LoadReport)``.
+    Per row (after the column mapping), the first format whose columns it has (pipeline/formats.py):
+    ``messages``; ``conversations`` (ShareGPT); ``prompt`` + ``completion`` (each text or a message
+    list; prompt text becomes one user message, or the turns of an HH transcript); ``instruction`` (+
+    ``input``) + ``output`` (Alpaca, one user turn); ``text`` (an HH transcript ending with an
+    ``Assistant:`` turn). ``format`` names an SFT format to force it. An empty target raises
+    ``EmptyTargetError``. ``system_prompt`` is prepended to conversations without a system message.
+    ``max_rows`` caps the rows kept. ``pair_options`` (``pairs_from``, ``score_margin``) are accepted
+    and unused, so that ``loader_options`` serves every loader. Returns ``(rows, LoadReport)``.
     """
-    return _load(source, ("messages", "prompt", "completion", "text"), _sft_row, columns, skip_invalid,
-                 max_rows, split, system_prompt)
+    return _load(source, "sft", columns, skip_invalid, max_rows, split, system_prompt, format)
 
 
 def load_pairs(source: str, columns: Optional[dict] = None, skip_invalid: bool = False, max_rows: int = 0,
-               split: str = "train", system_prompt: Optional[str] = None) -> tuple[list[dict], LoadReport]:
+               split: str = "train", system_prompt: Optional[str] = None, format: str = "auto",
+               pairs_from: str = "best_worst", score_margin: float = 0.0) -> tuple[list[dict], LoadReport]:
     """Load preference pairs as trl's conversational format with an explicit prompt.
 
     Rows are ``{"prompt": [... ending with a user turn], "chosen": [{"role": "assistant", ...}],
-    "rejected": [{"role": "assistant", ...}]}``. With a ``prompt`` column, chosen/rejected are text or
-    message lists (either the reply alone or a conversation that repeats the prompt). Without one,
-    chosen/rejected are both full conversations (message lists or HH transcripts, multi-turn allowed)
-    that must share every turn but the final assistant one, which becomes the reply. Identical
-    replies are invalid. ``system_prompt`` is prepended to prompts without a system message.
+    "rejected": [{"role": "assistant", ...}]}``; a reply may be empty (counted in the report). Formats
+    (pipeline/formats.py): ``chosen``/``rejected`` with a ``prompt`` (replies as text, message lists,
+    or conversations repeating the prompt) or without one (two conversations or HH transcripts sharing
+    every turn but the last); ``response_0``/``response_1``/``better_response_id``; ``completions``
+    with a ``rank`` or a ``score`` each, or one ``response`` + ``score`` per row grouped by prompt.
+    Scored and ranked responses give pairs by ``pairs_from`` ("best_worst": the best against the
+    worst; "all": every two) whose scores differ by more than ``score_margin``. Identical replies
+    are invalid. ``system_prompt`` is prepended to prompts without a system message.
     """
-    return _load(source, ("prompt", "chosen", "rejected"), _pair_row, columns, skip_invalid, max_rows,
-                 split, system_prompt)
+    return _load(source, "pairs", columns, skip_invalid, max_rows, split, system_prompt, format, pairs_from,
+                 score_margin)
 
 
 def load_prompts(source: str, columns: Optional[dict] = None, skip_invalid: bool = False,
-                 max_rows: int = 0, split: str = "train",
-                 system_prompt: Optional[str] = None) -> tuple[list[dict], LoadReport]:
+                 max_rows: int = 0, split: str = "train", system_prompt: Optional[str] = None,
+                 **format_options) -> tuple[list[dict], LoadReport]:
     """Load PPO prompts as ``{"prompt": [... ending with a user turn]}`` rows.
 
     Per row, the first present of: ``prompt`` (text, an HH transcript, or a message list);
-    ``messages`` (a message list); ``text`` (an HH transcript or plain text). Trailing assistant turns
-    are dropped, so full conversations serve as prompts. ``system_prompt`` is prepended to prompts
-    without a system message.
+    ``messages`` (a message list); ``conversations`` (ShareGPT); ``instruction`` (+ ``input``, Alpaca);
+    ``text`` (an HH transcript or plain text); ``chosen`` (an HH transcript or conversation, as in a pair
+    file without a prompt column). Trailing assistant turns are dropped, so full conversations serve as
+    prompts. ``system_prompt`` is prepended to prompts without a system
+    message. Prompts are always detected: ``format_options`` (``format``, ``pairs_from``,
+    ``score_margin``) are accepted and unused, so that ``loader_options`` serves every loader.
     """
-    return _load(source, ("prompt", "messages", "text"), _prompt_row, columns, skip_invalid, max_rows,
-                 split, system_prompt)
+    return _load(source, "prompts", columns, skip_invalid, max_rows, split, system_prompt)
+
+
+def manifest_entry(source: str, report: LoadReport, split: str = "train", lengths=None) -> dict:
+    """What a stage's manifest records about one data source: where, its hash, the load counts and,
+    with a ``pipeline.lengths.LengthReport``, what happened to rows over the token limit."""
+    entry = {"source": source, "sha256": data_hash(source, split), **report.manifest()}
+    if lengths is not None:
+        entry["long_rows"] = lengths.manifest()
+    return entry
 
 
 def data_hash(source: str, split: str = "train") -> str:

@@ -656,7 +656,9 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     _freeze_normalizers(gold_fn, None, "gold")
 
     # 5. sample, score, KL
-    encoded = rollout.encode_prompts(tok, [p["prompt"] for p in prompts], pc.max_prompt_length)
+    prompts, encoded, prompt_lengths = rollout.fit_prompts(tok, prompts, report, pc.max_prompt_length,
+                                                           cfg.data.long_rows, "eval prompts")
+    print(f"[eval] {prompt_lengths.summary()}", flush=True)
     stop_ids = rollout.stop_token_ids(tok, base_model)
     k = ec.samples_per_prompt
     batch_size = ec.batch_size
@@ -757,11 +759,11 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
         metrics = {"points": [_json_safe(p) for p in points], "best_gold": None if best is None else
                    {k_: best[k_] for k_ in ("name", "step", "gold_mean", "gold_se", "proxy_mean", "kl_k1_mean")},
                    "per_model": extras, "fits": fits, "proxy_per_nat": proxy_per_nat(points),
-                   "prompts": len(prompts), "samples_per_prompt": k,
+                   "prompts": len(prompts), "samples_per_prompt": k, **prompt_lengths.metrics("prompts"),
                    "temperature": pc.temperature, "reference": pc.reference}
         write_manifest(tmp, "eval", cfg, base, metrics, adapters=consumed,
-                       data={"prompts": {"source": cfg.data.prompts_eval,
-                                         "sha256": data.data_hash(cfg.data.prompts_eval), "rows": len(prompts)}},
+                       data={"prompts": {**data.manifest_entry(cfg.data.prompts_eval, report, cfg.data.split,
+                                                               prompt_lengths), "rows": len(prompts)}},
                        extra={"proxy": repr(proxy_fn), "gold": repr(gold_fn)})
     sys.stdout.write("\n" + summary)
     print(f"[eval] done -> {out}", flush=True)

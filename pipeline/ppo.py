@@ -169,7 +169,10 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
 
     # 2. one base, many adapters
     base_model, tok, base = models.load_base(cfg.model, device=accelerator.device)
-    encoded = rollout.encode_prompts(tok, [p["prompt"] for p in prompts], pc.max_prompt_length)
+    prompts, encoded, prompt_lengths = rollout.fit_prompts(tok, prompts, report, pc.max_prompt_length,
+                                                           cfg.data.long_rows, "PPO prompts")
+    if main_proc:
+        print(f"[ppo] {prompt_lengths.summary()}", flush=True)
     sft_dir = substitute_run_dir(pc.sft_adapter, run_dir)
     adapters: dict[str, Path] = {}
     consumed: dict = {}
@@ -491,9 +494,10 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         headline = {k: last[k] for k in ("ppo/kl", "ppo/score", "ppo/rlhf_reward", "ppo/kl_coef") if k in last}
         headline["steps"] = pc.steps
         headline["mean_step_seconds"] = sum(r["time/step"] for r in rows) / max(1, len(rows))
+        headline.update(prompt_lengths.metrics("prompts"))
         write_manifest(work, "ppo", cfg, base, headline, adapters=consumed,
-                       data={"prompts": {"source": cfg.data.prompts_train,
-                                         "sha256": data.data_hash(cfg.data.prompts_train), "rows": report.kept}},
+                       data={"prompts": data.manifest_entry(cfg.data.prompts_train, report, cfg.data.split,
+                                                            prompt_lengths)},
                        extra={"stacked_on": list(adapters), "reference": pc.reference,
                               "value_model": pc.value_model, "final_checkpoint": str(final.name)})
         if out.exists():

@@ -18,10 +18,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from pipeline import data, models
+from pipeline import data, lengths, models
 from pipeline.artifacts import (ArtifactError, MetricsLogger, atomic_output, is_complete, read_manifest,
                                 write_manifest)
 from pipeline.config import ModelConfig, PipelineConfig
+from pipeline.lengths import LengthReport
 from pipeline.rollout import last_hidden_at, left_pad, response_pooled_hidden
 from pipeline.trainer_utils import restore_fp32_trainables
 
@@ -29,18 +30,33 @@ REWARD_ADAPTER = "reward"
 POOLINGS = ("mean", "last")
 
 
-def encode_conversation(tokenizer, conv: list[dict], response: str, max_length: int) -> tuple[list[int], int, bool]:
+def encode_conversation(tokenizer, conv: list[dict], response: str,
+                        max_length: Optional[int]) -> tuple[list[int], int, bool]:
     """Token ids of ``conv`` + the assistant ``response`` (chat template), the index where the response
-    starts, and whether the row was cut: a row over ``max_length`` tokens loses tokens from the left
-    (the start of the prompt), so the response and the prompt's end are kept."""
+    starts, and whether the row was cut: a row over ``max_length`` tokens (None: no limit) loses tokens
+    from the left (the start of the prompt), so the response and the prompt's end are kept."""
     full = tokenizer.apply_chat_template(conv + [{"role": "assistant", "content": response}], tokenize=True,
                                          return_dict=False)
     prompt = tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=False)
     full = list(full["input_ids"] if hasattr(full, "keys") else full)
     prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
     start = len(prompt) if full[:len(prompt)] == prompt else len(full) - 1
-    cut = max(len(full) - max_length, 0)
+    cut = max(len(full) - max_length, 0) if max_length is not None else 0
     return full[cut:], max(start - cut, 0), cut > 0
+
+
+def fit_pairs(tokenizer, rows: list[dict], max_length: int, policy: str, what: str,
+              name_row) -> tuple[list[int], list[tuple[tuple[list[int], int], tuple[list[int], int]]], LengthReport]:
+    """Encode preference pairs and fit them to ``max_length`` by ``data.long_rows`` (``policy``), as the
+    training loop and held-out scoring both do: ``(indices of the kept rows, their ((chosen ids,
+    response start), (rejected ids, response start)), LengthReport)``. A pair is long when either side is."""
+    full = [tuple(encode_conversation(tokenizer, r["prompt"], r[side][0]["content"], None)[:2]
+                  for side in ("chosen", "rejected")) for r in rows]
+    cuts, report = lengths.plan_cuts([[(len(ids), start) for ids, start in pair] for pair in full], max_length,
+                                     policy, what, "reward.max_length", name_row)
+    kept = [i for i, c in enumerate(cuts) if c is not None]
+    pairs = [tuple((ids[c:], max(start - c, 0)) for (ids, start), c in zip(full[i], cuts[i])) for i in kept]
+    return kept, pairs, report
 
 
 def pooled_features(model, encoded: Sequence[tuple[list[int], int]], pad_id: int, pooling: str) -> torch.Tensor:
@@ -89,22 +105,29 @@ class RewardModelScorer:
         return out
 
     @torch.no_grad()
-    def score_ids(self, seqs: list[tuple[list[int], int]]) -> torch.Tensor:
+    def score_ids(self, seqs: list[tuple[list[int], int]], progress: Optional[str] = None) -> torch.Tensor:
+        """Scores of encoded rows, in their order. Batches are formed in order of length, so that a batch
+        is not padded to one long row (each row's score does not depend on its padding); ``progress``
+        names a progress bar."""
+        from tqdm.auto import tqdm
+
         was_training = self.model.training
         self.model.eval()
-        scores = []
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+        scores = torch.empty(len(seqs))
         try:
             with models.active_adapters(self.model, [self.adapter]):
-                for s in range(0, len(seqs), self.batch_size):
-                    h = pooled_features(self.model, seqs[s:s + self.batch_size], self.tokenizer.pad_token_id,
-                                        self.pooling)
+                for s in tqdm(range(0, len(seqs), self.batch_size), desc=progress, unit="batch",
+                              disable=progress is None):
+                    idx = order[s:s + self.batch_size]
+                    h = pooled_features(self.model, [seqs[i] for i in idx], self.tokenizer.pad_token_id, self.pooling)
                     v = h @ self.head_weight.T
                     if self.head_bias is not None:
                         v = v + self.head_bias
-                    scores.append(v.squeeze(-1).cpu())
+                    scores[idx] = v.squeeze(-1).float().cpu()
         finally:
             self.model.train(was_training)
-        return torch.cat(scores)
+        return scores
 
     def __call__(self, prompts, responses, prompt_messages=None, **info) -> list[float]:
         return self.score_ids(self.encode(prompts, responses, prompt_messages)).tolist()
@@ -148,7 +171,7 @@ def load_reward_scorer(path: str | Path, host=None, batch_size: int = 16) -> Rew
                 state = models.attach_adapter(model, path, REWARD_ADAPTER)
                 model._rlhf_reward_head = _head_from_state(state, str(path))
             return RewardModelScorer(model, tok, *model._rlhf_reward_head, batch_size=batch_size,
-                                     pooling=_pooling(manifest))
+                                     max_length=_max_length(manifest), pooling=_pooling(manifest))
     mcfg = ModelConfig(**manifest["config"]["model"])
     base_model, tok, _ = models.load_base(mcfg)
     from peft import get_peft_model
@@ -159,7 +182,12 @@ def load_reward_scorer(path: str | Path, host=None, batch_size: int = 16) -> Rew
     state = models.attach_adapter(peft_model, path, REWARD_ADAPTER)
     peft_model.delete_adapter("unused")
     return RewardModelScorer(peft_model, tok, *_head_from_state(state, str(path)), batch_size=batch_size,
-                             pooling=_pooling(manifest))
+                             max_length=_max_length(manifest), pooling=_pooling(manifest))
+
+
+def _max_length(manifest: dict) -> int:
+    """The token limit the reward model was trained with: it scores under the same left-cut rule."""
+    return int(manifest.get("config", {}).get("reward", {}).get("max_length", 1024))
 
 
 def _pooling(manifest: dict) -> str:
@@ -195,14 +223,14 @@ def accuracy_se(correct: int, n: int) -> float:
 
 
 def pair_metrics(scorer: RewardModelScorer, rows: list[dict], gold: Optional[list[tuple[float, float]]] = None,
-                 gold_min_gap: float = 0.05) -> dict:
+                 gold_min_gap: float = 0.05, progress: Optional[str] = None) -> dict:
     """Held-out pairwise accuracy against the labels, and mean margin; with ``gold`` (per pair, the gold
     scores of chosen and rejected) also accuracy against gold over the pairs whose gold differs by at
     least ``gold_min_gap`` (near-ties have no meaningful order). Accuracies come with n and SE."""
     convs = [r["prompt"] for r in rows]
     n = len(rows)
     texts = [r["chosen"][0]["content"] for r in rows] + [r["rejected"][0]["content"] for r in rows]
-    scores = scorer.score_ids(scorer.encode([""] * 2 * n, texts, convs + convs))
+    scores = scorer.score_ids(scorer.encode([""] * 2 * n, texts, convs + convs), progress=progress)
     margin = scores[:n] - scores[n:]
     correct = int((margin > 0).sum())
     out = {"accuracy": correct / n, "accuracy_se": accuracy_se(correct, n), "accuracy_n": n,
@@ -219,19 +247,18 @@ def pair_metrics(scorer: RewardModelScorer, rows: list[dict], gold: Optional[lis
     return out
 
 
-def _pair_gold(source: str, n: int, skipped: int = 0) -> Optional[list[tuple[float, float]]]:
-    """(gold_chosen, gold_rejected) of the first ``n`` pairs, for pair files that record them
-    (data/README.md); None when the file has no gold or rows were skipped (the rows would not line up)."""
-    if skipped:
+def _pair_gold(source: str, row_numbers: list[int]) -> Optional[list[tuple[float, float]]]:
+    """(gold_chosen, gold_rejected) of the pairs loaded from these source rows, for pair files that
+    record them (data/README.md); None when the file has no gold or a row gave more than one pair."""
+    if len(set(row_numbers)) != len(row_numbers):
         return None
     try:
-        rows = [r for _, r in data.read_rows(source, max_rows=n)]
+        by_number = dict(data.read_rows(source, max_rows=max(row_numbers, default=0)))
     except Exception:
         return None
-    if len(rows) != n:
-        return None
     out = []
-    for r in rows:
+    for n in row_numbers:
+        r = by_number.get(n, {})
         c, j = r.get("gold_chosen"), r.get("gold_rejected")
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (c, j)):
             return None
@@ -308,17 +335,22 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
     print(f"[reward] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); "
           f"pooling {rc.pooling}", flush=True)
 
-    # Rows are cut from the left to reward.max_length (the response is kept), in training and scoring alike.
+    # Pairs over reward.max_length are cut from the left, dropped or refused (data.long_rows), in training
+    # and held-out scoring alike.
     pad = tok.pad_token_id
-    pairs, cut = [], 0
-    for r in train_rows:
-        c = encode_conversation(tok, r["prompt"], r["chosen"][0]["content"], rc.max_length)
-        j = encode_conversation(tok, r["prompt"], r["rejected"][0]["content"], rc.max_length)
-        cut += c[2] or j[2]
-        pairs.append((c[:2], j[:2]))
-    if cut:
-        print(f"[reward] {cut} of {len(pairs)} training pairs are longer than reward.max_length={rc.max_length} "
-              "tokens and lost tokens from the start of the prompt", flush=True)
+    policy = cfg.data.long_rows
+    _, pairs, train_len = fit_pairs(tok, train_rows, rc.max_length, policy, "reward training pairs",
+                                    train_report.row_name)
+    eval_len = None
+    if eval_rows:
+        kept, _, eval_len = fit_pairs(tok, eval_rows, rc.max_length, policy, "reward held-out pairs",
+                                      eval_report.row_name)
+        gold = _pair_gold(cfg.data.pairs_eval, eval_report.row_numbers)
+        eval_rows = [eval_rows[i] for i in kept]
+        gold = [gold[i] for i in kept] if gold is not None else None
+    for rep in (train_len, eval_len):
+        if rep is not None:
+            print(f"[reward] {rep.summary()}", flush=True)
     per_step = rc.batch_size * rc.grad_accum
     steps = rc.max_steps if rc.max_steps > 0 else max(1, math.ceil(rc.epochs * len(pairs) / per_step))
     warmup = round(rc.warmup_ratio * steps)
@@ -370,8 +402,8 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
                 window = {}
         peft_model.eval()
         metrics: dict = {"trainable_params": trainable, "total_params": total, "steps": steps,
-                         "train_loss": sum(losses) / len(losses), "train_pairs_cut": cut,
-                         "train_seconds": round(time.time() - t_train, 1)}
+                         "train_loss": sum(losses) / len(losses), "train_seconds": round(time.time() - t_train, 1),
+                         **train_len.metrics("train"), **(eval_len.metrics("eval") if eval_len else {})}
 
         # 4. held-out accuracy and margin, with the same scorer PPO will use
         wrapped = getattr(head, "modules_to_save", None)
@@ -379,8 +411,7 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
         scorer = RewardModelScorer(peft_model, tok, head_module.weight, head_module.bias, adapter="default",
                                    max_length=rc.max_length, pooling=rc.pooling)
         if eval_rows:
-            gold = _pair_gold(cfg.data.pairs_eval, len(eval_rows), eval_report.skipped)
-            held = pair_metrics(scorer, eval_rows, gold, rc.gold_min_gap)
+            held = pair_metrics(scorer, eval_rows, gold, rc.gold_min_gap, progress="reward held-out pairs")
             metrics.update({f"eval_{k}": v for k, v in held.items()})
         on_sft = spearman_on_sft_samples(scorer, Path(run_dir) / "sft")
         if on_sft is not None:
@@ -402,10 +433,9 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
         peft_model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_manifest(tmp, "reward", cfg, base, metrics,
-                       data={"train": {"source": cfg.data.pairs_train, "sha256": data.data_hash(cfg.data.pairs_train),
-                                       "rows": train_report.kept, "skipped": train_report.skipped},
-                             "eval": {"source": cfg.data.pairs_eval,
-                                      "sha256": data.data_hash(cfg.data.pairs_eval) if cfg.data.pairs_eval else None}},
+                       data={"train": data.manifest_entry(cfg.data.pairs_train, train_report, cfg.data.split, train_len),
+                             "eval": data.manifest_entry(cfg.data.pairs_eval, eval_report, cfg.data.split, eval_len)
+                             if eval_report else {"source": cfg.data.pairs_eval}},
                        extra={"pooling": rc.pooling})
     print(f"[reward] done in {metrics['wall_seconds']}s -> {out}", flush=True)
     if "eval_accuracy" in metrics:

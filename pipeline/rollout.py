@@ -17,21 +17,36 @@ class PromptTooLongError(ValueError):
     pass
 
 
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a prompt under the chat template, with the generation prompt."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    if hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 def encode_prompts(tokenizer, prompts: Sequence[list[dict]], max_prompt_length: int) -> list[list[int]]:
     """Apply the chat template (with the generation prompt) and check each prompt fits."""
     out = []
     for i, messages in enumerate(prompts):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                            return_dict=False)
-        if hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        ids = list(ids)
+        ids = prompt_ids(tokenizer, messages)
         if len(ids) > max_prompt_length:
             raise PromptTooLongError(
                 f"prompt {i} is {len(ids)} tokens, longer than max_prompt_length={max_prompt_length}: "
                 f"{messages[-1]['content'][:80]!r}")
         out.append(ids)
     return out
+
+
+def fit_prompts(tokenizer, rows: list[dict], report, max_prompt_length: int, long_rows: str,
+                what: str) -> tuple[list[dict], list[list[int]], "lengths.LengthReport"]:
+    """Prompt rows (``{"prompt": messages}``, as loaded with ``report``) encoded and fitted to
+    ``max_prompt_length`` by ``data.long_rows``: ``(kept rows, their ids, LengthReport)``."""
+    from pipeline import lengths
+
+    kept, ids, fitted = lengths.fit_prompt_ids([prompt_ids(tokenizer, r["prompt"]) for r in rows], max_prompt_length,
+                                               long_rows, what, "ppo.max_prompt_length", report.row_name)
+    return [rows[i] for i in kept], ids, fitted
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,11 +126,13 @@ def generate(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor
 
 def sample_texts(model, tokenizer, prompts: Sequence[list[dict]], max_new_tokens: int, temperature: float,
                  batch_size: int = 8, max_prompt_length: int = 512, progress: Optional[str] = None) -> list[str]:
-    """Sample one response per prompt (chat-formatted message lists); returns decoded texts."""
+    """Sample one response per prompt (chat-formatted message lists); returns decoded texts. A prompt
+    over ``max_prompt_length`` tokens keeps its last ones (data.long_rows=truncate; callers that drop
+    or refuse long prompts do so first, with ``fit_prompts``)."""
     from tqdm.auto import tqdm
 
     texts: list[str] = []
-    encoded = encode_prompts(tokenizer, prompts, max_prompt_length)
+    encoded = [prompt_ids(tokenizer, p)[-max_prompt_length:] for p in prompts]
     starts = range(0, len(encoded), batch_size)
     for s in tqdm(starts, desc=progress, disable=progress is None):
         q, qm = left_pad(encoded[s:s + batch_size], tokenizer.pad_token_id)

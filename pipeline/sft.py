@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, models
+from pipeline import data, lengths, models, rollout
 from pipeline.artifacts import (ArtifactError, MetricsLogger, atomic_output, is_complete, write_jsonl,
                                 write_manifest)
 from pipeline.config import PipelineConfig
@@ -27,7 +27,7 @@ GOLD_SAMPLES = "gold_samples.jsonl"
 
 
 def gold_samples(model, tok, prompts: list[list[dict]], per_prompt: int, max_new_tokens: int, temperature: float,
-                 seed: int, batch_size: int) -> list[dict]:
+                 seed: int, batch_size: int, max_prompt_length: int = 512) -> list[dict]:
     """``per_prompt`` sampled responses per prompt with their gold (VADER sentiment) score: the default
     task's quality signal. Rows ``{"prompt", "response", "gold"}``."""
     from pipeline.rollout import sample_texts
@@ -41,12 +41,27 @@ def gold_samples(model, tok, prompts: list[list[dict]], per_prompt: int, max_new
         # Dense weights with the adapter merged in: sampling 2x faster on CPU (README), freed on exit.
         with models.merged_linear_weights(model):
             texts = sample_texts(model, tok, jobs, max_new_tokens, temperature, batch_size=batch_size,
-                                 progress="gold eval")
+                                 max_prompt_length=max_prompt_length, progress="gold eval")
     finally:
         model.train(was_training)
     prompt_texts = [p[-1]["content"] for p in jobs]
     scores = build_reward("sentiment")(prompt_texts, texts).total
     return [{"prompt": p, "response": t, "gold": float(g)} for p, t, g in zip(prompt_texts, texts, scores)]
+
+
+def _fit_lengths(trainer, split: str, report: data.LoadReport, cfg: PipelineConfig) -> lengths.LengthReport:
+    """Fit the trainer's tokenized ``split`` rows to sft.max_length by data.long_rows (trl got them whole:
+    its own truncation keeps a row's start and so cuts the response), then pack them when padding-free."""
+    attr = f"{split}_dataset"
+    ds, rep = lengths.fit_token_rows(getattr(trainer, attr), cfg.sft.max_length, cfg.data.long_rows,
+                                     f"SFT {split} rows", "sft.max_length", report.row_name)
+    if cfg.sft.padding_free:
+        from trl.data_utils import pack_dataset
+
+        ds = pack_dataset(ds, cfg.sft.max_length, "bfd")
+    setattr(trainer, attr, ds)
+    print(f"[sft] {rep.summary()}", flush=True)
+    return rep
 
 
 def _eval_loss(trainer, max_length: int) -> float:
@@ -91,9 +106,8 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
             learning_rate=sc.learning_rate, num_train_epochs=sc.epochs, max_steps=sc.max_steps,
             lr_scheduler_type=sc.lr_scheduler, warmup_steps=sc.warmup_ratio, weight_decay=sc.weight_decay,
             logging_steps=sc.logging_steps, save_strategy="no", eval_strategy="no", report_to=[],
-            max_length=sc.max_length, assistant_only_loss=assistant_masks, padding_free=sc.padding_free,
-            # trl enforces max_length in padding-free mode only through best-fit-decreasing packing.
-            packing=sc.padding_free, packing_strategy="bfd",
+            # No length limit or packing in trl: _fit_lengths applies data.long_rows, then packs (best-fit decreasing).
+            max_length=None, assistant_only_loss=assistant_masks, padding_free=sc.padding_free, packing=False,
             gradient_checkpointing=sc.gradient_checkpointing, seed=sc.seed, data_seed=sc.seed,
             dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
             # PeftModel.forward hides `labels` behind **kwargs, so the Trainer cannot infer it.
@@ -103,19 +117,29 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
                              processing_class=tok, peft_config=models.lora_config(sc.lora, model=model),
                              callbacks=[JsonlMetrics(logger, "sft"), ReleaseMemory()])
         restore_fp32_trainables(trainer.model)
+        fitted = {"train": _fit_lengths(trainer, "train", train_report, cfg)}
+        if eval_ds is not None:
+            fitted["eval"] = _fit_lengths(trainer, "eval", eval_report, cfg)
+        # The gold check samples as PPO does: prompts fitted to ppo.max_prompt_length by data.long_rows.
+        kept, _, fitted["gold_prompts"] = rollout.fit_prompts(
+            tok, [{"prompt": r["messages"][:-1]} for r in eval_rows[:sc.gold_eval_prompts]], eval_report,
+            cfg.ppo.max_prompt_length, cfg.data.long_rows, "SFT gold-check prompts")
+        eval_prompts = [r["prompt"] for r in kept]
+        if fitted["gold_prompts"].over:
+            print(f"[sft] {fitted['gold_prompts'].summary()}", flush=True)
         trainable, total = models.count_parameters(trainer.model)
         print(f"[sft] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", flush=True)
-        eval_prompts = [r["messages"][:-1] for r in eval_rows[:sc.gold_eval_prompts]]
 
         # 3. evaluate before training
-        metrics: dict = {"trainable_params": trainable, "total_params": total}
+        metrics: dict = {"trainable_params": trainable, "total_params": total,
+                         **{k: v for split, rep in fitted.items() for k, v in rep.metrics(split).items()}}
         if eval_ds is not None:
             metrics["eval_loss_before"] = _eval_loss(trainer, sc.max_length)
         samples: list[dict] = []
         if eval_prompts:
             # The base model: the SFT adapter is a no-op before training (LoRA B starts at zero).
             rows = gold_samples(trainer.model, tok, eval_prompts, sc.gold_samples_per_prompt, sc.gold_max_new_tokens,
-                                cfg.ppo.temperature, sc.seed, sc.gold_batch_size)
+                                cfg.ppo.temperature, sc.seed, sc.gold_batch_size, cfg.ppo.max_prompt_length)
             samples += [{"model": "base", **r} for r in rows]
             metrics["gold_before"], metrics["gold_before_se"] = mean_se([r["gold"] for r in rows])
 
@@ -136,7 +160,7 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
             metrics["eval_loss_after"] = _eval_loss(trainer, sc.max_length)
         if eval_prompts:
             rows = gold_samples(trainer.model, tok, eval_prompts, sc.gold_samples_per_prompt, sc.gold_max_new_tokens,
-                                cfg.ppo.temperature, sc.seed, sc.gold_batch_size)
+                                cfg.ppo.temperature, sc.seed, sc.gold_batch_size, cfg.ppo.max_prompt_length)
             samples += [{"model": "sft", **r} for r in rows]
             metrics["gold_after"], metrics["gold_after_se"] = mean_se([r["gold"] for r in rows])
             metrics["gold_samples"] = len(rows)
@@ -152,10 +176,10 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
         tok.save_pretrained(tmp)
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         write_manifest(tmp, "sft", cfg, base, metrics,
-                       data={"train": {"source": cfg.data.sft_train, "sha256": data.data_hash(cfg.data.sft_train),
-                                       "rows": train_report.kept, "skipped": train_report.skipped},
-                             "eval": {"source": cfg.data.sft_eval,
-                                      "sha256": data.data_hash(cfg.data.sft_eval) if cfg.data.sft_eval else None}})
+                       data={"train": data.manifest_entry(cfg.data.sft_train, train_report, cfg.data.split,
+                                                          fitted["train"]),
+                             "eval": data.manifest_entry(cfg.data.sft_eval, eval_report, cfg.data.split, fitted["eval"])
+                             if eval_report else {"source": cfg.data.sft_eval}})
     print(f"[sft] done in {metrics['wall_seconds']}s -> {out}", flush=True)
     for k in ("eval_loss_before", "eval_loss_after"):
         if k in metrics:

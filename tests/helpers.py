@@ -2,6 +2,18 @@
 import torch
 
 
+def U(text):
+    return {"role": "user", "content": text}
+
+
+def A(text):
+    return {"role": "assistant", "content": text}
+
+
+def S(text):
+    return {"role": "system", "content": text}
+
+
 def randomize_lora_b(model: torch.nn.Module, std: float, generator: torch.Generator | None = None) -> None:
     """Give every LoRA B matrix random values: peft starts B at zero, which makes any adapter a no-op
     and any comparison between adapter paths trivially equal. Draws from ``generator`` when given,

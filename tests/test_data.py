@@ -5,21 +5,10 @@ import json
 
 import pytest
 
+from helpers import A, S, U
 from pipeline import data
 from pipeline.data import (DataError, LoadReport, data_hash, load_pairs, load_prompts, load_sft, parse_hh,
                            read_rows)
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
 
 
 def write_jsonl(path, rows):
@@ -152,7 +141,8 @@ def test_sft_messages_jsonl_drops_extra_keys(tmp_path):
     rows, report = load_sft(p)
     assert rows == [{"messages": [U("Hi"), A(" Yo ")]},
                     {"messages": [S("Be brief."), U("q"), A("a"), U("q2"), A("a2")]}]
-    assert report == LoadReport(source=p, total=2, kept=2, skipped=0, problems=[])
+    assert report == LoadReport(source=p, total=2, kept=2, skipped=0, problems=[], formats={"messages": 2},
+                                row_numbers=[1, 2])
 
 
 def test_sft_prompt_completion_text_and_messages(tmp_path):
@@ -262,19 +252,26 @@ def test_unknown_role_message_is_exact(tmp_path):
     msg = _error(tmp_path, load_sft, [ok] * 16 + [{"messages": [U("q"), {"role": "bot", "content": "x"}]}],
                  name="sft_train.jsonl")
     assert msg == (f"{tmp_path / 'sft_train.jsonl'} row 17: message 2 has unknown role 'bot' "
-                   f"(expected system, user, assistant)")
+                   f"(expected system, user, assistant) (to skip such rows and count them instead, set "
+                   f"data.skip_invalid=true)")
 
 
 @pytest.mark.parametrize("loader, row, problem", [
     # missing columns
-    (load_sft, {"question": "q"}, "missing column: expected 'messages', 'prompt' + 'completion', or 'text' "
-                                  "(the row has: question)"),
+    (load_sft, {"question": "q"}, "missing column: expected one of 'messages' (messages); 'conversations' "
+                                  "(sharegpt); 'prompt' + 'completion' (prompt_completion); 'instruction' (+ 'input') "
+                                  "+ 'output' (alpaca); 'text' (an HH transcript) (hh) (the row has: question)"),
     (load_sft, {"prompt": "q"}, "missing column 'completion'"),
     (load_pairs, {"prompt": "q", "chosen": "a"}, "missing column 'rejected'"),
-    (load_prompts, {"query": "q"}, "missing column: expected 'prompt', 'messages', or 'text'"),
+    (load_prompts, {"query": "q"}, "missing column: expected 'prompt', 'messages', 'conversations', 'instruction', "
+                                   "'text', or 'chosen'"),
+    (load_prompts, {"chosen": "plain reply"}, "chosen: plain text, not an HH transcript or a conversation"),
     # empty text
-    (load_sft, {"prompt": "q", "completion": "   "}, "completion: empty text"),
-    (load_sft, {"messages": [U("q"), A(" \n")]}, "message 2 (assistant) has empty content"),
+    (load_sft, {"prompt": "q", "completion": "   "},
+     "empty SFT target: completion is empty, so the row has nothing to train on"),
+    (load_sft, {"messages": [U("q"), A(" \n")]},
+     "empty SFT target: message 2 (the final assistant turn) is empty, so the row has nothing to train on"),
+    (load_sft, {"messages": [U("q"), A(" "), U("q2"), A("a")]}, "message 2 (assistant) has empty content"),
     (load_pairs, {"prompt": "", "chosen": "a", "rejected": "b"}, "prompt: empty text"),
     (load_prompts, {"prompt": "\t"}, "prompt: empty text"),
     # wrong types
@@ -311,8 +308,10 @@ def test_unknown_role_message_is_exact(tmp_path):
      "text: HH transcript must end with an 'Assistant:' turn"),
     (load_pairs, {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nAssistant: b\n\nHuman: q"},
      "rejected: HH transcript must start with 'Human:'"),
-    (load_pairs, {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant:"},
+    (load_pairs, {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q"},
      "rejected: must end with an assistant turn (the last is 'user')"),
+    (load_pairs, {"chosen": "\n\nHuman: q\n\nAssistant:", "rejected": "\n\nHuman: q\n\nAssistant: "},
+     "chosen and rejected are identical"),
     (load_prompts, {"text": "\n\nHuman: \n\nAssistant: b\n\nHuman: c"}, "text: HH transcript turn 1 ('Human:') is empty"),
 ])
 def test_bad_row_message_names_file_row_and_problem(tmp_path, loader, row, problem):
@@ -323,7 +322,9 @@ def test_bad_row_message_names_file_row_and_problem(tmp_path, loader, row, probl
     p.write_text(json.dumps(good) + "\n\n" + json.dumps(row) + "\n")
     with pytest.raises(DataError) as ei:
         loader(str(p))
-    assert str(ei.value) == f"{p} row 3: {problem}" or str(ei.value).startswith(f"{p} row 3: {problem}")
+    assert str(ei.value).startswith(f"{p} row 3: {problem}")
+    # every row error says how to skip such rows
+    assert str(ei.value).endswith("(to skip such rows and count them instead, set data.skip_invalid=true)")
 
 
 def test_invalid_json_line_is_a_bad_row(tmp_path):
@@ -337,10 +338,11 @@ def test_invalid_json_line_is_a_bad_row(tmp_path):
 
 def test_csv_bad_row_uses_line_number(tmp_path):
     p = write_csv(tmp_path / "p.csv", ["prompt", "completion"], [["multi\nline", "a"], ["q", ""], ["q", "a", "extra"]])
-    with pytest.raises(DataError, match=r"p\.csv row 4: completion: empty text"):
+    with pytest.raises(DataError, match=r"p\.csv row 4: empty SFT target: completion is empty"):
         load_sft(p)
     _, report = load_sft(p, skip_invalid=True)
-    assert report.problems == ["row 4: completion: empty text", "row 5: has 3 cells but the header has 2 columns"]
+    assert report.problems == ["row 4: empty SFT target: completion is empty, so the row has nothing to train on",
+                               "row 5: has 3 cells but the header has 2 columns"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,12 +362,13 @@ def test_skip_invalid_counts_and_reports(tmp_path):
                     {"messages": HH_SFT_MESSAGES}]
     assert report == LoadReport(source=p, total=5, kept=3, skipped=2, problems=[
         "row 2: missing column 'completion'",
-        "row 4: message 2 has unknown role 'bot' (expected system, user, assistant)"])
+        "row 4: message 2 has unknown role 'bot' (expected system, user, assistant)"],
+        formats={"prompt_completion": 2, "hh": 1}, row_numbers=[1, 3, 5])
     assert report.summary() == (
-        f"{p}: kept 3 of 5 rows, skipped 2 invalid\n"
+        f"{p}: kept 3 of 5 rows (format prompt_completion 2, hh 1), skipped 2 invalid\n"
         "  row 2: missing column 'completion'\n"
         "  row 4: message 2 has unknown role 'bot' (expected system, user, assistant)")
-    assert load_sft(p, max_rows=1)[1].summary() == f"{p}: kept 1 of 1 rows"
+    assert load_sft(p, max_rows=1)[1].summary() == f"{p}: kept 1 of 1 rows (format prompt_completion)"
 
 
 def test_skip_invalid_keeps_first_ten_problems(tmp_path):
@@ -500,11 +503,15 @@ def test_pairs_skip_invalid_real_hh_quirks(tmp_path):
         {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: a"},
         {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"},
         {"chosen": "\n\nHuman: q\n\nAssistant:", "rejected": "\n\nHuman: q\n\nAssistant: b"},
+        {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q"},
     ])
     rows, report = load_pairs(p, skip_invalid=True)
-    assert rows == [{"prompt": [U("q")], "chosen": [A("a")], "rejected": [A("b")]}]
+    # row 3: an empty final assistant turn is an empty (preferred) response, a valid pair
+    assert rows == [{"prompt": [U("q")], "chosen": [A("a")], "rejected": [A("b")]},
+                    {"prompt": [U("q")], "chosen": [A("")], "rejected": [A("b")]}]
+    assert (report.kept, report.empty_responses, report.row_numbers) == (2, 1, [2, 3])
     assert report.problems == ["row 1: chosen and rejected are identical",
-                               "row 3: chosen: must end with an assistant turn (the last is 'user')"]
+                               "row 4: rejected: must end with an assistant turn (the last is 'user')"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,7 +565,7 @@ def test_hub_dataset_is_loaded_with_split(monkeypatch):
     rows, report = load_prompts("someorg/prompts", split="test", skip_invalid=True)
     assert calls == [("someorg/prompts", "test")]
     assert rows == [{"prompt": [U("q1")]}, {"prompt": [U("q3")]}]
-    assert report == LoadReport("someorg/prompts", 3, 2, 1, ["row 2: prompt: empty text"])
+    assert report == LoadReport("someorg/prompts", 3, 2, 1, ["row 2: prompt: empty text"], row_numbers=[1, 3])
     assert read_rows("someorg/prompts", max_rows=1) == [(1, {"prompt": "q1"})]
 
 
@@ -589,6 +596,6 @@ def test_data_hash_hub_id_names_id_and_split():
 
 
 def test_module_exports():
-    assert set(data.__all__) == {"DataError", "LoadReport", "parse_hh", "read_rows", "load_sft", "load_pairs",
-                                 "load_prompts", "data_hash"}
+    assert set(data.__all__) == {"DataError", "EmptyTargetError", "LoadReport", "parse_hh", "read_rows", "load_sft",
+                                 "load_pairs", "load_prompts", "data_hash"}
     assert issubclass(DataError, ValueError)

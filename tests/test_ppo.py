@@ -483,10 +483,12 @@ def test_empty_prompt_file_is_a_clear_error(new_run, data_overrides, tmp_path):
 
 
 def test_prompt_longer_than_max_prompt_length_is_a_clear_error(new_run, data_overrides):
+    # data.long_rows=error (the default truncates from the left and reports the count)
     run = new_run()
-    r = _ppo(run, data_overrides, "ppo.max_prompt_length=8")
+    r = _ppo(run, data_overrides, "ppo.max_prompt_length=8", "data.long_rows=error")
     assert r.exit_code != 0
-    assert "PromptTooLongError" in r.output and "longer than max_prompt_length=8" in r.output
+    msg = r.output.replace("\n", " ")
+    assert "DataError" in msg and " row 1: " in msg and "longer than ppo.max_prompt_length=8 (PPO prompts" in msg, msg
 
 
 def test_nan_reward_stops_with_a_resumable_checkpoint(new_run, data_overrides, rewards_mod):

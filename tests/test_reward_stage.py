@@ -13,7 +13,7 @@ class _TableScorer:
     def encode(self, prompts, responses, prompt_messages=None):
         return list(responses)
 
-    def score_ids(self, seqs):
+    def score_ids(self, seqs, progress=None):
         import torch
 
         return torch.tensor([self.table[s] for s in seqs])
