@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from pipeline.evaluate import (CSV_COLUMNS, bon_kl, exact_kl, mean_se, sequence_kl, wilson_interval,
-                               win_rate)
+from pipeline.curves import CSV_COLUMNS, mean_se
+from pipeline.evaluate import bon_kl, exact_kl, sequence_kl, wilson_interval, win_rate
 
 # ---------------------------------------------------------------------------------------------
 # Pure helpers
@@ -75,7 +75,7 @@ def test_mean_se_hand_computed():
 
 
 def test_gao_fits_recover_hand_made_curves_and_their_peaks():
-    from pipeline.evaluate import fit_gao, gao_curve, gao_peak
+    from pipeline.curves import fit_gao, gao_curve, gao_peak
 
     # best-of-n form, alpha 1, beta 0.5: R(1) = 1 - 0.5 = 0.5, R(2) = 2 - 2 = 0, R(0.5) = 0.5 - 0.125 = 0.375
     a, b = fit_gao([0.0, 0.5, 1.0, 2.0], [0.0, 0.375, 0.5, 0.0], "bon")
@@ -99,7 +99,7 @@ def test_gao_fits_recover_hand_made_curves_and_their_peaks():
 
 
 def test_proxy_per_nat_interpolates_best_of_n_at_the_same_kl():
-    from pipeline.evaluate import proxy_per_nat
+    from pipeline.curves import proxy_per_nat
 
     pts = [{"kind": "sft", "name": "sft", "kl_k1_mean": 0.0, "proxy_mean": 0.2},
            {"kind": "bon", "name": "n=1", "kl_k1_mean": 0.0, "proxy_mean": 0.2},
