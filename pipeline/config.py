@@ -232,6 +232,10 @@ class EvalConfig:
     batch_size: int = 32
     gold: list[Any] = field(default_factory=lambda: [{"name": "sentiment"}])
     seed: int = 1234
+    # More PPO-family runs on the same plot: run folders (holding ppo/) or ppo output folders, trained
+    # from the same base and SFT adapter; each run's checkpoints become one series, labelled by its
+    # ppo.algorithm (and folder name where two share one). RUN/ppo, when complete, is the first series.
+    runs: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -12,8 +12,33 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 CSV_COLUMNS = ("kind", "name", "step", "kl_k1_mean", "kl_k1_se", "kl_k3_mean", "sqrt_kl", "proxy_mean",
-               "proxy_se", "gold_mean", "gold_se", "win_rate", "win_lo", "win_hi", "n_samples")
+               "proxy_se", "gold_mean", "gold_se", "win_rate", "win_lo", "win_hi", "n_samples", "series")
 X_LABEL = "sqrt(KL to reference) [nats^0.5]"
+# One colour per RL series, the first as the single-run plot has always drawn PPO; orange, green and
+# gray stay best-of-n's, SFT's and the base's.
+SERIES_COLORS = ("tab:blue", "tab:red", "tab:purple", "tab:brown", "tab:cyan", "tab:olive", "tab:pink")
+
+
+def series_of(point: dict) -> str:
+    """The curve a point belongs to: its RL series key for checkpoints ("ppo", "rloo", "grpo:sweep"),
+    else its kind (base, sft, bon)."""
+    return point.get("series") or point["kind"]
+
+
+def rl_series(points: list[dict]) -> list[str]:
+    """The RL series keys among ``points``, in order of first appearance."""
+    return list(dict.fromkeys(series_of(p) for p in points if p["kind"] == "ppo"))
+
+
+def rl_family(points: list[dict], key: str) -> list[dict]:
+    return [p for p in points if p["kind"] == "ppo" and series_of(p) == key]
+
+
+def series_title(key: str) -> str:
+    """How a series key reads in the table, the legend and the summary: "ppo" -> "PPO",
+    "grpo:sweep" -> "GRPO (sweep)"."""
+    algorithm, _, run = key.partition(":")
+    return algorithm.upper() + (f" ({run})" if run else "")
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
@@ -86,10 +111,11 @@ def gao_peak(alpha: float, beta: float, form: str) -> Optional[tuple[float, floa
 
 
 def curve_fits(points: list[dict]) -> dict:
-    """Gao fits of gold gain over the starting (SFT, else base) point for PPO and best-of-n.
+    """Gao fits of gold gain over the starting (SFT, else base) point for each RL series and best-of-n.
 
-    Returns ``{"ppo": {...}, "bon": {...}}`` with alpha, beta, the predicted peak (``peak_kl`` in nats,
-    ``peak_gold`` absolute) and the points used; a family without a fit is left out.
+    Returns ``{"ppo": {...}, "bon": {...}}`` (one entry per RL series key, e.g. also "rloo", and "bon")
+    with alpha, beta, the predicted peak (``peak_kl`` in nats, ``peak_gold`` absolute) and the points
+    used; a family without a fit is left out.
     """
     start = next((p for p in points if p["kind"] == "sft"), None) or next(
         (p for p in points if p["kind"] == "base"), None)
@@ -97,21 +123,25 @@ def curve_fits(points: list[dict]) -> dict:
         return {}
     g0 = start["gold_mean"]
     out = {}
-    for kind, form in (("ppo", "rl"), ("bon", "bon")):
-        fam = [p for p in points if p["kind"] == kind]
+    families = [(key, "rl", rl_family(points, key)) for key in rl_series(points)]
+    families.append(("bon", "bon", [p for p in points if p["kind"] == "bon"]))
+    for key, form, fam in families:
         fit = fit_gao([p["sqrt_kl"] for p in fam], [p["gold_mean"] - g0 for p in fam], form)
         if fit is None:
             continue
         alpha, beta = fit
         peak = gao_peak(alpha, beta, form)
-        out[kind] = {"form": form, "alpha": alpha, "beta": beta, "gold_start": g0, "n_points": len(fam),
+        out[key] = {"form": form, "alpha": alpha, "beta": beta, "gold_start": g0, "n_points": len(fam),
                      "peak_kl": None if peak is None else peak[0] ** 2,
                      "peak_gold": None if peak is None else g0 + peak[1]}
     return out
 
 
 def make_point(kind: str, name: str, step: Optional[int], k1: Sequence[float], k3: Sequence[float],
-           proxy: Sequence[float], gold: Sequence[float], win: tuple[float, float, float]) -> dict:
+               proxy: Sequence[float], gold: Sequence[float], win: tuple[float, float, float],
+               series: Optional[str] = None) -> dict:
+    """One row of the curves: means (and standard errors) over a model's samples. ``series`` defaults to
+    ``kind``; RL checkpoints pass their series key."""
     k1_mean, k1_se = mean_se(k1)
     k3_mean, _ = mean_se(k3)
     proxy_mean, proxy_se = mean_se(proxy)
@@ -119,10 +149,11 @@ def make_point(kind: str, name: str, step: Optional[int], k1: Sequence[float], k
     return {"kind": kind, "name": name, "step": step, "kl_k1_mean": k1_mean, "kl_k1_se": k1_se,
             "kl_k3_mean": k3_mean, "sqrt_kl": math.sqrt(max(k1_mean, 0.0)), "proxy_mean": proxy_mean,
             "proxy_se": proxy_se, "gold_mean": gold_mean, "gold_se": gold_se, "win_rate": win[0],
-            "win_lo": win[1], "win_hi": win[2], "n_samples": len(gold)}
+            "win_lo": win[1], "win_hi": win[2], "n_samples": len(gold), "series": series or kind}
 
 
 def best_gold(points: list[dict]) -> Optional[dict]:
+    """The RL checkpoint (of any series) with the highest mean gold; base/SFT when there is none."""
     ppo = [p for p in points if p["kind"] == "ppo"]
     pool = ppo or [p for p in points if p["kind"] in ("base", "sft")]
     return max(pool, key=lambda p: p["gold_mean"]) if pool else None
@@ -138,27 +169,34 @@ def _pm(mean: float, se: float) -> str:
     return f"{mean:8.3f} ± {se:5.3f}"
 
 
+def _at(p: dict) -> str:
+    return (f"gold {p['gold_mean']:.3f} ± {p['gold_se']:.3f}, proxy {p['proxy_mean']:.3f}, "
+            f"KL {p['kl_k1_mean']:.3f} nats (sqrt {p['sqrt_kl']:.3f})")
+
+
 def summary_text(points: list[dict], header: str, fits: Optional[dict] = None) -> str:
-    """An aligned table of the points, where gold peaks, PPO against best-of-n, and the curve fits."""
+    """An aligned table of the points, where gold peaks in each RL series, each series against best-of-n,
+    gold at equal KL when there are several series, and the curve fits."""
     lines = [header, ""]
-    cols = (f"{'model':<13} {'KL k1 (nats)':>16} {'KL k3':>7} {'sqrtKL':>6}  {'proxy':>16}  {'gold':>16}  "
+    w = max([13] + [len(p["name"]) for p in points])
+    cols = (f"{'model':<{w}} {'KL k1 (nats)':>16} {'KL k3':>7} {'sqrtKL':>6}  {'proxy':>16}  {'gold':>16}  "
             f"{'win vs SFT [95% CI]':>21} {'n':>5}")
     lines += [cols, "-" * len(cols)]
     for p in points:
         win = "" if math.isnan(p["win_rate"]) else f"{p['win_rate']:.3f} [{p['win_lo']:.3f}, {p['win_hi']:.3f}]"
-        lines.append(f"{p['name']:<13} {_pm(p['kl_k1_mean'], p['kl_k1_se'])} {_fmt(p['kl_k3_mean'], 7)} "
+        lines.append(f"{p['name']:<{w}} {_pm(p['kl_k1_mean'], p['kl_k1_se'])} {_fmt(p['kl_k3_mean'], 7)} "
                      f"{_fmt(p['sqrt_kl'], 6)}  {_pm(p['proxy_mean'], p['proxy_se'])}  "
                      f"{_pm(p['gold_mean'], p['gold_se'])}  {win:>21} {p['n_samples']:>5}")
     lines.append("")
-    best = best_gold(points)
-    if best is not None:
-        where = "among PPO checkpoints" if best["kind"] == "ppo" else "(no PPO checkpoints)"
-        lines.append(f"gold peaks at {best['name']} {where}: gold {best['gold_mean']:.3f} ± {best['gold_se']:.3f}, "
-                     f"proxy {best['proxy_mean']:.3f}, KL {best['kl_k1_mean']:.3f} nats "
-                     f"(sqrt {best['sqrt_kl']:.3f})")
-        ppo = [p for p in points if p["kind"] == "ppo"]
-        if ppo and ppo[-1] is not best:
-            last = ppo[-1]
+    series = rl_series(points)
+    best_per_series = {key: max(rl_family(points, key), key=lambda p: p["gold_mean"]) for key in series}
+    if not series and best_gold(points) is not None:
+        best = best_gold(points)
+        lines.append(f"gold peaks at {best['name']} (no PPO checkpoints): {_at(best)}")
+    for key, best in best_per_series.items():
+        lines.append(f"gold peaks at {best['name']} among {series_title(key)} checkpoints: {_at(best)}")
+        last = rl_family(points, key)[-1]
+        if last is not best:
             lines.append(f"the last checkpoint {last['name']} has gold {last['gold_mean']:.3f} and proxy "
                          f"{last['proxy_mean']:.3f} at KL {last['kl_k1_mean']:.3f}")
     bon = [p for p in points if p["kind"] == "bon"]
@@ -166,36 +204,69 @@ def summary_text(points: list[dict], header: str, fits: Optional[dict] = None) -
         b = max(bon, key=lambda p: p["gold_mean"])
         lines.append(f"best-of-n's gold peaks at {b['name']}: gold {b['gold_mean']:.3f} ± {b['gold_se']:.3f} at "
                      f"KL {b['kl_k1_mean']:.3f} nats (analytic)")
-        ppo = [p for p in points if p["kind"] == "ppo"]
-        if ppo and best is not None and best["kind"] == "ppo":
+        for key, best in best_per_series.items():
+            title = series_title(key)
             higher = best["gold_mean"] > b["gold_mean"]
-            lines.append(f"PPO {'reached a higher' if higher else 'did not reach a higher'} gold than best-of-n: "
-                         f"PPO {best['gold_mean']:.3f} at KL {best['kl_k1_mean']:.2f} nats, best-of-n "
+            lines.append(f"{title} {'reached a higher' if higher else 'did not reach a higher'} gold than best-of-n: "
+                         f"{title} {best['gold_mean']:.3f} at KL {best['kl_k1_mean']:.2f} nats, best-of-n "
                          f"{b['gold_mean']:.3f} at KL {b['kl_k1_mean']:.2f} nats (difference "
                          f"{best['gold_mean'] - b['gold_mean']:+.3f} ± {math.hypot(best['gold_se'], b['gold_se']):.3f})")
         efficiency = proxy_per_nat(points)
         if efficiency:
-            lines.append("proxy gain per nat of KL (over the start), PPO vs best-of-n at the same KL "
-                         "(interpolated):")
+            lines.append(f"proxy gain per nat of KL (over the start), {' / '.join(map(series_title, series))} vs "
+                         "best-of-n at the same KL (interpolated):")
             for e in efficiency:
                 bon_txt = "beyond best-of-n's KL range" if e["bon_per_nat"] is None else f"{e['bon_per_nat']:.3f}"
-                lines.append(f"  {e['name']:<13} KL {e['kl']:.2f}: PPO {e['ppo_per_nat']:.3f}, best-of-n {bon_txt}")
+                lines.append(f"  {e['name']:<{w}} KL {e['kl']:.2f}: {series_title(e['series'])} "
+                             f"{e['ppo_per_nat']:.3f}, best-of-n {bon_txt}")
+    at_kl = gold_at_kl(points, fits or {})
+    if sum(key in at_kl for key in series) > 1:
+        keys = [k for k in [*series, "bon"] if k in at_kl]
+        lines.append("gold at equal KL, read off each family's Gao fit within the KL its points reach "
+                     "('-': beyond them):")
+        lines.append(f"  {'KL (nats)':>9}  " + "  ".join(f"{series_title(k) if k != 'bon' else 'best-of-n':>10}"
+                                                         for k in keys))
+        for level in sorted({lv for k in keys for lv in at_kl[k]}):
+            cells = [at_kl[k].get(level) for k in keys]
+            lines.append(f"  {level:>9g}  " + "  ".join(f"{'-':>10}" if v is None else f"{v:>10.3f}" for v in cells))
     if fits:
-        names = {"ppo": "PPO, R = d(alpha - beta log d)", "bon": "best-of-n, R = d(alpha - beta d)"}
         lines.append("Gao et al. 2022 fits of gold gain over the start against d = sqrt(KL):")
-        for kind in ("ppo", "bon"):
-            f = fits.get(kind)
+        for key in [*series, "bon"]:
+            f = fits.get(key)
             if not f:
                 continue
+            name = ("best-of-n, R = d(alpha - beta d)" if key == "bon"
+                    else f"{series_title(key)}, R = d(alpha - beta log d)")
             peak = ("no peak within the fit (beta <= 0: gold still rising)" if f["peak_kl"] is None else
                     f"predicted peak gold {f['peak_gold']:.3f} at KL {f['peak_kl']:.2f} nats")
-            lines.append(f"  {names[kind]}: alpha {f['alpha']:.3f}, beta {f['beta']:.3f} ({f['n_points']} points); "
+            lines.append(f"  {name}: alpha {f['alpha']:.3f}, beta {f['beta']:.3f} ({f['n_points']} points); "
                          f"{peak}")
     return "\n".join(lines) + "\n"
 
 
+KL_LEVELS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def gold_at_kl(points: list[dict], fits: dict, levels: Sequence[float] = KL_LEVELS) -> dict:
+    """Each fitted family's gold at common KL levels (nats): ``{key: {kl: gold}}``, from its Gao fit
+    (:func:`curve_fits`), only for levels up to the largest KL among the family's own points (a fit
+    says little beyond its data); a family without a fit or a level beyond its points is left out.
+
+    A comparison of series at equal KL, which their checkpoints (each at its own KL) do not give directly.
+    """
+    out: dict = {}
+    for key, f in fits.items():
+        fam = [p for p in points if p["kind"] == "bon"] if key == "bon" else rl_family(points, key)
+        top = max((p["kl_k1_mean"] for p in fam), default=0.0)
+        values = {lv: f["gold_start"] + gao_curve(math.sqrt(lv), f["alpha"], f["beta"], f["form"])
+                  for lv in levels if lv <= top}
+        if values:
+            out[key] = values
+    return out
+
+
 def proxy_per_nat(points: list[dict]) -> list[dict]:
-    """For each PPO checkpoint with KL > 0: its proxy gain over the starting model per nat of KL, and
+    """For each RL checkpoint with KL > 0: its proxy gain over the starting model per nat of KL, and
     best-of-n's at the same KL, linearly interpolated between best-of-n points (None outside their range)."""
     start = next((p for p in points if p["kind"] == "sft"), None) or next(
         (p for p in points if p["kind"] == "base"), None)
@@ -214,7 +285,7 @@ def proxy_per_nat(points: list[dict]) -> list[dict]:
                 t = (kl - lo["kl_k1_mean"]) / (hi["kl_k1_mean"] - lo["kl_k1_mean"])
                 bon_gain = lo["proxy_mean"] + t * (hi["proxy_mean"] - lo["proxy_mean"]) - p0
                 break
-        out.append({"name": p["name"], "kl": kl, "ppo_per_nat": (p["proxy_mean"] - p0) / kl,
+        out.append({"name": p["name"], "series": series_of(p), "kl": kl, "ppo_per_nat": (p["proxy_mean"] - p0) / kl,
                     "bon_per_nat": None if bon_gain is None else bon_gain / kl})
     return out
 
@@ -224,26 +295,31 @@ def _nan0(values):
 
 
 def plot_curves(points: list[dict], path: Path, title: str, fits: Optional[dict] = None) -> None:
-    """Proxy and gold reward against sqrt(KL): PPO checkpoints, best-of-n, base and SFT."""
+    """Proxy and gold reward against sqrt(KL): each RL series' checkpoints in its own colour, best-of-n,
+    base and SFT."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    ppo = sorted([p for p in points if p["kind"] == "ppo"], key=lambda p: p["step"])
+    series = rl_series(points)
+    colors = {k: SERIES_COLORS[i % len(SERIES_COLORS)] for i, k in enumerate(series)}
+    colors["bon"] = "tab:orange"
     bon = sorted([p for p in points if p["kind"] == "bon"], key=lambda p: p["sqrt_kl"])
     singles = [p for p in points if p["kind"] in ("base", "sft")]
     best = best_gold(points)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True)
-    panels = (("proxy", "proxy reward (optimised by PPO)"), ("gold", "gold reward (held out)"))
+    optimised_by = " / ".join(map(series_title, series)) or "PPO"
+    panels = (("proxy", f"proxy reward (optimised by {optimised_by})"), ("gold", "gold reward (held out)"))
     for ax, (key, label) in zip(axes, panels):
-        if ppo:
-            ax.errorbar([p["sqrt_kl"] for p in ppo], [p[f"{key}_mean"] for p in ppo],
-                        yerr=_nan0([p[f"{key}_se"] for p in ppo]), fmt="-o", color="tab:blue", capsize=3,
-                        lw=1.8, ms=5, label="PPO checkpoints")
-            for p in ppo:
+        for s in series:
+            fam = sorted(rl_family(points, s), key=lambda p: p["step"])
+            ax.errorbar([p["sqrt_kl"] for p in fam], [p[f"{key}_mean"] for p in fam],
+                        yerr=_nan0([p[f"{key}_se"] for p in fam]), fmt="-o", color=colors[s], capsize=3,
+                        lw=1.8, ms=5, label=f"{series_title(s)} checkpoints")
+            for p in fam:
                 ax.annotate(str(p["step"]), (p["sqrt_kl"], p[f"{key}_mean"]), textcoords="offset points",
-                            xytext=(4, -11), fontsize=7, color="tab:blue")
+                            xytext=(4, -11), fontsize=7, color=colors[s])
         if bon:
             ax.errorbar([p["sqrt_kl"] for p in bon], [p[f"{key}_mean"] for p in bon],
                         yerr=_nan0([p[f"{key}_se"] for p in bon]), fmt="--s", color="tab:orange", capsize=3,
@@ -258,15 +334,17 @@ def plot_curves(points: list[dict], path: Path, title: str, fits: Optional[dict]
             ax.annotate(p["name"].upper() if p["kind"] == "sft" else "base", (p["sqrt_kl"], p[f"{key}_mean"]),
                         textcoords="offset points", xytext=(6, 6), fontsize=9, color=color, fontweight="bold")
         if key == "gold" and fits:
-            for kind, color in (("ppo", "tab:blue"), ("bon", "tab:orange")):
-                f = fits.get(kind)
+            for s in [*series, "bon"]:
+                f = fits.get(s)
                 if not f:
                     continue
                 # each fit drawn a little past its own points: an extrapolation far beyond them says little
-                top = max([p["sqrt_kl"] for p in points if p["kind"] == kind] + [0.1])
+                fam = bon if s == "bon" else rl_family(points, s)
+                top = max([p["sqrt_kl"] for p in fam] + [0.1])
                 xs = [top * 1.2 * i / 100 for i in range(101)]
                 ax.plot(xs, [f["gold_start"] + gao_curve(x, f["alpha"], f["beta"], f["form"]) for x in xs], ":",
-                        color=color, lw=1.3, label=f"{'PPO' if kind == 'ppo' else 'best-of-n'} fit (Gao et al.)")
+                        color=colors[s], lw=1.3,
+                        label=f"{'best-of-n' if s == 'bon' else series_title(s)} fit (Gao et al.)")
         if best is not None and best["kind"] == "ppo":
             ax.plot([best["sqrt_kl"]], [best[f"{key}_mean"]], linestyle="none", marker="*", ms=20,
                     color="gold", markeredgecolor="black", zorder=5, label=f"best gold: {best['name']}")

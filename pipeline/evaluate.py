@@ -7,6 +7,12 @@ Everything runs on one NF4 base in memory, as in PPO (DESIGN.md section 3):
 - step-NNNNNN  the PPO policy adapter of a checkpoint, stacked on the adapters PPO stacked it on (SFT)
 - the learned proxy reward, when trained on the same base, is one more adapter on it
 
+Several PPO-family runs (``ppo.algorithm`` ppo, rloo or grpo) go on one plot: RUN/ppo and every run in
+``eval.runs`` is a series of its own, labelled by its algorithm (``rloo``; ``rloo:<run folder>`` when two
+share one), its checkpoints named ``<series>/step-NNNNNN`` when there is more than one series. Every
+series must have started from this eval's SFT adapter (same content hash) on the same base: then all
+of them share the reference, the proxy, the gold and the best-of-n baseline, and compare at equal KL.
+
 For each model, ``eval.samples_per_prompt`` responses per eval prompt are sampled at the PPO training
 temperature (through :func:`pipeline.rollout.generate`, top_k=0, top_p=1) and each sequence gets:
 
@@ -26,17 +32,19 @@ Outputs in ``RUN/eval/`` (written atomically): ``curves.csv``, ``curves.png``, `
 fits, table and plot are made in :mod:`pipeline.curves`.
 
 Running reward normalisation (``normalize: {kind: running}``) is a training-time shaping: here a
-normalised component uses the statistics saved in the final PPO checkpoint, frozen, so every model
-is scored on the same scale; without saved statistics the raw score is used.
+normalised component uses the statistics saved in the final checkpoint of the first series, frozen, so
+every model is scored on the same scale; without saved statistics the raw score is used.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import os
 import re
 import sys
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -47,8 +55,8 @@ from pipeline import data, models, ppo_math, rollout
 from pipeline.artifacts import (ArtifactError, atomic_output, check_same_base, is_complete, read_manifest,
                                 write_manifest)
 from pipeline.config import ConfigError, PipelineConfig, substitute_run_dir
-from pipeline.curves import (CSV_COLUMNS, best_gold, curve_fits, json_safe, make_point, mean_se, plot_curves,
-                             proxy_per_nat, summary_text, write_csv)
+from pipeline.curves import (CSV_COLUMNS, best_gold, curve_fits, gold_at_kl, json_safe, make_point, mean_se,
+                             plot_curves, proxy_per_nat, rl_family, series_title, summary_text, write_csv)
 
 __all__ = ["CSV_COLUMNS", "mean_se", "win_rate", "wilson_interval", "bon_kl", "exact_kl", "sequence_kl",
            "run_eval"]
@@ -143,6 +151,24 @@ class ModelSpec:
     adapters: Optional[list[str]]  # None: every adapter off
     step: Optional[int] = None
     policy_dir: Optional[Path] = None  # PPO checkpoint's policy adapter
+    slot: str = POLICY  # the adapter its weights are loaded into
+    series: Optional[str] = None
+
+
+@dataclass
+class Series:
+    """One PPO-family run on the plot."""
+
+    source: str  # "RUN/ppo" or "eval.runs[i]": where it was named, for messages
+    ppo_dir: Path
+    manifest: dict
+    checkpoints: list[tuple[int, Path]]
+    key: str = ""  # its label: the algorithm, or "<algorithm>:<run folder>" where two share one
+    slot: str = POLICY  # the adapter that holds its checkpoints (one per distinct LoRA shape)
+
+    @property
+    def algorithm(self) -> str:
+        return self.manifest.get("config", {}).get("ppo", {}).get("algorithm", "ppo")  # older runs: PPO
 
 
 @dataclass
@@ -263,6 +289,63 @@ def _check_adapter_loaded(peft_model, name: str, adapter_dir: Path) -> None:
                             f"({len(bad)} of {len(saved)} tensors differ, e.g. {bad[:2]})")
 
 
+def _ppo_output(path: Path) -> Optional[Path]:
+    """``path`` when it is a complete ppo output, else its ppo/ subfolder when that is one."""
+    for folder in (path, path / "ppo"):
+        if is_complete(folder) and read_manifest(folder).get("stage") == "ppo":
+            return folder
+    return None
+
+
+def collect_series(run_dir: Path, runs: Sequence[str], default_steps: int) -> list[Series]:
+    """RUN/ppo when complete, then every ``eval.runs`` entry (a run folder or a ppo output folder), each
+    folder once, labelled by algorithm; where two share an algorithm, by algorithm and run folder name."""
+    found = [("RUN/ppo", run_dir / "ppo")] if is_complete(run_dir / "ppo") else []
+    for i, entry in enumerate(runs):
+        ppo_dir = _ppo_output(Path(entry))
+        if ppo_dir is None:
+            raise ArtifactError(f"eval.runs[{i}]: {entry} is neither a run folder holding a complete ppo/ output "
+                                "nor a complete ppo output folder (finish `rlhf ppo` there, or drop it)")
+        found.append((f"eval.runs[{i}]", ppo_dir))
+    series: list[Series] = []
+    seen: set[Path] = set()
+    for source, ppo_dir in found:
+        if ppo_dir.resolve() in seen:
+            continue
+        seen.add(ppo_dir.resolve())
+        manifest = read_manifest(ppo_dir)
+        checkpoints = _ppo_checkpoints(ppo_dir)
+        if not checkpoints and (ppo_dir / "adapter_model.safetensors").is_file():
+            checkpoints = [(int(manifest.get("metrics", {}).get("steps", default_steps)), ppo_dir)]
+        series.append(Series(source, ppo_dir, manifest, checkpoints))
+    per_algorithm = Counter(s.algorithm for s in series)
+    for s in series:
+        folder = Path(os.path.abspath(s.ppo_dir))
+        run_name = folder.parent.name if folder.name == "ppo" else folder.name
+        s.key = s.algorithm if per_algorithm[s.algorithm] == 1 else f"{s.algorithm}:{run_name}"
+    repeated = Counter(s.key for s in series)
+    for i, s in enumerate(series):
+        if repeated[s.key] > 1:  # two runs of one algorithm in folders of the same name
+            s.key = f"{s.key}-{i + 1}"
+    return series
+
+
+def _check_same_start(s: Series, base, sft: Optional[dict], adapters: dict) -> None:
+    """Refuse a series trained on another base, or from another SFT adapter than this eval's (by hash)."""
+    check_same_base(s.manifest, base, f"{s.source}: PPO output {s.ppo_dir}")
+    theirs = s.manifest.get("adapters", {}).get(SFT)
+    if (theirs or {}).get("sha256") != (sft or {}).get("sha256"):
+        def describe(a: Optional[dict]) -> str:
+            return f"{a['path']} (sha256 {str(a.get('sha256'))[:12]})" if a else "no SFT adapter"
+
+        raise ArtifactError(f"{s.source}: the run in {s.ppo_dir} started from {describe(theirs)}, this eval from "
+                            f"{describe(sft)} (ppo.sft_adapter): the runs on one plot must share the SFT model")
+    missing = [a for a in s.manifest.get("stacked_on", list(adapters)) if a not in adapters]
+    if missing:
+        raise ArtifactError(f"{s.source}: the policy in {s.ppo_dir} is stacked on {missing}, which this config "
+                            "does not provide (ppo.sft_adapter)")
+
+
 def _ppo_checkpoints(ppo_dir: Path) -> list[tuple[int, Path]]:
     ckpt_root = ppo_dir / "checkpoints"
     found = []
@@ -308,21 +391,18 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     prompts = prompts[:ec.prompts]
     print(f"[eval] {report.summary()}; using {len(prompts)}", flush=True)
 
-    # 2. artifacts: SFT adapter, PPO output and its checkpoints
+    # 2. artifacts: SFT adapter; the PPO-family runs (RUN/ppo, eval.runs) and their checkpoints
     sft_dir = substitute_run_dir(pc.sft_adapter, run_dir)
     sft_dir = Path(sft_dir) if sft_dir else None
-    ppo_dir = run_dir / "ppo"
-    ppo_manifest = read_manifest(ppo_dir) if is_complete(ppo_dir) else None
-    if ppo_manifest is None:
-        print(f"[eval] no complete PPO output in {ppo_dir}: evaluating base, SFT and best-of-n only", flush=True)
-    checkpoints = _ppo_checkpoints(ppo_dir) if ppo_manifest is not None else []
-    if ppo_manifest is not None and not checkpoints and (ppo_dir / "adapter_model.safetensors").is_file():
-        checkpoints = [(int(ppo_manifest.get("metrics", {}).get("steps", pc.steps)), ppo_dir)]
-    if ppo_manifest is not None:
-        trained = ppo_manifest.get("config", {}).get("ppo", {})
+    series = collect_series(run_dir, substitute_run_dir(ec.runs, run_dir), pc.steps)
+    if not is_complete(run_dir / "ppo"):
+        print(f"[eval] no complete PPO output in {run_dir / 'ppo'}: evaluating base, SFT and best-of-n"
+              f"{' and the runs in eval.runs' if series else ' only'}", flush=True)
+    for s in series:
+        trained = s.manifest.get("config", {}).get("ppo", {})
         for key in ("temperature", "reference"):
             if key in trained and trained[key] != getattr(pc, key):
-                print(f"[eval] note: PPO trained with ppo.{key}={trained[key]!r}, this eval uses "
+                print(f"[eval] note: {s.ppo_dir} trained with ppo.{key}={trained[key]!r}, this eval uses "
                       f"{getattr(pc, key)!r}", flush=True)
 
     # 3. one base, many adapters: sft + policy (+ the learned reward, attached by its loader)
@@ -338,20 +418,21 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
         raise ArtifactError("ppo.reference=sft needs ppo.sft_adapter; set ppo.reference=base to anchor to the base")
     from peft import LoraConfig
 
-    if ppo_manifest is not None:
-        check_same_base(ppo_manifest, base, f"PPO output {ppo_dir}")
-        policy_cfg = LoraConfig.from_pretrained(str(ppo_dir if (ppo_dir / "adapter_config.json").is_file()
-                                                    else checkpoints[0][1]))
+    slots: dict[str, tuple[str, LoraConfig]] = {}  # one policy adapter per distinct LoRA config
+    for s in series:
+        _check_same_start(s, base, consumed.get(SFT), adapters)
+        policy_cfg = LoraConfig.from_pretrained(str(s.ppo_dir if (s.ppo_dir / "adapter_config.json").is_file()
+                                                    else s.checkpoints[0][1]))
         policy_cfg.inference_mode = True
-        stacked_on = list(ppo_manifest.get("stacked_on", list(adapters)))
-        missing = [a for a in stacked_on if a not in adapters]
-        if missing:
-            raise ArtifactError(f"the PPO policy in {ppo_dir} is stacked on {missing}, which this config does not "
-                                "provide (ppo.sft_adapter)")
-    else:
-        policy_cfg = models.lora_config(pc.lora)  # a placeholder: the model must be a PeftModel for the reward
-        stacked_on = list(adapters)
-    peft_model = models.stack_adapters(base_model, adapters, trainable=None, new_adapter=(POLICY, policy_cfg))
+        signature = json.dumps(policy_cfg.to_dict(), sort_keys=True, default=str)
+        if signature not in slots:
+            slots[signature] = (POLICY if not slots else f"{POLICY}{len(slots) + 1}", policy_cfg)
+        s.slot = slots[signature][0]
+    # without a run, a placeholder policy adapter: the model must be a PeftModel for the reward loader
+    policy_slots = list(slots.values()) or [(POLICY, models.lora_config(pc.lora))]
+    peft_model = models.stack_adapters(base_model, adapters, trainable=None, new_adapter=policy_slots[0])
+    for name, policy_cfg in policy_slots[1:]:
+        peft_model.add_adapter(name, policy_cfg)
     peft_model.eval()
     for p in peft_model.parameters():
         p.requires_grad_(False)
@@ -364,8 +445,8 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     proxy_fn = build_reward(substitute_run_dir(pc.rewards, run_dir), context=context)
     gold_fn = build_reward(substitute_run_dir(ec.gold, run_dir), context=context)
     reward_state = None
-    if checkpoints and any(c.normalizer is not None for c in proxy_fn.components):
-        final_state = checkpoints[-1][1].parent / "trainer_state.pt"
+    if series and series[0].checkpoints and any(c.normalizer is not None for c in proxy_fn.components):
+        final_state = series[0].checkpoints[-1][1].parent / "trainer_state.pt"
         if final_state.is_file():
             reward_state = torch.load(final_state, map_location="cpu", weights_only=False).get("reward")
     _freeze_normalizers(proxy_fn, reward_state, "proxy")
@@ -381,21 +462,29 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     specs = [ModelSpec("base", "base", None)]
     if sft_dir is not None:
         specs.append(ModelSpec("sft", "sft", [SFT]))
-    for step, policy_dir in checkpoints:
-        name = f"step-{step:06d}" if policy_dir.name == "policy" else "final"
-        specs.append(ModelSpec("ppo", name, stacked_on + [POLICY], step=step, policy_dir=policy_dir))
-        consumed[f"ppo:{name}"] = {"path": str(policy_dir),
-                                   "sha256": models.sha256_file(policy_dir / "adapter_model.safetensors")}
+    for s in series:
+        stacked_on = list(s.manifest.get("stacked_on", list(adapters)))
+        for step, policy_dir in s.checkpoints:
+            name = f"step-{step:06d}" if policy_dir.name == "policy" else "final"
+            name = f"{s.key}/{name}" if len(series) > 1 else name
+            specs.append(ModelSpec("ppo", name, stacked_on + [s.slot], step=step, policy_dir=policy_dir,
+                                   slot=s.slot, series=s.key))
+            consumed[f"ppo:{name}"] = {"path": str(policy_dir),
+                                       "sha256": models.sha256_file(policy_dir / "adapter_model.safetensors")}
 
     print(f"[eval] {len(specs)} models x {len(prompts)} prompts x {k} samples at temperature {pc.temperature}, "
           f"reference {pc.reference}; best-of-n {list(ec.best_of_n)}", flush=True)
     results: dict[str, Samples] = {}
     for spec in tqdm(specs, desc="eval models"):
         if spec.policy_dir is not None:
-            models.load_adapter_weights(peft_model, POLICY, spec.policy_dir)
-            _check_adapter_loaded(peft_model, POLICY, spec.policy_dir)
+            models.load_adapter_weights(peft_model, spec.slot, spec.policy_dir)
+            _check_adapter_loaded(peft_model, spec.slot, spec.policy_dir)
+        # Seeded by the name within its series: a checkpoint samples the same responses whichever other
+        # series share the plot, and the same step of two series shares its sampling noise (common random
+        # numbers: their difference is measured with less variance).
+        seed = _seed(ec.seed, spec.name.rsplit("/", 1)[-1])
         s = _sample(peft_model, tok, encoded, k, spec.adapters, reference, pc.temperature, ec.max_new_tokens,
-                    stop_ids, batch_size, _seed(ec.seed, spec.name), desc=f"sample {spec.name}", merged=merged)
+                    stop_ids, batch_size, seed, desc=f"sample {spec.name}", merged=merged)
         _score(s, prompts, tok, proxy_fn, gold_fn, batch_size=max(16, batch_size))
         results[spec.name] = s
 
@@ -404,7 +493,8 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     for spec in specs:
         s = results[spec.name]
         win = win_rate(s.gold, comparator.gold)  # same (prompt, sample) order: sample j of prompt i vs j of i
-        points.append(make_point(spec.kind, spec.name, spec.step, s.kl_k1, s.kl_k3, s.proxy, s.gold, win))
+        points.append(make_point(spec.kind, spec.name, spec.step, s.kl_k1, s.kl_k3, s.proxy, s.gold, win,
+                                 series=spec.series))
 
     # 6. best-of-n from the starting (SFT) model: one pool, disjoint groups of n per prompt
     bon_rows = []
@@ -428,7 +518,7 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
                     picks.append((i, g, best))
             kl = bon_kl(n)
             point = make_point("bon", f"n={n}", None, [kl] * len(gold), [kl] * len(gold), proxy, gold,
-                           win_rate(gold, comp))
+                               win_rate(gold, comp))
             point.update(kl_k1_mean=kl, kl_k1_se=0.0, kl_k3_mean=kl, sqrt_kl=math.sqrt(kl))
             points.append(point)
             bon_rows += [{"kind": "bon", "name": f"n={n}", "step": None, "prompt_index": i, "group": g,
@@ -459,9 +549,14 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     header = (f"eval of {run_dir}: {len(prompts)} prompts x {k} samples, temperature {pc.temperature}, "
               f"KL to the {pc.reference} reference (per sequence, nats); win = gold win rate vs "
               f"{'SFT' if sft_dir is not None else 'base'} (ties half)")
+    if len(series) > 1:
+        header += "\nseries: " + "; ".join(f"{series_title(s.key)} = {s.ppo_dir} ({s.source})" for s in series)
     fits = curve_fits(points)
     summary = summary_text(points, header, fits)
     best = best_gold(points)
+    headline = ("name", "step", "gold_mean", "gold_se", "proxy_mean", "kl_k1_mean")
+    best_per_series = {s.key: max(rl_family(points, s.key), key=lambda p: p["gold_mean"], default=None)
+                       for s in series}
     title = (f"Reward vs KL to the {pc.reference.upper()} reference: {run_dir.name} "
              f"({len(prompts)} prompts x {k} samples, T={pc.temperature}, error bars = 1 s.e.)")
     with atomic_output(out, overwrite=overwrite) as tmp:
@@ -471,7 +566,14 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
         with open(tmp / "samples.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in sample_rows)
         metrics = {"points": [json_safe(p) for p in points], "best_gold": None if best is None else
-                   {k_: best[k_] for k_ in ("name", "step", "gold_mean", "gold_se", "proxy_mean", "kl_k1_mean")},
+                   {k_: best[k_] for k_ in headline},
+                   "series": [{"key": s.key, "title": series_title(s.key), "algorithm": s.algorithm,
+                               "source": s.source, "path": str(s.ppo_dir),
+                               "samples_per_prompt": s.manifest.get("samples_per_prompt", 1),
+                               "best_gold": None if best_per_series[s.key] is None else
+                               {k_: best_per_series[s.key][k_] for k_ in headline}}
+                              for s in series],
+                   "gold_at_kl": gold_at_kl(points, fits),
                    "per_model": extras, "fits": fits, "proxy_per_nat": proxy_per_nat(points),
                    "prompts": len(prompts), "samples_per_prompt": k,
                    "temperature": pc.temperature, "reference": pc.reference}
