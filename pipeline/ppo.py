@@ -391,19 +391,22 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
             monitored = {name: _reduce_mean(accelerator, sum(v) / len(v)) for name, v in mon.components.items()}
         t_score = time.time() - t0
 
-        # 3. reference logprobs; old logprobs and values (frozen for the whole PPO update)
+        # 3. reference logprobs; old logprobs and values (frozen for the whole PPO update). Every forward of
+        # the step runs on `micro` rows: in bf16 the same weights' logprobs moved by 0.063 per token between
+        # one 32-row batch and 8-row chunks (embedded model, measured), which put 0.14 nats of k3 KL between
+        # the policy and its own reference before any update.
         t0 = time.time()
+        micro = min(pc.micro_batch_size or mb_size, mb_size)
+        row_chunks = torch.arange(per_proc, device=dev).split(micro)
         with torch.no_grad(), models.active_adapters(peft_model, reference_adapters):
-            ref_logprobs = rollout.forward_response(peft_model, query, query_mask, response, mask,
-                                                    pc.temperature).logprobs
+            ref_logprobs = torch.cat([rollout.forward_response(peft_model, query[c], query_mask[c], response[c],
+                                                               mask[c], pc.temperature).logprobs for c in row_chunks])
         kl_coef = kl_ctl.value
         in_reward = pc.kl_in == "reward"
-        micro = min(pc.micro_batch_size or mb_size, mb_size)
         old_logprobs = old_values = kl = advantages = returns = None
         if pc.minibatches > 1 or micro < mb_size:
             with torch.no_grad():
-                outs = [pv(query[c], query_mask[c], response[c], mask[c], pc.temperature)
-                        for c in torch.arange(per_proc, device=dev).split(micro)]
+                outs = [pv(query[c], query_mask[c], response[c], mask[c], pc.temperature) for c in row_chunks]
             old_logprobs = torch.cat([o[0] for o in outs])
             old_values = torch.cat([o[2] for o in outs]) if critic else None
             kl, advantages, returns = _advantages(old_logprobs, ref_logprobs, old_values, scores, maskf,

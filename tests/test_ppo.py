@@ -762,6 +762,28 @@ def test_micro_batches_give_the_same_update_as_the_whole_minibatch(new_run, data
             torch.testing.assert_close(w[k], ref_w[k], atol=w_atol, rtol=rel)
 
 
+@pytest.mark.parametrize("overrides,rows", [(("ppo.micro_batch_size=1",), 1),
+                                            (("ppo.minibatches=2",), 2),
+                                            (("ppo.algorithm=grpo", "ppo.samples_per_prompt=2",
+                                              "ppo.micro_batch_size=2"), 2)],
+                         ids=["micro-1", "minibatch-2", "grpo-micro-2"])
+def test_every_forward_of_a_step_sees_the_same_number_of_rows(monkeypatch, new_run, data_overrides, overrides, rows):
+    """Reference, old and training logprobs all come from forwards over `micro` rows: in bf16 the same
+    weights gave logprobs 0.063 apart per token between 32-row and 8-row batches on the embedded model,
+    a k3 KL of 0.14 nats between the policy and its own reference before any update."""
+    sizes = []
+    real = rollout.forward_response
+
+    def recording(model, query, *args, **kwargs):
+        sizes.append(query.shape[0])
+        return real(model, query, *args, **kwargs)
+
+    monkeypatch.setattr(rollout, "forward_response", recording)
+    r = _ppo(new_run(), data_overrides, "ppo.steps=1", "ppo.ppo_epochs=1", *overrides)
+    assert r.exit_code == 0, r.output
+    assert sizes and set(sizes) == {rows}, sizes
+
+
 def test_gumbel_max_sampler_samples_softmax_over_temperature():
     # logits (0, 1, 2, 3) at T = 0.5: softmax(0, 2, 4, 6) = e^(0,2,4,6) / (1 + 7.389 + 54.598 + 403.429)
     # = (0.00214, 0.01587, 0.11731, 0.86468)
