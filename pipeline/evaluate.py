@@ -217,7 +217,8 @@ def _freeze_normalizers(reward_fn, state: Optional[dict], what: str) -> None:
 
 
 def _seed(base_seed: int, name: str) -> int:
-    """A per-model seed: models sample independently (win rates assume independent pairs)."""
+    """A seed per model name: each model samples independently of the SFT model it is compared with (win
+    rates assume independent pairs)."""
     return (base_seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 31 - 1_000_000)
 
 
