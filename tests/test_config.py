@@ -85,7 +85,7 @@ def test_shipped_rloo_and_grpo_configs_spend_the_default_episode_budget():
         assert (pc.kl_estimator, pc.kl_in) == kl
         # everything else is the default run's, so the curves differ by the estimator alone
         assert pc.learning_rate == default.learning_rate and pc.kl_coef == default.kl_coef
-    assert load_config(REPO / "configs" / "compare.yaml").eval.runs == ["runs/default", "runs/rloo", "runs/grpo"]
+    assert load_config(REPO / "configs" / "compare.yaml").eval.runs == ["runs/ppo", "runs/rloo", "runs/grpo"]
 
 
 def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
