@@ -10,7 +10,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 RLHF   := $(BIN)/rlhf
 STAGE  = $(RLHF) $(1) --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
-.PHONY: install sft reward ppo fuse eval pipeline data bench bench-sft bench-reward-memory test test-slow clean-runs
+.PHONY: install reuse sft reward ppo fuse eval pipeline data bench bench-sft bench-reward-memory test test-slow clean-runs
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,17 @@ eval: install
 	$(call STAGE,eval)
 
 pipeline: sft reward ppo fuse eval
+
+# Give RUN the SFT adapter and reward model of run FROM (symlinks; what RUN already has is kept), so that
+# runs differing only in their PPO settings share one SFT model, reference and reward:
+#   make reuse ppo CONFIG=configs/rloo.yaml RUN=runs/rloo
+FROM ?= runs/default
+reuse:
+	mkdir -p $(RUN)
+	for s in sft reward; do \
+	  test -d $(FROM)/$$s || { echo "$(FROM)/$$s not found: run 'make sft reward RUN=$(FROM)' first" >&2; exit 1; }; \
+	  test -e $(RUN)/$$s || test -L $(RUN)/$$s || ln -s $(abspath $(FROM))/$$s $(RUN)/$$s; \
+	done
 
 data: install
 	$(BIN)/python -m pipeline.datagen --seed 0 --out data

@@ -93,7 +93,8 @@ def reward(cfg, run_dir, overwrite):
     run_reward(cfg, run_dir, overwrite=overwrite)
 
 
-@main.command(help="Stage 3: PPO on the policy adapter against the configured rewards." + _OVERRIDES_HELP)
+@main.command(help="Stage 3: RL on the policy adapter against the configured rewards: PPO, or the critic-free "
+              "RLOO or GRPO with ppo.algorithm=rloo|grpo and ppo.samples_per_prompt=k (k >= 2)." + _OVERRIDES_HELP)
 @click.option("--overwrite", is_flag=True, help="Start over even if RUN/ppo holds a complete output.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in RUN/ppo.work/.")
 @stage_command
@@ -113,7 +114,8 @@ def fuse(cfg, run_dir, overwrite):
     run_fuse(cfg, run_dir, overwrite=overwrite)
 
 
-@main.command(name="eval", help="KL-versus-reward curves for base, SFT, PPO checkpoints and best-of-n."
+@main.command(name="eval", help="KL-versus-reward curves for base, SFT, PPO checkpoints and best-of-n; "
+              "eval.runs=[RUN2, RUN3] adds other runs' checkpoints (e.g. RLOO, GRPO) as series of their own."
               + _OVERRIDES_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace an existing complete RUN/eval output.")
 @stage_command

@@ -159,7 +159,20 @@ class PPOConfig:
     reference: str = "sft"
     # Start from the SFT adapter in {run_dir}/sft ("" = start from the base model).
     sft_adapter: str = "{run_dir}/sft"
-    # "head": a scalar head on the policy's hidden states; "adapter": a separate LoRA + head.
+    # The advantage estimator; everything else (rollouts, clipped policy loss, epochs, minibatches,
+    # checkpoints, resume, logging) is the same loop. "ppo": GAE over a learned value model.
+    # "rloo": REINFORCE leave-one-out (Ahmadian et al. 2024): a response's baseline is the mean score
+    # of the other responses to its prompt. "grpo": (score - group mean) / group std (Shao et al.
+    # 2024). rloo and grpo create no value model. README "PPO, RLOO or GRPO".
+    algorithm: str = "ppo"
+    # Responses sampled per prompt in one generate call (row g*k + j is sample j of prompt g).
+    # ppo.batch_size stays the number of episodes per step and must be a multiple of it; rloo and grpo
+    # need >= 2. With ppo, each sample is an independent episode.
+    samples_per_prompt: int = 1
+    # grpo only: divide by the group's std (true, GRPO) or only subtract the group mean (false,
+    # Dr. GRPO, Liu et al. 2025, which removes the weight given to prompts whose samples nearly agree).
+    grpo_scale_std: bool = True
+    # "head": a scalar head on the policy's hidden states; "adapter": a separate LoRA + head (ppo only).
     value_model: str = "head"
     steps: int = 20
     batch_size: int = 8
@@ -168,9 +181,11 @@ class PPOConfig:
     learning_rate: float = 3e-6
     max_grad_norm: float = 1.0
     kl_coef: float = 0.05
-    kl_estimator: str = "k1"
-    # "reward": -kl_coef*KL per token in the reward (default); "loss": a KL penalty term in the loss.
-    kl_in: str = "reward"
+    # k1, k2 or k3 (Schulman 2020); "auto": k3 for grpo (as DeepSeekMath), k1 otherwise.
+    kl_estimator: str = "auto"
+    # "reward": -kl_coef * KL in the reward (ppo: per token; rloo/grpo: summed over the response, as trl's
+    # RLOO); "loss": kl_coef * KL as a loss term; "auto": loss for grpo (as DeepSeekMath), reward otherwise.
+    kl_in: str = "auto"
     kl_controller: str = "fixed"
     kl_target: float = 6.0
     kl_horizon: int = 10000
@@ -233,6 +248,10 @@ class EvalConfig:
     batch_size: int = 32
     gold: list[Any] = field(default_factory=lambda: [{"name": "sentiment"}])
     seed: int = 1234
+    # More PPO-family runs on the same plot: run folders (holding ppo/) or ppo output folders, trained
+    # from the same base and SFT adapter; each run's checkpoints become one series, labelled by its
+    # ppo.algorithm (and folder name where two share one). RUN/ppo, when complete, is the first series.
+    runs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -347,8 +366,9 @@ _CHOICES = {
     ("ppo", "reference"): ("sft", "base"),
     ("ppo", "value_model"): ("head", "adapter"),
     ("ppo", "rollout_weights"): ("auto", "merged", "adapters"),
-    ("ppo", "kl_estimator"): ("k1", "k2", "k3"),
-    ("ppo", "kl_in"): ("reward", "loss"),
+    ("ppo", "algorithm"): ("ppo", "rloo", "grpo"),
+    ("ppo", "kl_estimator"): ("auto", "k1", "k2", "k3"),
+    ("ppo", "kl_in"): ("auto", "reward", "loss"),
     ("ppo", "kl_controller"): ("fixed", "adaptive"),
     ("fuse", "merged_dtype"): ("float32", "bfloat16", "float16"),
 }
@@ -367,6 +387,7 @@ def validate(cfg: PipelineConfig) -> None:
     if cfg.ppo.batch_size % cfg.ppo.minibatches:
         raise ConfigError(f"ppo.batch_size ({cfg.ppo.batch_size}) must be divisible by ppo.minibatches "
                           f"({cfg.ppo.minibatches})")
+    _validate_algorithm(cfg.ppo)
     for section in ("sft", "reward", "ppo"):
         lora = getattr(cfg, section).lora
         if lora.r < 1:
@@ -394,6 +415,40 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"data.score_margin must be >= 0, got {cfg.data.score_margin}")
     if cfg.ppo.micro_batch_size < 0:
         raise ConfigError(f"ppo.micro_batch_size must be >= 0 (0 = whole minibatch), got {cfg.ppo.micro_batch_size}")
+
+
+def _validate_algorithm(pc: PPOConfig) -> None:
+    k, algo = pc.samples_per_prompt, pc.algorithm
+    if k < 1:
+        raise ConfigError(f"ppo.samples_per_prompt must be >= 1, got {k}")
+    if algo != "ppo" and k < 2:
+        raise ConfigError(f"ppo.samples_per_prompt must be >= 2 for ppo.algorithm={algo} (a response's "
+                          f"baseline comes from the other responses to its prompt), got {k}; e.g. "
+                          "ppo.samples_per_prompt=4")
+    if pc.batch_size % k:
+        raise ConfigError(f"ppo.batch_size ({pc.batch_size}) must be a multiple of ppo.samples_per_prompt ({k}): "
+                          f"each step samples batch_size / samples_per_prompt prompts, {k} responses each")
+    if algo != "ppo":
+        # Settings that only a value model gives meaning to: refuse them rather than ignore them.
+        if pc.value_model != "head":
+            raise ConfigError(f"ppo.value_model={pc.value_model}: ppo.algorithm={algo} trains no value model; "
+                              "remove the setting or use ppo.algorithm=ppo")
+        if pc.whiten_rewards:
+            raise ConfigError(f"ppo.whiten_rewards applies to ppo.algorithm=ppo (GAE); {algo} normalises "
+                              "within each prompt's group")
+    if algo != "grpo" and not pc.grpo_scale_std:
+        raise ConfigError(f"ppo.grpo_scale_std=false applies to ppo.algorithm=grpo only (this is {algo})")
+
+
+def resolve_auto(cfg: PipelineConfig) -> PipelineConfig:
+    """Replace the ``auto`` KL settings with the algorithm's own (idempotent; the saved config is concrete):
+    grpo puts a k3 KL term in the loss (DeepSeekMath, sec. 4.1), ppo and rloo a k1 KL in the reward."""
+    pc = cfg.ppo
+    if pc.kl_estimator == "auto":
+        pc.kl_estimator = "k3" if pc.algorithm == "grpo" else "k1"
+    if pc.kl_in == "auto":
+        pc.kl_in = "loss" if pc.algorithm == "grpo" else "reward"
+    return cfg
 
 
 def _read_yaml(path: Path, chain: tuple = ()) -> list[tuple[Path, dict]]:
@@ -435,7 +490,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             nested = {k: nested}
         _apply(cfg, nested, "")
     validate(cfg)
-    return cfg
+    return resolve_auto(cfg)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -7,6 +7,12 @@ Everything runs on one NF4 base in memory, as in PPO (DESIGN.md section 3):
 - step-NNNNNN  the PPO policy adapter of a checkpoint, stacked on the adapters PPO stacked it on (SFT)
 - the learned proxy reward, when trained on the same base, is one more adapter on it
 
+Several PPO-family runs (``ppo.algorithm`` ppo, rloo or grpo) go on one plot: RUN/ppo and every run in
+``eval.runs`` is a series of its own, labelled by its algorithm (``rloo``; ``rloo:<run folder>`` when two
+share one), its checkpoints named ``<series>/step-NNNNNN`` when there is more than one series. Every
+series must have started from this eval's SFT adapter (same content hash) on the same base: then all
+of them share the reference, the proxy, the gold and the best-of-n baseline, and compare at equal KL.
+
 For each model, ``eval.samples_per_prompt`` responses per eval prompt are sampled at the PPO training
 temperature (through :func:`pipeline.rollout.generate`, top_k=0, top_p=1) and each sequence gets:
 
@@ -22,21 +28,23 @@ for each n they are split into disjoint groups of n, the proxy picks the best of
 the pick is scored by proxy and gold. Its KL to the SFT model is the analytic ``log n - (n-1)/n``.
 
 Outputs in ``RUN/eval/`` (written atomically): ``curves.csv``, ``curves.png``, ``summary.txt``,
-``samples.jsonl`` and ``manifest.json`` (stage "eval", the table in ``metrics.points``).
+``samples.jsonl`` and ``manifest.json`` (stage "eval", the table in ``metrics.points``); the points,
+fits, table and plot are made in :mod:`pipeline.curves`.
 
 Running reward normalisation (``normalize: {kind: running}``) is a training-time shaping: here a
-normalised component uses the statistics saved in the final PPO checkpoint, frozen, so every model
-is scored on the same scale; without saved statistics the raw score is used.
+normalised component uses the statistics saved in the final checkpoint of the first series, frozen, so
+every model is scored on the same scale; without saved statistics the raw score is used.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
+import os
 import re
 import sys
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -47,14 +55,13 @@ from pipeline import data, models, ppo_math, rollout
 from pipeline.artifacts import (ArtifactError, atomic_output, check_same_base, is_complete, read_manifest,
                                 write_manifest)
 from pipeline.config import ConfigError, PipelineConfig, substitute_run_dir
+from pipeline.curves import (CSV_COLUMNS, best_gold, curve_fits, gold_at_kl, json_safe, make_point, mean_se,
+                             plot_curves, proxy_per_nat, rl_family, series_title, summary_text, write_csv)
 
 __all__ = ["CSV_COLUMNS", "mean_se", "win_rate", "wilson_interval", "bon_kl", "exact_kl", "sequence_kl",
            "run_eval"]
 
 SFT, POLICY = "sft", "policy"
-CSV_COLUMNS = ("kind", "name", "step", "kl_k1_mean", "kl_k1_se", "kl_k3_mean", "sqrt_kl", "proxy_mean",
-               "proxy_se", "gold_mean", "gold_se", "win_rate", "win_lo", "win_hi", "n_samples")
-X_LABEL = "sqrt(KL to reference) [nats^0.5]"
 Z95 = 1.959963984540054
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _SAMPLES_TO_SAVE = 4  # responses per model in samples.jsonl (sample 0 of the first prompts)
@@ -63,21 +70,6 @@ _SAMPLES_TO_SAVE = 4  # responses per model in samples.jsonl (sample 0 of the fi
 # ---------------------------------------------------------------------------------------------
 # Small pure helpers
 
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean, ``std(ddof=1) / sqrt(n)``.
-
-    Returns ``(nan, nan)`` for no values and ``(x, nan)`` for one value (no spread to estimate).
-    """
-    xs = [float(v) for v in values]
-    n = len(xs)
-    if n == 0:
-        return math.nan, math.nan
-    mean = math.fsum(xs) / n
-    if n == 1:
-        return mean, math.nan
-    var = math.fsum((x - mean) ** 2 for x in xs) / (n - 1)
-    return mean, math.sqrt(var / n)
 
 
 def wilson_interval(rate: float, n: int, z: float = Z95) -> tuple[float, float]:
@@ -147,82 +139,6 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.
     return torch.where(mask.bool(), per_token, torch.zeros_like(per_token)).sum(dim=-1)
 
 
-def fit_gao(d: Sequence[float], r: Sequence[float], form: str) -> Optional[tuple[float, float]]:
-    """Least-squares fit of Gao, Schulman & Hilton 2022 ("Scaling Laws for Reward Model
-    Overoptimization", arXiv 2210.10760, eqs. 1-2) to gold gains ``r`` at ``d = sqrt(KL)``:
-
-    - ``form="bon"``: R(d) = d (alpha - beta d)       (best-of-n)
-    - ``form="rl"``:  R(d) = d (alpha - beta log d)   (RL)
-
-    Both are linear in (alpha, beta) with no intercept (R(0) = 0: gains are relative to the starting
-    model), so ordinary least squares on the features ``[d, -d^2]`` or ``[d, -d log d]`` solves them.
-    Points with ``d <= 0`` are skipped (they carry no information and log 0 is undefined). Returns
-    ``(alpha, beta)``, or None with fewer than 2 usable points or a singular system.
-    """
-    pts = [(float(x), float(y)) for x, y in zip(d, r) if x > 0 and math.isfinite(x) and math.isfinite(y)]
-    if len(pts) < 2 or form not in ("bon", "rl"):
-        return None
-    feats = [(x, -(x * x if form == "bon" else x * math.log(x))) for x, _ in pts]
-    # Normal equations of the 2-parameter fit.
-    a11 = math.fsum(f[0] * f[0] for f in feats)
-    a12 = math.fsum(f[0] * f[1] for f in feats)
-    a22 = math.fsum(f[1] * f[1] for f in feats)
-    b1 = math.fsum(f[0] * y for f, (_, y) in zip(feats, pts))
-    b2 = math.fsum(f[1] * y for f, (_, y) in zip(feats, pts))
-    det = a11 * a22 - a12 * a12
-    if abs(det) <= 1e-12 * max(a11 * a22, 1e-300):
-        return None
-    return (b1 * a22 - b2 * a12) / det, (a11 * b2 - a12 * b1) / det
-
-
-def gao_curve(d: float, alpha: float, beta: float, form: str) -> float:
-    """R(d) of :func:`fit_gao`'s functional forms (R(0) = 0)."""
-    if d <= 0:
-        return 0.0
-    return d * (alpha - beta * (d if form == "bon" else math.log(d)))
-
-
-def gao_peak(alpha: float, beta: float, form: str) -> Optional[tuple[float, float]]:
-    """``(d*, R*)`` where the fitted curve peaks, or None when it has no maximum (beta <= 0).
-
-    bon: dR/dd = alpha - 2 beta d = 0  ->  d* = alpha / (2 beta),  R* = alpha^2 / (4 beta).
-    rl:  dR/dd = alpha - beta (log d + 1) = 0  ->  d* = exp(alpha / beta - 1),  R* = beta d*.
-    """
-    if beta <= 0:
-        return None
-    if form == "bon":
-        return alpha / (2 * beta), alpha * alpha / (4 * beta)
-    x = alpha / beta - 1
-    if x > 50:  # exp overflow: the peak is far beyond any KL a run reaches
-        return None
-    d = math.exp(x)
-    return d, beta * d
-
-
-def curve_fits(points: list[dict]) -> dict:
-    """Gao fits of gold gain over the starting (SFT, else base) point for PPO and best-of-n.
-
-    Returns ``{"ppo": {...}, "bon": {...}}`` with alpha, beta, the predicted peak (``peak_kl`` in nats,
-    ``peak_gold`` absolute) and the points used; a family without a fit is left out.
-    """
-    start = next((p for p in points if p["kind"] == "sft"), None) or next(
-        (p for p in points if p["kind"] == "base"), None)
-    if start is None:
-        return {}
-    g0 = start["gold_mean"]
-    out = {}
-    for kind, form in (("ppo", "rl"), ("bon", "bon")):
-        fam = [p for p in points if p["kind"] == kind]
-        fit = fit_gao([p["sqrt_kl"] for p in fam], [p["gold_mean"] - g0 for p in fam], form)
-        if fit is None:
-            continue
-        alpha, beta = fit
-        peak = gao_peak(alpha, beta, form)
-        out[kind] = {"form": form, "alpha": alpha, "beta": beta, "gold_start": g0, "n_points": len(fam),
-                     "peak_kl": None if peak is None else peak[0] ** 2,
-                     "peak_gold": None if peak is None else g0 + peak[1]}
-    return out
-
 
 # ---------------------------------------------------------------------------------------------
 # Models, rewards and sampling
@@ -235,6 +151,24 @@ class ModelSpec:
     adapters: Optional[list[str]]  # None: every adapter off
     step: Optional[int] = None
     policy_dir: Optional[Path] = None  # PPO checkpoint's policy adapter
+    slot: str = POLICY  # the adapter its weights are loaded into
+    series: Optional[str] = None
+
+
+@dataclass
+class Series:
+    """One PPO-family run on the plot."""
+
+    source: str  # "RUN/ppo" or "eval.runs[i]": where it was named, for messages
+    ppo_dir: Path
+    manifest: dict
+    checkpoints: list[tuple[int, Path]]
+    key: str = ""  # its label: the algorithm, or "<algorithm>:<run folder>" where two share one
+    slot: str = POLICY  # the adapter that holds its checkpoints (one per distinct LoRA shape)
+
+    @property
+    def algorithm(self) -> str:
+        return self.manifest.get("config", {}).get("ppo", {}).get("algorithm", "ppo")  # older runs: PPO
 
 
 @dataclass
@@ -283,7 +217,8 @@ def _freeze_normalizers(reward_fn, state: Optional[dict], what: str) -> None:
 
 
 def _seed(base_seed: int, name: str) -> int:
-    """A per-model seed: models sample independently (win rates assume independent pairs)."""
+    """A seed per model name: each model samples independently of the SFT model it is compared with (win
+    rates assume independent pairs)."""
     return (base_seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 31 - 1_000_000)
 
 
@@ -355,6 +290,63 @@ def _check_adapter_loaded(peft_model, name: str, adapter_dir: Path) -> None:
                             f"({len(bad)} of {len(saved)} tensors differ, e.g. {bad[:2]})")
 
 
+def _ppo_output(path: Path) -> Optional[Path]:
+    """``path`` when it is a complete ppo output, else its ppo/ subfolder when that is one."""
+    for folder in (path, path / "ppo"):
+        if is_complete(folder) and read_manifest(folder).get("stage") == "ppo":
+            return folder
+    return None
+
+
+def collect_series(run_dir: Path, runs: Sequence[str], default_steps: int) -> list[Series]:
+    """RUN/ppo when complete, then every ``eval.runs`` entry (a run folder or a ppo output folder), each
+    folder once, labelled by algorithm; where two share an algorithm, by algorithm and run folder name."""
+    found = [("RUN/ppo", run_dir / "ppo")] if is_complete(run_dir / "ppo") else []
+    for i, entry in enumerate(runs):
+        ppo_dir = _ppo_output(Path(entry))
+        if ppo_dir is None:
+            raise ArtifactError(f"eval.runs[{i}]: {entry} is neither a run folder holding a complete ppo/ output "
+                                "nor a complete ppo output folder (finish `rlhf ppo` there, or drop it)")
+        found.append((f"eval.runs[{i}]", ppo_dir))
+    series: list[Series] = []
+    seen: set[Path] = set()
+    for source, ppo_dir in found:
+        if ppo_dir.resolve() in seen:
+            continue
+        seen.add(ppo_dir.resolve())
+        manifest = read_manifest(ppo_dir)
+        checkpoints = _ppo_checkpoints(ppo_dir)
+        if not checkpoints and (ppo_dir / "adapter_model.safetensors").is_file():
+            checkpoints = [(int(manifest.get("metrics", {}).get("steps", default_steps)), ppo_dir)]
+        series.append(Series(source, ppo_dir, manifest, checkpoints))
+    per_algorithm = Counter(s.algorithm for s in series)
+    for s in series:
+        folder = Path(os.path.abspath(s.ppo_dir))
+        run_name = folder.parent.name if folder.name == "ppo" else folder.name
+        s.key = s.algorithm if per_algorithm[s.algorithm] == 1 else f"{s.algorithm}:{run_name}"
+    repeated = Counter(s.key for s in series)
+    for i, s in enumerate(series):
+        if repeated[s.key] > 1:  # two runs of one algorithm in folders of the same name
+            s.key = f"{s.key}-{i + 1}"
+    return series
+
+
+def _check_same_start(s: Series, base, sft: Optional[dict], adapters: dict) -> None:
+    """Refuse a series trained on another base, or from another SFT adapter than this eval's (by hash)."""
+    check_same_base(s.manifest, base, f"{s.source}: PPO output {s.ppo_dir}")
+    theirs = s.manifest.get("adapters", {}).get(SFT)
+    if (theirs or {}).get("sha256") != (sft or {}).get("sha256"):
+        def describe(a: Optional[dict]) -> str:
+            return f"{a['path']} (sha256 {str(a.get('sha256'))[:12]})" if a else "no SFT adapter"
+
+        raise ArtifactError(f"{s.source}: the run in {s.ppo_dir} started from {describe(theirs)}, this eval from "
+                            f"{describe(sft)} (ppo.sft_adapter): the runs on one plot must share the SFT model")
+    missing = [a for a in s.manifest.get("stacked_on", list(adapters)) if a not in adapters]
+    if missing:
+        raise ArtifactError(f"{s.source}: the policy in {s.ppo_dir} is stacked on {missing}, which this config "
+                            "does not provide (ppo.sft_adapter)")
+
+
 def _ppo_checkpoints(ppo_dir: Path) -> list[tuple[int, Path]]:
     ckpt_root = ppo_dir / "checkpoints"
     found = []
@@ -369,198 +361,6 @@ def _ppo_checkpoints(ppo_dir: Path) -> list[tuple[int, Path]]:
 # ---------------------------------------------------------------------------------------------
 # Points, table, plot
 
-
-def _point(kind: str, name: str, step: Optional[int], k1: Sequence[float], k3: Sequence[float],
-           proxy: Sequence[float], gold: Sequence[float], win: tuple[float, float, float]) -> dict:
-    k1_mean, k1_se = mean_se(k1)
-    k3_mean, _ = mean_se(k3)
-    proxy_mean, proxy_se = mean_se(proxy)
-    gold_mean, gold_se = mean_se(gold)
-    return {"kind": kind, "name": name, "step": step, "kl_k1_mean": k1_mean, "kl_k1_se": k1_se,
-            "kl_k3_mean": k3_mean, "sqrt_kl": math.sqrt(max(k1_mean, 0.0)), "proxy_mean": proxy_mean,
-            "proxy_se": proxy_se, "gold_mean": gold_mean, "gold_se": gold_se, "win_rate": win[0],
-            "win_lo": win[1], "win_hi": win[2], "n_samples": len(gold)}
-
-
-def _best_gold(points: list[dict]) -> Optional[dict]:
-    ppo = [p for p in points if p["kind"] == "ppo"]
-    pool = ppo or [p for p in points if p["kind"] in ("base", "sft")]
-    return max(pool, key=lambda p: p["gold_mean"]) if pool else None
-
-
-def _fmt(v: float, width: int, prec: int = 3) -> str:
-    return f"{'nan':>{width}}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:{width}.{prec}f}"
-
-
-def _pm(mean: float, se: float) -> str:
-    if math.isnan(se):
-        return f"{mean:8.3f}        "
-    return f"{mean:8.3f} ± {se:5.3f}"
-
-
-def summary_text(points: list[dict], header: str, fits: Optional[dict] = None) -> str:
-    """An aligned table of the points, where gold peaks, PPO against best-of-n, and the curve fits."""
-    lines = [header, ""]
-    cols = (f"{'model':<13} {'KL k1 (nats)':>16} {'KL k3':>7} {'sqrtKL':>6}  {'proxy':>16}  {'gold':>16}  "
-            f"{'win vs SFT [95% CI]':>21} {'n':>5}")
-    lines += [cols, "-" * len(cols)]
-    for p in points:
-        win = "" if math.isnan(p["win_rate"]) else f"{p['win_rate']:.3f} [{p['win_lo']:.3f}, {p['win_hi']:.3f}]"
-        lines.append(f"{p['name']:<13} {_pm(p['kl_k1_mean'], p['kl_k1_se'])} {_fmt(p['kl_k3_mean'], 7)} "
-                     f"{_fmt(p['sqrt_kl'], 6)}  {_pm(p['proxy_mean'], p['proxy_se'])}  "
-                     f"{_pm(p['gold_mean'], p['gold_se'])}  {win:>21} {p['n_samples']:>5}")
-    lines.append("")
-    best = _best_gold(points)
-    if best is not None:
-        where = "among PPO checkpoints" if best["kind"] == "ppo" else "(no PPO checkpoints)"
-        lines.append(f"gold peaks at {best['name']} {where}: gold {best['gold_mean']:.3f} ± {best['gold_se']:.3f}, "
-                     f"proxy {best['proxy_mean']:.3f}, KL {best['kl_k1_mean']:.3f} nats "
-                     f"(sqrt {best['sqrt_kl']:.3f})")
-        ppo = [p for p in points if p["kind"] == "ppo"]
-        if ppo and ppo[-1] is not best:
-            last = ppo[-1]
-            lines.append(f"the last checkpoint {last['name']} has gold {last['gold_mean']:.3f} and proxy "
-                         f"{last['proxy_mean']:.3f} at KL {last['kl_k1_mean']:.3f}")
-    bon = [p for p in points if p["kind"] == "bon"]
-    if bon:
-        b = max(bon, key=lambda p: p["gold_mean"])
-        lines.append(f"best-of-n's gold peaks at {b['name']}: gold {b['gold_mean']:.3f} ± {b['gold_se']:.3f} at "
-                     f"KL {b['kl_k1_mean']:.3f} nats (analytic)")
-        ppo = [p for p in points if p["kind"] == "ppo"]
-        if ppo and best is not None and best["kind"] == "ppo":
-            higher = best["gold_mean"] > b["gold_mean"]
-            lines.append(f"PPO {'reached a higher' if higher else 'did not reach a higher'} gold than best-of-n: "
-                         f"PPO {best['gold_mean']:.3f} at KL {best['kl_k1_mean']:.2f} nats, best-of-n "
-                         f"{b['gold_mean']:.3f} at KL {b['kl_k1_mean']:.2f} nats (difference "
-                         f"{best['gold_mean'] - b['gold_mean']:+.3f} ± {math.hypot(best['gold_se'], b['gold_se']):.3f})")
-        efficiency = proxy_per_nat(points)
-        if efficiency:
-            lines.append("proxy gain per nat of KL (over the start), PPO vs best-of-n at the same KL "
-                         "(interpolated):")
-            for e in efficiency:
-                bon_txt = "beyond best-of-n's KL range" if e["bon_per_nat"] is None else f"{e['bon_per_nat']:.3f}"
-                lines.append(f"  {e['name']:<13} KL {e['kl']:.2f}: PPO {e['ppo_per_nat']:.3f}, best-of-n {bon_txt}")
-    if fits:
-        names = {"ppo": "PPO, R = d(alpha - beta log d)", "bon": "best-of-n, R = d(alpha - beta d)"}
-        lines.append("Gao et al. 2022 fits of gold gain over the start against d = sqrt(KL):")
-        for kind in ("ppo", "bon"):
-            f = fits.get(kind)
-            if not f:
-                continue
-            peak = ("no peak within the fit (beta <= 0: gold still rising)" if f["peak_kl"] is None else
-                    f"predicted peak gold {f['peak_gold']:.3f} at KL {f['peak_kl']:.2f} nats")
-            lines.append(f"  {names[kind]}: alpha {f['alpha']:.3f}, beta {f['beta']:.3f} ({f['n_points']} points); "
-                         f"{peak}")
-    return "\n".join(lines) + "\n"
-
-
-def proxy_per_nat(points: list[dict]) -> list[dict]:
-    """For each PPO checkpoint with KL > 0: its proxy gain over the starting model per nat of KL, and
-    best-of-n's at the same KL, linearly interpolated between best-of-n points (None outside their range)."""
-    start = next((p for p in points if p["kind"] == "sft"), None) or next(
-        (p for p in points if p["kind"] == "base"), None)
-    bon = sorted((p for p in points if p["kind"] == "bon"), key=lambda p: p["kl_k1_mean"])
-    if start is None:
-        return []
-    p0 = start["proxy_mean"]
-    out = []
-    for p in points:
-        if p["kind"] != "ppo" or not p["kl_k1_mean"] > 0:
-            continue
-        kl = p["kl_k1_mean"]
-        bon_gain = None
-        for lo, hi in zip(bon, bon[1:]):
-            if lo["kl_k1_mean"] <= kl <= hi["kl_k1_mean"] and hi["kl_k1_mean"] > lo["kl_k1_mean"]:
-                t = (kl - lo["kl_k1_mean"]) / (hi["kl_k1_mean"] - lo["kl_k1_mean"])
-                bon_gain = lo["proxy_mean"] + t * (hi["proxy_mean"] - lo["proxy_mean"]) - p0
-                break
-        out.append({"name": p["name"], "kl": kl, "ppo_per_nat": (p["proxy_mean"] - p0) / kl,
-                    "bon_per_nat": None if bon_gain is None else bon_gain / kl})
-    return out
-
-
-def _nan0(values):
-    return [0.0 if (v is None or math.isnan(v)) else v for v in values]
-
-
-def plot_curves(points: list[dict], path: Path, title: str, fits: Optional[dict] = None) -> None:
-    """Proxy and gold reward against sqrt(KL): PPO checkpoints, best-of-n, base and SFT."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    ppo = sorted([p for p in points if p["kind"] == "ppo"], key=lambda p: p["step"])
-    bon = sorted([p for p in points if p["kind"] == "bon"], key=lambda p: p["sqrt_kl"])
-    singles = [p for p in points if p["kind"] in ("base", "sft")]
-    best = _best_gold(points)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True)
-    panels = (("proxy", "proxy reward (optimised by PPO)"), ("gold", "gold reward (held out)"))
-    for ax, (key, label) in zip(axes, panels):
-        if ppo:
-            ax.errorbar([p["sqrt_kl"] for p in ppo], [p[f"{key}_mean"] for p in ppo],
-                        yerr=_nan0([p[f"{key}_se"] for p in ppo]), fmt="-o", color="tab:blue", capsize=3,
-                        lw=1.8, ms=5, label="PPO checkpoints")
-            for p in ppo:
-                ax.annotate(str(p["step"]), (p["sqrt_kl"], p[f"{key}_mean"]), textcoords="offset points",
-                            xytext=(4, -11), fontsize=7, color="tab:blue")
-        if bon:
-            ax.errorbar([p["sqrt_kl"] for p in bon], [p[f"{key}_mean"] for p in bon],
-                        yerr=_nan0([p[f"{key}_se"] for p in bon]), fmt="--s", color="tab:orange", capsize=3,
-                        lw=1.5, ms=4, label="best-of-n (SFT samples, analytic KL)")
-            for p in bon:
-                ax.annotate(p["name"], (p["sqrt_kl"], p[f"{key}_mean"]), textcoords="offset points",
-                            xytext=(4, 5), fontsize=7, color="tab:orange")
-        for p in singles:
-            color, marker = ("tab:gray", "D") if p["kind"] == "base" else ("tab:green", "^")
-            ax.errorbar([p["sqrt_kl"]], [p[f"{key}_mean"]], yerr=_nan0([p[f"{key}_se"]]), fmt=marker,
-                        color=color, capsize=3, ms=8, label=p["name"].upper() if p["kind"] == "sft" else "base")
-            ax.annotate(p["name"].upper() if p["kind"] == "sft" else "base", (p["sqrt_kl"], p[f"{key}_mean"]),
-                        textcoords="offset points", xytext=(6, 6), fontsize=9, color=color, fontweight="bold")
-        if key == "gold" and fits:
-            for kind, color in (("ppo", "tab:blue"), ("bon", "tab:orange")):
-                f = fits.get(kind)
-                if not f:
-                    continue
-                # each fit drawn a little past its own points: an extrapolation far beyond them says little
-                top = max([p["sqrt_kl"] for p in points if p["kind"] == kind] + [0.1])
-                xs = [top * 1.2 * i / 100 for i in range(101)]
-                ax.plot(xs, [f["gold_start"] + gao_curve(x, f["alpha"], f["beta"], f["form"]) for x in xs], ":",
-                        color=color, lw=1.3, label=f"{'PPO' if kind == 'ppo' else 'best-of-n'} fit (Gao et al.)")
-        if best is not None and best["kind"] == "ppo":
-            ax.plot([best["sqrt_kl"]], [best[f"{key}_mean"]], linestyle="none", marker="*", ms=20,
-                    color="gold", markeredgecolor="black", zorder=5, label=f"best gold: {best['name']}")
-            if key == "gold":
-                ax.annotate(f"best gold\n{best['name']}\n{best['gold_mean']:.3f}",
-                            (best["sqrt_kl"], best["gold_mean"]), textcoords="offset points", xytext=(30, -55),
-                            fontsize=8, arrowprops={"arrowstyle": "->", "color": "black", "lw": 0.8},
-                            bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "0.6", "alpha": 0.9})
-        ax.set_xlabel(X_LABEL)
-        ax.set_ylabel(label)
-        ax.set_title(label.split(" (")[0].capitalize())
-        ax.grid(alpha=0.3)
-        ax.set_xlim(left=-0.05 * max([p["sqrt_kl"] for p in points] + [1.0]))
-    axes[0].legend(loc="best", fontsize=8, framealpha=0.85)
-    if fits:
-        axes[1].legend(handles=[h for h in axes[1].get_legend_handles_labels()[0]
-                                if "fit" in str(h.get_label())], loc="lower right", fontsize=8, framealpha=0.85)
-    fig.suptitle(title, fontsize=11)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _json_safe(point: dict) -> dict:
-    """NaN (a standard error of one sample) as null, so the manifest is strict JSON."""
-    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in point.items()}
-
-
-def _write_csv(points: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
-        for p in points:
-            w.writerow(["" if p[c] is None else repr(p[c]) if isinstance(p[c], float) else p[c]
-                        for c in CSV_COLUMNS])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,21 +392,18 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     prompts = prompts[:ec.prompts]
     print(f"[eval] {report.summary()}; using {len(prompts)}", flush=True)
 
-    # 2. artifacts: SFT adapter, PPO output and its checkpoints
+    # 2. artifacts: SFT adapter; the PPO-family runs (RUN/ppo, eval.runs) and their checkpoints
     sft_dir = substitute_run_dir(pc.sft_adapter, run_dir)
     sft_dir = Path(sft_dir) if sft_dir else None
-    ppo_dir = run_dir / "ppo"
-    ppo_manifest = read_manifest(ppo_dir) if is_complete(ppo_dir) else None
-    if ppo_manifest is None:
-        print(f"[eval] no complete PPO output in {ppo_dir}: evaluating base, SFT and best-of-n only", flush=True)
-    checkpoints = _ppo_checkpoints(ppo_dir) if ppo_manifest is not None else []
-    if ppo_manifest is not None and not checkpoints and (ppo_dir / "adapter_model.safetensors").is_file():
-        checkpoints = [(int(ppo_manifest.get("metrics", {}).get("steps", pc.steps)), ppo_dir)]
-    if ppo_manifest is not None:
-        trained = ppo_manifest.get("config", {}).get("ppo", {})
+    series = collect_series(run_dir, substitute_run_dir(ec.runs, run_dir), pc.steps)
+    if not is_complete(run_dir / "ppo"):
+        print(f"[eval] no complete PPO output in {run_dir / 'ppo'}: evaluating base, SFT and best-of-n"
+              f"{' and the runs in eval.runs' if series else ' only'}", flush=True)
+    for s in series:
+        trained = s.manifest.get("config", {}).get("ppo", {})
         for key in ("temperature", "reference"):
             if key in trained and trained[key] != getattr(pc, key):
-                print(f"[eval] note: PPO trained with ppo.{key}={trained[key]!r}, this eval uses "
+                print(f"[eval] note: {s.ppo_dir} trained with ppo.{key}={trained[key]!r}, this eval uses "
                       f"{getattr(pc, key)!r}", flush=True)
 
     # 3. one base, many adapters: sft + policy (+ the learned reward, attached by its loader)
@@ -622,20 +419,21 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
         raise ArtifactError("ppo.reference=sft needs ppo.sft_adapter; set ppo.reference=base to anchor to the base")
     from peft import LoraConfig
 
-    if ppo_manifest is not None:
-        check_same_base(ppo_manifest, base, f"PPO output {ppo_dir}")
-        policy_cfg = LoraConfig.from_pretrained(str(ppo_dir if (ppo_dir / "adapter_config.json").is_file()
-                                                    else checkpoints[0][1]))
+    slots: dict[str, tuple[str, LoraConfig]] = {}  # one policy adapter per distinct LoRA config
+    for s in series:
+        _check_same_start(s, base, consumed.get(SFT), adapters)
+        policy_cfg = LoraConfig.from_pretrained(str(s.ppo_dir if (s.ppo_dir / "adapter_config.json").is_file()
+                                                    else s.checkpoints[0][1]))
         policy_cfg.inference_mode = True
-        stacked_on = list(ppo_manifest.get("stacked_on", list(adapters)))
-        missing = [a for a in stacked_on if a not in adapters]
-        if missing:
-            raise ArtifactError(f"the PPO policy in {ppo_dir} is stacked on {missing}, which this config does not "
-                                "provide (ppo.sft_adapter)")
-    else:
-        policy_cfg = models.lora_config(pc.lora)  # a placeholder: the model must be a PeftModel for the reward
-        stacked_on = list(adapters)
-    peft_model = models.stack_adapters(base_model, adapters, trainable=None, new_adapter=(POLICY, policy_cfg))
+        signature = json.dumps(policy_cfg.to_dict(), sort_keys=True, default=str)
+        if signature not in slots:
+            slots[signature] = (POLICY if not slots else f"{POLICY}{len(slots) + 1}", policy_cfg)
+        s.slot = slots[signature][0]
+    # without a run, a placeholder policy adapter: the model must be a PeftModel for the reward loader
+    policy_slots = list(slots.values()) or [(POLICY, models.lora_config(pc.lora))]
+    peft_model = models.stack_adapters(base_model, adapters, trainable=None, new_adapter=policy_slots[0])
+    for name, policy_cfg in policy_slots[1:]:
+        peft_model.add_adapter(name, policy_cfg)
     peft_model.eval()
     for p in peft_model.parameters():
         p.requires_grad_(False)
@@ -648,8 +446,8 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     proxy_fn = build_reward(substitute_run_dir(pc.rewards, run_dir), context=context)
     gold_fn = build_reward(substitute_run_dir(ec.gold, run_dir), context=context)
     reward_state = None
-    if checkpoints and any(c.normalizer is not None for c in proxy_fn.components):
-        final_state = checkpoints[-1][1].parent / "trainer_state.pt"
+    if series and series[0].checkpoints and any(c.normalizer is not None for c in proxy_fn.components):
+        final_state = series[0].checkpoints[-1][1].parent / "trainer_state.pt"
         if final_state.is_file():
             reward_state = torch.load(final_state, map_location="cpu", weights_only=False).get("reward")
     _freeze_normalizers(proxy_fn, reward_state, "proxy")
@@ -667,21 +465,29 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     specs = [ModelSpec("base", "base", None)]
     if sft_dir is not None:
         specs.append(ModelSpec("sft", "sft", [SFT]))
-    for step, policy_dir in checkpoints:
-        name = f"step-{step:06d}" if policy_dir.name == "policy" else "final"
-        specs.append(ModelSpec("ppo", name, stacked_on + [POLICY], step=step, policy_dir=policy_dir))
-        consumed[f"ppo:{name}"] = {"path": str(policy_dir),
-                                   "sha256": models.sha256_file(policy_dir / "adapter_model.safetensors")}
+    for s in series:
+        stacked_on = list(s.manifest.get("stacked_on", list(adapters)))
+        for step, policy_dir in s.checkpoints:
+            name = f"step-{step:06d}" if policy_dir.name == "policy" else "final"
+            name = f"{s.key}/{name}" if len(series) > 1 else name
+            specs.append(ModelSpec("ppo", name, stacked_on + [s.slot], step=step, policy_dir=policy_dir,
+                                   slot=s.slot, series=s.key))
+            consumed[f"ppo:{name}"] = {"path": str(policy_dir),
+                                       "sha256": models.sha256_file(policy_dir / "adapter_model.safetensors")}
 
     print(f"[eval] {len(specs)} models x {len(prompts)} prompts x {k} samples at temperature {pc.temperature}, "
           f"reference {pc.reference}; best-of-n {list(ec.best_of_n)}", flush=True)
     results: dict[str, Samples] = {}
     for spec in tqdm(specs, desc="eval models"):
         if spec.policy_dir is not None:
-            models.load_adapter_weights(peft_model, POLICY, spec.policy_dir)
-            _check_adapter_loaded(peft_model, POLICY, spec.policy_dir)
+            models.load_adapter_weights(peft_model, spec.slot, spec.policy_dir)
+            _check_adapter_loaded(peft_model, spec.slot, spec.policy_dir)
+        # Seeded by the name within its series: a checkpoint samples the same responses whichever other
+        # series share the plot, and the same step of two series shares its sampling noise (common random
+        # numbers: their difference is measured with less variance).
+        seed = _seed(ec.seed, spec.name.rsplit("/", 1)[-1])
         s = _sample(peft_model, tok, encoded, k, spec.adapters, reference, pc.temperature, ec.max_new_tokens,
-                    stop_ids, batch_size, _seed(ec.seed, spec.name), desc=f"sample {spec.name}", merged=merged)
+                    stop_ids, batch_size, seed, desc=f"sample {spec.name}", merged=merged)
         _score(s, prompts, tok, proxy_fn, gold_fn, batch_size=max(16, batch_size))
         results[spec.name] = s
 
@@ -690,7 +496,8 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     for spec in specs:
         s = results[spec.name]
         win = win_rate(s.gold, comparator.gold)  # same (prompt, sample) order: sample j of prompt i vs j of i
-        points.append(_point(spec.kind, spec.name, spec.step, s.kl_k1, s.kl_k3, s.proxy, s.gold, win))
+        points.append(make_point(spec.kind, spec.name, spec.step, s.kl_k1, s.kl_k3, s.proxy, s.gold, win,
+                                 series=spec.series))
 
     # 6. best-of-n from the starting (SFT) model: one pool, disjoint groups of n per prompt
     bon_rows = []
@@ -713,8 +520,8 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
                     comp.append(comparator.gold[i * k + g % k])
                     picks.append((i, g, best))
             kl = bon_kl(n)
-            point = _point("bon", f"n={n}", None, [kl] * len(gold), [kl] * len(gold), proxy, gold,
-                           win_rate(gold, comp))
+            point = make_point("bon", f"n={n}", None, [kl] * len(gold), [kl] * len(gold), proxy, gold,
+                               win_rate(gold, comp))
             point.update(kl_k1_mean=kl, kl_k1_se=0.0, kl_k3_mean=kl, sqrt_kl=math.sqrt(kl))
             points.append(point)
             bon_rows += [{"kind": "bon", "name": f"n={n}", "step": None, "prompt_index": i, "group": g,
@@ -745,19 +552,31 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     header = (f"eval of {run_dir}: {len(prompts)} prompts x {k} samples, temperature {pc.temperature}, "
               f"KL to the {pc.reference} reference (per sequence, nats); win = gold win rate vs "
               f"{'SFT' if sft_dir is not None else 'base'} (ties half)")
+    if len(series) > 1:
+        header += "\nseries: " + "; ".join(f"{series_title(s.key)} = {s.ppo_dir} ({s.source})" for s in series)
     fits = curve_fits(points)
     summary = summary_text(points, header, fits)
-    best = _best_gold(points)
+    best = best_gold(points)
+    headline = ("name", "step", "gold_mean", "gold_se", "proxy_mean", "kl_k1_mean")
+    best_per_series = {s.key: max(rl_family(points, s.key), key=lambda p: p["gold_mean"], default=None)
+                       for s in series}
     title = (f"Reward vs KL to the {pc.reference.upper()} reference: {run_dir.name} "
              f"({len(prompts)} prompts x {k} samples, T={pc.temperature}, error bars = 1 s.e.)")
     with atomic_output(out, overwrite=overwrite) as tmp:
-        _write_csv(points, tmp / "curves.csv")
+        write_csv(points, tmp / "curves.csv")
         plot_curves(points, tmp / "curves.png", title, fits)
         (tmp / "summary.txt").write_text(summary)
         with open(tmp / "samples.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in sample_rows)
-        metrics = {"points": [_json_safe(p) for p in points], "best_gold": None if best is None else
-                   {k_: best[k_] for k_ in ("name", "step", "gold_mean", "gold_se", "proxy_mean", "kl_k1_mean")},
+        metrics = {"points": [json_safe(p) for p in points], "best_gold": None if best is None else
+                   {k_: best[k_] for k_ in headline},
+                   "series": [{"key": s.key, "title": series_title(s.key), "algorithm": s.algorithm,
+                               "source": s.source, "path": str(s.ppo_dir),
+                               "samples_per_prompt": s.manifest.get("samples_per_prompt", 1),
+                               "best_gold": None if best_per_series[s.key] is None else
+                               {k_: best_per_series[s.key][k_] for k_ in headline}}
+                              for s in series],
+                   "gold_at_kl": gold_at_kl(points, fits),
                    "per_model": extras, "fits": fits, "proxy_per_nat": proxy_per_nat(points),
                    "prompts": len(prompts), "samples_per_prompt": k, **prompt_lengths.metrics("prompts"),
                    "temperature": pc.temperature, "reference": pc.reference}

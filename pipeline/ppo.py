@@ -3,9 +3,12 @@
 - policy    = base + sft adapter (frozen) + policy adapter (trained)
 - reference = base + sft adapter ("reference: sft") or the bare base ("reference: base"): the same
               weights with adapters switched off, never a second model
-- value     = a scalar head on the policy's hidden states ("head") or a value adapter + head ("adapter")
+- value     = a scalar head on the policy's hidden states ("head") or a value adapter + head ("adapter");
+              none for the critic-free estimators (ppo.algorithm: rloo | grpo)
 - reward    = any reward plugin; a learned reward model on the same base is one more adapter
 
+ppo.algorithm changes only the advantage estimator (GAE over the value model, or a group baseline over
+ppo.samples_per_prompt responses per prompt) and where the KL goes; the rest is one loop.
 The math lives in pipeline/ppo_math.py; every `generate` call in pipeline/rollout.py.
 """
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import nn
 from pipeline import data, lean_ops, models, ppo_math, rollout
 from pipeline.artifacts import (ArtifactError, MetricsLogger, check_same_base, is_complete, read_manifest,
                                 write_manifest)
-from pipeline.config import PipelineConfig, substitute_run_dir
+from pipeline.config import PipelineConfig, resolve_auto, substitute_run_dir
 
 POLICY, VALUE, SFT = "policy", "value", "sft"
 
@@ -36,22 +39,27 @@ class PPOError(RuntimeError):
 
 
 class PolicyValue(nn.Module):
-    """The trained parts behind one ``forward`` (what DDP wraps): logprobs, entropy and values."""
+    """The trained parts behind one ``forward`` (what DDP wraps): logprobs, entropy and values
+    (None without a value model: ``with_value=False``, the critic-free estimators)."""
 
     def __init__(self, peft_model, hidden_size: int, policy_adapters: list[str],
-                 value_adapters: Optional[list[str]]):
+                 value_adapters: Optional[list[str]], with_value: bool = True):
         super().__init__()
         self.peft_model = peft_model
-        self.value_head = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head = nn.Linear(hidden_size, 1) if with_value else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
         self.policy_adapters = policy_adapters
         self.value_adapters = value_adapters  # None: the head reads the policy's hidden states
 
     def forward(self, query, query_mask, response, response_mask, temperature: float, with_entropy: bool = False):
+        head_on_policy = self.value_head is not None and self.value_adapters is None
         out = rollout.forward_response(self.peft_model, query, query_mask, response, response_mask, temperature,
-                                       with_entropy=with_entropy, with_hidden=self.value_adapters is None)
-        if self.value_adapters is None:
+                                       with_entropy=with_entropy, with_hidden=head_on_policy)
+        if self.value_head is None:
+            return out.logprobs, out.entropy, None
+        if head_on_policy:
             hidden = out.hidden
         else:
             with models.active_adapters(self.peft_model, self.value_adapters):
@@ -88,7 +96,7 @@ def _reduce_mean(accelerator, value: float) -> float:
 
 
 def save_checkpoint(path: Path, pv: PolicyValue, optimizer, scheduler, kl_ctl, reward_fn, state: dict) -> None:
-    """Everything needed to continue exactly: adapter, value parameters, optimizer, scheduler, KL
+    """Everything needed to continue exactly: adapter, value parameters (if any), optimizer, scheduler, KL
     controller, reward normalisers, RNG states and data position. Written to a temp folder, then renamed."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -96,7 +104,8 @@ def save_checkpoint(path: Path, pv: PolicyValue, optimizer, scheduler, kl_ctl, r
     models.save_adapter(pv.peft_model, POLICY, tmp / "policy")
     if pv.value_adapters is not None:
         models.save_adapter(pv.peft_model, VALUE, tmp / "value_adapter")
-    torch.save({"value_head": pv.value_head.state_dict(), "optimizer": optimizer.state_dict(),
+    value = {} if pv.value_head is None else {"value_head": pv.value_head.state_dict()}
+    torch.save({**value, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "kl_controller": kl_ctl.state_dict(),
                 "reward": reward_fn.state_dict(), "rng": _rng_state(), **state}, tmp / "trainer_state.pt")
     shutil.rmtree(path, ignore_errors=True)
@@ -114,8 +123,13 @@ def _latest_checkpoint(work: Path) -> Optional[Path]:
 
 
 def _advantages(old_logprobs, ref_logprobs, old_values, scores, maskf, kl_coef: float, pc):
-    """Per-token KL, whitened GAE advantages and returns for one rollout (DESIGN.md 4.1, 4.8)."""
+    """Per-token KL, advantages and returns for one rollout: whitened GAE advantages and their returns
+    for ppo (DESIGN.md 4.1, 4.8); for rloo/grpo the group estimator's advantage on every token of a
+    response, and no returns (there is no value to fit). ``kl_coef`` is 0 when the KL is a loss term."""
     kl = ppo_math.kl_per_token(old_logprobs, ref_logprobs, pc.kl_estimator) * maskf
+    if pc.algorithm != "ppo":
+        return kl, ppo_math.critic_free_advantages(scores, kl, maskf, kl_coef, pc.samples_per_prompt,
+                                                   pc.algorithm, scale_std=pc.grpo_scale_std), None
     rewards = ppo_math.per_token_rewards(scores, kl, maskf, kl_coef)
     if pc.whiten_rewards:
         rewards = ppo_math.masked_whiten(rewards, maskf, shift_mean=False)
@@ -137,7 +151,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
 
     from pipeline.reward_stage import load_reward_scorer
 
-    pc = cfg.ppo
+    pc = resolve_auto(cfg).ppo
+    critic, group = pc.algorithm == "ppo", pc.samples_per_prompt
     run_dir = Path(run_dir)
     out, work = run_dir / "ppo", run_dir / "ppo.work"
     device = models.resolve_device(cfg.model.device)
@@ -190,15 +205,16 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                                        new_adapter=(POLICY, models.lora_config(pc.lora, model=base_model)))
     policy_adapters = list(adapters) + [POLICY]
     value_adapters = None
-    if pc.value_model == "adapter":
+    if critic and pc.value_model == "adapter":
         peft_model.add_adapter(VALUE, models.lora_config(pc.lora, model=base_model))
         value_adapters = list(adapters) + [VALUE]
     models.set_active_adapters(peft_model, policy_adapters)
     for n, p in peft_model.named_parameters():
         p.requires_grad_(f".{POLICY}." in n or f".{VALUE}." in n)
     reference_adapters = [SFT] if pc.reference == "sft" else None
-    pv = PolicyValue(peft_model, base_model.config.hidden_size, policy_adapters, value_adapters)
-    pv.value_head.to(accelerator.device)
+    pv = PolicyValue(peft_model, base_model.config.hidden_size, policy_adapters, value_adapters, with_value=critic)
+    if pv.value_head is not None:
+        pv.value_head.to(accelerator.device)
     peft_model.eval()  # no dropout anywhere, rollouts and PPO epochs alike (DESIGN.md 4.5)
 
     # 3. rewards: plugins by name; a learned reward model on this base attaches as one more adapter
@@ -238,7 +254,9 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     t_params, t_total = models.count_parameters(pv)
     if main_proc:
         print(f"[ppo] trainable parameters: {t_params:,} of {t_total:,}; policy adapters {policy_adapters}, "
-              f"reference {reference_adapters or 'base (all adapters off)'}, value {pc.value_model}, "
+              f"reference {reference_adapters or 'base (all adapters off)'}, "
+              f"{f'value {pc.value_model}' if critic else f'{pc.algorithm}, no value model'}, "
+              f"{group} samples per prompt, KL ({pc.kl_estimator}) in the {pc.kl_in}, "
               f"rollout weights {'merged' if merge_rollout else 'adapters'}", flush=True)
     pv_ddp, optimizer = accelerator.prepare(pv, optimizer)
 
@@ -247,10 +265,17 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     torch.manual_seed(pc.seed + accelerator.process_index)
     if ckpt is not None:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        # Checkpoints from before ppo.algorithm existed are PPO with one sample per prompt.
+        written = (state.get("algorithm", "ppo"), state.get("samples_per_prompt", 1))
+        if written != (pc.algorithm, group):
+            raise ArtifactError(f"--resume: {ckpt} was written with ppo.algorithm={written[0]}, "
+                                f"ppo.samples_per_prompt={written[1]}; this config has {pc.algorithm} and {group}. "
+                                "Resume with the same settings, or pass --overwrite to start over")
         models.load_adapter_weights(peft_model, POLICY, ckpt / "policy")
         if value_adapters is not None:
             models.load_adapter_weights(peft_model, VALUE, ckpt / "value_adapter")
-        pv.value_head.load_state_dict(state["value_head"])
+        if pv.value_head is not None:
+            pv.value_head.load_state_dict(state["value_head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         kl_ctl.load_state_dict(state["kl_controller"])
@@ -272,6 +297,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     stop_ids = rollout.stop_token_ids(tok, base_model)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_proc = pc.batch_size
+    prompts_per_proc = per_proc // group
     mb_size = per_proc // pc.minibatches
 
     def checkpoint(step: int, ep: int, cur: int, name: Optional[str] = None, rng: Optional[dict] = None,
@@ -293,7 +319,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                 reward_fn.load_state_dict(reward_state)
             try:
                 save_checkpoint(path, pv, optimizer, scheduler, kl_ctl, reward_fn,
-                                {"step": step, "epoch": ep, "cursor": cur, "rng_per_process": rngs})
+                                {"step": step, "epoch": ep, "cursor": cur, "rng_per_process": rngs,
+                                 "algorithm": pc.algorithm, "samples_per_prompt": group})
             finally:
                 if reward_state is not None:
                     reward_fn.load_state_dict(current)
@@ -320,15 +347,17 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         t_step = time.time()
         step_epoch, step_cursor = epoch, cursor
         step_rng, step_reward_state = _rng_state(), copy.deepcopy(reward_fn.state_dict())
-        # 1. rollout: this process's share of the global batch, in a seeded shuffled order
+        # 1. rollout: this process's share of the global batch's prompts, in a seeded shuffled order, each
+        # repeated ppo.samples_per_prompt times in one generate (prompt-major: row g*k + j is sample j of
+        # prompt g, the layout ppo_math's group estimators read)
         idx = []
-        while len(idx) < per_proc * world:
+        while len(idx) < prompts_per_proc * world:
             if cursor >= len(order):
                 epoch, cursor = epoch + 1, 0
                 order = _prompt_order(len(encoded), pc.seed, epoch)
             idx.append(order[cursor])
             cursor += 1
-        idx = idx[rank * per_proc:(rank + 1) * per_proc]
+        idx = [i for i in idx[rank * prompts_per_proc:(rank + 1) * prompts_per_proc] for _ in range(group)]
         query, query_mask = rollout.left_pad([encoded[i] for i in idx], tok.pad_token_id)
         t0 = time.time()
         with models.active_adapters(peft_model, policy_adapters), rollout_ctx(peft_model):
@@ -365,20 +394,24 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
             monitored = {name: _reduce_mean(accelerator, sum(v) / len(v)) for name, v in mon.components.items()}
         t_score = time.time() - t0
 
-        # 3. reference logprobs; old logprobs and values (frozen for the whole PPO update)
+        # 3. reference logprobs; old logprobs and values (frozen for the whole PPO update). Every forward of
+        # the step runs on `micro` rows: in bf16 the same weights' logprobs moved by 0.063 per token between
+        # one 32-row batch and 8-row chunks (embedded model, measured), which put 0.14 nats of k3 KL between
+        # the policy and its own reference before any update.
         t0 = time.time()
+        micro = min(pc.micro_batch_size or mb_size, mb_size)
+        row_chunks = torch.arange(per_proc, device=dev).split(micro)
         with torch.no_grad(), models.active_adapters(peft_model, reference_adapters):
-            ref_logprobs = rollout.forward_response(peft_model, query, query_mask, response, mask,
-                                                    pc.temperature).logprobs
+            ref_logprobs = torch.cat([rollout.forward_response(peft_model, query[c], query_mask[c], response[c],
+                                                               mask[c], pc.temperature).logprobs for c in row_chunks])
         kl_coef = kl_ctl.value
         in_reward = pc.kl_in == "reward"
-        micro = min(pc.micro_batch_size or mb_size, mb_size)
         old_logprobs = old_values = kl = advantages = returns = None
         if pc.minibatches > 1 or micro < mb_size:
             with torch.no_grad():
-                outs = [pv(query[c], query_mask[c], response[c], mask[c], pc.temperature)
-                        for c in torch.arange(per_proc, device=dev).split(micro)]
-            old_logprobs, old_values = torch.cat([o[0] for o in outs]), torch.cat([o[2] for o in outs])
+                outs = [pv(query[c], query_mask[c], response[c], mask[c], pc.temperature) for c in row_chunks]
+            old_logprobs = torch.cat([o[0] for o in outs])
+            old_values = torch.cat([o[2] for o in outs]) if critic else None
             kl, advantages, returns = _advantages(old_logprobs, ref_logprobs, old_values, scores, maskf,
                                                   kl_coef if in_reward else 0.0, pc)
         # With one minibatch in one piece, the first PPO forward below sees the whole batch with the
@@ -406,25 +439,32 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                         logprobs, entropy, values = pv_ddp(query[c], query_mask[c], response[c], mask[c],
                                                            pc.temperature, with_entropy=True)
                         if old_logprobs is None:
-                            old_logprobs, old_values = torch.empty_like(logprobs), torch.empty_like(values)
-                            old_logprobs[c], old_values[c] = logprobs.detach(), values.detach()
+                            old_logprobs = torch.empty_like(logprobs)
+                            old_logprobs[c] = logprobs.detach()
+                            if critic:
+                                old_values = torch.empty_like(values)
+                                old_values[c] = values.detach()
                             kl, advantages, returns = _advantages(old_logprobs, ref_logprobs, old_values, scores,
                                                                   maskf, kl_coef if in_reward else 0.0, pc)
                         pg_loss, pg_stats = ppo_math.policy_loss(logprobs, old_logprobs[c], advantages[c], m,
                                                                  pc.cliprange)
-                        vf_loss, vf_stats = ppo_math.value_loss(values, old_values[c], returns[c], m,
-                                                                pc.cliprange_value)
-                        loss = pg_loss + pc.vf_coef * vf_loss
+                        loss, vf_loss, vf_stats = pg_loss, None, {}
+                        if critic:
+                            vf_loss, vf_stats = ppo_math.value_loss(values, old_values[c], returns[c], m,
+                                                                    pc.cliprange_value)
+                            loss = pg_loss + pc.vf_coef * vf_loss
                         if not in_reward:
                             kl_term = ppo_math.masked_mean(
                                 ppo_math.kl_per_token(logprobs, ref_logprobs[c], pc.kl_estimator), m)
                             loss = loss + kl_coef * kl_term
                         if not torch.isfinite(loss):
                             restore_and_stop(f"step {step + 1}, PPO epoch {ppo_epoch + 1}: loss is {loss.item()} "
-                                             f"(policy {pg_loss.item()}, value {vf_loss.item()})")
+                                             f"(policy {pg_loss.item()}"
+                                             f"{'' if vf_loss is None else f', value {vf_loss.item()}'})")
                         accelerator.backward(loss * weight)
                     w = float(weight)
-                    parts = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
+                    parts = {"policy_loss": pg_loss.item(),
+                             **({} if vf_loss is None else {"value_loss": vf_loss.item()}),
                              "entropy": ppo_math.masked_mean(entropy.detach(), m).item(),
                              **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}}
                     for k, v in parts.items():
@@ -456,7 +496,11 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
             "ppo/response_length": _reduce_mean(accelerator, lengths.mean().item()),
             "ppo/eos_fraction": _reduce_mean(accelerator, ended.float().mean().item()),
             "ppo/advantage_mean": ppo_math.masked_mean(advantages, maskf).item(),
-            "ppo/explained_variance": float(ppo_math.explained_variance(old_values, returns, maskf)),
+            **({"ppo/explained_variance": float(ppo_math.explained_variance(old_values, returns, maskf))}
+               if critic else {}),
+            **({f"ppo/group/{k}": _reduce_mean(accelerator, v.item()) for k, v in
+                ppo_math.group_stats(scores - (kl_coef if in_reward else 0.0) * seq_kl, group).items()}
+               if group > 1 else {}),
             "ppo/lr": scheduler.get_last_lr()[0],
             **{f"ppo/{k}": _reduce_mean(accelerator, sum(v) / len(v)) for k, v in stats.items()},
             **{f"ppo/{k}": v for k, v in first.items()},
@@ -482,24 +526,27 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         if pc.save_every and (step + 1) % pc.save_every == 0 and step + 1 < pc.steps:
             checkpoint(step + 1, epoch, cursor)
 
-    # 6. final output: policy adapter (stacked on the SFT adapter), value head, checkpoints, logs, manifest
+    # 6. final output: policy adapter (stacked on the SFT adapter), value head (ppo), checkpoints, logs, manifest
     final = checkpoint(pc.steps, epoch, cursor)
     if main_proc:
         logger.close()
         models.save_adapter(peft_model, POLICY, work)
         tok.save_pretrained(work)
-        torch.save(pv.value_head.state_dict(), work / "value_head.pt")
+        if pv.value_head is not None:
+            torch.save(pv.value_head.state_dict(), work / "value_head.pt")
         rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
         last = rows[-1] if rows else {}
         headline = {k: last[k] for k in ("ppo/kl", "ppo/score", "ppo/rlhf_reward", "ppo/kl_coef") if k in last}
         headline["steps"] = pc.steps
+        headline["algorithm"] = pc.algorithm
         headline["mean_step_seconds"] = sum(r["time/step"] for r in rows) / max(1, len(rows))
         headline.update(prompt_lengths.metrics("prompts"))
         write_manifest(work, "ppo", cfg, base, headline, adapters=consumed,
                        data={"prompts": data.manifest_entry(cfg.data.prompts_train, report, cfg.data.split,
                                                             prompt_lengths)},
-                       extra={"stacked_on": list(adapters), "reference": pc.reference,
-                              "value_model": pc.value_model, "final_checkpoint": str(final.name)})
+                       extra={"stacked_on": list(adapters), "reference": pc.reference, "algorithm": pc.algorithm,
+                              "samples_per_prompt": group, "value_model": pc.value_model if critic else None,
+                              "final_checkpoint": str(final.name)})
         if out.exists():
             shutil.rmtree(out)
         os.replace(work, out)

@@ -20,6 +20,10 @@ Main references:
 * Schulman 2020, "Approximating KL Divergence" (blog; k1/k2/k3 estimators).
 * trl ``PPOTrainer`` (trl<=1.12) and Huang et al. 2024, "The N+ Implementation
   Details of RLHF with PPO: A Case Study on TL;DR Summarization".
+* Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
+  Learning from Human Feedback in LLMs", arXiv 2402.14740 (RLOO).
+* Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300 (GRPO), and Liu et al. 2025,
+  "Understanding R1-Zero-Like Training: A Critical Perspective", arXiv 2503.20783 (Dr. GRPO).
 """
 
 from __future__ import annotations
@@ -44,6 +48,11 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "gae_advantages",
+    "GROUP_ESTIMATORS",
+    "rloo_advantages",
+    "grpo_advantages",
+    "group_stats",
+    "critic_free_advantages",
     "policy_loss",
     "value_loss",
     "AdaptiveKLController",
@@ -55,6 +64,12 @@ __all__ = [
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 WHITEN_EPS = 1e-8
+
+# GRPO's std floor: trl's GRPOTrainer divides by (std + 1e-4), so a group of near-equal scores gets
+# advantages of at most |score - mean| * 1e4 instead of an unbounded blow-up.
+GRPO_STD_EPS = 1e-4
+
+GROUP_ESTIMATORS = ("rloo", "grpo")
 
 # Denominator floor for masked means: an all-padding mask then gives 0 instead of NaN,
 # and unlike torch.where(denom > 0, ...) it cannot leak NaN gradients from the unused branch.
@@ -399,6 +414,126 @@ def gae_advantages(
     advantages = torch.stack(reversed_adv[::-1], dim=1) * m
     returns = (advantages + values) * m
     return advantages, returns
+
+
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(B,)`` scores as ``(B / k, k)`` groups (row ``g * k + j`` is sample ``j`` of prompt ``g``), each
+    shifted by its first member.
+
+    Every group estimator here is shift-invariant within a group. The shift makes a group of equal
+    scores exact zeros, so its advantages come out exactly 0: unshifted, float32 rounding gave
+    three scores of 0.7 a leave-one-out baseline of 0.69999993 and 0.45 a group mean of 0.44999996.
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be (B,), got shape {tuple(scores.shape)}")
+    if group_size < 2:
+        raise ValueError(f"group estimators need at least 2 samples per prompt, got {group_size}")
+    if scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores do not split into groups of {group_size}")
+    g = scores.reshape(-1, group_size)
+    return g - g[:, :1]
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages (Ahmadian et al. 2024, arXiv 2402.14740; trl's RLOO).
+
+    ``A_i = s_i - (sum_{j != i} s_j) / (k - 1)`` over the ``k`` samples of the same prompt: each
+    sample's baseline is the mean score of the *other* samples, so it is independent of the sample and
+    the estimator stays unbiased. Equivalently ``A_i = k / (k - 1) * (s_i - mean)``: the advantages of
+    a group sum to 0.
+
+    Args:
+        scores: ``(B,)`` sequence rewards, prompt-major: ``B = n_prompts * k``, row ``g * k + j`` is
+            sample ``j`` of prompt ``g``.
+        group_size: ``k >= 2``.
+
+    Returns:
+        ``(B,)`` advantages, one per sequence.
+    """
+    g = _groups(scores, group_size)
+    baseline = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    return (g - baseline).reshape(-1)
+
+
+def grpo_advantages(
+    scores: torch.Tensor, group_size: int, scale_std: bool = True, eps: float = GRPO_STD_EPS
+) -> torch.Tensor:
+    """Group-relative advantages (GRPO; Shao et al. 2024, DeepSeekMath, arXiv 2402.03300, sec. 4.1.2).
+
+    ``A_i = (s_i - mean(group)) / (std(group) + eps)`` over the ``k`` samples of the same prompt,
+    with the unbiased (``k - 1``) standard deviation and ``eps = 1e-4``, as trl's ``GRPOTrainer``.
+    ``scale_std=False`` drops the division (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783: dividing by
+    the std up-weights prompts whose samples nearly agree, a difficulty bias). A group whose scores
+    are all equal gets advantage exactly 0 either way: it carries no preference among its samples.
+
+    Args:
+        scores: ``(B,)`` sequence rewards, prompt-major as in :func:`rloo_advantages`.
+        group_size: ``k >= 2``.
+        scale_std: divide by the group's std (GRPO) or not (Dr. GRPO).
+        eps: added to the std.
+
+    Returns:
+        ``(B,)`` advantages, one per sequence.
+    """
+    g = _groups(scores, group_size)
+    centred = g - g.mean(dim=1, keepdim=True)
+    if scale_std:
+        centred = centred / (g.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def group_stats(scores: torch.Tensor, group_size: int) -> Dict[str, torch.Tensor]:
+    """Diagnostics of a group layout, as 0-d tensors.
+
+    * ``score_std``: mean over prompts of the within-prompt std (unbiased) of the sequence rewards:
+      how much the samples of one prompt differ, the only signal a group estimator sees.
+    * ``flat_fraction``: fraction of prompts whose ``k`` rewards are all equal (zero advantage, no
+      gradient from them: DAPO, Yu et al. 2025, arXiv 2503.14476, resamples such groups).
+    """
+    g = _groups(scores, group_size)
+    flat = (g == g[:, :1]).all(dim=1)
+    return {"score_std": g.std(dim=1).mean(), "flat_fraction": flat.to(g.dtype).mean()}
+
+
+def critic_free_advantages(
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: Union[float, torch.Tensor],
+    group_size: int,
+    estimator: str,
+    scale_std: bool = True,
+) -> torch.Tensor:
+    """Per-token advantages of a critic-free estimator: one advantage per sequence on all its tokens.
+
+    The sequence reward is ``score - kl_coef * sum_t kl_t`` over real tokens (KL in the reward at the
+    sequence level, as trl's RLOO; pass ``kl_coef=0`` when the KL is a loss term instead), the group
+    estimator turns it into one advantage per sequence, and that advantage is given to every real
+    response token (the whole response is one action, as in Ahmadian et al. 2024; GRPO's outcome
+    supervision, Shao et al. 2024 sec. 4.1.2), so the token-level clipped loss of :func:`policy_loss`
+    applies unchanged.
+
+    Args:
+        scores: ``(B,)`` sequence scores, prompt-major groups of ``group_size``.
+        kl: ``(B, T)`` per-token KL estimate (:func:`kl_per_token`), detached.
+        mask: ``(B, T)`` float or bool.
+        kl_coef: beta.
+        group_size: samples per prompt ``k >= 2``.
+        estimator: ``"rloo"`` or ``"grpo"``.
+        scale_std: GRPO only, see :func:`grpo_advantages`.
+
+    Returns:
+        ``(B, T)`` advantages, 0 on padding.
+    """
+    m = mask.to(kl.dtype)
+    sequence_reward = scores.to(kl.dtype) - kl_coef * (kl * m).sum(dim=-1)
+    if estimator == "rloo":
+        adv = rloo_advantages(sequence_reward, group_size)
+    elif estimator == "grpo":
+        adv = grpo_advantages(sequence_reward, group_size, scale_std=scale_std)
+    else:
+        raise ValueError(f"unknown group estimator {estimator!r}; valid: {', '.join(GROUP_ESTIMATORS)}")
+    return adv.unsqueeze(-1) * m
 
 
 def policy_loss(

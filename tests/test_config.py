@@ -44,11 +44,48 @@ def test_precedence_defaults_yaml_overrides(tmp_path):
     ("ppo.lora.dropout=1.5", "ppo.lora.dropout must be in [0, 1)"),
     ("reward.gold_min_gap=3", "reward.gold_min_gap must be in [0, 2]"),
     ("ppo.monitor=[{name: sentiment, normalize: {kind: running}}]", "ppo.monitor[0]: monitors are logged raw"),
+    ("ppo.algorithm=dpo", "ppo.algorithm: 'dpo' is not one of ppo, rloo, grpo"),
+    ("ppo.algorithm=rloo", "ppo.samples_per_prompt must be >= 2 for ppo.algorithm=rloo"),
+    ("ppo.samples_per_prompt=0", "ppo.samples_per_prompt must be >= 1, got 0"),
+    ("ppo.samples_per_prompt=3", "ppo.batch_size (8) must be a multiple of ppo.samples_per_prompt (3)"),
+    ("ppo.grpo_scale_std=false", "ppo.grpo_scale_std=false applies to ppo.algorithm=grpo only (this is ppo)"),
+    ("ppo.kl_in=both", "ppo.kl_in: 'both' is not one of auto, reward, loss"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert message in str(e.value)
+
+
+def test_algorithm_settings_resolve_and_refuse_what_has_no_meaning():
+    # auto KL: PPO's behaviour is unchanged (k1 in the reward), GRPO gets DeepSeekMath's k3 loss term
+    assert (load_config(None).ppo.kl_estimator, load_config(None).ppo.kl_in) == ("k1", "reward")
+    rloo = load_config(None, ["ppo.algorithm=rloo", "ppo.samples_per_prompt=2"]).ppo
+    assert (rloo.kl_estimator, rloo.kl_in) == ("k1", "reward")
+    grpo = load_config(None, ["ppo.algorithm=grpo", "ppo.samples_per_prompt=4"]).ppo
+    assert (grpo.kl_estimator, grpo.kl_in, grpo.grpo_scale_std) == ("k3", "loss", True)
+    # an explicit choice wins over auto
+    grpo = load_config(None, ["ppo.algorithm=grpo", "ppo.samples_per_prompt=4", "ppo.kl_in=reward",
+                              "ppo.kl_estimator=k1", "ppo.grpo_scale_std=false"]).ppo
+    assert (grpo.kl_estimator, grpo.kl_in, grpo.grpo_scale_std) == ("k1", "reward", False)
+    # PPO may sample several responses per prompt too (independent episodes)
+    assert load_config(None, ["ppo.samples_per_prompt=2"]).ppo.samples_per_prompt == 2
+    with pytest.raises(ConfigError, match="ppo.value_model=adapter: ppo.algorithm=grpo trains no value model"):
+        load_config(None, ["ppo.algorithm=grpo", "ppo.samples_per_prompt=2", "ppo.value_model=adapter"])
+    with pytest.raises(ConfigError, match="ppo.whiten_rewards applies to ppo.algorithm=ppo"):
+        load_config(None, ["ppo.algorithm=rloo", "ppo.samples_per_prompt=2", "ppo.whiten_rewards=true"])
+
+
+def test_shipped_rloo_and_grpo_configs_spend_the_default_episode_budget():
+    default = load_config(REPO / "configs" / "default.yaml").ppo
+    for name, kl in (("rloo", ("k1", "reward")), ("grpo", ("k3", "loss"))):
+        pc = load_config(REPO / "configs" / f"{name}.yaml").ppo
+        assert pc.algorithm == name and pc.samples_per_prompt == 4
+        assert pc.steps * pc.batch_size == default.steps * default.batch_size == 30 * 32
+        assert (pc.kl_estimator, pc.kl_in) == kl
+        # everything else is the default run's, so the curves differ by the estimator alone
+        assert pc.learning_rate == default.learning_rate and pc.kl_coef == default.kl_coef
+    assert load_config(REPO / "configs" / "compare.yaml").eval.runs == ["runs/ppo", "runs/rloo", "runs/grpo"]
 
 
 def test_scientific_notation_without_a_dot_is_a_float(tmp_path):

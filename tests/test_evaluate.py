@@ -2,12 +2,13 @@
 import csv
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
-from pipeline.evaluate import (CSV_COLUMNS, bon_kl, exact_kl, mean_se, sequence_kl, wilson_interval,
-                               win_rate)
+from pipeline.curves import CSV_COLUMNS, mean_se
+from pipeline.evaluate import bon_kl, exact_kl, sequence_kl, wilson_interval, win_rate
 
 # ---------------------------------------------------------------------------------------------
 # Pure helpers
@@ -75,7 +76,7 @@ def test_mean_se_hand_computed():
 
 
 def test_gao_fits_recover_hand_made_curves_and_their_peaks():
-    from pipeline.evaluate import fit_gao, gao_curve, gao_peak
+    from pipeline.curves import fit_gao, gao_curve, gao_peak
 
     # best-of-n form, alpha 1, beta 0.5: R(1) = 1 - 0.5 = 0.5, R(2) = 2 - 2 = 0, R(0.5) = 0.5 - 0.125 = 0.375
     a, b = fit_gao([0.0, 0.5, 1.0, 2.0], [0.0, 0.375, 0.5, 0.0], "bon")
@@ -99,7 +100,7 @@ def test_gao_fits_recover_hand_made_curves_and_their_peaks():
 
 
 def test_proxy_per_nat_interpolates_best_of_n_at_the_same_kl():
-    from pipeline.evaluate import proxy_per_nat
+    from pipeline.curves import proxy_per_nat
 
     pts = [{"kind": "sft", "name": "sft", "kl_k1_mean": 0.0, "proxy_mean": 0.2},
            {"kind": "bon", "name": "n=1", "kl_k1_mean": 0.0, "proxy_mean": 0.2},
@@ -111,6 +112,25 @@ def test_proxy_per_nat_interpolates_best_of_n_at_the_same_kl():
     assert out[0]["ppo_per_nat"] == pytest.approx(0.5) and out[0]["bon_per_nat"] == pytest.approx(1.0)
     # step-2: (1.0 - 0.2) / 2 = 0.4; KL 2 is beyond best-of-n's range
     assert out[1]["ppo_per_nat"] == pytest.approx(0.4) and out[1]["bon_per_nat"] is None
+
+
+def test_gold_at_equal_kl_reads_each_fit_within_its_own_points():
+    from pipeline.curves import gold_at_kl, series_title
+
+    pts = [{"kind": "ppo", "series": "ppo", "kl_k1_mean": 2.0}, {"kind": "ppo", "series": "ppo", "kl_k1_mean": 0.7},
+           {"kind": "ppo", "series": "rloo:sweep", "kl_k1_mean": 0.3}, {"kind": "bon", "kl_k1_mean": 0.5}]
+    fits = {"ppo": {"form": "rl", "alpha": 1.0, "beta": 0.5, "gold_start": 0.2},
+            "rloo:sweep": {"form": "rl", "alpha": 1.0, "beta": 0.5, "gold_start": 0.2},
+            "bon": {"form": "bon", "alpha": 1.0, "beta": 0.5, "gold_start": 0.2}}
+    out = gold_at_kl(pts, fits)
+    # ppo reaches KL 2: levels 0.125 ... 2. At KL 1, d = 1: R = 1 (1 - 0.5 ln 1) = 1 -> 1.2;
+    # at KL 0.25, d = 0.5: R = 0.5 (1 - 0.5 ln 0.5) = 0.5 * 1.3465736 = 0.6732868 -> 0.8732868
+    assert sorted(out["ppo"]) == [0.125, 0.25, 0.5, 1.0, 2.0]
+    assert out["ppo"][1.0] == pytest.approx(1.2) and out["ppo"][0.25] == pytest.approx(0.8732868)
+    assert sorted(out["rloo:sweep"]) == [0.125, 0.25]  # its points stop at KL 0.3
+    # best-of-n form at KL 0.5, d = 0.7071068: R = d (1 - 0.5 d) = 0.7071068 * 0.6464466 = 0.4571068 -> 0.6571068
+    assert out["bon"][0.5] == pytest.approx(0.6571068)
+    assert (series_title("ppo"), series_title("rloo:sweep")) == ("PPO", "RLOO (sweep)")
 
 
 def test_win_rate_ties_count_half_and_wilson_interval():
@@ -147,32 +167,42 @@ def _write_jsonl(path, rows):
 
 
 @pytest.fixture(scope="module")
-def eval_run(tmp_path_factory):
-    from click.testing import CliRunner
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only adds contention on 2 shared cores
+    yield
+    torch.set_num_threads(threads)
 
-    from pipeline.cli import main
 
-    tmp = tmp_path_factory.mktemp("eval_e2e")
+@pytest.fixture(scope="module")
+def data_overrides(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval_data")
     sft = _write_jsonl(tmp / "sft.jsonl", [{"messages": [{"role": "user", "content": p},
                                                          {"role": "assistant", "content": g}]}
                                            for p, g in zip(PROMPTS, GOOD)])
     pairs = _write_jsonl(tmp / "pairs.jsonl", [{"prompt": p, "chosen": g, "rejected": b}
                                                for p, g, b in zip(PROMPTS, GOOD, BAD)])
     prompts = _write_jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
-    run = tmp / "run"
-    overrides = [f"data.sft_train={sft}", f"data.sft_eval={sft}", f"data.pairs_train={pairs}",
-                 f"data.pairs_eval={pairs}", f"data.prompts_train={prompts}", f"data.prompts_eval={prompts}",
-                 "sft.gold_eval_prompts=0", "sft.max_steps=2", "reward.max_steps=2"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: a second thread only adds contention on 2 shared cores
-    try:
-        runner = CliRunner()
-        for stage in ("sft", "reward", "ppo", "eval"):
-            result = runner.invoke(main, [stage, "--config", "configs/tiny.yaml", "--run-dir", str(run), *overrides])
-            assert result.exit_code == 0, (stage, result.output, result.exception)
-        again = runner.invoke(main, ["eval", "--config", "configs/tiny.yaml", "--run-dir", str(run), *overrides])
-    finally:
-        torch.set_num_threads(threads)
+    return [f"data.sft_train={sft}", f"data.sft_eval={sft}", f"data.pairs_train={pairs}",
+            f"data.pairs_eval={pairs}", f"data.prompts_train={prompts}", f"data.prompts_eval={prompts}",
+            "sft.gold_eval_prompts=0", "sft.max_steps=2", "reward.max_steps=2"]
+
+
+def _cli(stage, run, *overrides):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    return CliRunner().invoke(main, [stage, "--config", "configs/tiny.yaml", "--run-dir", str(run), *overrides])
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory, data_overrides, one_thread):
+    run = tmp_path_factory.mktemp("eval_e2e") / "run"
+    for stage in ("sft", "reward", "ppo", "eval"):
+        result = _cli(stage, run, *data_overrides)
+        assert result.exit_code == 0, (stage, result.output, result.exception)
+    again = _cli("eval", run, *data_overrides)
     rows = list(csv.DictReader(open(run / "eval" / "curves.csv")))
     return run, rows, result.output, again
 
@@ -245,3 +275,87 @@ def test_eval_outputs_manifest_summary_samples_and_png(eval_run):
             assert s["kl_k1"] == 0.0 and s["kl_k3"] == 0.0
     # a second eval refuses to overwrite a complete output
     assert again.exit_code != 0 and "already holds a complete eval output" in again.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Several PPO-family runs on one plot (eval.runs)
+
+
+def _linked_run(path, source):
+    path.mkdir()
+    for stage in ("sft", "reward"):
+        (path / stage).symlink_to(source / stage, target_is_directory=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def compare_runs(eval_run, data_overrides, tmp_path_factory, one_thread):
+    """An RLOO run from eval_run's SFT and reward, evaluated alone, and one eval of both runs from a third
+    folder that has no ppo/ of its own (eval.runs = [the PPO run folder, the RLOO ppo output folder])."""
+    run = eval_run[0]
+    tmp = tmp_path_factory.mktemp("compare")
+    rloo = _linked_run(tmp / "rloo", run)
+    for stage, extra in (("ppo", ["ppo.algorithm=rloo", "ppo.samples_per_prompt=2"]), ("eval", [])):
+        r = _cli(stage, rloo, *data_overrides, *extra)
+        assert r.exit_code == 0, (stage, r.output, r.exception)
+    both = _linked_run(tmp / "both", run)
+    r = _cli("eval", both, *data_overrides, f"eval.runs=[{run}, {rloo / 'ppo'}]")
+    assert r.exit_code == 0, (r.output, r.exception)
+    return run, rloo, both, r.output
+
+
+def _csv(folder):
+    return list(csv.DictReader(open(folder / "eval" / "curves.csv")))
+
+
+def test_eval_runs_put_each_run_on_the_plot_as_its_own_series(compare_runs):
+    run, rloo, both, output = compare_runs
+    rows = _csv(both)
+    assert [(r["kind"], r["series"], r["name"]) for r in rows] == [
+        ("base", "base", "base"), ("sft", "sft", "sft"),
+        ("ppo", "ppo", "ppo/step-000002"), ("ppo", "ppo", "ppo/step-000003"),
+        ("ppo", "rloo", "rloo/step-000002"), ("ppo", "rloo", "rloo/step-000003"),
+        ("bon", "bon", "n=1"), ("bon", "bon", "n=2"), ("bon", "bon", "n=4")]
+    # Each series holds its own run's checkpoints: its numbers are exactly those of that run evaluated alone
+    # (same adapters, same sampling seeds, same reference, proxy and gold), and base, SFT and best-of-n
+    # are the same models as in either single-run eval.
+    numbers = [c for c in CSV_COLUMNS if c not in ("kind", "name", "series")]
+    alone = {("ppo", r["name"]): r for r in _csv(run)} | {("rloo", r["name"]): r for r in _csv(rloo)}
+    for r in rows:
+        key = (r["series"], r["name"].split("/")[-1]) if r["kind"] == "ppo" else ("ppo", r["name"])
+        assert {c: r[c] for c in numbers} == {c: alone[key][c] for c in numbers}, r["name"]
+    assert [r["series"] for r in _csv(run)] == ["base", "sft", "ppo", "ppo", "bon", "bon", "bon"]
+    assert [r["series"] for r in _csv(rloo) if r["kind"] == "ppo"] == ["rloo", "rloo"]
+
+    manifest = json.loads((both / "eval" / "manifest.json").read_text())
+    series = manifest["metrics"]["series"]
+    assert [(s["key"], s["title"], s["algorithm"], s["source"]) for s in series] == [
+        ("ppo", "PPO", "ppo", "eval.runs[0]"), ("rloo", "RLOO", "rloo", "eval.runs[1]")]
+    assert series[1]["samples_per_prompt"] == 2 and series[1]["path"] == str(rloo / "ppo")
+    assert set(manifest["metrics"]["fits"]) <= {"ppo", "rloo", "bon"}
+    assert {"ppo:ppo/step-000003", "ppo:rloo/step-000003"} <= set(manifest["adapters"])
+    summary = (both / "eval" / "summary.txt").read_text()
+    assert f"series: PPO = {run / 'ppo'} (eval.runs[0]); RLOO = {rloo / 'ppo'} (eval.runs[1])" in summary
+    assert "among PPO checkpoints" in summary and "among RLOO checkpoints" in summary
+    assert "RLOO reached a higher gold than best-of-n" in summary or "RLOO did not reach a higher" in summary
+    png = (both / "eval" / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "no complete PPO output" in output and "and the runs in eval.runs" in output
+
+
+def test_eval_runs_refuse_runs_that_do_not_share_the_start(compare_runs, data_overrides, tmp_path):
+    """By name: a folder with no ppo output, and a run whose SFT adapter (by content hash) is another."""
+    run, rloo, _, _ = compare_runs
+    other = _linked_run(tmp_path / "other", run)
+    r = _cli("eval", other, *data_overrides, f"eval.runs=[{rloo}, {tmp_path}]")
+    assert r.exit_code != 0 and f"eval.runs[1]: {tmp_path} is neither a run folder" in r.output, r.output
+    foreign = tmp_path / "foreign" / "ppo"
+    foreign.parent.mkdir()
+    shutil.copytree(rloo / "ppo", foreign)
+    manifest = json.loads((foreign / "manifest.json").read_text())
+    manifest["adapters"]["sft"] = {"path": "/elsewhere/sft", "sha256": "f" * 64}
+    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    r = _cli("eval", other, *data_overrides, f"eval.runs=[{rloo}, {foreign.parent}]")
+    assert r.exit_code != 0
+    assert f"eval.runs[1]: the run in {foreign} started from /elsewhere/sft (sha256 ffffffffffff)" in r.output
+    assert "must share the SFT model" in r.output and "Traceback" not in r.output

@@ -17,10 +17,13 @@ from pipeline.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     apply_missing_eos_penalty,
+    critic_free_advantages,
     entropy_from_logits,
     explained_variance,
     first_stop_truncate,
     gae_advantages,
+    group_stats,
+    grpo_advantages,
     kl_per_token,
     last_token_index,
     logprobs_from_logits,
@@ -30,6 +33,7 @@ from pipeline.ppo_math import (
     masked_whiten,
     per_token_rewards,
     policy_loss,
+    rloo_advantages,
     sequence_lengths,
     value_loss,
 )
@@ -351,6 +355,110 @@ def test_gae_returns_are_advantages_plus_values_and_zero_on_padding():
     adv, ret = gae_advantages(rewards, values, mask, gamma=0.99, lam=0.9)
     torch.testing.assert_close(ret, (adv + values) * mask)
     assert adv[1, 2] == 0 and ret[1, 2] == 0
+
+
+# --------------------------------------------------------------------------- group estimators (RLOO, GRPO)
+# Scores are prompt-major: with k samples per prompt, row g*k + j is sample j of prompt g.
+
+
+def test_rloo_groups_of_2_and_4_hand_computed():
+    # k=2, [1, 3]: each baseline is the other score -> 1 - 3 = -2, 3 - 1 = 2
+    close(rloo_advantages(t([1.0, 3.0]), 2), [-2.0, 2.0])
+    # k=4, [1, 2, 3, 6]: sum 12, baseline_i = (12 - s_i) / 3 = [11/3, 10/3, 3, 2]
+    # A = [1 - 11/3, 2 - 10/3, 3 - 3, 6 - 2] = [-8/3, -4/3, 0, 4]  (= 4/3 * (s - mean 3)); sums to 0
+    a = rloo_advantages(t([1.0, 2.0, 3.0, 6.0]), 4)
+    close(a, [-8 / 3, -4 / 3, 0.0, 4.0])
+    close(a.sum(), 0.0)
+    # two prompts of k=2 in one batch: groups never mix. [1, 3 | 5, 5] -> [-2, 2 | 0, 0]
+    close(rloo_advantages(t([1.0, 3.0, 5.0, 5.0]), 2), [-2.0, 2.0, 0.0, 0.0])
+
+
+def test_rloo_ties_share_an_advantage():
+    # [1, 1, 3, 3]: mean 2 -> 4/3 * [-1, -1, 1, 1]
+    close(rloo_advantages(t([1.0, 1.0, 3.0, 3.0]), 4), [-4 / 3, -4 / 3, 4 / 3, 4 / 3])
+
+
+def test_grpo_groups_of_2_and_4_hand_computed():
+    # k=2, [1, 3]: mean 2, unbiased std sqrt(((-1)^2 + 1^2) / 1) = sqrt 2 = 1.4142136
+    # A = [-1, 1] / (1.4142136 + 1e-4) = [-0.7070568, 0.7070568]
+    close(grpo_advantages(t([1.0, 3.0]), 2), [-0.7070567847, 0.7070567847])
+    # k=4, [1, 2, 3, 6]: mean 3, deviations [-2, -1, 0, 3], squares sum 14, var 14/3, std 2.1602469
+    # A = [-2, -1, 0, 3] / 2.1603469 = [-0.9257772, -0.4628886, 0, 1.3886659]
+    close(grpo_advantages(t([1.0, 2.0, 3.0, 6.0]), 4), [-0.9257772446, -0.4628886223, 0.0, 1.3886658669])
+    # Dr. GRPO (no std scaling): just the deviations from the group mean
+    close(grpo_advantages(t([1.0, 2.0, 3.0, 6.0]), 4, scale_std=False), [-2.0, -1.0, 0.0, 3.0])
+    # two prompts: [1, 3 | 10, 10] -> [-0.7070568, 0.7070568 | 0, 0]
+    close(grpo_advantages(t([1.0, 3.0, 10.0, 10.0]), 2), [-0.7070567847, 0.7070567847, 0.0, 0.0])
+
+
+def test_grpo_ties_share_an_advantage():
+    # [1, 1, 3, 3]: mean 2, deviations [-1, -1, 1, 1], var 4/3, std 1.1547005
+    # A = +-1 / (1.1547005 + 1e-4) = +-0.8659504
+    close(grpo_advantages(t([1.0, 1.0, 3.0, 3.0]), 4), [-0.8659504103, -0.8659504103, 0.8659504103, 0.8659504103])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_a_group_of_equal_scores_gets_exactly_zero_advantage(dtype, k):
+    # No preference among the samples -> no signal, exactly. Values chosen where float32 rounding makes
+    # the plain group mean / leave-one-out mean differ from the value itself (0.45, 0.7).
+    for value in (0.45, 0.7, -3.1, 0.0):
+        scores = torch.full((2 * k,), value, dtype=dtype)
+        for adv in (rloo_advantages(scores, k), grpo_advantages(scores, k),
+                    grpo_advantages(scores, k, scale_std=False)):
+            assert torch.equal(adv, torch.zeros_like(adv)), (value, adv)
+
+
+def test_group_estimators_reject_bad_layouts():
+    with pytest.raises(ValueError, match="at least 2 samples per prompt"):
+        rloo_advantages(t([1.0, 2.0]), 1)
+    with pytest.raises(ValueError, match="do not split into groups of 4"):
+        grpo_advantages(t([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), 4)
+    with pytest.raises(ValueError, match=r"must be \(B,\)"):
+        rloo_advantages(t([[1.0, 2.0]]), 2)
+
+
+def test_group_stats():
+    # [1, 3 | 5, 5]: within-prompt stds sqrt 2 and 0 -> mean 0.7071068; one of two groups is flat
+    stats = group_stats(t([1.0, 3.0, 5.0, 5.0]), 2)
+    close(stats["score_std"], math.sqrt(2) / 2)
+    close(stats["flat_fraction"], 0.5)
+
+
+# Rows (k=2, two prompts): real tokens 2, 3, 1 and 2; the 7.0 entries sit on padding and must not count.
+GROUP_KL = t([[0.2, 0.4, 7.0], [0.1, 0.1, 0.2], [1.0, 7.0, 7.0], [0.5, 0.5, 7.0]])
+GROUP_MASK = t([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]])
+GROUP_SCORES = t([1.0, 3.0, 5.0, 5.0])
+
+
+def test_critic_free_advantages_kl_in_the_reward_with_masks():
+    # sequence KL over real tokens: [0.2 + 0.4, 0.1 + 0.1 + 0.2, 1.0, 0.5 + 0.5] = [0.6, 0.4, 1.0, 1.0]
+    # sequence reward, kl_coef 0.5: [1 - 0.3, 3 - 0.2, 5 - 0.5, 5 - 0.5] = [0.7, 2.8, 4.5, 4.5]
+    # RLOO: [0.7 - 2.8, 2.8 - 0.7 | 0, 0] = [-2.1, 2.1 | 0, 0], on every real token, 0 on padding
+    adv = critic_free_advantages(GROUP_SCORES, GROUP_KL, GROUP_MASK, 0.5, 2, "rloo")
+    close(adv, [[-2.1, -2.1, 0.0], [2.1, 2.1, 2.1], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # GRPO on [0.7, 2.8]: deviations +-1.05, std 1.05 * sqrt 2 = 1.4849242 -> +-1.05 / 1.4850242 = +-0.7070592
+    adv = critic_free_advantages(GROUP_SCORES, GROUP_KL, GROUP_MASK, 0.5, 2, "grpo")
+    g = 0.7070591653
+    close(adv, [[-g, -g, 0.0], [g, g, g], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # Dr. GRPO: the deviations themselves
+    adv = critic_free_advantages(GROUP_SCORES, GROUP_KL, GROUP_MASK, 0.5, 2, "grpo", scale_std=False)
+    close(adv, [[-1.05, -1.05, 0.0], [1.05, 1.05, 1.05], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+
+
+def test_critic_free_advantages_kl_as_a_loss_term_uses_the_scores_alone():
+    # kl_coef 0 (KL goes into the loss instead): RLOO on [1, 3 | 5, 5] = [-2, 2 | 0, 0]
+    adv = critic_free_advantages(GROUP_SCORES, GROUP_KL, GROUP_MASK, 0.0, 2, "rloo")
+    close(adv, [[-2.0, -2.0, 0.0], [2.0, 2.0, 2.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+
+
+def test_critic_free_advantages_empty_row_and_unknown_estimator():
+    # row 1 has no real token: no KL, advantage 0 everywhere on it; its score still sets row 0's baseline
+    mask = t([[1, 1], [0, 0]])
+    adv = critic_free_advantages(t([2.0, 1.0]), t([[0.0, 0.0], [9.0, 9.0]]), mask, 0.1, 2, "rloo")
+    close(adv, [[1.0, 1.0], [0.0, 0.0]])
+    with pytest.raises(ValueError, match="unknown group estimator 'ppo'"):
+        critic_free_advantages(GROUP_SCORES, GROUP_KL, GROUP_MASK, 0.0, 2, "ppo")
 
 
 # --------------------------------------------------------------------------- losses
