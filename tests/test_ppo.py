@@ -19,6 +19,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline import models, ppo, ppo_math, rollout
+from pipeline.checkpoints import latest_checkpoint, load_state
 from pipeline.cli import main
 from pipeline.config import load_config
 
@@ -467,8 +468,8 @@ def test_resume_matches_an_uninterrupted_run(kind, run_a, new_run, data_override
     a = load_file(str(run_a / "ppo" / "adapter_model.safetensors"))
     b = load_file(str(run / "ppo" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(torch.load(run_a / "ppo" / "value_head.pt")["weight"],
-                       torch.load(run / "ppo" / "value_head.pt")["weight"])
+    assert torch.equal(load_file(str(run_a / "ppo" / ppo.VALUE_HEAD_FILE))["weight"],
+                       load_file(str(run / "ppo" / ppo.VALUE_HEAD_FILE))["weight"])
 
 
 # 8. Bad input -----------------------------------------------------------------------------------
@@ -497,9 +498,9 @@ def test_nan_reward_stops_with_a_resumable_checkpoint(new_run, data_overrides, r
     assert r.exit_code != 0
     msg = r.output.replace("\n", " ")
     assert f"reward '{REWARDS_MODULE}:flaky': row 1 returned nan" in msg, msg
-    ckpt = ppo._latest_checkpoint(run / "ppo.work")
+    ckpt = latest_checkpoint(run, "ppo")
     assert ckpt is not None and ckpt.parent == run / "ppo.work" / "checkpoints" and str(ckpt) in msg
-    assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["step"] == 1
+    assert load_state(ckpt)["step"] == 1
     assert not (run / "ppo").exists()
     rewards_mod.reset()
     r = _ppo(run, data_overrides, spec, "ppo.steps=2", "ppo.save_every=0", "ppo.ppo_epochs=1", flags=["--resume"])
@@ -550,14 +551,14 @@ def test_nan_loss_restores_and_saves_the_start_of_the_step(monkeypatch, new_run,
     cfg = load_config(CONFIG, [*data_overrides, "ppo.steps=3", "ppo.save_every=0", "ppo.ppo_epochs=2"])
     with pytest.raises(ppo.PPOError, match=r"step 2, PPO epoch 2: loss is nan") as info:
         ppo.run_ppo(cfg, run)
-    ckpt = ppo._latest_checkpoint(run / "ppo.work")
+    ckpt = latest_checkpoint(run, "ppo")
     assert ckpt == run / "ppo.work" / "checkpoints" / "step-000001" and str(ckpt) in str(info.value)
     start, mid = seen["start"], seen["mid"]
     assert any(not torch.equal(start[k], mid[k]) for k in start)  # the restore has something to undo
     now = trainables()
     assert all(torch.equal(now[k], start[k]) for k in start)  # restored in memory
     saved = {f"policy/{k}": v for k, v in load_file(str(ckpt / "policy" / "adapter_model.safetensors")).items()}
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    state = load_state(ckpt)
     saved.update({f"value_head/{k}": v for k, v in state["value_head"].items()})
     assert saved.keys() == start.keys()
     assert all(torch.equal(saved[k], start[k]) for k in start)  # and on disk
