@@ -646,8 +646,10 @@ def test_micro_batches_give_the_same_update_as_the_whole_minibatch(new_run, data
     # float32: the same sums in another order (KL is a difference of near-equal logprobs: abs 1e-5).
     # bf16: each micro-batch shape rounds its matmuls differently in bf16 (2^-8 relative per product).
     # Adam normalises each update to ~lr (1e-3 in tiny.yaml), so a weight whose gradient is near zero can
-    # move either way under bf16 rounding: in bf16 the adapters agree to one update (of the two taken).
-    rel, abs_, w_atol = (1e-4, 1e-5, 1e-6) if precision == "float32" else (5e-2, 1e-3, 1e-3)
+    # move either way under bf16 rounding, in each of the two updates taken: in bf16 the adapters agree to
+    # two updates (measured: 1.3e-3 on 1 of 512 weights), the policy loss (~0.03, a mean of near-cancelling
+    # terms) to 2e-3 (measured 1.7e-3), with the reward head that reward.seed draws.
+    rel, abs_, w_atol = (1e-4, 1e-5, 1e-6) if precision == "float32" else (5e-2, 2e-3, 2e-3)
     ref_rows = _rows(runs[0] / "ppo" / "metrics.jsonl")
     ref_w = load_file(str(runs[0] / "ppo" / "adapter_model.safetensors"))
     moved = max((ref_w[k] - torch.zeros_like(ref_w[k])).abs().max().item() for k in ref_w if "lora_B" in k)
@@ -656,7 +658,10 @@ def test_micro_batches_give_the_same_update_as_the_whole_minibatch(new_run, data
         rows = _rows(runs[micro] / "ppo" / "metrics.jsonl")
         for a, b in zip(ref_rows, rows):
             for k in ("ppo/kl", "ppo/score", "ppo/policy_loss", "ppo/value_loss", "ppo/ratio_mean", "ppo/clipfrac"):
-                assert b[k] == pytest.approx(a[k], rel=rel, abs=abs_), (micro, a["step"], k)
+                # clipfrac counts tokens past the clip range: in bf16 one at the boundary can fall either side
+                # (measured: 0 vs 1/64, one token of the 64 seen over two PPO epochs).
+                tol = 1 / 32 if k == "ppo/clipfrac" and precision == "bfloat16" else abs_
+                assert b[k] == pytest.approx(a[k], rel=rel, abs=tol), (micro, a["step"], k)
         w = load_file(str(runs[micro] / "ppo" / "adapter_model.safetensors"))
         for k in ref_w:
             torch.testing.assert_close(w[k], ref_w[k], atol=w_atol, rtol=rel)
