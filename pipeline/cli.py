@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import importlib
 import logging
 import os
 import shlex
@@ -184,37 +185,29 @@ it exactly, --overwrite starts over. SIGINT/SIGTERM (Ctrl-C) stop after the curr
 """
 
 
-@main.command(help="Stage 1: supervised fine-tuning of a LoRA adapter on the NF4 base (QLoRA)." + _OVERRIDES_HELP
-              + _RESUME_HELP.format(stage="sft", key="every sft.save_steps steps"))
-@click.option("--overwrite", is_flag=True, help="Start over, replacing RUN/sft or an unfinished RUN/sft.work.")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in RUN/sft.work/.")
-@stage_command
-def sft(cfg, run_dir, overwrite, resume):
-    from pipeline.sft import run_sft
+def _resumable(stage: str, summary: str, every: str, target: str):
+    """The command of a stage that checkpoints (sft, reward, ppo): --overwrite, --resume, and the stage
+    function ``target`` ("module:function"), imported when the command runs."""
+    def command(cfg, run_dir, overwrite, resume):
+        module, _, name = target.partition(":")
+        getattr(importlib.import_module(module), name)(cfg, run_dir, overwrite=overwrite, resume=resume)
 
-    run_sft(cfg, run_dir, overwrite=overwrite, resume=resume)
-
-
-@main.command(help="Stage 2: train a reward model (LoRA + score head) on preference pairs." + _OVERRIDES_HELP
-              + _RESUME_HELP.format(stage="reward", key="every reward.save_steps steps"))
-@click.option("--overwrite", is_flag=True, help="Start over, replacing RUN/reward or an unfinished RUN/reward.work.")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in RUN/reward.work/.")
-@stage_command
-def reward(cfg, run_dir, overwrite, resume):
-    from pipeline.reward_stage import run_reward
-
-    run_reward(cfg, run_dir, overwrite=overwrite, resume=resume)
+    command.__name__ = stage
+    command = stage_command(command)
+    command = click.option("--resume", is_flag=True,
+                           help=f"Continue from the latest checkpoint in RUN/{stage}.work/.")(command)
+    command = click.option("--overwrite", is_flag=True,
+                           help=f"Start over, replacing RUN/{stage} or an unfinished RUN/{stage}.work.")(command)
+    return main.command(name=stage, help=summary + _OVERRIDES_HELP + _RESUME_HELP.format(stage=stage, key=every))(
+        command)
 
 
-@main.command(help="Stage 3: PPO on the policy adapter against the configured rewards." + _OVERRIDES_HELP
-              + _RESUME_HELP.format(stage="ppo", key="every ppo.save_every steps"))
-@click.option("--overwrite", is_flag=True, help="Start over, replacing RUN/ppo or an unfinished RUN/ppo.work.")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in RUN/ppo.work/.")
-@stage_command
-def ppo(cfg, run_dir, overwrite, resume):
-    from pipeline.ppo import run_ppo
-
-    run_ppo(cfg, run_dir, overwrite=overwrite, resume=resume)
+sft = _resumable("sft", "Stage 1: supervised fine-tuning of a LoRA adapter on the NF4 base (QLoRA).",
+                 "every sft.save_steps steps", "pipeline.sft:run_sft")
+reward = _resumable("reward", "Stage 2: train a reward model (LoRA + score head) on preference pairs.",
+                    "every reward.save_steps steps", "pipeline.reward_stage:run_reward")
+ppo = _resumable("ppo", "Stage 3: PPO on the policy adapter against the configured rewards.",
+                 "every ppo.save_every steps", "pipeline.ppo:run_ppo")
 
 
 @main.command(help="Stage 4 (optional): fuse stage adapters into one adapter and/or a merged model."

@@ -132,17 +132,22 @@ def test_checkpoints_keep_the_newest_and_latest_names_the_last_complete(tmp_path
     assert ck.latest().name == "step-000003" and load_state(ck.latest())["v"] == 3
 
 
-def test_a_failing_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    ck = Checkpoints(tmp_path, "x")
-    ck.save(1, _write(1))
+def _fail_renames_of(monkeypatch, suffix: str, error: OSError) -> None:
+    """os.replace raises ``error`` for a source ending in ``suffix`` (a rename the file system refuses)."""
     real = os.replace
 
     def failing(src, dst):
-        if str(src).endswith(".step-000002.tmp"):
-            raise OSError(errno.EIO, "Input/output error")
+        if str(src).endswith(suffix):
+            raise error
         return real(src, dst)
 
     monkeypatch.setattr(os, "replace", failing)
+
+
+def test_a_failing_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    ck = Checkpoints(tmp_path, "x")
+    ck.save(1, _write(1))
+    _fail_renames_of(monkeypatch, ".step-000002.tmp", OSError(errno.EIO, "Input/output error"))
     with pytest.raises(WriteError) as e:
         ck.save(2, _write(2))
     assert "writing checkpoint step-000002" in str(e.value) and "Input/output error" in str(e.value)
@@ -171,20 +176,13 @@ def test_a_failing_final_rename_keeps_the_previous_output(tmp_path, monkeypatch)
     stage = StageWork(tmp_path, "sft")
     stage.start(overwrite=True)
     (stage.work / "manifest.json").write_text('{"new": true}')
-    real = os.replace
-
-    def failing(src, dst):
-        if str(src).endswith("sft.work"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(src, dst)
-
-    monkeypatch.setattr(os, "replace", failing)
+    _fail_renames_of(monkeypatch, "sft.work", OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(WriteError) as e:
         stage.publish()
     assert f"{out} is as it was" in str(e.value) and f"complete in {stage.work}" in str(e.value)
     assert json.loads((out / "manifest.json").read_text()) == {"old": True}
     assert json.loads((stage.work / "manifest.json").read_text()) == {"new": True}
-    monkeypatch.setattr(os, "replace", real)
+    monkeypatch.undo()
     # --resume finishes the job: the complete work folder is published without running the stage again
     again = StageWork(tmp_path, "sft")
     assert again.start(overwrite=True, resume=True) is None and again.finished
