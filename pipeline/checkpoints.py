@@ -33,6 +33,8 @@ from pipeline.artifacts import ArtifactError, WriteError, is_complete, replace_f
 
 STATE = "state"  # state.json + state.safetensors
 LEGACY_STATE = "trainer_state.pt"  # PPO checkpoints before safe state files
+TRAINER_STATE = "trainer_state.json"  # written last into a transformers Trainer checkpoint (SFT)
+RUN_CONFIG = "run_config.json"  # the resolved config a run in progress started with
 _STEP_DIR = re.compile(r"step-(\d+)$")
 
 
@@ -321,9 +323,24 @@ class StageWork:
         self.checkpoints = Checkpoints(self.work / "checkpoints", stage, keep, complete)
         self.finished = False
 
-    def start(self, overwrite: bool = False, resume: bool = False, main_process: bool = True) -> Optional[Path]:
+    def start(self, overwrite: bool = False, resume: bool = False, main_process: bool = True,
+              config: Optional[dict] = None) -> Optional[Path]:
         """Returns the checkpoint to resume from, or None for a fresh start (the work folder is then
-        empty but for ``checkpoints/``). Sets ``finished`` when the work folder only awaits its rename."""
+        empty but for ``checkpoints/``). Sets ``finished`` when the work folder only awaits its rename.
+        ``config`` (the resolved config) is kept for the run; resuming with other values prints them."""
+        ckpt = self._start(overwrite, resume, main_process)
+        if config is not None and not self.finished:
+            saved = self.work / RUN_CONFIG
+            if ckpt is not None and saved.is_file():
+                changed = _differences(json.loads(saved.read_text()), config)
+                if changed:
+                    print(f"[{self.stage}] note: resuming with settings changed since the run started: "
+                          + ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else ""), flush=True)
+            elif main_process:
+                write_text_atomic(saved, json.dumps(config, default=str))
+        return ckpt
+
+    def _start(self, overwrite: bool, resume: bool, main_process: bool) -> Optional[Path]:
         if is_complete(self.out) and not overwrite:
             raise ArtifactError(f"{self.out} already holds a complete {self.stage} output; pass --overwrite to "
                                 "replace it")
@@ -352,11 +369,21 @@ class StageWork:
             raise ArtifactError(f"{self.work} has no manifest.json: the {self.stage} stage did not finish")
         if not keep_checkpoints:
             shutil.rmtree(self.checkpoints.root, ignore_errors=True)
+        (self.work / RUN_CONFIG).unlink(missing_ok=True)  # config.yaml beside the manifest says the same
         guard.failpoint(f"{self.stage}:publish")
         replace_folder(self.work, self.out)
         return self.out
 
 
+def _differences(old: Any, new: Any, key: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf of two nested config dicts that differs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))]
+    new = json.loads(json.dumps(new, default=str))  # compare as saved (tuples become lists)
+    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+
+
 def latest_checkpoint(run_dir: str | Path, stage: str) -> Optional[Path]:
     """The checkpoint ``rlhf <stage> --resume`` would continue from (for messages)."""
-    return StageWork(run_dir, stage, complete=(f"{STATE}.json", LEGACY_STATE, "trainer_state.json")).checkpoints.latest()
+    return StageWork(run_dir, stage, complete=(f"{STATE}.json", LEGACY_STATE, TRAINER_STATE)).checkpoints.latest()

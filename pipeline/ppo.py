@@ -26,7 +26,7 @@ from pipeline.artifacts import (ArtifactError, MetricsLogger, check_same_base, r
                                 write_manifest)
 from pipeline.checkpoints import (Checkpoints, StageWork, load_state, rng_state, save_state, set_rng_state,
                                   step_name)
-from pipeline.config import PipelineConfig, substitute_run_dir
+from pipeline.config import PipelineConfig, substitute_run_dir, to_dict
 
 POLICY, VALUE, SFT = "policy", "value", "sft"
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -131,7 +131,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     # 0. where we write: RUN/ppo.work holds checkpoints; it becomes RUN/ppo when the run completes
     stage = StageWork(run_dir, "ppo")
     out, work = stage.out, stage.work
-    ckpt = stage.start(overwrite, resume, main_process=main_proc)
+    ckpt = stage.start(overwrite, resume, main_process=main_proc, config=to_dict(cfg))
     accelerator.wait_for_everyone()
     if stage.finished:
         if main_proc:

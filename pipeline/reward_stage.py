@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,7 +22,7 @@ import torch
 from pipeline import data, guard, models
 from pipeline.artifacts import ArtifactError, MetricsLogger, is_complete, read_manifest, write_manifest
 from pipeline.checkpoints import StageWork, load_state, restore_parameters, rng_state, save_state, set_rng_state
-from pipeline.config import ModelConfig, PipelineConfig
+from pipeline.config import ModelConfig, PipelineConfig, to_dict
 from pipeline.rollout import last_hidden_at, left_pad, response_pooled_hidden
 from pipeline.trainer_utils import restore_fp32_trainables
 
@@ -157,7 +158,9 @@ def load_reward_scorer(path: str | Path, host=None, batch_size: int = 16) -> Rew
     peft_model = get_peft_model(base_model, models.lora_config(
         models.LoraConfigSection(r=1, target_modules=["q_proj"])), adapter_name="unused")
     state = models.attach_adapter(peft_model, path, REWARD_ADAPTER)
-    peft_model.delete_adapter("unused")
+    with warnings.catch_warnings():  # peft notes that the deleted placeholder was the active adapter
+        warnings.simplefilter("ignore", UserWarning)
+        peft_model.delete_adapter("unused")
     return RewardModelScorer(peft_model, tok, *_head_from_state(state, str(path)), batch_size=batch_size,
                              pooling=_pooling(manifest))
 
@@ -282,7 +285,7 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
     rc = cfg.reward
     # 0. where we write: RUN/reward.work (a checkpoint every reward.save_steps), renamed to RUN/reward at the end
     stage = StageWork(run_dir, "reward", keep=rc.keep_checkpoints)
-    ckpt = stage.start(overwrite, resume)
+    ckpt = stage.start(overwrite, resume, config=to_dict(cfg))
     if stage.finished:
         return stage.publish()
     state = load_state(ckpt) if ckpt is not None else None  # read (or refused) before any model loads

@@ -10,13 +10,11 @@ import torch
 
 from pipeline import data, guard, models
 from pipeline.artifacts import MetricsLogger, write_jsonl, write_manifest, write_text_atomic
-from pipeline.checkpoints import StageWork, check_pickled_files
-from pipeline.config import PipelineConfig
+from pipeline.checkpoints import TRAINER_STATE, StageWork, check_pickled_files
+from pipeline.config import PipelineConfig, to_dict
 from pipeline.evaluate import mean_se
 from pipeline.trainer_utils import (JsonlMetrics, ReleaseMemory, ResumableCheckpoints, restore_fp32_trainables,
                                     train_loss, trainer_precision_kwargs)
-
-TRAINER_STATE = "trainer_state.json"  # written last into a Trainer checkpoint
 
 
 def _to_trainer_rows(rows: list[dict], assistant_masks: bool) -> list[dict]:
@@ -68,7 +66,7 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     sc = cfg.sft
     # 0. where we write: RUN/sft.work (a checkpoint every sft.save_steps), renamed to RUN/sft at the end
     stage = StageWork(run_dir, "sft", keep=sc.keep_checkpoints, complete=(TRAINER_STATE,))
-    ckpt = stage.start(overwrite, resume)
+    ckpt = stage.start(overwrite, resume, config=to_dict(cfg))
     if stage.finished:
         return stage.publish()
     out, work = stage.out, stage.work

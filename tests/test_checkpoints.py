@@ -206,6 +206,19 @@ def test_stage_work_refusal_rules(tmp_path):
         stage.start()
 
 
+def test_resuming_with_changed_settings_says_which(tmp_path, capsys):
+    config = {"sft": {"learning_rate": 2e-4, "lora": {"r": 16, "target_modules": ("q_proj",)}}, "seed": 1}
+    stage = StageWork(tmp_path, "sft")
+    stage.start(config=config)
+    stage.checkpoints.save(1, _write(1))
+    StageWork(tmp_path, "sft").start(resume=True, config=config)
+    assert "note" not in capsys.readouterr().out  # the same settings (tuples saved as lists) say nothing
+    changed = {"sft": {"learning_rate": 1e-4, "lora": {"r": 16, "target_modules": ("q_proj",)}}, "seed": 1}
+    StageWork(tmp_path, "sft").start(resume=True, config=changed)
+    assert "[sft] note: resuming with settings changed since the run started: sft.learning_rate: 0.0002 -> " \
+           "0.0001" in capsys.readouterr().out
+
+
 def test_metrics_of_a_resumed_run_drop_the_rows_after_the_checkpoint(tmp_path):
     log = artifacts.MetricsLogger(tmp_path / "m.jsonl")
     for step in (0, 1, 2, 3):
