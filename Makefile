@@ -10,7 +10,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 RLHF   := $(BIN)/rlhf
 STAGE  = $(RLHF) $(1) --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
-.PHONY: install reuse sft reward ppo fuse eval pipeline data bench bench-sft bench-reward-memory test test-slow clean-runs
+.PHONY: install reuse sft reward ppo fuse eval pipeline data bench bench-sft bench-reward-memory test test-faults test-slow clean-runs
 
 install: $(VENV)/.installed
 
@@ -67,6 +67,10 @@ bench-reward-memory: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Kill each stage with SIGKILL at several points, resume, compare with an uninterrupted run (also in `test`).
+test-faults: install
+	$(BIN)/python -m pytest -q -m faults
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow

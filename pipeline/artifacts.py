@@ -23,6 +23,10 @@ class ArtifactError(RuntimeError):
     """An artifact is missing, incomplete, or incompatible with the current base."""
 
 
+class WriteError(ArtifactError):
+    """Writing an output failed (a full disk, a lost permission); the message says what is still intact."""
+
+
 def library_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for lib in _LIBRARIES:
@@ -58,13 +62,28 @@ def atomic_output(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
     if not is_complete(tmp):
         raise ArtifactError(f"stage finished without writing {MANIFEST} in {tmp}")
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
+    replace_folder(tmp, final)
+
+
+def replace_folder(src: str | Path, dst: str | Path) -> None:
+    """Put folder ``src`` at ``dst`` by renames only. An existing ``dst`` is renamed aside first and
+    removed once ``src`` is in place; if a rename fails, ``dst`` is put back as it was, ``src`` keeps
+    the new content, and the WriteError says so."""
+    src, dst = Path(src), Path(dst)
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}") if dst.exists() else None
+    try:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
+        os.replace(src, dst)
+    except OSError as e:
+        if old is not None and old.exists() and not dst.exists():
+            os.replace(old, dst)
+        kept = f"{dst} is as it was; " if old is not None else ""
+        raise WriteError(f"could not move {src} to {dst} ({e.strerror or e}); {kept}the new output is "
+                         f"complete in {src}") from e
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def write_manifest(folder: str | Path, stage: str, cfg: PipelineConfig, base: Any,
@@ -92,12 +111,28 @@ def write_manifest(folder: str | Path, stage: str, cfg: PipelineConfig, base: An
 
 def write_jsonl(path: str | Path, rows) -> None:
     """One JSON object per line, written to a temporary name and renamed (never half a file)."""
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def truncate_jsonl(path: str | Path, step: int) -> None:
+    """Drop the rows of a per-step JSONL log whose ``step`` is after ``step``: a run resumed from the
+    checkpoint of ``step`` logs them again."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        write_jsonl(path, [r for r in rows if r.get("step", 0) <= step])
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary name and rename it over ``path``: readers see the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -119,12 +154,19 @@ def check_same_base(manifest: dict, base: Any, what: str) -> None:
 
 
 class MetricsLogger:
-    """One flat dict per step: JSONL always, TensorBoard when asked."""
+    """One flat dict per step: JSONL always, TensorBoard when asked.
 
-    def __init__(self, path: str | Path, tensorboard_dir: Optional[str | Path] = None, append: bool = False):
+    ``resume_step``: continue the file of a run resumed after ``resume_step`` steps, dropping the rows
+    it logged after that (the killed run got further than it saved).
+    """
+
+    def __init__(self, path: str | Path, tensorboard_dir: Optional[str | Path] = None,
+                 resume_step: Optional[int] = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a" if append else "w")
+        if resume_step is not None:
+            truncate_jsonl(self.path, resume_step)
+        self._f = open(self.path, "a" if resume_step is not None else "w")
         self._tb = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter

@@ -1,9 +1,15 @@
 """`rlhf`: one command, a subcommand per stage. Each reads a YAML config plus key=value overrides."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
+import importlib
+import logging
 import os
+import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -42,8 +48,64 @@ def _user_errors():
     return tuple(errors)
 
 
+# Stages that write RUN/<stage>: one process at a time (RUN/.<stage>.lock). Those with checkpoints resume.
+_WRITERS = ("sft", "reward", "ppo", "fuse", "eval")
+_RESUMABLE = ("sft", "reward", "ppo")
+# A full disk and its kin: the user's to fix; every output is written aside and renamed, so nothing is lost.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
+
+
+def _command(stage: str, config_path: str, run_dir: Path, overrides, flag: str) -> str:
+    return shlex.join(["rlhf", stage, "--config", config_path, "--run-dir", str(run_dir), *overrides, flag])
+
+
+def _stopped(stage: str, config_path: str, run_dir: Path, overrides, e: KeyboardInterrupt) -> str:
+    """What an interrupted stage left and how to go on."""
+    from pipeline import guard
+    from pipeline.checkpoints import latest_checkpoint
+
+    how = f"stopped by {e.signal_name}" if isinstance(e, guard.StopRequested) else "interrupted"
+    detail = f" {e.detail}" if isinstance(e, guard.StopRequested) and e.detail else ""
+    ckpt = latest_checkpoint(run_dir, stage) if stage in _RESUMABLE else None
+    if ckpt is None:
+        nxt = "nothing complete was written; run the same command again"
+    else:
+        nxt = f"the last checkpoint is {ckpt}; continue with: {_command(stage, config_path, run_dir, overrides, '--resume')}"
+    return f"[{stage}] {how}{detail}; {nxt}"
+
+
+def _error_log(run_dir: Path, stage: str) -> Path:
+    """Write the traceback of the exception being handled, the command and the versions to a log file in
+    the run folder (or the temp folder if that cannot be written); returns its path."""
+    import tempfile
+    import time
+    import traceback
+
+    from pipeline.artifacts import library_versions
+
+    text = (f"command: {' '.join(sys.argv)}\ntime: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
+            f"libraries: {library_versions()}\n\n{traceback.format_exc()}")
+    name = f"{stage}-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (run_dir / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return folder / name
+        except OSError:
+            continue
+    return Path("(no log written: the run folder and the temp folder are not writable)")
+
+
+def _main_process() -> bool:
+    """Rank 0 of a torchrun/accelerate launch (or a single process) holds the stage lock."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def stage_command(fn):
-    """Shared options for a stage: --config, --run-dir, --overwrite and OVERRIDES."""
+    """Shared options for a stage: --config, --run-dir and OVERRIDES. Around the stage: the config is
+    validated before anything loads; one writer per RUN/<stage> (a lock); SIGINT/SIGTERM stop cleanly;
+    every torch.load is weights-only; errors are one line (an unexpected one adds the path of a full log)."""
+    stage = fn.__name__.rstrip("_")
 
     @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
                   type=click.Path(dir_okay=False), help="Pipeline YAML file.")
@@ -52,17 +114,64 @@ def stage_command(fn):
     @click.argument("overrides", nargs=-1)
     @functools.wraps(fn)
     def wrapper(config_path, run_dir, overrides, **kwargs):
+        from pipeline import guard
+        from pipeline.checkpoints import weights_only_loads
+
+        if kwargs.get("resume") and kwargs.get("overwrite"):
+            raise click.UsageError("--resume continues the unfinished run and --overwrite starts over; pass one")
         try:
             cfg = load_config(config_path, overrides)
         except ConfigError as e:
             raise click.ClickException(str(e)) from None
         run_dir = Path(run_dir or Path("runs") / Path(config_path).stem)
         try:
-            return fn(cfg=cfg, run_dir=run_dir, **kwargs)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(guard.stop_on_signals())
+                stack.enter_context(weights_only_loads())
+                if stage in _WRITERS and _main_process():
+                    stack.enter_context(guard.stage_lock(run_dir, stage))
+                return fn(cfg=cfg, run_dir=run_dir, **kwargs)
+        except KeyboardInterrupt as e:
+            click.echo(_stopped(stage, config_path, run_dir, overrides, e), err=True)
+            sys.exit(guard.exit_code(getattr(e, "signal_name", "SIGINT")))
         except _user_errors() as e:
             raise click.ClickException(f"{type(e).__name__}: {e}") from None
+        except OSError as e:
+            if e.errno not in _DISK_ERRNOS:
+                raise click.ClickException(f"internal error: {type(e).__name__}: {e}; full log: "
+                                           f"{_error_log(run_dir, stage)}") from None
+            where = f" writing {e.filename}" if e.filename else ""
+            resume = " (with --resume)" if stage in _RESUMABLE else ""
+            raise click.ClickException(f"{e.strerror or e}{where}. Outputs and checkpoints are written aside and "
+                                       f"renamed when whole, so the earlier ones are intact; free space and run "
+                                       f"again{resume}.") from None
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise click.ClickException(f"internal error: {type(e).__name__}: {first}\nfull log: "
+                                       f"{_error_log(run_dir, stage)}") from None
 
     return wrapper
+
+
+class _DropNotice(logging.Filter):
+    """bitsandbytes logs at import, on every CPU with AVX512-BF16, that its optional hub kernel package
+    (`kernels`) is missing: nothing the user can act on (the built-in CPU kernels are used)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in str(record.msg)
+
+
+_DROP_NOTICE = _DropNotice()
+
+
+def quiet_libraries() -> None:
+    """Silence library output the user cannot act on."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DROP_NOTICE)  # once: filters are a set
+    # trl's per-dataset map/filter progress bars (six per SFT run, each over in milliseconds).
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # trl 1.16's SFTConfig still declares transformers' deprecated `gradient_checkpointing` (default True),
+    # and peft reads `is_gradient_checkpointing`: deprecation notices between the libraries.
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,35 +182,39 @@ def main():
     Each stage saves its adapter, resolved config.yaml, metrics.jsonl and manifest.json.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
 
 
-@main.command(help="Stage 1: supervised fine-tuning of a LoRA adapter on the NF4 base (QLoRA)." + _OVERRIDES_HELP)
-@click.option("--overwrite", is_flag=True, help="Replace an existing complete RUN/sft output.")
-@stage_command
-def sft(cfg, run_dir, overwrite):
-    from pipeline.sft import run_sft
-
-    run_sft(cfg, run_dir, overwrite=overwrite)
+_RESUME_HELP = """
+A killed or stopped run keeps RUN/{stage}.work/ with its latest checkpoints ({key}); --resume continues
+it exactly, --overwrite starts over. SIGINT/SIGTERM (Ctrl-C) stop after the current step and save it.
+"""
 
 
-@main.command(help="Stage 2: train a reward model (LoRA + score head) on preference pairs." + _OVERRIDES_HELP)
-@click.option("--overwrite", is_flag=True, help="Replace an existing complete RUN/reward output.")
-@stage_command
-def reward(cfg, run_dir, overwrite):
-    from pipeline.reward_stage import run_reward
+def _resumable(stage: str, summary: str, every: str, target: str):
+    """The command of a stage that checkpoints (sft, reward, ppo): --overwrite, --resume, and the stage
+    function ``target`` ("module:function"), imported when the command runs."""
+    def command(cfg, run_dir, overwrite, resume):
+        module, _, name = target.partition(":")
+        getattr(importlib.import_module(module), name)(cfg, run_dir, overwrite=overwrite, resume=resume)
 
-    run_reward(cfg, run_dir, overwrite=overwrite)
+    command.__name__ = stage
+    command = stage_command(command)
+    command = click.option("--resume", is_flag=True,
+                           help=f"Continue from the latest checkpoint in RUN/{stage}.work/.")(command)
+    command = click.option("--overwrite", is_flag=True,
+                           help=f"Start over, replacing RUN/{stage} or an unfinished RUN/{stage}.work.")(command)
+    return main.command(name=stage, help=summary + _OVERRIDES_HELP + _RESUME_HELP.format(stage=stage, key=every))(
+        command)
 
 
-@main.command(help="Stage 3: RL on the policy adapter against the configured rewards: PPO, or the critic-free "
-              "RLOO or GRPO with ppo.algorithm=rloo|grpo and ppo.samples_per_prompt=k (k >= 2)." + _OVERRIDES_HELP)
-@click.option("--overwrite", is_flag=True, help="Start over even if RUN/ppo holds a complete output.")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in RUN/ppo.work/.")
-@stage_command
-def ppo(cfg, run_dir, overwrite, resume):
-    from pipeline.ppo import run_ppo
-
-    run_ppo(cfg, run_dir, overwrite=overwrite, resume=resume)
+sft = _resumable("sft", "Stage 1: supervised fine-tuning of a LoRA adapter on the NF4 base (QLoRA).",
+                 "every sft.save_steps steps", "pipeline.sft:run_sft")
+reward = _resumable("reward", "Stage 2: train a reward model (LoRA + score head) on preference pairs.",
+                    "every reward.save_steps steps", "pipeline.reward_stage:run_reward")
+ppo = _resumable("ppo", "Stage 3: RL on the policy adapter against the configured rewards: PPO, or the critic-free "
+                 "RLOO or GRPO with ppo.algorithm=rloo|grpo and ppo.samples_per_prompt=k (k >= 2).",
+                 "every ppo.save_every steps", "pipeline.ppo:run_ppo")
 
 
 @main.command(help="Stage 4 (optional): fuse stage adapters into one adapter and/or a merged model."

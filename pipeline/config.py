@@ -7,12 +7,13 @@ the key and listing the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import yaml
 
@@ -116,6 +117,10 @@ class SFTConfig:
     # Rows per generate call of the gold check (sampled from merged dense weights). At 32 the default
     # SFT run peaked at 2.55 GB, at 16 at 2.44 GB (9 s slower).
     gold_batch_size: int = 16
+    # A resumable checkpoint (adapter, optimizer, scheduler, RNG, data position) every save_steps
+    # optimizer steps (0 = none); the newest keep_checkpoints are kept until the stage completes.
+    save_steps: int = 20
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -144,6 +149,9 @@ class RewardStageConfig:
     # Held-out accuracy against gold counts only pairs whose gold scores differ by at least this
     # (near-ties have no meaningful gold order), for pair files that record gold_chosen/gold_rejected.
     gold_min_gap: float = 0.05
+    # As sft.save_steps / sft.keep_checkpoints.
+    save_steps: int = 20
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -354,67 +362,186 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-_CHOICES = {
-    ("data", "format"): FORMAT_NAMES,
-    ("data", "pairs_from"): PAIRS_FROM,
-    ("data", "long_rows"): LONG_ROWS,
-    ("model", "quant_type"): ("nf4", "fp4"),
-    ("model", "compute_dtype"): ("auto", "float32", "bfloat16", "float16"),
-    ("reward", "pooling"): ("mean", "last"),
-    ("reward", "lr_scheduler"): ("cosine", "linear", "constant"),
-    ("model", "attn_implementation"): ("auto", "eager", "sdpa", "flash_attention_2"),
-    ("ppo", "reference"): ("sft", "base"),
-    ("ppo", "value_model"): ("head", "adapter"),
-    ("ppo", "rollout_weights"): ("auto", "merged", "adapters"),
-    ("ppo", "algorithm"): ("ppo", "rloo", "grpo"),
-    ("ppo", "kl_estimator"): ("auto", "k1", "k2", "k3"),
-    ("ppo", "kl_in"): ("auto", "reward", "loss"),
-    ("ppo", "kl_controller"): ("fixed", "adaptive"),
-    ("fuse", "merged_dtype"): ("float32", "bfloat16", "float16"),
+@dataclass(frozen=True)
+class Rule:
+    """A valid range: ``ok(value)`` and the range in words for the message."""
+
+    ok: Any
+    valid: str
+
+
+def _at_least(n: float, note: str = "") -> Rule:
+    return Rule(lambda v: v >= n, f">= {n}{note}")
+
+
+def _above(n: float, note: str = "") -> Rule:
+    return Rule(lambda v: v > n, f"> {n}{note}")
+
+
+def _between(lo: float, hi: float, hi_open: bool = False, note: str = "") -> Rule:
+    if hi_open:
+        return Rule(lambda v: lo <= v < hi, f"in [{lo}, {hi}){note}")
+    return Rule(lambda v: lo <= v <= hi, f"in [{lo}, {hi}]{note}")
+
+
+def _one_of(*choices: str) -> Rule:
+    return Rule(lambda v: v in choices, ", ".join(choices))
+
+
+_POSITIVE_INT = _at_least(1)
+_COUNT = _at_least(0)
+_RATE = _above(0)
+_SEED = _between(0, 2**32 - 1)  # numpy seeds are 32-bit
+_MAX_STEPS = Rule(lambda v: v == -1 or v >= 1, "-1 (run epochs) or >= 1")
+_PROBABILITY_OPEN = _between(0, 1, hi_open=True)
+_ANY_NUMBER = Rule(lambda v: True, "a finite number")
+_LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                  "inverse_sqrt")
+
+# Every int, float and choice-valued key, with its valid range (tests check that none is missing).
+# Lists are checked item by item. Relations between keys are checked in ``validate``.
+RULES: dict[str, Rule] = {
+    "model.quant_type": _one_of("nf4", "fp4"),
+    "model.compute_dtype": _one_of("auto", "float32", "bfloat16", "float16"),
+    "model.attn_implementation": _one_of("auto", "eager", "sdpa", "flash_attention_2"),
+    "model.device": Rule(lambda v: re.fullmatch(r"auto|cpu|mps|xpu|cuda(:\d+)?", v) is not None,
+                         "auto, cpu, cuda, cuda:N, mps or xpu"),
+    "data.max_rows": _at_least(0, " (0 = all)"),
+    "data.format": _one_of(*FORMAT_NAMES),
+    "data.pairs_from": _one_of(*PAIRS_FROM),
+    "data.long_rows": _one_of(*LONG_ROWS),
+    "data.score_margin": _at_least(0),
+    **{f"{s}.lora.{k}": rule for s in ("sft", "reward", "ppo") for k, rule in (
+        ("r", _POSITIVE_INT), ("alpha", _above(0)), ("dropout", _PROBABILITY_OPEN),
+        ("bias", _one_of("none", "all", "lora_only")), ("top_layers", _at_least(0, " (0 = every layer)")))},
+    **{f"{s}.{k}": rule for s in ("sft", "reward") for k, rule in (
+        ("learning_rate", _RATE), ("epochs", _above(0)), ("max_steps", _MAX_STEPS), ("batch_size", _POSITIVE_INT),
+        ("grad_accum", _POSITIVE_INT), ("max_length", _at_least(2)), ("warmup_ratio", _PROBABILITY_OPEN),
+        ("logging_steps", _POSITIVE_INT), ("seed", _SEED), ("save_steps", _at_least(0, " (0 = no checkpoints)")),
+        ("keep_checkpoints", _POSITIVE_INT))},
+    "sft.lr_scheduler": _one_of(*_LR_SCHEDULERS),
+    "sft.weight_decay": _at_least(0),
+    "sft.gold_eval_prompts": _at_least(0, " (0 = skip)"),
+    "sft.gold_samples_per_prompt": _POSITIVE_INT,
+    "sft.gold_max_new_tokens": _POSITIVE_INT,
+    "sft.gold_batch_size": _POSITIVE_INT,
+    "reward.lr_scheduler": _one_of("cosine", "linear", "constant"),
+    "reward.head_learning_rate": _at_least(0, " (0 = reward.learning_rate)"),
+    "reward.center_rewards_coefficient": _at_least(0),
+    "reward.pooling": _one_of("mean", "last"),
+    "reward.gold_min_gap": _between(0, 2, note=" (gold is in [-1, 1])"),
+    "ppo.reference": _one_of("sft", "base"),
+    "ppo.value_model": _one_of("head", "adapter"),
+    "ppo.steps": _POSITIVE_INT,
+    "ppo.batch_size": _POSITIVE_INT,
+    "ppo.minibatches": _POSITIVE_INT,
+    "ppo.ppo_epochs": _POSITIVE_INT,
+    "ppo.learning_rate": _RATE,
+    "ppo.max_grad_norm": _at_least(0, " (0 = no clipping)"),
+    "ppo.kl_coef": _at_least(0),
+    "ppo.algorithm": _one_of("ppo", "rloo", "grpo"),
+    "ppo.samples_per_prompt": _POSITIVE_INT,
+    "ppo.kl_estimator": _one_of("auto", "k1", "k2", "k3"),
+    "ppo.kl_in": _one_of("auto", "reward", "loss"),
+    "ppo.kl_controller": _one_of("fixed", "adaptive"),
+    "ppo.kl_target": _above(0),
+    "ppo.kl_horizon": _POSITIVE_INT,
+    "ppo.cliprange": _above(0),
+    "ppo.cliprange_value": _above(0),
+    "ppo.vf_coef": _at_least(0),
+    "ppo.gamma": _between(0, 1),
+    "ppo.lam": _between(0, 1),
+    "ppo.temperature": _above(0),
+    "ppo.max_new_tokens": _POSITIVE_INT,
+    "ppo.max_prompt_length": _POSITIVE_INT,
+    "ppo.micro_batch_size": _at_least(0, " (0 = whole minibatch)"),
+    "ppo.rollout_weights": _one_of("auto", "merged", "adapters"),
+    "ppo.rollout_merge_max_gb": _at_least(0),
+    "ppo.missing_eos_penalty": _ANY_NUMBER,
+    "ppo.reward_timeout": _at_least(0, " (0 = no timeout)"),
+    "ppo.save_every": _at_least(0, " (0 = only the final step)"),
+    "ppo.sample_every": _at_least(0, " (0 = never)"),
+    "ppo.samples_to_show": _COUNT,
+    "ppo.seed": _SEED,
+    "fuse.method": _one_of("cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                           "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"),
+    "fuse.weights": _ANY_NUMBER,
+    "fuse.density": Rule(lambda v: 0 < v <= 1, "in (0, 1]"),
+    "fuse.merged_dtype": _one_of("float32", "bfloat16", "float16"),
+    "eval.prompts": _POSITIVE_INT,
+    "eval.samples_per_prompt": _POSITIVE_INT,
+    "eval.max_new_tokens": _POSITIVE_INT,
+    "eval.best_of_n": _POSITIVE_INT,
+    "eval.batch_size": _POSITIVE_INT,
+    "eval.seed": _SEED,
 }
 
 
+def _leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def _check(key: str, value: Any, rule: Optional[Rule]) -> None:
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    if rule is None or rule.ok(value):
+        return
+    if isinstance(value, str):
+        raise ConfigError(f"{key}: '{value}' is not one of {rule.valid}")
+    raise ConfigError(f"{key} must be {rule.valid}, got {value}")
+
+
 def validate(cfg: PipelineConfig) -> None:
-    """Check values that have a fixed set of choices or a range."""
-    for (section, key), choices in _CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in choices:
-            raise ConfigError(f"{section}.{key}: '{value}' is not one of {', '.join(choices)}")
-    for section in ("sft", "reward", "ppo", "eval"):
-        sec = getattr(cfg, section)
-        if sec.batch_size < 1:
-            raise ConfigError(f"{section}.batch_size must be >= 1, got {sec.batch_size}")
+    """Check every value against its range (``RULES``; floats must be finite) and the relations between
+    keys. Runs before any model loads: a bad value stops with its key, value and valid range."""
+    for key, value in _leaves(cfg):
+        for item_key, item in ([(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list)
+                               else [(key, value)]):
+            if isinstance(item, (int, float, str)) or item is None:
+                _check(item_key, item, RULES.get(key))
     if cfg.ppo.batch_size % cfg.ppo.minibatches:
         raise ConfigError(f"ppo.batch_size ({cfg.ppo.batch_size}) must be divisible by ppo.minibatches "
                           f"({cfg.ppo.minibatches})")
     _validate_algorithm(cfg.ppo)
+    if not cfg.fuse.adapters:
+        raise ConfigError("fuse.adapters is empty; list the stage folders to fuse, e.g. [{run_dir}/sft, {run_dir}/ppo]")
+    if len(cfg.fuse.weights) != len(cfg.fuse.adapters):
+        raise ConfigError(f"fuse.weights has {len(cfg.fuse.weights)} values for {len(cfg.fuse.adapters)} adapters "
+                          f"(fuse.adapters); give one weight per adapter")
     for section in ("sft", "reward", "ppo"):
-        lora = getattr(cfg, section).lora
-        if lora.r < 1:
-            raise ConfigError(f"{section}.lora.r must be >= 1, got {lora.r}")
-        if lora.top_layers < 0:
-            raise ConfigError(f"{section}.lora.top_layers must be >= 0 (0 = every layer), got {lora.top_layers}")
-        if not 0.0 <= lora.dropout < 1.0:
-            raise ConfigError(f"{section}.lora.dropout must be in [0, 1), got {lora.dropout}")
-    for i, spec in enumerate(cfg.ppo.monitor):
-        if isinstance(spec, dict) and "normalize" in spec:
-            raise ConfigError(f"ppo.monitor[{i}]: monitors are logged raw; remove 'normalize' from the spec")
-    for section in ("sft", "reward", "ppo"):
-        if getattr(cfg, section).learning_rate <= 0:
-            raise ConfigError(f"{section}.learning_rate must be > 0, got {getattr(cfg, section).learning_rate}")
-    if cfg.reward.grad_accum < 1 or cfg.reward.logging_steps < 1:
-        raise ConfigError("reward.grad_accum and reward.logging_steps must be >= 1")
-    if not 0.0 <= cfg.reward.warmup_ratio < 1.0:
-        raise ConfigError(f"reward.warmup_ratio must be in [0, 1), got {cfg.reward.warmup_ratio}")
-    if cfg.reward.head_learning_rate < 0:
-        raise ConfigError(f"reward.head_learning_rate must be >= 0 (0 = reward.learning_rate), "
-                          f"got {cfg.reward.head_learning_rate}")
-    if not 0.0 <= cfg.reward.gold_min_gap <= 2.0:
-        raise ConfigError(f"reward.gold_min_gap must be in [0, 2] (gold is in [-1, 1]), got {cfg.reward.gold_min_gap}")
-    if cfg.data.score_margin < 0:
-        raise ConfigError(f"data.score_margin must be >= 0, got {cfg.data.score_margin}")
-    if cfg.ppo.micro_batch_size < 0:
-        raise ConfigError(f"ppo.micro_batch_size must be >= 0 (0 = whole minibatch), got {cfg.ppo.micro_batch_size}")
+        targets = getattr(cfg, section).lora.target_modules
+        if (isinstance(targets, list) and (not targets or not all(t for t in targets))) or targets == "":
+            raise ConfigError(f"{section}.lora.target_modules must be 'all-linear' or a non-empty list of module "
+                              f"names, got {targets!r}")
+    for key in ("ppo.rewards", "ppo.monitor", "eval.gold"):
+        section, name = key.split(".")
+        _check_reward_specs(key, getattr(getattr(cfg, section), name), required=key != "ppo.monitor")
+
+
+def _check_reward_specs(key: str, specs: list, required: bool) -> None:
+    """The shape of a list of reward specs (names are resolved when the stage builds them)."""
+    if required and not specs:
+        raise ConfigError(f"{key} is empty; give at least one reward spec, e.g. [{{name: sentiment}}]")
+    for i, spec in enumerate(specs):
+        if (isinstance(spec, str) and spec) or callable(spec):
+            continue
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if not ((isinstance(name, str) and name) or callable(name)):
+            raise ConfigError(f"{key}[{i}]: a reward spec is a name or a mapping with a 'name', got {spec!r}")
+        if key == "ppo.monitor" and "normalize" in spec:
+            raise ConfigError(f"{key}[{i}]: monitors are logged raw; remove 'normalize' from the spec")
+        for field_name in ("weight", "timeout"):
+            value = spec.get(field_name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ConfigError(f"{key}[{i}].{field_name} must be a finite number, got {value!r}")
 
 
 def _validate_algorithm(pc: PPOConfig) -> None:

@@ -54,6 +54,7 @@ import torch
 from pipeline import data, models, ppo_math, rollout
 from pipeline.artifacts import (ArtifactError, atomic_output, check_same_base, is_complete, read_manifest,
                                 write_manifest)
+from pipeline.checkpoints import Checkpoints, load_state
 from pipeline.config import ConfigError, PipelineConfig, substitute_run_dir
 from pipeline.curves import (CSV_COLUMNS, best_gold, curve_fits, gold_at_kl, json_safe, make_point, mean_se,
                              plot_curves, proxy_per_nat, rl_family, series_title, summary_text, write_csv)
@@ -447,9 +448,9 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     gold_fn = build_reward(substitute_run_dir(ec.gold, run_dir), context=context)
     reward_state = None
     if series and series[0].checkpoints and any(c.normalizer is not None for c in proxy_fn.components):
-        final_state = series[0].checkpoints[-1][1].parent / "trainer_state.pt"
-        if final_state.is_file():
-            reward_state = torch.load(final_state, map_location="cpu", weights_only=False).get("reward")
+        final_ckpt = series[0].checkpoints[-1][1].parent
+        if Checkpoints(final_ckpt.parent, "ppo").is_checkpoint(final_ckpt):
+            reward_state = load_state(final_ckpt).get("reward")
     _freeze_normalizers(proxy_fn, reward_state, "proxy")
     _freeze_normalizers(gold_fn, None, "gold")
 

@@ -57,8 +57,6 @@ from pipeline.artifacts import ArtifactError, atomic_output, check_same_base, is
 from pipeline.config import FuseConfig, ModelConfig, PipelineConfig, substitute_run_dir
 
 CAT = "cat"
-WEIGHTED_METHODS = ("linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
-                    "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
 FUSED = "fused"
 ADAPTER_FILE = "adapter_model.safetensors"
 _KEY_PREFIX = "base_model.model."
@@ -89,17 +87,6 @@ class Source:
 
 # ---------------------------------------------------------------------------------------------
 # Reading and checking the adapters
-
-
-def check_options(fc: FuseConfig) -> None:
-    """Refuse an unknown method or a weight list that does not match the adapter list."""
-    if fc.method != CAT and fc.method not in WEIGHTED_METHODS:
-        raise FuseError(f"fuse.method: '{fc.method}' is not one of {', '.join((CAT,) + WEIGHTED_METHODS)}")
-    if not fc.adapters:
-        raise FuseError("fuse.adapters is empty; list the stage folders to fuse, e.g. [{run_dir}/sft, {run_dir}/ppo]")
-    if len(fc.weights) != len(fc.adapters):
-        raise FuseError(f"fuse.weights has {len(fc.weights)} values for {len(fc.adapters)} adapters "
-                        f"({fc.adapters}); give one weight per adapter")
 
 
 def check_lora_config(config, where: str) -> None:
@@ -409,7 +396,6 @@ def run_fuse(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     fc = cfg.fuse
     run_dir = Path(run_dir)
     out = run_dir / "fused"
-    check_options(fc)
     if is_complete(out) and not overwrite:
         raise ArtifactError(f"{out} already holds a complete output; pass --overwrite to replace it")
     paths = [Path(p) for p in substitute_run_dir(list(fc.adapters), run_dir)]

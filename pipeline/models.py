@@ -476,7 +476,21 @@ def load_base(cfg: ModelConfig, kind: str = "causal", device: Optional[torch.dev
     if kind == "causal":
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     elif kind == "seqcls":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+        # transformers' load report lists the score head as MISSING: it is new by design. Only other
+        # missing weights are worth a line.
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, output_loading_info=True, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        missing = [k for k in info.get("missing_keys", ()) if not k.startswith("score.")]
+        if missing:
+            print(f"[model] warning: {len(missing)} weights missing from {path} start random: "
+                  f"{', '.join(sorted(missing)[:5])}", flush=True)
         model.config.pad_token_id = tok.pad_token_id
     else:
         raise ValueError(f"unknown model kind '{kind}' (causal, seqcls)")

@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,12 +24,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pipeline import data, lean_ops, models, ppo_math, rollout
-from pipeline.artifacts import (ArtifactError, MetricsLogger, check_same_base, is_complete, read_manifest,
+from pipeline import data, guard, lean_ops, models, ppo_math, rollout
+from pipeline.artifacts import (ArtifactError, MetricsLogger, check_same_base, read_manifest, truncate_jsonl,
                                 write_manifest)
-from pipeline.config import PipelineConfig, resolve_auto, substitute_run_dir
+from pipeline.checkpoints import (Checkpoints, StageWork, load_state, rng_state, save_state, set_rng_state,
+                                  step_name)
+from pipeline.config import PipelineConfig, resolve_auto, substitute_run_dir, to_dict
 
 POLICY, VALUE, SFT = "policy", "value", "sft"
+VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class PPOError(RuntimeError):
@@ -74,18 +75,12 @@ def _prompt_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def _rng_state() -> dict:
-    import numpy as np
-
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+def _any_process(accelerator, flag: bool) -> bool:
+    """Whether ``flag`` is set on any process (a signal may reach the processes at different steps)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
 def _reduce_mean(accelerator, value: float) -> float:
@@ -95,31 +90,21 @@ def _reduce_mean(accelerator, value: float) -> float:
     return float(accelerator.reduce(t, reduction="mean").item())
 
 
-def save_checkpoint(path: Path, pv: PolicyValue, optimizer, scheduler, kl_ctl, reward_fn, state: dict) -> None:
-    """Everything needed to continue exactly: adapter, value parameters (if any), optimizer, scheduler, KL
-    controller, reward normalisers, RNG states and data position. Written to a temp folder, then renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    models.save_adapter(pv.peft_model, POLICY, tmp / "policy")
-    if pv.value_adapters is not None:
-        models.save_adapter(pv.peft_model, VALUE, tmp / "value_adapter")
-    value = {} if pv.value_head is None else {"value_head": pv.value_head.state_dict()}
-    torch.save({**value, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "kl_controller": kl_ctl.state_dict(),
-                "reward": reward_fn.state_dict(), "rng": _rng_state(), **state}, tmp / "trainer_state.pt")
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    (path.parent / "latest").write_text(path.name)
+def save_checkpoint(checkpoints: Checkpoints, step: int, pv: PolicyValue, optimizer, scheduler, kl_ctl, reward_fn,
+                    state: dict) -> Path:
+    """Everything needed to continue exactly: adapter, value parameters, optimizer, scheduler, KL
+    controller, reward normalisers, RNG states and data position, as safetensors + JSON (no pickles)
+    in a folder written whole, then renamed."""
+    def write(folder: Path) -> None:
+        models.save_adapter(pv.peft_model, POLICY, folder / "policy")
+        if pv.value_adapters is not None:
+            models.save_adapter(pv.peft_model, VALUE, folder / "value_adapter")
+        value = {} if pv.value_head is None else {"value_head": pv.value_head.state_dict()}
+        save_state(folder, {**value, "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "kl_controller": kl_ctl.state_dict(),
+                            "reward": reward_fn.state_dict(), "rng": rng_state(), **state})
 
-
-def _latest_checkpoint(work: Path) -> Optional[Path]:
-    marker = work / "checkpoints" / "latest"
-    if marker.is_file():
-        ckpt = work / "checkpoints" / marker.read_text().strip()
-        if (ckpt / "trainer_state.pt").is_file():
-            return ckpt
-    return None
+    return checkpoints.save(step, write)
 
 
 def _advantages(old_logprobs, ref_logprobs, old_values, scores, maskf, kl_coef: float, pc):
@@ -154,28 +139,28 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     pc = resolve_auto(cfg).ppo
     critic, group = pc.algorithm == "ppo", pc.samples_per_prompt
     run_dir = Path(run_dir)
-    out, work = run_dir / "ppo", run_dir / "ppo.work"
     device = models.resolve_device(cfg.model.device)
     accelerator = Accelerator(cpu=device.type == "cpu")
     main_proc = accelerator.is_main_process
 
-    # 0. where we write: a work folder holds checkpoints; it becomes RUN/ppo when the run completes
-    ckpt = None
-    if is_complete(out) and not overwrite:
-        raise ArtifactError(f"{out} already holds a complete PPO output; pass --overwrite to replace it")
-    if resume:
-        ckpt = _latest_checkpoint(work)
-        if ckpt is None:
-            raise ArtifactError(f"--resume: no checkpoint in {work}/checkpoints; start without --resume")
-    elif work.exists():
-        if not overwrite and _latest_checkpoint(work) is not None:
-            raise ArtifactError(f"{work} holds checkpoints of an unfinished run; pass --resume to continue it "
-                                "or --overwrite to start over")
-        if main_proc:
-            shutil.rmtree(work)
+    # 0. where we write: RUN/ppo.work holds checkpoints; it becomes RUN/ppo when the run completes
+    stage = StageWork(run_dir, "ppo")
+    out, work = stage.out, stage.work
+    ckpt = stage.start(overwrite, resume, main_process=main_proc, config=to_dict(cfg))
     accelerator.wait_for_everyone()
-    if main_proc:
-        (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if stage.finished:
+        if main_proc:
+            stage.publish(keep_checkpoints=True)
+        accelerator.wait_for_everyone()
+        return out
+    state = load_state(ckpt) if ckpt is not None else None  # read (or refused) before any model loads
+    if state is not None:
+        # Checkpoints from before ppo.algorithm existed are PPO with one sample per prompt.
+        written = (state.get("algorithm", "ppo"), state.get("samples_per_prompt", 1))
+        if written != (pc.algorithm, group):
+            raise ArtifactError(f"--resume: {ckpt} was written with ppo.algorithm={written[0]}, "
+                                f"ppo.samples_per_prompt={written[1]}; this config has {pc.algorithm} and {group}. "
+                                "Resume with the same settings, or pass --overwrite to start over")
 
     # 1. prompts
     prompts, report = data.load_prompts(cfg.data.prompts_train, **data.loader_options(cfg.data))
@@ -263,14 +248,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     start_step, epoch, cursor = 0, 0, 0
     random.seed(pc.seed)
     torch.manual_seed(pc.seed + accelerator.process_index)
-    if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        # Checkpoints from before ppo.algorithm existed are PPO with one sample per prompt.
-        written = (state.get("algorithm", "ppo"), state.get("samples_per_prompt", 1))
-        if written != (pc.algorithm, group):
-            raise ArtifactError(f"--resume: {ckpt} was written with ppo.algorithm={written[0]}, "
-                                f"ppo.samples_per_prompt={written[1]}; this config has {pc.algorithm} and {group}. "
-                                "Resume with the same settings, or pass --overwrite to start over")
+    if state is not None:
         models.load_adapter_weights(peft_model, POLICY, ckpt / "policy")
         if value_adapters is not None:
             models.load_adapter_weights(peft_model, VALUE, ckpt / "value_adapter")
@@ -281,30 +259,28 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         kl_ctl.load_state_dict(state["kl_controller"])
         reward_fn.load_state_dict(state["reward"])
         rng = state["rng_per_process"][accelerator.process_index] if "rng_per_process" in state else state["rng"]
-        _set_rng_state(rng)
+        set_rng_state(rng)
         start_step, epoch, cursor = state["step"], state["epoch"], state["cursor"]
+        state = None  # the optimizer's copy is all that is needed now
         if main_proc:
             print(f"[ppo] resumed from {ckpt} at step {start_step}", flush=True)
 
     logger = MetricsLogger(work / "metrics.jsonl", work / "tensorboard" if pc.tensorboard else None,
-                           append=ckpt is not None) if main_proc else None
-    if logger is not None and ckpt is not None:
-        # Drop rows logged after the checkpoint (the killed run got further than it saved).
-        rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if r.get("step", 0) <= start_step]
-        (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+                           resume_step=start_step if ckpt is not None else None) if main_proc else None
     samples_path = work / "samples.jsonl"
+    if main_proc and ckpt is not None:
+        truncate_jsonl(samples_path, start_step)
     stop_ids = rollout.stop_token_ids(tok, base_model)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_proc = pc.batch_size
     prompts_per_proc = per_proc // group
     mb_size = per_proc // pc.minibatches
 
-    def checkpoint(step: int, ep: int, cur: int, name: Optional[str] = None, rng: Optional[dict] = None,
+    def checkpoint(step: int, ep: int, cur: int, rng: Optional[dict] = None,
                    reward_state: Optional[dict] = None) -> Path:
         """Save the state after ``step`` completed steps. A failed step passes the RNG and reward
         state captured at its start (``rng``, ``reward_state``): resuming then redoes it exactly."""
-        own_rng = rng if rng is not None else _rng_state()
+        own_rng = rng if rng is not None else rng_state()
         rngs = [None] * world
         if world > 1:
             import torch.distributed as dist
@@ -312,13 +288,13 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
             dist.all_gather_object(rngs, own_rng)
         else:
             rngs = [own_rng]
-        path = work / "checkpoints" / (name or f"step-{step:06d}")
+        path = stage.checkpoints.root / step_name(step)
         if main_proc:
             if reward_state is not None:
                 current = reward_fn.state_dict()
                 reward_fn.load_state_dict(reward_state)
             try:
-                save_checkpoint(path, pv, optimizer, scheduler, kl_ctl, reward_fn,
+                save_checkpoint(stage.checkpoints, step, pv, optimizer, scheduler, kl_ctl, reward_fn,
                                 {"step": step, "epoch": ep, "cursor": cur, "rng_per_process": rngs,
                                  "algorithm": pc.algorithm, "samples_per_prompt": group})
             finally:
@@ -343,10 +319,11 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     order = _prompt_order(len(encoded), pc.seed, epoch)
     bar = tqdm(range(start_step, pc.steps), desc="ppo", disable=not main_proc, initial=start_step, total=pc.steps)
     step_start_state = None
+    guard.graceful_stop(True)  # SIGINT/SIGTERM from here on: finish the step, save it, stop
     for step in bar:
         t_step = time.time()
         step_epoch, step_cursor = epoch, cursor
-        step_rng, step_reward_state = _rng_state(), copy.deepcopy(reward_fn.state_dict())
+        step_rng, step_reward_state = rng_state(), copy.deepcopy(reward_fn.state_dict())
         # 1. rollout: this process's share of the global batch's prompts, in a seeded shuffled order, each
         # repeated ppo.samples_per_prompt times in one generate (prompt-major: row g*k + j is sample j of
         # prompt g, the layout ppo_math's group estimators read)
@@ -523,8 +500,9 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                     f.writelines(json.dumps(r) + "\n" for r in rows)
                 _print_samples(rows, step + 1)
         models.release_free_memory()
-        if pc.save_every and (step + 1) % pc.save_every == 0 and step + 1 < pc.steps:
-            checkpoint(step + 1, epoch, cursor)
+        guard.end_of_step("ppo", step + 1, pc.steps, pc.save_every, lambda: checkpoint(step + 1, epoch, cursor),
+                          any_process=lambda flag: _any_process(accelerator, flag))
+    guard.graceful_stop(False)
 
     # 6. final output: policy adapter (stacked on the SFT adapter), value head (ppo), checkpoints, logs, manifest
     final = checkpoint(pc.steps, epoch, cursor)
@@ -533,7 +511,10 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         models.save_adapter(peft_model, POLICY, work)
         tok.save_pretrained(work)
         if pv.value_head is not None:
-            torch.save(pv.value_head.state_dict(), work / "value_head.pt")
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in pv.value_head.state_dict().items()},
+                      str(work / VALUE_HEAD_FILE))
         rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
         last = rows[-1] if rows else {}
         headline = {k: last[k] for k in ("ppo/kl", "ppo/score", "ppo/rlhf_reward", "ppo/kl_coef") if k in last}
@@ -547,9 +528,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                        extra={"stacked_on": list(adapters), "reference": pc.reference, "algorithm": pc.algorithm,
                               "samples_per_prompt": group, "value_model": pc.value_model if critic else None,
                               "final_checkpoint": str(final.name)})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
+        stage.publish(keep_checkpoints=True)  # eval reads the checkpoints along the KL curve
         print(f"[ppo] done -> {out}", flush=True)
     accelerator.wait_for_everyone()
     return out

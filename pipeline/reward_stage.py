@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from pipeline import data, lengths, models
-from pipeline.artifacts import (ArtifactError, MetricsLogger, atomic_output, is_complete, read_manifest,
-                                write_manifest)
-from pipeline.config import ModelConfig, PipelineConfig
+from pipeline import data, guard, lengths, models
+from pipeline.artifacts import ArtifactError, MetricsLogger, is_complete, read_manifest, write_manifest
+from pipeline.checkpoints import StageWork, load_state, restore_parameters, rng_state, save_state, set_rng_state
+from pipeline.config import ModelConfig, PipelineConfig, to_dict
 from pipeline.lengths import LengthReport
 from pipeline.rollout import last_hidden_at, left_pad, response_pooled_hidden
 from pipeline.trainer_utils import restore_fp32_trainables
@@ -180,7 +181,9 @@ def load_reward_scorer(path: str | Path, host=None, batch_size: int = 16) -> Rew
     peft_model = get_peft_model(base_model, models.lora_config(
         models.LoraConfigSection(r=1, target_modules=["q_proj"])), adapter_name="unused")
     state = models.attach_adapter(peft_model, path, REWARD_ADAPTER)
-    peft_model.delete_adapter("unused")
+    with warnings.catch_warnings():  # peft notes that the deleted placeholder was the active adapter
+        warnings.simplefilter("ignore", UserWarning)
+        peft_model.delete_adapter("unused")
     return RewardModelScorer(peft_model, tok, *_head_from_state(state, str(path)), batch_size=batch_size,
                              max_length=_max_length(manifest), pooling=_pooling(manifest))
 
@@ -302,14 +305,18 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, center: float = 
     return loss
 
 
-def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -> Path:
+def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
-    out = Path(run_dir) / "reward"
-    if is_complete(out) and not overwrite:
-        raise ArtifactError(f"{out} already holds a complete reward output; pass --overwrite to replace it")
     rc = cfg.reward
+    # 0. where we write: RUN/reward.work (a checkpoint every reward.save_steps), renamed to RUN/reward at the end
+    stage = StageWork(run_dir, "reward", keep=rc.keep_checkpoints)
+    ckpt = stage.start(overwrite, resume, config=to_dict(cfg))
+    if stage.finished:
+        return stage.publish()
+    state = load_state(ckpt) if ckpt is not None else None  # read (or refused) before any model loads
+    out, work = stage.out, stage.work
     t0 = time.time()
 
     # 1. data: preference pairs with an explicit conversational prompt
@@ -321,8 +328,10 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
             print(f"[reward] {rep.summary()}", flush=True)
 
     # 2. model: NF4 base + LoRA (top layers) + a linear score head, as one peft SEQ_CLS adapter
-    model, tok, base = models.load_base(cfg.model, kind="seqcls", num_labels=1)
+    # Seeded first: the score head is drawn while loading, then the LoRA weights (the same reward.seed gives
+    # the same model whatever the caller did with the global RNG before; a resumed run relies on it too).
     torch.manual_seed(rc.seed)
+    model, tok, base = models.load_base(cfg.model, kind="seqcls", num_labels=1)
     peft_model = get_peft_model(model, models.lora_config(rc.lora, task_type="SEQ_CLS", model=model))
     restore_fp32_trainables(peft_model)  # LoRA and head weights are float32 masters in bf16 compute too
     head = peft_model.base_model.model.score
@@ -355,88 +364,108 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
     steps = rc.max_steps if rc.max_steps > 0 else max(1, math.ceil(rc.epochs * len(pairs) / per_step))
     warmup = round(rc.warmup_ratio * steps)
 
-    with atomic_output(out, overwrite=overwrite) as tmp:
-        logger = MetricsLogger(tmp / "metrics.jsonl", tmp / "tensorboard" if rc.tensorboard else None)
+    # 3. train: shuffled batches of pairs, chosen and rejected rows in one forward; resumable
+    t_train = time.time()
+    gen = torch.Generator().manual_seed(rc.seed)
+    start, order, cursor, epoch = 0, torch.randperm(len(pairs), generator=gen).tolist(), 0, 0
+    window: dict[str, list[float]] = {}
+    losses: list[float] = []
+    if state is not None:
+        restore_parameters(named, state["params"], ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["data_rng"])
+        set_rng_state(state["rng"])
+        start, order, cursor, epoch = state["step"], state["order"], state["cursor"], state["epoch"]
+        window, losses = state["window"], state["losses"]
+        state = None  # the parameters and the optimizer hold it now
+        print(f"[reward] resumed from {ckpt} at step {start}", flush=True)
+    logger = MetricsLogger(work / "metrics.jsonl", work / "tensorboard" if rc.tensorboard else None,
+                           resume_step=start if ckpt is not None else None)
 
-        # 3. train: shuffled batches of pairs, chosen and rejected rows in one forward
-        t_train = time.time()
-        gen = torch.Generator().manual_seed(rc.seed)
-        order, cursor, epoch = torch.randperm(len(pairs), generator=gen).tolist(), 0, 0
-        window: dict[str, list[float]] = {}
-        losses = []
-        peft_model.train()
-        bar = tqdm(range(steps), desc="reward", unit="step")
-        for step in bar:
-            for g in optimizer.param_groups:
-                g.setdefault("initial_lr", g["lr"])
-                g["lr"] = g["initial_lr"] * lr_at(step, steps, warmup, rc.lr_scheduler)
-            for _ in range(rc.grad_accum):
-                batch = []
-                while len(batch) < rc.batch_size:
-                    if cursor == len(order):
-                        order, cursor, epoch = torch.randperm(len(pairs), generator=gen).tolist(), 0, epoch + 1
-                    batch.append(pairs[order[cursor]])
-                    cursor += 1
-                feats = pooled_features(peft_model, [b[0] for b in batch] + [b[1] for b in batch], pad, rc.pooling)
-                scores = head(feats).squeeze(-1)  # float32 features, float32 head (restored above)
-                chosen, rejected = scores[:len(batch)], scores[len(batch):]
-                loss = pairwise_loss(chosen, rejected, rc.center_rewards_coefficient)
-                if not torch.isfinite(loss):
-                    raise ArtifactError(f"reward step {step + 1}: loss is {loss.item()}; lower reward.learning_rate")
-                (loss / rc.grad_accum).backward()
-                for k, v in (("loss", loss.item()), ("accuracy", (chosen > rejected).float().mean().item()),
-                             ("margin", (chosen - rejected).mean().item())):
-                    window.setdefault(k, []).append(v)
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            models.release_free_memory()  # the step's freed activations go back to the OS
-            losses.append(window["loss"][-1])
-            if (step + 1) % rc.logging_steps == 0 or step + 1 == steps:
-                row = {f"reward/{k}": sum(v) / len(v) for k, v in window.items()}
-                logger.log({"step": step + 1, **row, "reward/grad_norm": float(grad_norm),
-                            "reward/learning_rate": optimizer.param_groups[0]["lr"],
-                            "reward/epoch": epoch + cursor / len(order),
-                            "time/elapsed": round(time.time() - t_train, 2)}, step=step + 1)
-                bar.set_postfix(loss=f"{row['reward/loss']:.3f}", acc=f"{row['reward/accuracy']:.2f}")
-                window = {}
-        peft_model.eval()
-        metrics: dict = {"trainable_params": trainable, "total_params": total, "steps": steps,
-                         "train_loss": sum(losses) / len(losses), "train_seconds": round(time.time() - t_train, 1),
-                         **train_len.metrics("train"), **(eval_len.metrics("eval") if eval_len else {})}
+    def save(step: int) -> Path:
+        """Weights, optimizer, both RNGs and the data position after ``step`` steps."""
+        saved = {"params": dict(named), "optimizer": optimizer.state_dict(), "data_rng": gen.get_state(),
+                 "rng": rng_state(), "step": step, "order": order, "cursor": cursor, "epoch": epoch,
+                 "window": window, "losses": losses}
+        return stage.checkpoints.save(step, lambda folder: save_state(folder, saved))
 
-        # 4. held-out accuracy and margin, with the same scorer PPO will use
-        wrapped = getattr(head, "modules_to_save", None)
-        head_module = wrapped["default"] if wrapped is not None else head
-        scorer = RewardModelScorer(peft_model, tok, head_module.weight, head_module.bias, adapter="default",
-                                   max_length=rc.max_length, pooling=rc.pooling)
-        if eval_rows:
-            held = pair_metrics(scorer, eval_rows, gold, rc.gold_min_gap, progress="reward held-out pairs")
-            metrics.update({f"eval_{k}": v for k, v in held.items()})
-        on_sft = spearman_on_sft_samples(scorer, Path(run_dir) / "sft")
-        if on_sft is not None:
-            metrics.update(on_sft)
-        elif cfg.data.sft_eval:
-            sft_rows, _ = data.load_sft(cfg.data.sft_eval, **dkw)
-            convs = [r["messages"][:-1] for r in sft_rows]
-            responses = [r["messages"][-1]["content"] for r in sft_rows]
-            learned = scorer([""] * len(convs), responses, prompt_messages=convs)
-            from reward.registry import build_reward
+    peft_model.train()
+    bar = tqdm(range(start, steps), desc="reward", unit="step", initial=start, total=steps)
+    guard.graceful_stop(True)  # SIGINT/SIGTERM from here on: finish the step, save it, stop
+    for step in bar:
+        for g in optimizer.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+            g["lr"] = g["initial_lr"] * lr_at(step, steps, warmup, rc.lr_scheduler)
+        for _ in range(rc.grad_accum):
+            batch = []
+            while len(batch) < rc.batch_size:
+                if cursor == len(order):
+                    order, cursor, epoch = torch.randperm(len(pairs), generator=gen).tolist(), 0, epoch + 1
+                batch.append(pairs[order[cursor]])
+                cursor += 1
+            feats = pooled_features(peft_model, [b[0] for b in batch] + [b[1] for b in batch], pad, rc.pooling)
+            scores = head(feats).squeeze(-1)  # float32 features, float32 head (restored above)
+            chosen, rejected = scores[:len(batch)], scores[len(batch):]
+            loss = pairwise_loss(chosen, rejected, rc.center_rewards_coefficient)
+            if not torch.isfinite(loss):
+                raise ArtifactError(f"reward step {step + 1}: loss is {loss.item()}; lower reward.learning_rate")
+            (loss / rc.grad_accum).backward()
+            for k, v in (("loss", loss.item()), ("accuracy", (chosen > rejected).float().mean().item()),
+                         ("margin", (chosen - rejected).mean().item())):
+                window.setdefault(k, []).append(v)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        models.release_free_memory()  # the step's freed activations go back to the OS
+        losses.append(window["loss"][-1])
+        if (step + 1) % rc.logging_steps == 0 or step + 1 == steps:
+            row = {f"reward/{k}": sum(v) / len(v) for k, v in window.items()}
+            logger.log({"step": step + 1, **row, "reward/grad_norm": float(grad_norm),
+                        "reward/learning_rate": optimizer.param_groups[0]["lr"],
+                        "reward/epoch": epoch + cursor / len(order),
+                        "time/elapsed": round(time.time() - t_train, 2)}, step=step + 1)
+            bar.set_postfix(loss=f"{row['reward/loss']:.3f}", acc=f"{row['reward/accuracy']:.2f}")
+            window = {}
+        guard.end_of_step("reward", step + 1, steps, rc.save_steps, lambda: save(step + 1))
+    guard.graceful_stop(False)
+    peft_model.eval()
+    metrics: dict = {"trainable_params": trainable, "total_params": total, "steps": steps,
+                     "train_loss": sum(losses) / len(losses), "train_seconds": round(time.time() - t_train, 1),
+                     **train_len.metrics("train"), **(eval_len.metrics("eval") if eval_len else {})}
 
-            gold = build_reward("sentiment")([c[-1]["content"] for c in convs], responses).total
-            metrics["spearman_vs_gold_sft_eval"] = _spearman(learned, gold)
-        metrics["wall_seconds"] = round(time.time() - t0, 1)
-        logger.log({"step": steps, **{f"reward/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
-        logger.close()
+    # 4. held-out accuracy and margin, with the same scorer PPO will use
+    wrapped = getattr(head, "modules_to_save", None)
+    head_module = wrapped["default"] if wrapped is not None else head
+    scorer = RewardModelScorer(peft_model, tok, head_module.weight, head_module.bias, adapter="default",
+                               max_length=rc.max_length, pooling=rc.pooling)
+    if eval_rows:
+        held = pair_metrics(scorer, eval_rows, gold, rc.gold_min_gap, progress="reward held-out pairs")
+        metrics.update({f"eval_{k}": v for k, v in held.items()})
+    on_sft = spearman_on_sft_samples(scorer, Path(run_dir) / "sft")
+    if on_sft is not None:
+        metrics.update(on_sft)
+    elif cfg.data.sft_eval:
+        sft_rows, _ = data.load_sft(cfg.data.sft_eval, **dkw)
+        convs = [r["messages"][:-1] for r in sft_rows]
+        responses = [r["messages"][-1]["content"] for r in sft_rows]
+        learned = scorer([""] * len(convs), responses, prompt_messages=convs)
+        from reward.registry import build_reward
 
-        # 5. save: adapter (LoRA + score head) + tokenizer + config + manifest (last)
-        peft_model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        write_manifest(tmp, "reward", cfg, base, metrics,
-                       data={"train": data.manifest_entry(cfg.data.pairs_train, train_report, cfg.data.split, train_len),
-                             "eval": data.manifest_entry(cfg.data.pairs_eval, eval_report, cfg.data.split, eval_len)
-                             if eval_report else {"source": cfg.data.pairs_eval}},
-                       extra={"pooling": rc.pooling})
+        gold = build_reward("sentiment")([c[-1]["content"] for c in convs], responses).total
+        metrics["spearman_vs_gold_sft_eval"] = _spearman(learned, gold)
+    metrics["wall_seconds"] = round(time.time() - t0, 1)
+    logger.log({"step": steps, **{f"reward/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
+    logger.close()
+
+    # 5. save: adapter (LoRA + score head) + tokenizer + config + manifest (last), then RUN/reward.work -> RUN/reward
+    peft_model.save_pretrained(work)
+    tok.save_pretrained(work)
+    write_manifest(work, "reward", cfg, base, metrics,
+                   data={"train": data.manifest_entry(cfg.data.pairs_train, train_report, cfg.data.split, train_len),
+                         "eval": data.manifest_entry(cfg.data.pairs_eval, eval_report, cfg.data.split, eval_len)
+                         if eval_report else {"source": cfg.data.pairs_eval}},
+                   extra={"pooling": rc.pooling})
+    stage.publish()
     print(f"[reward] done in {metrics['wall_seconds']}s -> {out}", flush=True)
     if "eval_accuracy" in metrics:
         print(f"[reward] held-out accuracy vs labels {metrics['eval_accuracy']:.3f} ± {metrics['eval_accuracy_se']:.3f} "

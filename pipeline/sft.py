@@ -1,18 +1,20 @@
 """Stage 1: supervised fine-tuning of a LoRA adapter on the 4-bit base (QLoRA), with trl's SFTTrainer."""
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from pipeline import data, lengths, models, rollout
-from pipeline.artifacts import (ArtifactError, MetricsLogger, atomic_output, is_complete, write_jsonl,
-                                write_manifest)
-from pipeline.config import PipelineConfig
+from pipeline import data, guard, lengths, models, rollout
+from pipeline.artifacts import MetricsLogger, write_jsonl, write_manifest, write_text_atomic
+from pipeline.checkpoints import TRAINER_STATE, StageWork, check_pickled_files
+from pipeline.config import PipelineConfig, to_dict
 from pipeline.evaluate import mean_se
-from pipeline.trainer_utils import JsonlMetrics, ReleaseMemory, restore_fp32_trainables, trainer_precision_kwargs
+from pipeline.trainer_utils import (JsonlMetrics, ReleaseMemory, ResumableCheckpoints, restore_fp32_trainables,
+                                    train_loss, trainer_precision_kwargs)
 
 
 def _to_trainer_rows(rows: list[dict], assistant_masks: bool) -> list[dict]:
@@ -72,14 +74,22 @@ def _eval_loss(trainer, max_length: int) -> float:
     return result["eval_loss"]
 
 
-def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -> Path:
+def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    out = Path(run_dir) / "sft"
-    if is_complete(out) and not overwrite:
-        raise ArtifactError(f"{out} already holds a complete SFT output; pass --overwrite to replace it")
     sc = cfg.sft
+    # 0. where we write: RUN/sft.work (a checkpoint every sft.save_steps), renamed to RUN/sft at the end
+    stage = StageWork(run_dir, "sft", keep=sc.keep_checkpoints, complete=(TRAINER_STATE,))
+    ckpt = stage.start(overwrite, resume, config=to_dict(cfg))
+    if stage.finished:
+        return stage.publish()
+    out, work = stage.out, stage.work
+    if ckpt is not None:
+        # transformers reads optimizer/scheduler/RNG files with torch.load(weights_only=True); refuse
+        # a file it would refuse, by name, before any model loads.
+        check_pickled_files(ckpt)
+        shutil.rmtree(work / "trainer", ignore_errors=True)  # a checkpoint the killed run was writing
     t0 = time.time()
 
     # 1. data
@@ -98,88 +108,103 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -
     train_ds = Dataset.from_list(_to_trainer_rows(train_rows, assistant_masks))
     eval_ds = Dataset.from_list(_to_trainer_rows(eval_rows, assistant_masks)) if eval_rows else None
 
-    with atomic_output(out, overwrite=overwrite) as tmp:
-        logger = MetricsLogger(tmp / "metrics.jsonl", tmp / "tensorboard" if sc.tensorboard else None)
-        args = SFTConfig(
-            output_dir=str(tmp / "trainer"), per_device_train_batch_size=sc.batch_size,
-            per_device_eval_batch_size=sc.batch_size, gradient_accumulation_steps=sc.grad_accum,
-            learning_rate=sc.learning_rate, num_train_epochs=sc.epochs, max_steps=sc.max_steps,
-            lr_scheduler_type=sc.lr_scheduler, warmup_steps=sc.warmup_ratio, weight_decay=sc.weight_decay,
-            logging_steps=sc.logging_steps, save_strategy="no", eval_strategy="no", report_to=[],
-            # No length limit or packing in trl: _fit_lengths applies data.long_rows, then packs (best-fit decreasing).
-            max_length=None, assistant_only_loss=assistant_masks, padding_free=sc.padding_free, packing=False,
-            gradient_checkpointing=sc.gradient_checkpointing, seed=sc.seed, data_seed=sc.seed,
-            dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
-            # PeftModel.forward hides `labels` behind **kwargs, so the Trainer cannot infer it.
-            label_names=["labels"],
-            **trainer_precision_kwargs(device, dtype))
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tok, peft_config=models.lora_config(sc.lora, model=model),
-                             callbacks=[JsonlMetrics(logger, "sft"), ReleaseMemory()])
-        restore_fp32_trainables(trainer.model)
-        fitted = {"train": _fit_lengths(trainer, "train", train_report, cfg)}
-        if eval_ds is not None:
-            fitted["eval"] = _fit_lengths(trainer, "eval", eval_report, cfg)
-        # The gold check samples as PPO does: prompts fitted to ppo.max_prompt_length by data.long_rows.
-        kept, _, fitted["gold_prompts"] = rollout.fit_prompts(
-            tok, [{"prompt": r["messages"][:-1]} for r in eval_rows[:sc.gold_eval_prompts]], eval_report,
-            cfg.ppo.max_prompt_length, cfg.data.long_rows, "SFT gold-check prompts")
-        eval_prompts = [r["prompt"] for r in kept]
-        if fitted["gold_prompts"].over:
-            print(f"[sft] {fitted['gold_prompts'].summary()}", flush=True)
-        trainable, total = models.count_parameters(trainer.model)
-        print(f"[sft] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", flush=True)
+    resumed_at = json.loads((ckpt / TRAINER_STATE).read_text())["global_step"] if ckpt is not None else None
+    logger = MetricsLogger(work / "metrics.jsonl", work / "tensorboard" if sc.tensorboard else None,
+                           resume_step=resumed_at)
+    saving = {"save_strategy": "steps", "save_steps": sc.save_steps} if sc.save_steps else {"save_strategy": "no"}
+    args = SFTConfig(
+        output_dir=str(work / "trainer"), per_device_train_batch_size=sc.batch_size,
+        per_device_eval_batch_size=sc.batch_size, gradient_accumulation_steps=sc.grad_accum,
+        learning_rate=sc.learning_rate, num_train_epochs=sc.epochs, max_steps=sc.max_steps,
+        lr_scheduler_type=sc.lr_scheduler, warmup_steps=sc.warmup_ratio, weight_decay=sc.weight_decay,
+        logging_steps=sc.logging_steps, eval_strategy="no", report_to=[], **saving,
+        # No length limit or packing in trl: _fit_lengths applies data.long_rows, then packs (best-fit decreasing).
+        max_length=None, assistant_only_loss=assistant_masks, padding_free=sc.padding_free, packing=False,
+        gradient_checkpointing=sc.gradient_checkpointing, seed=sc.seed, data_seed=sc.seed,
+        dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
+        # PeftModel.forward hides `labels` behind **kwargs, so the Trainer cannot infer it.
+        label_names=["labels"],
+        **trainer_precision_kwargs(device, dtype))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tok, peft_config=models.lora_config(sc.lora, model=model),
+                         callbacks=[JsonlMetrics(logger, "sft"), ReleaseMemory(), ResumableCheckpoints(stage.checkpoints)])
+    restore_fp32_trainables(trainer.model)
+    fitted = {"train": _fit_lengths(trainer, "train", train_report, cfg)}
+    if eval_ds is not None:
+        fitted["eval"] = _fit_lengths(trainer, "eval", eval_report, cfg)
+    # The gold check samples as PPO does: prompts fitted to ppo.max_prompt_length by data.long_rows.
+    kept, _, fitted["gold_prompts"] = rollout.fit_prompts(
+        tok, [{"prompt": r["messages"][:-1]} for r in eval_rows[:sc.gold_eval_prompts]], eval_report,
+        cfg.ppo.max_prompt_length, cfg.data.long_rows, "SFT gold-check prompts")
+    eval_prompts = [r["prompt"] for r in kept]
+    if fitted["gold_prompts"].over:
+        print(f"[sft] {fitted['gold_prompts'].summary()}", flush=True)
+    trainable, total = models.count_parameters(trainer.model)
+    print(f"[sft] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", flush=True)
 
-        # 3. evaluate before training
-        metrics: dict = {"trainable_params": trainable, "total_params": total,
-                         **{k: v for split, rep in fitted.items() for k, v in rep.metrics(split).items()}}
+    # 3. evaluate before training; kept in the work folder, where a resumed run reads it back
+    metrics: dict = {"trainable_params": trainable, "total_params": total,
+                     **{k: v for split, rep in fitted.items() for k, v in rep.metrics(split).items()}}
+    before_path = work / "before.json"
+    if ckpt is not None and before_path.is_file():
+        before = json.loads(before_path.read_text())
+    else:
+        before = {"metrics": {}, "samples": []}
         if eval_ds is not None:
-            metrics["eval_loss_before"] = _eval_loss(trainer, sc.max_length)
-        samples: list[dict] = []
+            before["metrics"]["eval_loss_before"] = _eval_loss(trainer, sc.max_length)
         if eval_prompts:
             # The base model: the SFT adapter is a no-op before training (LoRA B starts at zero).
             rows = gold_samples(trainer.model, tok, eval_prompts, sc.gold_samples_per_prompt, sc.gold_max_new_tokens,
                                 cfg.ppo.temperature, sc.seed, sc.gold_batch_size, cfg.ppo.max_prompt_length)
-            samples += [{"model": "base", **r} for r in rows]
-            metrics["gold_before"], metrics["gold_before_se"] = mean_se([r["gold"] for r in rows])
+            before["samples"] = [{"model": "base", **r} for r in rows]
+            before["metrics"]["gold_before"], before["metrics"]["gold_before_se"] = mean_se([r["gold"] for r in rows])
+        write_text_atomic(before_path, json.dumps(before))
+    metrics.update(before["metrics"])
+    samples: list[dict] = list(before["samples"])
 
-        # 4. train
-        t_train = time.time()
-        # The trainer autocasts each step itself. An autocast around all of train() would be wrong: its
-        # cache of bf16 weight copies would outlive the step, and from the second step on the LoRA A
-        # weights got no gradient (a test caught it: layer-0 A unchanged after training).
-        result = trainer.train()
-        metrics["train_seconds"] = round(time.time() - t_train, 1)
-        metrics["train_loss"] = result.training_loss
-        # Non-padding tokens (include_num_input_tokens_seen="non_padding"), so padding-free runs compare fairly.
-        metrics["train_tokens"] = int(trainer.state.num_input_tokens_seen)
-        metrics["train_tokens_per_second"] = round(metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9), 1)
+    # 4. train (from the checkpoint when resuming: adapter, optimizer, scheduler, RNG, data position)
+    t_train = time.time()
+    # The trainer autocasts each step itself. An autocast around all of train() would be wrong: its
+    # cache of bf16 weight copies would outlive the step, and from the second step on the LoRA A
+    # weights got no gradient (a test caught it: layer-0 A unchanged after training).
+    guard.graceful_stop(True)  # SIGINT/SIGTERM from here on: the Trainer saves the step it finished and stops
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
+    guard.graceful_stop(False)
+    if guard.stop_requested() and trainer.state.global_step < trainer.state.max_steps:
+        raise guard.StopRequested(guard.stop_requested(), f"after step {trainer.state.global_step}")
+    metrics["train_seconds"] = round(time.time() - t_train, 1)
+    metrics["train_loss"] = train_loss(trainer.state.log_history)
+    # Non-padding tokens (include_num_input_tokens_seen="non_padding"), so padding-free runs compare fairly.
+    metrics["train_tokens"] = int(trainer.state.num_input_tokens_seen)
+    metrics["train_tokens_per_second"] = round(metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9), 1)
 
-        # 5. evaluate after training
-        if eval_ds is not None:
-            metrics["eval_loss_after"] = _eval_loss(trainer, sc.max_length)
-        if eval_prompts:
-            rows = gold_samples(trainer.model, tok, eval_prompts, sc.gold_samples_per_prompt, sc.gold_max_new_tokens,
-                                cfg.ppo.temperature, sc.seed, sc.gold_batch_size, cfg.ppo.max_prompt_length)
-            samples += [{"model": "sft", **r} for r in rows]
-            metrics["gold_after"], metrics["gold_after_se"] = mean_se([r["gold"] for r in rows])
-            metrics["gold_samples"] = len(rows)
-            # Kept for the reward stage: its correlation with gold on what the SFT policy writes.
-            write_jsonl(tmp / GOLD_SAMPLES, samples)
-        metrics["wall_seconds"] = round(time.time() - t0, 1)
-        logger.log({"step": trainer.state.global_step, **{f"sft/{k}": v for k, v in metrics.items()
-                                                          if isinstance(v, (int, float))}})
-        logger.close()
+    # 5. evaluate after training
+    if eval_ds is not None:
+        metrics["eval_loss_after"] = _eval_loss(trainer, sc.max_length)
+    if eval_prompts:
+        rows = gold_samples(trainer.model, tok, eval_prompts, sc.gold_samples_per_prompt, sc.gold_max_new_tokens,
+                            cfg.ppo.temperature, sc.seed, sc.gold_batch_size, cfg.ppo.max_prompt_length)
+        samples += [{"model": "sft", **r} for r in rows]
+        metrics["gold_after"], metrics["gold_after_se"] = mean_se([r["gold"] for r in rows])
+        metrics["gold_samples"] = len(rows)
+        # Kept for the reward stage: its correlation with gold on what the SFT policy writes.
+        write_jsonl(work / GOLD_SAMPLES, samples)
+    metrics["wall_seconds"] = round(time.time() - t0, 1)
+    logger.log({"step": trainer.state.global_step, **{f"sft/{k}": v for k, v in metrics.items()
+                                                      if isinstance(v, (int, float))}})
+    logger.close()
 
-        # 6. save: adapter (safetensors) + tokenizer + config + manifest (last)
-        trainer.model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
-        write_manifest(tmp, "sft", cfg, base, metrics,
-                       data={"train": data.manifest_entry(cfg.data.sft_train, train_report, cfg.data.split,
-                                                          fitted["train"]),
-                             "eval": data.manifest_entry(cfg.data.sft_eval, eval_report, cfg.data.split, fitted["eval"])
-                             if eval_report else {"source": cfg.data.sft_eval}})
+    # 6. save: adapter (safetensors) + tokenizer + config + manifest (last), then RUN/sft.work -> RUN/sft
+    trainer.model.save_pretrained(work)
+    tok.save_pretrained(work)
+    shutil.rmtree(work / "trainer", ignore_errors=True)
+    before_path.unlink()
+    write_manifest(work, "sft", cfg, base, metrics,
+                   data={"train": data.manifest_entry(cfg.data.sft_train, train_report, cfg.data.split,
+                                                      fitted["train"]),
+                         "eval": data.manifest_entry(cfg.data.sft_eval, eval_report, cfg.data.split, fitted["eval"])
+                         if eval_report else {"source": cfg.data.sft_eval}})
+    stage.publish()
     print(f"[sft] done in {metrics['wall_seconds']}s -> {out}", flush=True)
     for k in ("eval_loss_before", "eval_loss_after"):
         if k in metrics:

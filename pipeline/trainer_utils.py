@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
@@ -18,14 +19,54 @@ class JsonlMetrics(TrainerCallback):
         self.start = time.time()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs:
+        # The end-of-training summary (train_loss...) covers only the steps since a resume; the stage logs
+        # its own summary.
+        if not logs or "train_loss" in logs:
             return
         row = {"step": state.global_step, "time/elapsed": round(time.time() - self.start, 2)}
         for k, v in logs.items():
-            if isinstance(v, (int, float)):
+            # trl's num_tokens restarts at 0 on resume; the Trainer's num_input_tokens_seen is restored.
+            if isinstance(v, (int, float)) and k not in ("num_tokens", "eval_num_tokens"):
                 key = k[len("eval_"):] if k.startswith("eval_") else k
                 row[f"{self.namespace}/{'eval_' if k.startswith('eval_') else ''}{key}"] = v
         self.logger.log(row, step=state.global_step)
+
+
+class ResumableCheckpoints(TrainerCallback):
+    """Make the Trainer's checkpoints ours: each ``output_dir/checkpoint-N`` it finished writing moves into
+    ``checkpoints`` in one rename (so only complete ones are there, the newest ``keep`` kept), without
+    ``training_args.bin`` (a pickle of the arguments that nothing reads back). Loss windows end at every
+    save, so a resumed run logs the same rows as an uninterrupted one. A SIGINT/SIGTERM inside
+    ``guard.graceful_stop`` makes the Trainer save the step it finished and stop."""
+
+    def __init__(self, checkpoints):
+        self.checkpoints = checkpoints
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from pipeline import guard
+
+        guard.failpoint(f"sft:step:{state.global_step}")
+        if guard.stop_requested() and state.global_step < state.max_steps:
+            control.should_save = control.should_training_stop = True
+        if control.should_save:  # runs after the Trainer's DefaultFlowCallback has set it
+            control.should_log = True
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        (folder / "training_args.bin").unlink(missing_ok=True)
+        self.checkpoints.install(folder, state.global_step)
+
+
+def train_loss(log_history: list[dict]) -> float:
+    """Mean training loss over every step, from the Trainer's logged windows (each ``loss`` is the mean
+    over the steps since the previous log). The Trainer's own ``training_loss`` covers only the steps
+    since a resume. Windows 2 steps at 1.0 then 1 step at 4.0: (2 * 1.0 + 1 * 4.0) / 3 = 2.0."""
+    total, last = 0.0, 0
+    for row in log_history:
+        if "loss" in row and "step" in row:
+            total += row["loss"] * (row["step"] - last)
+            last = row["step"]
+    return total / last if last else float("nan")
 
 
 class ReleaseMemory(TrainerCallback):

@@ -25,3 +25,13 @@ def randomize_lora_b(model: torch.nn.Module, std: float, generator: torch.Genera
                     p.normal_(0, std)
                 else:
                     p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+class Payload:
+    """Unpickling this creates the file ``marker``: it stands for any code a crafted checkpoint would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

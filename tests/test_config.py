@@ -86,14 +86,54 @@ def test_shipped_rloo_and_grpo_configs_spend_the_default_episode_budget():
         # everything else is the default run's, so the curves differ by the estimator alone
         assert pc.learning_rate == default.learning_rate and pc.kl_coef == default.kl_coef
     assert load_config(REPO / "configs" / "compare.yaml").eval.runs == ["runs/ppo", "runs/rloo", "runs/grpo"]
+@pytest.mark.parametrize("override,message", [
+    ("ppo.temperature=0", "ppo.temperature must be > 0, got 0.0"),
+    ("ppo.gamma=1.5", "ppo.gamma must be in [0, 1], got 1.5"),
+    ("ppo.kl_coef=-0.1", "ppo.kl_coef must be >= 0, got -0.1"),
+    ("ppo.kl_coef=.nan", "ppo.kl_coef must be a finite number, got nan"),
+    ("sft.learning_rate=.inf", "sft.learning_rate must be a finite number, got inf"),
+    ("sft.max_steps=0", "sft.max_steps must be -1 (run epochs) or >= 1, got 0"),
+    ("reward.save_steps=-5", "reward.save_steps must be >= 0 (0 = no checkpoints), got -5"),
+    ("sft.keep_checkpoints=0", "sft.keep_checkpoints must be >= 1, got 0"),
+    ("sft.seed=-1", "sft.seed must be in [0, 4294967295], got -1"),
+    ("sft.lr_scheduler=warm", "sft.lr_scheduler: 'warm' is not one of linear, cosine"),
+    ("sft.lora.bias=some", "sft.lora.bias: 'some' is not one of none, all, lora_only"),
+    ("sft.lora.target_modules=[]", "sft.lora.target_modules must be 'all-linear' or a non-empty list"),
+    ("model.device=gpu", "model.device: 'gpu' is not one of auto, cpu, cuda, cuda:N, mps or xpu"),
+    ("eval.best_of_n=[1, 0]", "eval.best_of_n[1] must be >= 1, got 0"),
+    ("fuse.density=0", "fuse.density must be in (0, 1], got 0.0"),
+    ("fuse.weights=[1]", "fuse.weights has 1 values for 2 adapters"),
+    ("fuse.method=average", "fuse.method: 'average' is not one of cat, linear"),
+    ("ppo.rewards=[]", "ppo.rewards is empty"),
+    ("ppo.rewards=[{weight: 2}]", "ppo.rewards[0]: a reward spec is a name or a mapping with a 'name'"),
+    ("eval.gold=[{name: sentiment, weight: .nan}]", "eval.gold[0].weight must be a finite number"),
+    ("ppo.batch_size=6", "ppo.batch_size (6) must be divisible by ppo.minibatches"),
+])
+def test_out_of_range_values_name_key_value_and_range(override, message):
+    overrides = [override, "ppo.minibatches=4"] if "divisible" in message else [override]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+
+
+def test_every_number_and_choice_has_a_valid_range():
+    """A key added without a range would accept any value: every int and float key needs a rule."""
+    from pipeline.config import RULES, _leaves
+
+    numeric = [k for k, v in _leaves(PipelineConfig()) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    assert [k for k in numeric if k not in RULES] == []
+    assert not set(RULES) - {k for k, _ in _leaves(PipelineConfig())}  # no rule for a key that is gone
+    for key, value in _leaves(PipelineConfig()):  # the defaults themselves are valid
+        if key in RULES and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            assert RULES[key].ok(value), key
 
 
 def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
     # YAML 1.1 reads 1e-4 as a string; "1e-4" is what people type for a learning rate.
     yml = tmp_path / "c.yaml"
     yml.write_text("sft:\n  learning_rate: 3e-4\n")
-    cfg = load_config(yml, ["ppo.learning_rate=1e-4", "ppo.kl_coef=-2E-2"])
-    assert cfg.sft.learning_rate == 3e-4 and cfg.ppo.learning_rate == 1e-4 and cfg.ppo.kl_coef == -0.02
+    cfg = load_config(yml, ["ppo.learning_rate=1e-4", "ppo.missing_eos_penalty=-2E-2"])
+    assert cfg.sft.learning_rate == 3e-4 and cfg.ppo.learning_rate == 1e-4 and cfg.ppo.missing_eos_penalty == -0.02
     with pytest.raises(ConfigError, match="ppo.learning_rate: expected float, got 'fast'"):
         load_config(None, ["ppo.learning_rate=fast"])
 
