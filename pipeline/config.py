@@ -260,6 +260,12 @@ class EvalConfig:
     # from the same base and SFT adapter; each run's checkpoints become one series, labelled by its
     # ppo.algorithm (and folder name where two share one). RUN/ppo, when complete, is the first series.
     runs: list[str] = field(default_factory=list)
+    # The forgetting check: each model's token loss, perplexity and per-token KL to the base on general
+    # text no stage trains on (pipeline/forgetting.py); "" skips it. One forward per model, no sampling:
+    # about 5 s per model on the embedded model at one CPU thread (README "Forgetting").
+    forgetting: str = "data/general_text.jsonl"
+    # Tokens kept per passage (its start); longer passages are cut and counted in summary.txt.
+    forgetting_max_tokens: int = 256
 
 
 @dataclass
@@ -474,6 +480,7 @@ RULES: dict[str, Rule] = {
     "eval.best_of_n": _POSITIVE_INT,
     "eval.batch_size": _POSITIVE_INT,
     "eval.seed": _SEED,
+    "eval.forgetting_max_tokens": _at_least(2, " (a passage scores each token after its first)"),
 }
 
 

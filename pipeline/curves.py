@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 CSV_COLUMNS = ("kind", "name", "step", "kl_k1_mean", "kl_k1_se", "kl_k3_mean", "sqrt_kl", "proxy_mean",
-               "proxy_se", "gold_mean", "gold_se", "win_rate", "win_lo", "win_hi", "n_samples", "series")
+               "proxy_se", "gold_mean", "gold_se", "win_rate", "win_lo", "win_hi", "n_samples", "series",
+               # the forgetting check (pipeline/forgetting.py): empty for best-of-n and when eval.forgetting is ""
+               "general_nll", "general_ppl", "general_kl_to_base")
 X_LABEL = "sqrt(KL to reference) [nats^0.5]"
 # One colour per RL series, the first as the single-run plot has always drawn PPO; orange, green and
 # gray stay best-of-n's, SFT's and the base's.
@@ -377,5 +379,5 @@ def write_csv(points: list[dict], path: Path) -> None:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         for p in points:
-            w.writerow(["" if p[c] is None else repr(p[c]) if isinstance(p[c], float) else p[c]
-                        for c in CSV_COLUMNS])
+            values = [p.get(c) for c in CSV_COLUMNS]
+            w.writerow(["" if v is None else repr(v) if isinstance(v, float) else v for v in values])

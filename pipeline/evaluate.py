@@ -27,6 +27,10 @@ Best-of-n baseline: ``max(eval.best_of_n)`` responses per prompt are sampled onc
 for each n they are split into disjoint groups of n, the proxy picks the best of each group, and
 the pick is scored by proxy and gold. Its KL to the SFT model is the analytic ``log n - (n-1)/n``.
 
+Forgetting check (``eval.forgetting``, :mod:`pipeline.forgetting`): every model's token loss, perplexity
+and per-token KL(model || base) over the full vocabulary on general text no stage trained on, one
+batched forward per model (no sampling), as columns of curves.csv and a table in summary.txt.
+
 Outputs in ``RUN/eval/`` (written atomically): ``curves.csv``, ``curves.png``, ``summary.txt``,
 ``samples.jsonl`` and ``manifest.json`` (stage "eval", the table in ``metrics.points``); the points,
 fits, table and plot are made in :mod:`pipeline.curves`.
@@ -51,7 +55,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from pipeline import data, models, ppo_math, rollout
+from pipeline import data, forgetting, models, ppo_math, rollout
 from pipeline.artifacts import (ArtifactError, atomic_output, check_same_base, is_complete, read_manifest,
                                 write_manifest)
 from pipeline.checkpoints import Checkpoints, load_state
@@ -392,6 +396,7 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
         print(f"[eval] only {len(prompts)} eval prompts available (eval.prompts={ec.prompts})", flush=True)
     prompts = prompts[:ec.prompts]
     print(f"[eval] {report.summary()}; using {len(prompts)}", flush=True)
+    passages = forgetting.read_passages(ec.forgetting) if ec.forgetting else None  # fail before any model loads
 
     # 2. artifacts: SFT adapter; the PPO-family runs (RUN/ppo, eval.runs) and their checkpoints
     sft_dir = substitute_run_dir(pc.sft_adapter, run_dir)
@@ -409,6 +414,7 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
 
     # 3. one base, many adapters: sft + policy (+ the learned reward, attached by its loader)
     base_model, tok, base = models.load_base(cfg.model)
+    batch_size = ec.batch_size
     consumed: dict = {}
     adapters: dict[str, Path] = {}
     if sft_dir is not None:
@@ -441,6 +447,12 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     reference = [SFT] if pc.reference == "sft" else None
     start = [SFT] if sft_dir is not None else None  # the model PPO started from: win rates and best-of-n
     device = next(peft_model.parameters()).device
+    probe = None
+    if passages is not None:  # the base's hidden states on the general text, once (adapters off)
+        probe = forgetting.ForgettingProbe(peft_model, forgetting.encode_passages(
+            tok, passages, ec.forgetting, ec.forgetting_max_tokens, batch_size))
+        print(f"[eval] forgetting check on {ec.forgetting}: {probe.text.passages} passages, {probe.text.tokens} "
+              f"scored tokens ({probe.text.truncated} cut to eval.forgetting_max_tokens)", flush=True)
 
     # 4. rewards: the proxy (what PPO optimised) and the gold, both on the same in-memory base
     context = {"load_reward_model": lambda path, **kw: load_reward_scorer(path, host=(peft_model, tok, base), **kw)}
@@ -460,7 +472,6 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     print(f"[eval] {prompt_lengths.summary()}", flush=True)
     stop_ids = rollout.stop_token_ids(tok, base_model)
     k = ec.samples_per_prompt
-    batch_size = ec.batch_size
     merged = models.sample_from_merged(peft_model, pc.rollout_weights, pc.rollout_merge_max_gb,
                                        models.compute_dtype(cfg.model, device))
     specs = [ModelSpec("base", "base", None)]
@@ -479,10 +490,13 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     print(f"[eval] {len(specs)} models x {len(prompts)} prompts x {k} samples at temperature {pc.temperature}, "
           f"reference {pc.reference}; best-of-n {list(ec.best_of_n)}", flush=True)
     results: dict[str, Samples] = {}
+    forgotten: dict[str, dict] = {}
     for spec in tqdm(specs, desc="eval models"):
         if spec.policy_dir is not None:
             models.load_adapter_weights(peft_model, spec.slot, spec.policy_dir)
             _check_adapter_loaded(peft_model, spec.slot, spec.policy_dir)
+        if probe is not None:
+            forgotten[spec.name] = probe.measure(adapters=spec.adapters)
         # Seeded by the name within its series: a checkpoint samples the same responses whichever other
         # series share the plot, and the same step of two series shares its sampling noise (common random
         # numbers: their difference is measured with less variance).
@@ -498,7 +512,7 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
         s = results[spec.name]
         win = win_rate(s.gold, comparator.gold)  # same (prompt, sample) order: sample j of prompt i vs j of i
         points.append(make_point(spec.kind, spec.name, spec.step, s.kl_k1, s.kl_k3, s.proxy, s.gold, win,
-                                 series=spec.series))
+                                 series=spec.series) | forgetting.columns(forgotten.get(spec.name)))
 
     # 6. best-of-n from the starting (SFT) model: one pool, disjoint groups of n per prompt
     bon_rows = []
@@ -522,7 +536,7 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
                     picks.append((i, g, best))
             kl = bon_kl(n)
             point = make_point("bon", f"n={n}", None, [kl] * len(gold), [kl] * len(gold), proxy, gold,
-                               win_rate(gold, comp))
+                               win_rate(gold, comp)) | forgetting.columns(None)  # SFT's samples: no model of its own
             point.update(kl_k1_mean=kl, kl_k1_se=0.0, kl_k3_mean=kl, sqrt_kl=math.sqrt(kl))
             points.append(point)
             bon_rows += [{"kind": "bon", "name": f"n={n}", "step": None, "prompt_index": i, "group": g,
@@ -557,6 +571,8 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
         header += "\nseries: " + "; ".join(f"{series_title(s.key)} = {s.ppo_dir} ({s.source})" for s in series)
     fits = curve_fits(points)
     summary = summary_text(points, header, fits)
+    if probe is not None:
+        summary += "\n" + forgetting.table([(spec.name, forgotten[spec.name]) for spec in specs], probe.text)
     best = best_gold(points)
     headline = ("name", "step", "gold_mean", "gold_se", "proxy_mean", "kl_k1_mean")
     best_per_series = {s.key: max(rl_family(points, s.key), key=lambda p: p["gold_mean"], default=None)
@@ -581,9 +597,15 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
                    "per_model": extras, "fits": fits, "proxy_per_nat": proxy_per_nat(points),
                    "prompts": len(prompts), "samples_per_prompt": k, **prompt_lengths.metrics("prompts"),
                    "temperature": pc.temperature, "reference": pc.reference}
-        write_manifest(tmp, "eval", cfg, base, metrics, adapters=consumed,
-                       data={"prompts": {**data.manifest_entry(cfg.data.prompts_eval, report, cfg.data.split,
-                                                               prompt_lengths), "rows": len(prompts)}},
+        data_entries = {"prompts": {**data.manifest_entry(cfg.data.prompts_eval, report, cfg.data.split,
+                                                          prompt_lengths), "rows": len(prompts)}}
+        if probe is not None:
+            metrics["forgetting"] = {"source": ec.forgetting, "passages": probe.text.passages,
+                                     "tokens": probe.text.tokens, "truncated": probe.text.truncated,
+                                     "models": forgotten}
+            data_entries["forgetting"] = {"source": ec.forgetting, "sha256": data.data_hash(ec.forgetting),
+                                          "rows": probe.text.passages}
+        write_manifest(tmp, "eval", cfg, base, metrics, adapters=consumed, data=data_entries,
                        extra={"proxy": repr(proxy_fn), "gold": repr(gold_fn)})
     sys.stdout.write("\n" + summary)
     print(f"[eval] done -> {out}", flush=True)

@@ -210,20 +210,26 @@ def response_pooled_hidden(model, input_ids: torch.Tensor, attention_mask: torch
                            response_mask: torch.Tensor) -> torch.Tensor:
     """Final hidden states averaged over each row's response tokens (``response_mask``), (B, H) float32:
     what the reward model's score head reads. Rows are left-padded; position ids come from the mask."""
-    backbone, _ = _backbone_and_head(model)
-    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    with models.compute_context(model):
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state
-    return mean_pool(hidden, response_mask)
+    return mean_pool(final_hidden(model, input_ids, attention_mask), response_mask)
 
 
 def last_hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    index: torch.Tensor) -> torch.Tensor:
     """Final hidden state at ``index`` (B,) of each row: what a score head reads. (B, H)."""
+    hidden = final_hidden(model, input_ids, attention_mask)
+    return hidden[torch.arange(hidden.shape[0]), index]
+
+
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The backbone's final hidden states (B, T, H), without the LM head, in the model's compute
+    precision. Rows may be left- or right-padded: position ids count the real tokens of each row."""
     backbone, _ = _backbone_and_head(model)
     position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
     with models.compute_context(model):
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state
-    return hidden[torch.arange(hidden.shape[0]), index]
+        return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False).last_hidden_state
+
+
+def output_head(model) -> torch.nn.Module:
+    """The LM head (vocabulary projection) of a causal LM, plain or wrapped in peft."""
+    return _backbone_and_head(model)[1]

@@ -250,6 +250,17 @@ def test_eval_curves_csv_numbers_are_consistent(eval_run):
     # same pool: the best of each group of 4 is at least the mean of those 4 (n=1 averages all of them)
     assert _f(by_name["n=4"], "proxy_mean") >= _f(by_name["n=1"], "proxy_mean") - 1e-9
 
+    # The forgetting check (eval.forgetting defaults to data/general_text.jsonl): the base against itself
+    # is exactly 0 (computed: a second forward with every adapter off); trained adapters move away from it.
+    assert _f(base, "general_kl_to_base") == 0.0
+    for r in rows:
+        if r["kind"] == "bon":  # best-of-n is the SFT model's samples, no model of its own
+            assert (r["general_nll"], r["general_ppl"], r["general_kl_to_base"]) == ("", "", "")
+            continue
+        assert _f(r, "general_ppl") == pytest.approx(math.exp(_f(r, "general_nll")), rel=1e-12)
+        if r["kind"] != "base":
+            assert _f(r, "general_kl_to_base") > 0.0 and _f(r, "general_nll") != _f(base, "general_nll")
+
 
 def test_eval_outputs_manifest_summary_samples_and_png(eval_run):
     run, rows, output, again = eval_run
@@ -267,6 +278,16 @@ def test_eval_outputs_manifest_summary_samples_and_png(eval_run):
     assert [p["name"] for p in points] == [r["name"] for r in rows]
     assert [p["gold_mean"] for p in points] == [float(r["gold_mean"]) for r in rows]
     assert set(manifest["adapters"]) == {"sft", "ppo:step-000002", "ppo:step-000003"}
+    general = manifest["metrics"]["forgetting"]
+    assert (general["source"], general["passages"]) == ("data/general_text.jsonl", 48)
+    assert set(general["models"]) == {"base", "sft", "step-000002", "step-000003"}
+    assert sum(general["models"]["sft"]["token_counts"]) == general["tokens"] == general["models"]["sft"]["tokens"]
+    assert [p["general_nll"] for p in points] == [float(r["general_nll"]) if r["general_nll"] else None for r in rows]
+    assert manifest["data"]["forgetting"]["rows"] == 48 and len(manifest["data"]["forgetting"]["sha256"]) == 64
+    table = summary[summary.index("Forgetting check on data/general_text.jsonl (48 passages"):].splitlines()
+    assert [line.split()[0] for line in table[3:7]] == ["base", "sft", "step-000002", "step-000003"]
+    assert table[3].split()[1:] == [f"{general['models']['base']['nll']:.4f}", "+0.0000",
+                                    f"{general['models']['base']['ppl']:.3f}", "0.0000"]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["name"] for s in samples} >= {"base", "sft", "step-000002", "step-000003", "n=4"}
     for s in samples:
@@ -359,3 +380,18 @@ def test_eval_runs_refuse_runs_that_do_not_share_the_start(compare_runs, data_ov
     assert r.exit_code != 0
     assert f"eval.runs[1]: the run in {foreign} started from /elsewhere/sft (sha256 ffffffffffff)" in r.output
     assert "must share the SFT model" in r.output and "Traceback" not in r.output
+
+
+def test_eval_forgetting_empty_skips_it_and_a_missing_file_stops_first(eval_run, data_overrides, tmp_path):
+    run = eval_run[0]
+    missing = _cli("eval", _linked_run(tmp_path / "missing", run), *data_overrides, "eval.forgetting=nope.jsonl")
+    assert missing.exit_code != 0 and "nope.jsonl: file not found" in missing.output
+    assert "[model]" not in missing.output  # stopped before any model loaded
+    skipped = _linked_run(tmp_path / "skipped", run)
+    r = _cli("eval", skipped, *data_overrides, "eval.forgetting=")
+    assert r.exit_code == 0, (r.output, r.exception)
+    rows = _csv(skipped)
+    assert [r_["kind"] for r_ in rows] == ["base", "sft", "bon", "bon", "bon"]
+    assert all(r_[c] == "" for r_ in rows for c in ("general_nll", "general_ppl", "general_kl_to_base"))
+    assert "Forgetting check" not in (skipped / "eval" / "summary.txt").read_text()
+    assert "forgetting" not in json.loads((skipped / "eval" / "manifest.json").read_text())["metrics"]

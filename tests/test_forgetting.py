@@ -1,0 +1,165 @@
+"""The forgetting check: its math by hand, and on the tiny NF4 model the base's KL to itself, a zero-B
+adapter and a random adapter, against losses and KLs computed independently from whole logits."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import randomize_lora_b
+
+from pipeline import forgetting
+from pipeline.data import DataError
+
+LN2, LN3 = math.log(2.0), math.log(3.0)
+
+
+def test_token_nll_and_kl_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [LN3, 0.0]])
+    base = torch.tensor([[5.0, 5.0 + LN3], [LN3, 0.0]])  # a shift of every logit (+5) changes nothing
+    nll, kl = forgetting.token_nll_and_kl(logits, base, torch.tensor([0, 1]))
+    # row 0: p = (1/2, 1/2), q = (1/4, 3/4); -log p_0 = ln 2 = 0.6931;
+    #        KL = 1/2 ln(2) + 1/2 ln(2/3) = 1/2 ln(4/3) = 0.1438
+    # row 1: p = q = (3/4, 1/4); -log p_1 = ln 4 = 1.3863; KL = 0 exactly
+    assert nll.tolist() == pytest.approx([LN2, 2 * LN2], abs=1e-6)
+    assert kl[0].item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
+    assert kl[1].item() == 0.0
+    assert nll.dtype == kl.dtype == torch.float32
+    # bf16 logits are upcast: ln 3 = 1.0986 rounds to 1 + 13/128 = 1.1016 in bf16, e^1.1016 = 3.0089,
+    # p_1 = 1 / 4.0089 = 0.24944, -log p_1 = 1.3885
+    nll16, kl16 = forgetting.token_nll_and_kl(logits.bfloat16(), logits.bfloat16(), torch.tensor([0, 1]))
+    assert nll16[1].item() == pytest.approx(1.3885, abs=1e-4) and kl16.tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="expected logits"):
+        forgetting.token_nll_and_kl(logits, base[:1], torch.tensor([0, 1]))
+
+
+def test_summarize_weights_every_token_equally():
+    s = forgetting.summarize([2.0, 4.0], [0.1, 0.3], [1, 3])
+    # (2 + 4) / (1 + 3) = 1.5 nats per token, not the passage average (2/1 + 4/3) / 2 = 1.667
+    assert s["nll"] == 1.5 and s["ppl"] == pytest.approx(4.4816890703, abs=1e-9)  # e^1.5
+    assert s["kl"] == pytest.approx(0.1)  # (0.1 + 0.3) / 4
+    assert (s["tokens"], s["passages"]) == (4, 2)
+    with pytest.raises(ValueError, match="no scored tokens"):
+        forgetting.summarize([], [], [])
+
+
+def test_read_passages_names_the_row_at_fault(tmp_path):
+    f = tmp_path / "general.jsonl"
+    f.write_text(json.dumps({"text": "One passage."}) + "\n" + json.dumps({"body": "no text"}) + "\n")
+    with pytest.raises(DataError, match=r"general.jsonl row 2: needs a non-empty 'text' field .*eval.forgetting"):
+        forgetting.read_passages(str(f))
+    with pytest.raises(DataError, match="file not found"):
+        forgetting.read_passages(str(tmp_path / "missing.jsonl"))
+    texts = forgetting.read_passages("data/general_text.jsonl")
+    assert len(texts) == 48 and all(isinstance(t, str) and len(t) > 100 for t in texts)
+
+
+# ---------------------------------------------------------------------------------------------
+# On the tiny NF4 model
+
+
+@pytest.fixture(scope="module")
+def tiny_nf4():
+    """The tiny NF4 base with a zero-B adapter ("zero", as peft initialises it) and a random one."""
+    from pipeline import models
+    from pipeline.config import LoraConfigSection, ModelConfig
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base, tok, _ = models.load_base(ModelConfig(name="embedded:tiny-random-llama", compute_dtype="float32"))
+    lora = models.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0))
+    peft = models.stack_adapters(base, {}, new_adapter=("zero", lora))
+    peft.add_adapter("random", models.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)))
+    randomize_lora_b(peft, 0.5, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if ".zero." in name and "lora_B" in name:
+                p.zero_()
+    peft.eval()
+    # 5 passages in batches of 2 (padding), cut to 40 tokens; chunks of 7 positions cross passages
+    texts = forgetting.read_passages("data/general_text.jsonl")[:5]
+    text = forgetting.encode_passages(tok, texts, "general", max_tokens=40, batch_size=2)
+    probe = forgetting.ForgettingProbe(peft, text, chunk=7)
+    yield peft, tok, texts, text, probe
+    torch.set_num_threads(threads)
+
+
+def _reference(peft, tok, texts, adapters, max_tokens=40):
+    """Per passage, one at a time without padding, from whole logits: (sum of -log p(next), sum of KL)."""
+    from pipeline import models
+
+    out = []
+    for text in texts:
+        ids = torch.tensor([tok(text).input_ids[:max_tokens]])
+        with torch.no_grad():
+            with models.active_adapters(peft, adapters):
+                logits = peft(input_ids=ids).logits[0, :-1]
+            with models.active_adapters(peft, None):
+                base = peft(input_ids=ids).logits[0, :-1]
+        logp, logq = F.log_softmax(logits, -1), F.log_softmax(base, -1)
+        nll = -logp.gather(-1, ids[0, 1:, None]).sum().item()
+        out.append((nll, F.kl_div(logq, logp, reduction="sum", log_target=True).item()))
+    return out
+
+
+def test_base_kl_to_itself_is_exactly_zero_and_losses_match_whole_logits(tiny_nf4):
+    peft, tok, texts, text, probe = tiny_nf4
+    base = probe.measure(adapters=None)
+    assert base["kl_sums"] == [0.0] * 5 and base["kl"] == 0.0
+    assert text.truncated == 5 and text.tokens == 5 * 39 and base["token_counts"] == [39] * 5  # in file order
+    ref = _reference(peft, tok, texts, None)
+    assert base["nll_sums"] == pytest.approx([r[0] for r in ref], rel=1e-5)
+    assert base["nll"] == pytest.approx(sum(r[0] for r in ref) / (5 * 39), rel=1e-5)
+    assert base["ppl"] == pytest.approx(math.exp(base["nll"]))
+
+
+def test_zero_b_adapter_is_the_base_and_a_random_adapter_moves_away(tiny_nf4):
+    peft, tok, texts, _, probe = tiny_nf4
+    base = probe.measure(adapters=None)
+    zero = probe.measure(adapters=["zero"])
+    assert zero["kl_sums"] == [0.0] * 5 and zero["nll_sums"] == base["nll_sums"]  # exactly: B = 0 adds 0
+    moved = probe.measure(adapters=["random"])
+    assert all(k > 1e-3 for k in moved["kl_sums"]) and moved["nll"] != base["nll"]
+    ref = _reference(peft, tok, texts, ["random"])
+    assert moved["nll_sums"] == pytest.approx([r[0] for r in ref], rel=1e-5)
+    assert moved["kl_sums"] == pytest.approx([r[1] for r in ref], rel=1e-4)
+    # Both adapters at once sum their deltas: the random one's B alone is nonzero, so the same model
+    both = probe.measure(adapters=["zero", "random"])
+    assert both["kl_sums"] == pytest.approx(moved["kl_sums"], rel=1e-6)
+    table = forgetting.table([("base", base), ("random", moved)], probe.text)
+    assert "Forgetting check on general (5 passages, 195 scored tokens, 5 cut" in table
+    assert f"{moved['nll'] - base['nll']:+8.4f}" in table.splitlines()[-1]
+
+
+def test_a_full_model_is_measured_against_its_snapshot(tiny_nf4):
+    """A plain model whose head trains (a full fine-tune): the probe keeps the base's head."""
+    from pipeline import models
+    from pipeline.config import ModelConfig
+
+    _, _, _, text, _ = tiny_nf4
+    plain, _, _ = models.load_dequantized_base(ModelConfig(name="embedded:tiny-random-llama"))
+    probe = forgetting.ForgettingProbe(plain, text, snapshot=True)
+    before = probe.measure(plain)
+    assert before["kl"] == 0.0
+    with torch.no_grad():
+        head = plain.get_output_embeddings().weight  # tied: the input embeddings move too
+        head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+    after = probe.measure(plain)
+    assert after["kl"] > 0 and after["nll"] != before["nll"]
+    with pytest.raises(ValueError, match="without adapters"):
+        probe.measure(plain, adapters=["sft"])
+
+
+def test_exact_zeros_hold_in_bf16_compute(tiny_nf4):
+    """Under bf16 autocast too: the base against itself and a zero-B adapter give a KL of exactly 0."""
+    from pipeline import models
+    from pipeline.config import LoraConfigSection, ModelConfig
+
+    _, tok, texts, _, _ = tiny_nf4
+    base, _, _ = models.load_base(ModelConfig(name="embedded:tiny-random-llama", compute_dtype="bfloat16"))
+    peft = models.stack_adapters(base, {}, new_adapter=("zero", models.lora_config(LoraConfigSection(r=4))))
+    peft.eval()
+    probe = forgetting.ForgettingProbe(peft, forgetting.encode_passages(tok, texts, "general", 40, 2), chunk=7)
+    own, zero = probe.measure(adapters=None), probe.measure(adapters=["zero"])
+    assert own["kl_sums"] == zero["kl_sums"] == [0.0] * 5 and own["nll_sums"] == zero["nll_sums"]
+    assert math.isfinite(own["nll"]) and own["nll"] > 0
