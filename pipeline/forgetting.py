@@ -223,7 +223,8 @@ def table(rows: Sequence[tuple[str, dict]], text: GeneralText, note: str = "") -
     cut = f", {text.truncated} cut to eval.forgetting_max_tokens" if text.truncated else ""
     lines = [f"Forgetting check on {text.source} ({text.passages} passages, {text.tokens} scored tokens{cut}; "
              f"text no stage trained on){note}:",
-             f"{'model':<{w}} {'loss (nats/token)':>17} {'vs base':>8} {'perplexity':>10} {'KL to base (nats/token)':>23}"]
+             f"{'model':<{w}} {'loss (nats/token)':>17} {'vs base':>8} {'perplexity':>10} "
+             f"{'KL to base (nats/token)':>23}"]
     lines.append("-" * len(lines[-1]))
     for name, s in rows:
         lines.append(f"{name:<{w}} {s['nll']:>17.4f} {s['nll'] - first:>+8.4f} {s['ppl']:>10.3f} {s['kl']:>23.4f}")

@@ -5,6 +5,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -66,7 +67,48 @@ def _fit_lengths(trainer, split: str, report: data.LoadReport, cfg: PipelineConf
     return rep
 
 
-def _eval_loss(trainer, max_length: int) -> float:
+def build_trainer(cfg: PipelineConfig, model, tok, train_rows: list[dict], eval_rows: list[dict],
+                  reports: tuple[data.LoadReport, Optional[data.LoadReport]], output_dir: Path, peft_config,
+                  callbacks: list, save_steps: int = 0, dtype: Optional[torch.dtype] = None):
+    """trl's SFTTrainer on ``model`` as the SFT stage configures it (``cfg.sft``): chat rows with the loss
+    on assistant turns, rows fitted to sft.max_length by data.long_rows, trainer checkpoints every
+    ``save_steps`` (0 = none), mixed precision by ``dtype`` (default: the configured compute dtype).
+    ``peft_config`` None trains every parameter (benchmarks/forgetting_demo.py).
+    Returns ``(trainer, {"train": LengthReport, "eval": LengthReport})`` ("eval" with eval rows only)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    sc = cfg.sft
+    device = next(model.parameters()).device
+    dtype = dtype or models.compute_dtype(cfg.model, device)
+    assistant_masks = "{% generation %}" in (tok.chat_template or "")
+    train_ds = Dataset.from_list(_to_trainer_rows(train_rows, assistant_masks))
+    eval_ds = Dataset.from_list(_to_trainer_rows(eval_rows, assistant_masks)) if eval_rows else None
+    saving = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {"save_strategy": "no"}
+    args = SFTConfig(
+        output_dir=str(output_dir), per_device_train_batch_size=sc.batch_size,
+        per_device_eval_batch_size=sc.batch_size, gradient_accumulation_steps=sc.grad_accum,
+        learning_rate=sc.learning_rate, num_train_epochs=sc.epochs, max_steps=sc.max_steps,
+        lr_scheduler_type=sc.lr_scheduler, warmup_steps=sc.warmup_ratio, weight_decay=sc.weight_decay,
+        logging_steps=sc.logging_steps, eval_strategy="no", report_to=[], **saving,
+        # No length limit or packing in trl: _fit_lengths applies data.long_rows, then packs (best-fit decreasing).
+        max_length=None, assistant_only_loss=assistant_masks, padding_free=sc.padding_free, packing=False,
+        gradient_checkpointing=sc.gradient_checkpointing, seed=sc.seed, data_seed=sc.seed,
+        dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
+        # PeftModel.forward hides `labels` behind **kwargs, so the Trainer cannot infer it.
+        label_names=["labels"],
+        **trainer_precision_kwargs(device, dtype))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tok, peft_config=peft_config, callbacks=callbacks)
+    restore_fp32_trainables(trainer.model)
+    fitted = {"train": _fit_lengths(trainer, "train", reports[0], cfg)}
+    if eval_ds is not None:
+        fitted["eval"] = _fit_lengths(trainer, "eval", reports[1], cfg)
+    return trainer, fitted
+
+
+def eval_loss(trainer, max_length: int) -> float:
+    """Mean token loss on the trainer's eval split (the SFT eval rows)."""
     result = trainer.evaluate()
     if "eval_loss" not in result:
         raise data.DataError(f"the SFT eval split has no assistant tokens left within sft.max_length={max_length}; "
@@ -75,9 +117,6 @@ def _eval_loss(trainer, max_length: int) -> float:
 
 
 def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     sc = cfg.sft
     # 0. where we write: RUN/sft.work (a checkpoint every sft.save_steps), renamed to RUN/sft at the end
     stage = StageWork(run_dir, "sft", keep=sc.keep_checkpoints, complete=(TRAINER_STATE,))
@@ -102,36 +141,13 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
 
     # 2. model: NF4 base (guarded against the bf16 repack) + a fresh LoRA adapter
     model, tok, base = models.load_base(cfg.model)
-    device = next(model.parameters()).device
-    dtype = models.compute_dtype(cfg.model, device)
-    assistant_masks = "{% generation %}" in (tok.chat_template or "")
-    train_ds = Dataset.from_list(_to_trainer_rows(train_rows, assistant_masks))
-    eval_ds = Dataset.from_list(_to_trainer_rows(eval_rows, assistant_masks)) if eval_rows else None
-
     resumed_at = json.loads((ckpt / TRAINER_STATE).read_text())["global_step"] if ckpt is not None else None
     logger = MetricsLogger(work / "metrics.jsonl", work / "tensorboard" if sc.tensorboard else None,
                            resume_step=resumed_at)
-    saving = {"save_strategy": "steps", "save_steps": sc.save_steps} if sc.save_steps else {"save_strategy": "no"}
-    args = SFTConfig(
-        output_dir=str(work / "trainer"), per_device_train_batch_size=sc.batch_size,
-        per_device_eval_batch_size=sc.batch_size, gradient_accumulation_steps=sc.grad_accum,
-        learning_rate=sc.learning_rate, num_train_epochs=sc.epochs, max_steps=sc.max_steps,
-        lr_scheduler_type=sc.lr_scheduler, warmup_steps=sc.warmup_ratio, weight_decay=sc.weight_decay,
-        logging_steps=sc.logging_steps, eval_strategy="no", report_to=[], **saving,
-        # No length limit or packing in trl: _fit_lengths applies data.long_rows, then packs (best-fit decreasing).
-        max_length=None, assistant_only_loss=assistant_masks, padding_free=sc.padding_free, packing=False,
-        gradient_checkpointing=sc.gradient_checkpointing, seed=sc.seed, data_seed=sc.seed,
-        dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
-        # PeftModel.forward hides `labels` behind **kwargs, so the Trainer cannot infer it.
-        label_names=["labels"],
-        **trainer_precision_kwargs(device, dtype))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tok, peft_config=models.lora_config(sc.lora, model=model),
-                         callbacks=[JsonlMetrics(logger, "sft"), ReleaseMemory(), ResumableCheckpoints(stage.checkpoints)])
-    restore_fp32_trainables(trainer.model)
-    fitted = {"train": _fit_lengths(trainer, "train", train_report, cfg)}
-    if eval_ds is not None:
-        fitted["eval"] = _fit_lengths(trainer, "eval", eval_report, cfg)
+    trainer, fitted = build_trainer(
+        cfg, model, tok, train_rows, eval_rows, (train_report, eval_report), work / "trainer",
+        models.lora_config(sc.lora, model=model),
+        [JsonlMetrics(logger, "sft"), ReleaseMemory(), ResumableCheckpoints(stage.checkpoints)], sc.save_steps)
     # The gold check samples as PPO does: prompts fitted to ppo.max_prompt_length by data.long_rows.
     kept, _, fitted["gold_prompts"] = rollout.fit_prompts(
         tok, [{"prompt": r["messages"][:-1]} for r in eval_rows[:sc.gold_eval_prompts]], eval_report,
@@ -150,8 +166,8 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         before = json.loads(before_path.read_text())
     else:
         before = {"metrics": {}, "samples": []}
-        if eval_ds is not None:
-            before["metrics"]["eval_loss_before"] = _eval_loss(trainer, sc.max_length)
+        if "eval" in fitted:
+            before["metrics"]["eval_loss_before"] = eval_loss(trainer, sc.max_length)
         if eval_prompts:
             # The base model: the SFT adapter is a no-op before training (LoRA B starts at zero).
             rows = gold_samples(trainer.model, tok, eval_prompts, sc.gold_samples_per_prompt, sc.gold_max_new_tokens,
@@ -179,8 +195,8 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     metrics["train_tokens_per_second"] = round(metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9), 1)
 
     # 5. evaluate after training
-    if eval_ds is not None:
-        metrics["eval_loss_after"] = _eval_loss(trainer, sc.max_length)
+    if "eval" in fitted:
+        metrics["eval_loss_after"] = eval_loss(trainer, sc.max_length)
     if eval_prompts:
         rows = gold_samples(trainer.model, tok, eval_prompts, sc.gold_samples_per_prompt, sc.gold_max_new_tokens,
                             cfg.ppo.temperature, sc.seed, sc.gold_batch_size, cfg.ppo.max_prompt_length)
