@@ -10,7 +10,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 RLHF   := $(BIN)/rlhf
 STAGE  = $(RLHF) $(1) --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
-.PHONY: install reuse sft reward ppo fuse eval pipeline data bench bench-sft bench-reward-memory test test-faults test-slow clean-runs
+.PHONY: install reuse sft reward ppo fuse eval pipeline data bench bench-sft bench-reward-memory forgetting-demo test test-faults test-slow clean-runs
 
 install: $(VENV)/.installed
 
@@ -64,6 +64,12 @@ bench-sft: install
 
 bench-reward-memory: install
 	$(BIN)/python benchmarks/reward_memory.py
+
+# LoRA's "forgets less", measured: RUN/sft next to a full float32 fine-tune of the same model on the same
+# SFT data, on the general text of eval.forgetting (RUN/forgetting-demo). Not part of `pipeline`.
+#   make forgetting-demo ARGS="--steps 20 --learning-rate 1e-5"
+forgetting-demo: install
+	$(BIN)/python benchmarks/forgetting_demo.py --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q

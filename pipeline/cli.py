@@ -228,8 +228,9 @@ def fuse(cfg, run_dir, overwrite):
 
 
 @main.command(name="eval", help="KL-versus-reward curves for base, SFT, PPO checkpoints and best-of-n; "
-              "eval.runs=[RUN2, RUN3] adds other runs' checkpoints (e.g. RLOO, GRPO) as series of their own."
-              + _OVERRIDES_HELP)
+              "eval.runs=[RUN2, RUN3] adds other runs' checkpoints (e.g. RLOO, GRPO) as series of their own. "
+              "The forgetting check gives each model's token loss, perplexity and KL to the base on general "
+              "text no stage trains on (eval.forgetting; eval.forgetting= skips it)." + _OVERRIDES_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace an existing complete RUN/eval output.")
 @stage_command
 def eval_(cfg, run_dir, overwrite):

@@ -215,14 +215,14 @@ def columns(stats: Optional[dict]) -> dict:
     return {"general_nll": stats["nll"], "general_ppl": stats["ppl"], "general_kl_to_base": stats["kl"]}
 
 
-def table(rows: Sequence[tuple[str, dict]], text: GeneralText, note: str = "") -> str:
+def table(rows: Sequence[tuple[str, dict]], text: GeneralText) -> str:
     """An aligned table: per model, loss (and its change from the first row, the base), perplexity and
     KL to the base, each per token."""
     w = max([13] + [len(name) for name, _ in rows])
     first = rows[0][1]["nll"] if rows else math.nan
     cut = f", {text.truncated} cut to eval.forgetting_max_tokens" if text.truncated else ""
     lines = [f"Forgetting check on {text.source} ({text.passages} passages, {text.tokens} scored tokens{cut}; "
-             f"text no stage trained on){note}:",
+             f"text no stage trained on):",
              f"{'model':<{w}} {'loss (nats/token)':>17} {'vs base':>8} {'perplexity':>10} "
              f"{'KL to base (nats/token)':>23}"]
     lines.append("-" * len(lines[-1]))

@@ -163,3 +163,62 @@ def test_exact_zeros_hold_in_bf16_compute(tiny_nf4):
     own, zero = probe.measure(adapters=None), probe.measure(adapters=["zero"])
     assert own["kl_sums"] == zero["kl_sums"] == [0.0] * 5 and own["nll_sums"] == zero["nll_sums"]
     assert math.isfinite(own["nll"]) and own["nll"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo (benchmarks/forgetting_demo.py): LoRA SFT next to a full fine-tune, on the tiny config
+
+
+def _demo_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "forgetting_demo.py"
+    spec = importlib.util.spec_from_file_location("forgetting_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_forgetting_demo_puts_a_full_fine_tune_next_to_the_lora_adapter(tmp_path, tiny_nf4):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    rows = [{"messages": [{"role": "user", "content": f"Tell me about topic {i}."},
+                          {"role": "assistant", "content": f"Topic {i} is lovely and great to learn about!"}]}
+            for i in range(6)]
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = [f"data.sft_train={sft}", f"data.sft_eval={sft}"]
+    run = tmp_path / "run"
+    demo = _demo_module()
+    with pytest.raises(Exception, match=r"no SFT adapter at .*run/sft.*make sft"):
+        demo.main(["--config", "configs/tiny.yaml", "--run-dir", str(run), "--steps", "2", *data])
+    r = CliRunner().invoke(main, ["sft", "--config", "configs/tiny.yaml", "--run-dir", str(run), *data,
+                                  "sft.gold_eval_prompts=0", "sft.max_steps=2"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    demo.main(["--config", "configs/tiny.yaml", "--run-dir", str(run), "--steps", "2", "--learning-rate", "1e-3",
+               *data, "eval.forgetting_max_tokens=24"])
+    out = run / "forgetting-demo"
+    results = json.loads((out / "results.json").read_text())
+    base, lora, start, full = (results[k] for k in ("base", "lora_sft", "full_ft_start", "full_ft"))
+    assert base["kl"] == 0.0 and start["kl"] == 0.0  # each start against itself, computed
+    assert lora["kl"] > 0.0 and full["kl"] > 0.0
+    # the full fine-tune starts from the NF4 base dequantized to float32: the same model, another kernel
+    assert start["nll"] == pytest.approx(base["nll"], rel=1e-4)
+    assert base["tokens"] == full["tokens"] == 48 * 23  # 48 passages cut to 24 tokens, 23 scored each
+    # the trained adapter learned the task: lower loss on the SFT rows than the base
+    assert lora["task_eval_loss"] < base["task_eval_loss"] and math.isfinite(full["task_eval_loss"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "forgetting-demo" and manifest["metrics"]["full_ft"]["steps"] == 2
+    assert manifest["metrics"]["full_ft"]["trainable_params"] > 10 * manifest["metrics"]["lora"]["trainable_params"]
+    assert manifest["config"]["sft"]["learning_rate"] == 1e-3 and manifest["config"]["sft"]["max_steps"] == 2
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "full_ft/loss" in r] == [1, 2]  # tiny.yaml logs every step
+    assert [r["full_ft/eval_loss"] for r in logged if "full_ft/eval_loss" in r] == [full["task_eval_loss"]]
+    summary = (out / "summary.txt").read_text()
+    assert "full FT, 2 steps" in summary and "LoRA SFT adapter" in summary and "Task (data.sft_eval" in summary
+    assert not (out / "trainer").exists()  # no fine-tuned weights or trainer checkpoints kept
+    with pytest.raises(Exception, match="already holds a complete output"):
+        demo.main(["--config", "configs/tiny.yaml", "--run-dir", str(run), "--steps", "1", *data])
