@@ -47,6 +47,7 @@ import math
 import os
 import re
 import sys
+import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -447,12 +448,14 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     reference = [SFT] if pc.reference == "sft" else None
     start = [SFT] if sft_dir is not None else None  # the model PPO started from: win rates and best-of-n
     device = next(peft_model.parameters()).device
-    probe = None
+    probe, forgetting_seconds = None, 0.0
     if passages is not None:  # the base's hidden states on the general text, once (adapters off)
+        t0 = time.time()
         probe = forgetting.ForgettingProbe(peft_model, forgetting.encode_passages(
             tok, passages, ec.forgetting, ec.forgetting_max_tokens, batch_size))
         print(f"[eval] forgetting check on {ec.forgetting}: {probe.text.passages} passages, {probe.text.tokens} "
               f"scored tokens ({probe.text.truncated} cut to eval.forgetting_max_tokens)", flush=True)
+        forgetting_seconds = time.time() - t0
 
     # 4. rewards: the proxy (what PPO optimised) and the gold, both on the same in-memory base
     context = {"load_reward_model": lambda path, **kw: load_reward_scorer(path, host=(peft_model, tok, base), **kw)}
@@ -496,7 +499,9 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
             models.load_adapter_weights(peft_model, spec.slot, spec.policy_dir)
             _check_adapter_loaded(peft_model, spec.slot, spec.policy_dir)
         if probe is not None:
+            t0 = time.time()
             forgotten[spec.name] = probe.measure(adapters=spec.adapters)
+            forgetting_seconds += time.time() - t0
         # Seeded by the name within its series: a checkpoint samples the same responses whichever other
         # series share the plot, and the same step of two series shares its sampling noise (common random
         # numbers: their difference is measured with less variance).
@@ -602,7 +607,7 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
         if probe is not None:
             metrics["forgetting"] = {"source": ec.forgetting, "passages": probe.text.passages,
                                      "tokens": probe.text.tokens, "truncated": probe.text.truncated,
-                                     "models": forgotten}
+                                     "seconds": round(forgetting_seconds, 1), "models": forgotten}
             data_entries["forgetting"] = {"source": ec.forgetting, "sha256": data.data_hash(ec.forgetting),
                                           "rows": probe.text.passages}
         write_manifest(tmp, "eval", cfg, base, metrics, adapters=consumed, data=data_entries,
