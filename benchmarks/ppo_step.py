@@ -40,6 +40,9 @@ SETTINGS = {
     "head-bf16-adapters": ["ppo.value_model=head", "model.compute_dtype=bfloat16", "ppo.rollout_weights=adapters"],
     "head-bf16-sdpa": ["ppo.value_model=head", "model.compute_dtype=bfloat16", "model.attn_implementation=sdpa"],
     "head-bf16-nolean": ["ppo.value_model=head", "model.compute_dtype=bfloat16", "ppo.lean_ops=false"],
+    # the critic-free estimators at the shipped defaults: 2 prompts x 4 responses per step, no value head
+    "rloo": ["ppo.algorithm=rloo", "ppo.samples_per_prompt=4"],
+    "grpo": ["ppo.algorithm=grpo", "ppo.samples_per_prompt=4"],
 }
 COMMON = ["ppo.batch_size=8", "ppo.max_new_tokens=32", "ppo.ppo_epochs=4", "ppo.minibatches=1",
           "ppo.lora.r=8", "ppo.lora.alpha=16", "ppo.lora.dropout=0.0", "ppo.lora.target_modules=all-linear",
