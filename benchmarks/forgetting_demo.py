@@ -171,8 +171,9 @@ def main(argv=None) -> None:
     if not a.learning_rate > 0:
         ap.error(f"--learning-rate must be > 0, got {a.learning_rate}")
     cfg = load_config(a.config, a.overrides)
-    if not cfg.eval.forgetting:
-        ap.error("eval.forgetting is empty: give the general text, e.g. eval.forgetting=data/general_text.jsonl")
+    # eval.forgetting is off by default in `rlhf eval`; the demo is about forgetting, so it reads the
+    # shipped general text unless another is given.
+    cfg.eval.forgetting = cfg.eval.forgetting or "data/general_text.jsonl"
     run_dir = Path(a.run_dir or Path("runs") / Path(a.config).stem)
     quiet_libraries()
     run(cfg, run_dir, Path(a.out) if a.out else run_dir / "forgetting-demo", a.steps, a.learning_rate, a.overwrite)

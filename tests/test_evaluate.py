@@ -185,7 +185,8 @@ def data_overrides(tmp_path_factory):
     prompts = _write_jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     return [f"data.sft_train={sft}", f"data.sft_eval={sft}", f"data.pairs_train={pairs}",
             f"data.pairs_eval={pairs}", f"data.prompts_train={prompts}", f"data.prompts_eval={prompts}",
-            "sft.gold_eval_prompts=0", "sft.max_steps=2", "reward.max_steps=2"]
+            "sft.gold_eval_prompts=0", "sft.max_steps=2", "reward.max_steps=2",
+            "eval.forgetting=data/general_text.jsonl"]
 
 
 def _cli(stage, run, *overrides):
@@ -250,7 +251,7 @@ def test_eval_curves_csv_numbers_are_consistent(eval_run):
     # same pool: the best of each group of 4 is at least the mean of those 4 (n=1 averages all of them)
     assert _f(by_name["n=4"], "proxy_mean") >= _f(by_name["n=1"], "proxy_mean") - 1e-9
 
-    # The forgetting check (eval.forgetting defaults to data/general_text.jsonl): the base against itself
+    # The forgetting check (eval.forgetting=data/general_text.jsonl, set in data_overrides): the base against itself
     # is exactly 0 (computed: a second forward with every adapter off); trained adapters move away from it.
     assert _f(base, "general_kl_to_base") == 0.0
     for r in rows:
