@@ -112,6 +112,10 @@ def gao_peak(alpha: float, beta: float, form: str) -> Optional[tuple[float, floa
     return d, beta * d
 
 
+# A fitted peak further than this multiple of the largest measured KL is reported as outside the fit.
+PEAK_REACH = 4.0
+
+
 def curve_fits(points: list[dict]) -> dict:
     """Gao fits of gold gain over the starting (SFT, else base) point for each RL series and best-of-n.
 
@@ -133,9 +137,15 @@ def curve_fits(points: list[dict]) -> dict:
             continue
         alpha, beta = fit
         peak = gao_peak(alpha, beta, form)
+        # A maximum far past the measured points is the fit's extrapolation, not a prediction (with beta
+        # near 0 the rl form peaks at exp(alpha / beta - 1): 2e11 nats for alpha 0.094, beta 0.007).
+        reach = max(p["sqrt_kl"] for p in fam) ** 2
+        beyond = peak is not None and peak[0] ** 2 > PEAK_REACH * reach
+        kept = None if peak is None or beyond else peak
         out[key] = {"form": form, "alpha": alpha, "beta": beta, "gold_start": g0, "n_points": len(fam),
-                     "peak_kl": None if peak is None else peak[0] ** 2,
-                     "peak_gold": None if peak is None else g0 + peak[1]}
+                     "max_kl": reach, "peak_kl": None if kept is None else kept[0] ** 2,
+                     "peak_gold": None if kept is None else g0 + kept[1],
+                     "peak_beyond_kl": peak[0] ** 2 if beyond else None}
     return out
 
 
@@ -239,8 +249,13 @@ def summary_text(points: list[dict], header: str, fits: Optional[dict] = None) -
                 continue
             name = ("best-of-n, R = d(alpha - beta d)" if key == "bon"
                     else f"{series_title(key)}, R = d(alpha - beta log d)")
-            peak = ("no peak within the fit (beta <= 0: gold still rising)" if f["peak_kl"] is None else
-                    f"predicted peak gold {f['peak_gold']:.3f} at KL {f['peak_kl']:.2f} nats")
+            if f.get("peak_beyond_kl") is not None:
+                peak = (f"no peak within {PEAK_REACH:g}x the KL its points reach ({f['max_kl']:.2f} nats): the "
+                        f"fitted maximum lies at {f['peak_beyond_kl']:.3g} nats, an extrapolation")
+            elif f["peak_kl"] is None:
+                peak = "no peak within the fit (beta <= 0: gold still rising)"
+            else:
+                peak = f"predicted peak gold {f['peak_gold']:.3f} at KL {f['peak_kl']:.2f} nats"
             lines.append(f"  {name}: alpha {f['alpha']:.3f}, beta {f['beta']:.3f} ({f['n_points']} points); "
                          f"{peak}")
     return "\n".join(lines) + "\n"

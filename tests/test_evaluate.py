@@ -99,6 +99,25 @@ def test_gao_fits_recover_hand_made_curves_and_their_peaks():
     assert fit_gao([0.0, 1.0], [0.0, 1.0], "bon") is None  # one usable point
 
 
+def test_a_fitted_peak_far_past_the_points_is_not_reported_as_a_prediction():
+    from pipeline.curves import curve_fits, gao_curve
+
+    def points(alpha, beta, ds):
+        return [{"kind": "sft", "name": "sft", "sqrt_kl": 0.0, "gold_mean": 0.5}] + [
+            {"kind": "ppo", "name": f"step-{i}", "sqrt_kl": d, "gold_mean": 0.5 + gao_curve(d, alpha, beta, "rl")}
+            for i, d in enumerate(ds)]
+
+    # alpha 1, beta 0.5 through d = 1, 2, 3 (KL up to 9): peak at d* = e (KL 7.39), within reach
+    near = curve_fits(points(1.0, 0.5, [1.0, 2.0, 3.0]))["ppo"]
+    assert near["peak_kl"] == pytest.approx(math.e ** 2) and near["peak_beyond_kl"] is None
+    # alpha 0.094, beta 0.007 (the RLOO fit of the default comparison) through KL up to 9:
+    # d* = exp(0.094 / 0.007 - 1) = exp(12.43) = 2.5e5, KL 6.3e10 > 4 x 9: an extrapolation
+    far = curve_fits(points(0.094, 0.007, [1.0, 2.0, 3.0]))["ppo"]
+    assert far["peak_kl"] is None and far["peak_gold"] is None
+    assert far["peak_beyond_kl"] == pytest.approx(math.exp(2 * (0.094 / 0.007 - 1)), rel=1e-6)
+    assert far["max_kl"] == pytest.approx(9.0)
+
+
 def test_proxy_per_nat_interpolates_best_of_n_at_the_same_kl():
     from pipeline.curves import proxy_per_nat
 
