@@ -40,7 +40,7 @@ def main() -> None:
         for n, p in pm.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02, generator=gen)
-    lora_layers = [m for m in pm.modules() if lean_ops._is_peft_lora_linear(m)]
+    lora_layers = [m for m in pm.modules() if lean_ops.is_peft_lora_linear(m)]
 
     def batch(prompt: int, response: int):
         q = torch.randint(100, 40000, (8, prompt), generator=gen)

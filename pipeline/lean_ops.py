@@ -122,7 +122,7 @@ def lora_forward(module):
     return forward
 
 
-def _is_peft_lora_linear(module: nn.Module) -> bool:
+def is_peft_lora_linear(module: nn.Module) -> bool:
     from peft.tuners.lora import LoraLayer
 
     return isinstance(module, LoraLayer) and type(module).__name__ in ("Linear", "Linear4bit", "Linear8bitLt")
@@ -134,7 +134,7 @@ def install(model: nn.Module, lora: bool = True) -> dict[str, int]:
     counts = {"rmsnorm": 0, "swiglu": 0, "lora": 0}
     for module in model.modules():
         name = type(module).__name__
-        if lora and _is_peft_lora_linear(module):
+        if lora and is_peft_lora_linear(module):
             module.forward = lora_forward(module)
             counts["lora"] += 1
             continue
