@@ -236,13 +236,27 @@ class PPOConfig:
 @dataclass
 class FuseConfig:
     # "cat": exact concatenation of SFT + PPO adapters; or any peft add_weighted_adapter type
-    # (linear, svd, ties, dare_linear, ...) over `adapters` with `weights`.
+    # (linear, svd, ties, dare_linear, ...) over `adapters` with `weights`; or "learned": a per-layer,
+    # per-token gate over the frozen adapters, trained below (pipeline/fuse_learned.py; `weights` unused).
     method: str = "cat"
     adapters: list[str] = field(default_factory=lambda: ["{run_dir}/sft", "{run_dir}/ppo"])
     weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
     density: float = 0.5
     merged: bool = True
     merged_dtype: str = "float32"
+    # learned: the gate trains on a mixture of the policy's own reward-ranked samples (the best of
+    # `samples_per_prompt` responses to each of `prompts` training prompts, scored by ppo.rewards, sampled
+    # at ppo.temperature / ppo.max_new_tokens) and `sft_rows` SFT conversations (data.sft_train).
+    prompts: int = 64
+    samples_per_prompt: int = 4
+    sft_rows: int = 8
+    epochs: int = 2
+    batch_size: int = 8
+    # rows per forward/backward inside a batch (gradient accumulation, same update; 0 = whole batch):
+    # 4 keeps the embedded model's fuse under 2.5 GB (8: 3.4 GB, README "Learned fusion")
+    micro_batch_size: int = 4
+    learning_rate: float = 1e-3
+    seed: int = 0
 
 
 @dataclass
@@ -268,6 +282,10 @@ class EvalConfig:
     forgetting: str = ""
     # Tokens kept per passage (its start); longer passages are cut and counted in summary.txt.
     forgetting_max_tokens: int = 256
+    # Fuse outputs to put on the curves as points of their own (kind "fused"): a learned fusion gives
+    # two (the gated model and its mean-gate adapter), any other method its adapter/. A folder that does
+    # not exist is skipped, so the default costs nothing for runs without `rlhf fuse`.
+    fused: list[str] = field(default_factory=lambda: ["{run_dir}/fused"])
 
 
 @dataclass
@@ -472,7 +490,15 @@ RULES: dict[str, Rule] = {
     "ppo.samples_to_show": _COUNT,
     "ppo.seed": _SEED,
     "fuse.method": _one_of("cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
-                           "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"),
+                           "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd", "learned"),
+    "fuse.prompts": _COUNT,
+    "fuse.samples_per_prompt": _POSITIVE_INT,
+    "fuse.sft_rows": _COUNT,
+    "fuse.epochs": _POSITIVE_INT,
+    "fuse.batch_size": _POSITIVE_INT,
+    "fuse.micro_batch_size": _at_least(0, " (0 = whole batch)"),
+    "fuse.learning_rate": _RATE,
+    "fuse.seed": _SEED,
     "fuse.weights": _ANY_NUMBER,
     "fuse.density": Rule(lambda v: 0 < v <= 1, "in (0, 1]"),
     "fuse.merged_dtype": _one_of("float32", "bfloat16", "float16"),
@@ -521,7 +547,10 @@ def validate(cfg: PipelineConfig) -> None:
     _validate_algorithm(cfg.ppo)
     if not cfg.fuse.adapters:
         raise ConfigError("fuse.adapters is empty; list the stage folders to fuse, e.g. [{run_dir}/sft, {run_dir}/ppo]")
-    if len(cfg.fuse.weights) != len(cfg.fuse.adapters):
+    if cfg.fuse.method == "learned" and cfg.fuse.prompts == 0 and cfg.fuse.sft_rows == 0:
+        raise ConfigError("fuse.method=learned trains on fuse.prompts policy samples and fuse.sft_rows SFT rows; "
+                          "both are 0, so there is nothing to train on")
+    if len(cfg.fuse.weights) != len(cfg.fuse.adapters) and cfg.fuse.method != "learned":
         raise ConfigError(f"fuse.weights has {len(cfg.fuse.weights)} values for {len(cfg.fuse.adapters)} adapters "
                           f"(fuse.adapters); give one weight per adapter")
     for section in ("sft", "reward", "ppo"):

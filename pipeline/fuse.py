@@ -57,6 +57,7 @@ from pipeline.artifacts import ArtifactError, atomic_output, check_same_base, is
 from pipeline.config import FuseConfig, ModelConfig, PipelineConfig, substitute_run_dir
 
 CAT = "cat"
+LEARNED = "learned"
 FUSED = "fused"
 ADAPTER_FILE = "adapter_model.safetensors"
 _KEY_PREFIX = "base_model.model."
@@ -176,8 +177,12 @@ def lora_deltas(config, state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {m: lora_scaling(config, m, a.shape[0]) * (b @ a) for m, (a, b) in lora_modules(state).items()}
 
 
-def cat_lora(configs: list, states: list[dict[str, torch.Tensor]], weights: list[float], base_path: str = ""):
+def cat_lora(configs: list, states: list[dict[str, torch.Tensor]], weights: list[float], base_path: str = "",
+             module_weights: Optional[dict[str, list[float]]] = None):
     """One LoRA adapter equal to the weighted sum of several: ``(LoraConfig, state dict)``.
+
+    ``module_weights`` gives some modules their own weights (one per adapter), e.g. a learned
+    fusion's mean gate (pipeline/fuse_learned.py); the others take ``weights``.
 
     delta_W = sum_i w_i s_i B_i A_i = [w_1 s_1 B_1 | w_2 s_2 B_2 | ...] @ [A_1; A_2; ...]
     so A = concat_rows(A_i), B = concat_cols(w_i s_i B_i), r = lora_alpha = sum_i r_i (scaling 1).
@@ -199,7 +204,8 @@ def cat_lora(configs: list, states: list[dict[str, torch.Tensor]], weights: list
     state: dict[str, torch.Tensor] = {}
     for name, (n_out, n_in) in sorted(shapes.items()):
         blocks_a, blocks_b = [], []
-        for config, m, width, w in zip(configs, mods, widths, weights):
+        here = (module_weights or {}).get(name, weights)
+        for config, m, width, w in zip(configs, mods, widths, here):
             a_i, b_i = torch.zeros(width, n_in), torch.zeros(n_out, width)
             if name in m:
                 a, b = m[name]
@@ -348,15 +354,27 @@ def merge_full(model_cfg: ModelConfig, adapter_dir: Path, out_dir: Path, dtype: 
 
 
 def model_card(cfg: PipelineConfig, base, sources: list[Source], metrics: dict, kind: str) -> str:
-    """README.md for the fused adapter (kind "adapter") or merged model (kind "merged")."""
+    """README.md for the fused adapter (kind "adapter"), merged model ("merged") or learned fusion ("learned")."""
     fc = cfg.fuse
-    lines = [f"# RLHF policy ({'merged model' if kind == 'merged' else 'fused LoRA adapter'})", "",
+    learned = fc.method == LEARNED
+    title = {"merged": "merged model", "adapter": "fused LoRA adapter", "learned": "learned adapter fusion"}[kind]
+    if learned and kind != "learned":
+        title += ": the learned fusion's MEAN GATE, an approximation"
+    lines = [f"# RLHF policy ({title})", "",
              f"- Base model: `{base.name}` (weights sha256 `{base.weights_sha256[:16]}`, "
              f"tokenizer sha256 `{base.tokenizer_sha256[:16]}`)",
              f"- Stages fused: {', '.join(s.name for s in sources)}",
-             f"- Method: `{fc.method}`, weights {list(fc.weights)}"
-             + (f", density {fc.density}" if fc.method not in (CAT, "linear", "svd") else ""),
-             "", "## Training stages and data", ""]
+             f"- Method: `{fc.method}`" + ("" if learned else f", weights {list(fc.weights)}")
+             + (f", density {fc.density}" if fc.method not in (CAT, LEARNED, "linear", "svd") else ""),
+             ""]
+    if learned:
+        lines += [f"A per-layer, per-token gate `g(x) = K softmax(W x + b)` over the frozen adapters (pipeline/fusion.py), "
+                  f"trained on reward-ranked samples of the stacked policy and SFT conversations "
+                  f"(pipeline/fuse_learned.py). Mean gate per adapter: "
+                  + ", ".join(f"{s.name} {metrics.get(f'mean_gate_{s.name}', float('nan')):.3f}" for s in sources)
+                  + f". The mean-gate adapter (`adapter/`) is {metrics.get('kl_per_token_mean_gate_vs_learned', float('nan')):.4f}"
+                  " nats/token (KL) from the learned fusion.", ""]
+    lines += ["## Training stages and data", ""]
     for s in sources:
         m = s.manifest
         stacked = f", trained stacked on {', '.join(m['stacked_on'])}" if m.get("stacked_on") else ""
@@ -371,8 +389,20 @@ def model_card(cfg: PipelineConfig, base, sources: list[Source], metrics: dict, 
         if headline:
             lines.append("- metrics: " + ", ".join(f"{k} = {v:.4g}" for k, v in headline.items()))
         lines.append("")
-    lines += ["## Checks", ""] + [f"- {k}: {v:.3g}" for k, v in metrics.items()] + ["", "## Loading", ""]
-    if kind == "merged":
+    lines += ["## Checks", ""] + [f"- {k}: {v:.3g}" for k, v in metrics.items()
+                                  if isinstance(v, (int, float))] + ["", "## Loading", ""]
+    if kind == "learned":
+        lines += ["```python", "from transformers import AutoModelForCausalLM", "from pipeline import fusion",
+                  "base_model = AutoModelForCausalLM.from_pretrained(...)  # the base below, quantized as trained",
+                  'model = fusion.load(base_model, "path/to/fused")  # adapters/ + gate.safetensors',
+                  "model.generate(...)", "```", "",
+                  f"`base_model` must be `{base.name}`, loaded as the stages were ({json.dumps(base.quantization)}). "
+                  "`rlhf eval` puts this folder on its curves when it is RUN/fused (or listed in eval.fused).",
+                  "Files: `fusion.json` (adapter order, gated modules), `gate.safetensors` (per module "
+                  "`<module>.weight` (K, in) and `.bias` (K), float32), `adapters/<name>/` (the frozen adapters, "
+                  "copied byte for byte), `adapter/` (the mean gate folded into one LoRA adapter: an "
+                  "approximation), `gate_weights.png` (mean gate by layer), `metrics.jsonl` (training)."]
+    elif kind == "merged":
         lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   'model = AutoModelForCausalLM.from_pretrained("path/to/fused/merged")',
                   'tokenizer = AutoTokenizer.from_pretrained("path/to/fused/merged")', "```", "",
@@ -399,28 +429,40 @@ def run_fuse(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     if is_complete(out) and not overwrite:
         raise ArtifactError(f"{out} already holds a complete output; pass --overwrite to replace it")
     paths = [Path(p) for p in substitute_run_dir(list(fc.adapters), run_dir)]
+    learned = fc.method == LEARNED
     # The checks below compare logits of the fused and the stacked adapters: they run in float32 whatever
     # precision the stages trained in, so that a real mismatch is not lost in bf16 rounding (up to 0.05
     # logits on the tiny test model). The adapter files themselves do not depend on the compute dtype.
-    base_model, tok, base = models.load_base(dataclasses.replace(cfg.model, compute_dtype="float32"))
+    # A learned gate trains like any stage, in the configured compute dtype (bf16 on a capable CPU).
+    model_cfg = cfg.model if learned else dataclasses.replace(cfg.model, compute_dtype="float32")
+    base_model, tok, base = models.load_base(model_cfg)
     sources = read_sources(paths, base)
     check_stacking(sources)
     peft_model = models.stack_adapters(base_model, {s.name: s.path for s in sources})
     peft_model.eval()
     models.assert_bnb_guarded(peft_model)
     ids = tok(PROBE_TEXT, return_tensors="pt").input_ids.to(base_model.device)
-    all_ones = all(w == 1.0 for w in fc.weights)
-    policy_logits = probe_logits(peft_model, ids, [s.name for s in sources]) if all_ones else None
+    all_ones = all(w == 1.0 for w in fc.weights) and not learned
+    policy_logits = probe_logits(peft_model, ids, [s.name for s in sources]) if all_ones or learned else None
 
     with atomic_output(out, overwrite=overwrite) as tmp:
         adapter_dir = tmp / "adapter"
-        print(f"[fuse] {fc.method} of {', '.join(s.name for s in sources)} with weights {list(fc.weights)}", flush=True)
-        if fc.method == CAT:
-            fuse_cat(sources, list(fc.weights), adapter_dir, base.path)
+        if learned:
+            from pipeline.fuse_learned import train_learned
+
+            print(f"[fuse] learned gate over {', '.join(s.name for s in sources)}", flush=True)
+            metrics = train_learned(cfg, run_dir, sources, peft_model, tok, base, tmp, ids, policy_logits)
+            metrics["rank"] = json.loads((adapter_dir / "adapter_config.json").read_text())["r"]
+            policy_logits = None  # the merged model below is the mean-gate approximation, not the policy
         else:
-            fuse_weighted(peft_model, sources, fc, adapter_dir, base.path)
-        metrics: dict = {"rank": json.loads((adapter_dir / "adapter_config.json").read_text())["r"],
-                         "delta_rel_error_vs_weighted_sum": delta_rel_error(sources, list(fc.weights), adapter_dir)}
+            print(f"[fuse] {fc.method} of {', '.join(s.name for s in sources)} with weights {list(fc.weights)}",
+                  flush=True)
+            if fc.method == CAT:
+                fuse_cat(sources, list(fc.weights), adapter_dir, base.path)
+            else:
+                fuse_weighted(peft_model, sources, fc, adapter_dir, base.path)
+            metrics = {"rank": json.loads((adapter_dir / "adapter_config.json").read_text())["r"],
+                       "delta_rel_error_vs_weighted_sum": delta_rel_error(sources, list(fc.weights), adapter_dir)}
         if all_ones:
             diff = check_against_stacked(peft_model, adapter_dir, ids, policy_logits)
             metrics["max_abs_logit_diff_vs_stacked"] = diff
@@ -433,14 +475,19 @@ def run_fuse(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
                                       policy_logits))
             (tmp / "merged" / "README.md").write_text(model_card(cfg, base, sources, metrics, "merged"))
         (adapter_dir / "README.md").write_text(model_card(cfg, base, sources, metrics, "adapter"))
+        if learned:
+            (tmp / "README.md").write_text(model_card(cfg, base, sources, metrics, "learned"))
         data = {f"{s.name}:{k}": v for s in sources for k, v in (s.manifest.get("data") or {}).items()}
         consumed = {s.name: {"path": str(s.path), "sha256": s.sha256, "stage": s.manifest.get("stage")}
                     for s in sources}
+        outputs = (["fusion.json", "gate.safetensors", "adapters"] if learned else []) + ["adapter"] \
+            + (["merged"] if fc.merged else [])
         write_manifest(tmp, "fuse", cfg, base, metrics, data=data, adapters=consumed,
-                       extra={"method": fc.method, "weights": list(fc.weights), "density": fc.density,
-                              "outputs": ["adapter"] + (["merged"] if fc.merged else []),
+                       extra={"method": fc.method, "weights": None if learned else list(fc.weights),
+                              "density": fc.density, "outputs": outputs,
                               "merged_dtype": fc.merged_dtype if fc.merged else None})
     for k, v in metrics.items():
-        print(f"[fuse] {k}: {v:.3g}", flush=True)
+        if isinstance(v, (int, float)):
+            print(f"[fuse] {k}: {v:.3g}", flush=True)
     print(f"[fuse] done -> {out}", flush=True)
     return out
