@@ -217,8 +217,11 @@ ppo = _resumable("ppo", "Stage 3: RL on the policy adapter against the configure
                  "every ppo.save_every steps", "pipeline.ppo:run_ppo")
 
 
-@main.command(help="Stage 4 (optional): fuse stage adapters into one adapter and/or a merged model."
-              + _OVERRIDES_HELP)
+@main.command(help="Stage 4 (optional): fuse stage adapters into one adapter and/or a merged model. "
+              "fuse.method: cat (default, exact), a peft weighted combination (linear, svd, ties, ...), or learned: "
+              "train a per-layer, per-token gate over the frozen adapters (AdapterFusion on LoRA) on reward-ranked "
+              "policy samples and fuse.sft_rows SFT conversations; writes gate + adapters and a mean-gate "
+              "approximation as one LoRA adapter." + _OVERRIDES_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace an existing complete RUN/fused output.")
 @stage_command
 def fuse(cfg, run_dir, overwrite):
@@ -228,7 +231,8 @@ def fuse(cfg, run_dir, overwrite):
 
 
 @main.command(name="eval", help="KL-versus-reward curves for base, SFT, PPO checkpoints and best-of-n; "
-              "eval.runs=[RUN2, RUN3] adds other runs' checkpoints (e.g. RLOO, GRPO) as series of their own. "
+              "eval.runs=[RUN2, RUN3] adds other runs' checkpoints (e.g. RLOO, GRPO) as series of their own; "
+              "fuse outputs in eval.fused (default RUN/fused, when present) are points of their own. "
               "The forgetting check gives each model's token loss, perplexity and KL to the base on general "
               "text no stage trains on (eval.forgetting; eval.forgetting= skips it)." + _OVERRIDES_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace an existing complete RUN/eval output.")

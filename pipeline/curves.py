@@ -2,7 +2,8 @@
 curves.csv. Pure functions of the per-model point dicts (:func:`make_point`); no models here.
 
 A point's ``kind`` is base | sft | ppo (a checkpoint of the `rlhf ppo` stage, whatever its
-``ppo.algorithm``) | bon (best-of-n); its ``series`` names the curve it belongs to.
+``ppo.algorithm``) | bon (best-of-n) | fused (a `rlhf fuse` output); its ``series`` names the curve it
+belongs to.
 """
 from __future__ import annotations
 
@@ -311,9 +312,13 @@ def _nan0(values):
     return [0.0 if (v is None or math.isnan(v)) else v for v in values]
 
 
+# fused models (kind "fused"): a marker of their own, distinct from checkpoints (o), best-of-n (s), base (D), SFT (^)
+FUSED_STYLES = (("tab:purple", "P"), ("tab:brown", "X"), ("tab:pink", "h"), ("tab:olive", "p"))
+
+
 def plot_curves(points: list[dict], path: Path, title: str, fits: Optional[dict] = None) -> None:
     """Proxy and gold reward against sqrt(KL): each RL series' checkpoints in its own colour, best-of-n,
-    base and SFT."""
+    base, SFT and fused models."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -324,6 +329,7 @@ def plot_curves(points: list[dict], path: Path, title: str, fits: Optional[dict]
     colors["bon"] = "tab:orange"
     bon = sorted([p for p in points if p["kind"] == "bon"], key=lambda p: p["sqrt_kl"])
     singles = [p for p in points if p["kind"] in ("base", "sft")]
+    fused = [p for p in points if p["kind"] == "fused"]
     best = best_gold(points)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True)
     optimised_by = " / ".join(map(series_title, series)) or "PPO"
@@ -350,6 +356,12 @@ def plot_curves(points: list[dict], path: Path, title: str, fits: Optional[dict]
                         color=color, capsize=3, ms=8, label=p["name"].upper() if p["kind"] == "sft" else "base")
             ax.annotate(p["name"].upper() if p["kind"] == "sft" else "base", (p["sqrt_kl"], p[f"{key}_mean"]),
                         textcoords="offset points", xytext=(6, 6), fontsize=9, color=color, fontweight="bold")
+        for i, p in enumerate(fused):
+            color, marker = FUSED_STYLES[i % len(FUSED_STYLES)]
+            ax.errorbar([p["sqrt_kl"]], [p[f"{key}_mean"]], yerr=_nan0([p[f"{key}_se"]]), fmt=marker, color=color,
+                        capsize=3, ms=9, markeredgecolor="black", label=p["name"])
+            ax.annotate(p["name"], (p["sqrt_kl"], p[f"{key}_mean"]), textcoords="offset points", xytext=(6, -14),
+                        fontsize=8, color=color)
         if key == "gold" and fits:
             for s in [*series, "bon"]:
                 f = fits.get(s)

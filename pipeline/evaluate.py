@@ -52,11 +52,11 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from pipeline import data, forgetting, models, ppo_math, rollout
+from pipeline import data, forgetting, fusion, models, ppo_math, rollout
 from pipeline.artifacts import (ArtifactError, atomic_output, check_same_base, is_complete, read_manifest,
                                 write_manifest)
 from pipeline.checkpoints import Checkpoints, load_state
@@ -159,6 +159,9 @@ class ModelSpec:
     policy_dir: Optional[Path] = None  # PPO checkpoint's policy adapter
     slot: str = POLICY  # the adapter its weights are loaded into
     series: Optional[str] = None
+    # a learned fusion: a factory of the context that runs the model with its gates (no merged sampling)
+    gated: Optional[Callable] = None
+    seed_name: Optional[str] = None  # sample with another model's seed (default: its own name's)
 
 
 @dataclass
@@ -230,12 +233,15 @@ def _seed(base_seed: int, name: str) -> int:
 
 def _sample(peft_model, tok, encoded: list[list[int]], k: int, adapters: Optional[list[str]],
             reference: Optional[list[str]], temperature: float, max_new_tokens: int, stop_ids: list[int],
-            batch_size: int, seed: int, desc: str, with_kl: bool = True, merged: bool = False) -> Samples:
+            batch_size: int, seed: int, desc: str, with_kl: bool = True, merged: bool = False,
+            gated: Optional[Callable] = None) -> Samples:
     """``k`` responses per prompt under ``adapters``, with per-sequence KL to ``reference``.
 
     With ``merged`` the responses are sampled from dense weights with the adapters merged in (as PPO's
     rollouts are, ``ppo.rollout_weights``; 2x faster on CPU); the KL is always computed through the
-    adapters themselves, so it is the KL of the model as trained.
+    adapters themselves, so it is the KL of the model as trained. ``gated`` (a learned fusion's
+    context factory, pipeline/fusion.py) wraps the model's sampling and logprobs, never the reference's;
+    its weights depend on the input, so it samples through the adapters.
     """
     from tqdm.auto import tqdm
 
@@ -243,8 +249,9 @@ def _sample(peft_model, tok, encoded: list[list[int]], k: int, adapters: Optiona
     rows = [(i, j) for i in range(len(encoded)) for j in range(k)]
     out = Samples()
     batches = []
-    weights = models.merged_linear_weights if merged else lambda model: contextlib.nullcontext()
-    with models.active_adapters(peft_model, adapters), weights(peft_model):
+    weights = models.merged_linear_weights if merged and gated is None else lambda model: contextlib.nullcontext()
+    gated = gated or contextlib.nullcontext
+    with models.active_adapters(peft_model, adapters), gated(), weights(peft_model):
         for b, s in enumerate(tqdm(range(0, len(rows), batch_size), desc=desc, leave=False)):
             chunk = rows[s:s + batch_size]
             query, query_mask = rollout.left_pad([encoded[i] for i, _ in chunk], tok.pad_token_id)
@@ -255,7 +262,7 @@ def _sample(peft_model, tok, encoded: list[list[int]], k: int, adapters: Optiona
         if with_kl:
             q, qm, r, m = (t.to(device) for t in (query, query_mask, response, mask))
             with torch.no_grad():
-                with models.active_adapters(peft_model, adapters):
+                with models.active_adapters(peft_model, adapters), gated():
                     logp = rollout.forward_response(peft_model, q, qm, r, m, temperature).logprobs
                 with models.active_adapters(peft_model, reference):
                     ref = rollout.forward_response(peft_model, q, qm, r, m, temperature).logprobs
@@ -337,6 +344,59 @@ def collect_series(run_dir: Path, runs: Sequence[str], default_steps: int) -> li
     return series
 
 
+def collect_fused(entries: Sequence[str]) -> list[tuple[Path, dict]]:
+    """The complete fuse outputs named in ``eval.fused`` with their manifests; a folder that does not
+    exist is skipped (the default names RUN/fused, which runs without `rlhf fuse` lack), one that exists
+    but is not a finished fuse output is an error."""
+    found = []
+    for i, entry in enumerate(entries):
+        folder = Path(entry)
+        if not folder.exists():
+            continue
+        if not is_complete(folder) or read_manifest(folder).get("stage") != "fuse":
+            raise ArtifactError(f"eval.fused[{i}]: {folder} is not a complete fuse output (finish `rlhf fuse` "
+                                "there, or drop it from eval.fused)")
+        found.append((folder, read_manifest(folder)))
+    return found
+
+
+def _fused_specs(peft_model, fused: list[tuple[Path, dict]], base, sft: Optional[dict]) -> tuple[list, dict]:
+    """Load each fuse output into ``peft_model`` (fresh adapter slots) and describe its model(s): a learned
+    fusion gives two, the gated model and its mean-gate approximation (adapter/); any other method one."""
+    specs, consumed = [], {}
+    # one fuse output: "fused:<method>"; several: "<run folder>:<method>" (numbered where two share a name)
+    owners = [folder.parent.name if folder.name == "fused" else folder.name for folder, _ in fused]
+    if len(set(owners)) < len(owners):
+        owners = [f"{o}-{j + 1}" for j, o in enumerate(owners)]
+    for j, (folder, manifest) in enumerate(fused):
+        check_same_base(manifest, base, f"fuse output {folder}")
+        theirs = manifest.get("adapters", {}).get(SFT, {}).get("sha256")
+        if sft is not None and theirs and theirs != sft.get("sha256"):
+            print(f"[eval] note: {folder} fused another SFT adapter (sha256 {theirs[:12]}) than this eval's",
+                  flush=True)
+        method = manifest.get("method", "fused")
+        owner = "fused" if len(fused) == 1 else owners[j]
+
+        def label(what: str, owner: str = owner) -> str:
+            return f"{owner}:{what}"
+
+        if method == "learned":
+            gates, slots = fusion.attach(peft_model, folder, prefix=f"fused{j}_")
+            specs.append(ModelSpec("fused", label("learned"), slots, series="fused",
+                                   gated=lambda g=gates, sl=slots: fusion.gated(peft_model, g, sl)))
+            consumed[label("learned")] = {"path": str(folder), "sha256": models.sha256_file(folder / fusion.GATE_FILE)}
+        slot = f"fused{j}"
+        peft_model.load_adapter(str(folder / "adapter"), adapter_name=slot, is_trainable=False)
+        name = label("mean-gate" if method == "learned" else method)
+        specs.append(ModelSpec("fused", name, [slot], series="fused"))
+        consumed[name] = {"path": str(folder / "adapter"),
+                          "sha256": models.sha256_file(folder / "adapter" / "adapter_model.safetensors")}
+    peft_model.eval()  # layers injected by load_adapter start in train mode
+    for p in peft_model.parameters():
+        p.requires_grad_(False)
+    return specs, consumed
+
+
 def _check_same_start(s: Series, base, sft: Optional[dict], adapters: dict) -> None:
     """Refuse a series trained on another base, or from another SFT adapter than this eval's (by hash)."""
     check_same_base(s.manifest, base, f"{s.source}: PPO output {s.ppo_dir}")
@@ -398,6 +458,7 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     prompts = prompts[:ec.prompts]
     print(f"[eval] {report.summary()}; using {len(prompts)}", flush=True)
     passages = forgetting.read_passages(ec.forgetting) if ec.forgetting else None  # fail before any model loads
+    fused = collect_fused(substitute_run_dir(ec.fused, run_dir))
 
     # 2. artifacts: SFT adapter; the PPO-family runs (RUN/ppo, eval.runs) and their checkpoints
     sft_dir = substitute_run_dir(pc.sft_adapter, run_dir)
@@ -489,6 +550,14 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
                                    slot=s.slot, series=s.key))
             consumed[f"ppo:{name}"] = {"path": str(policy_dir),
                                        "sha256": models.sha256_file(policy_dir / "adapter_model.safetensors")}
+    fused_specs, fused_consumed = _fused_specs(peft_model, fused, base, consumed.get(SFT))
+    # A fusion of SFT + PPO is compared with the policy it fuses: it samples with the seed of the last PPO
+    # checkpoint (common random numbers; an exact fusion then reproduces that checkpoint's samples).
+    last_ppo = next((sp.name for sp in reversed(specs) if sp.kind == "ppo"), None)
+    for sp in fused_specs:
+        sp.seed_name = last_ppo
+    specs += fused_specs
+    consumed.update(fused_consumed)
 
     print(f"[eval] {len(specs)} models x {len(prompts)} prompts x {k} samples at temperature {pc.temperature}, "
           f"reference {pc.reference}; best-of-n {list(ec.best_of_n)}", flush=True)
@@ -500,14 +569,15 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
             _check_adapter_loaded(peft_model, spec.slot, spec.policy_dir)
         if probe is not None:
             t0 = time.time()
-            forgotten[spec.name] = probe.measure(adapters=spec.adapters)
+            with (spec.gated or contextlib.nullcontext)():
+                forgotten[spec.name] = probe.measure(adapters=spec.adapters)
             forgetting_seconds += time.time() - t0
         # Seeded by the name within its series: a checkpoint samples the same responses whichever other
         # series share the plot, and the same step of two series shares its sampling noise (common random
         # numbers: their difference is measured with less variance).
-        seed = _seed(ec.seed, spec.name.rsplit("/", 1)[-1])
+        seed = _seed(ec.seed, (spec.seed_name or spec.name).rsplit("/", 1)[-1])
         s = _sample(peft_model, tok, encoded, k, spec.adapters, reference, pc.temperature, ec.max_new_tokens,
-                    stop_ids, batch_size, seed, desc=f"sample {spec.name}", merged=merged)
+                    stop_ids, batch_size, seed, desc=f"sample {spec.name}", merged=merged, gated=spec.gated)
         _score(s, prompts, tok, proxy_fn, gold_fn, batch_size=max(16, batch_size))
         results[spec.name] = s
 

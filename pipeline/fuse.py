@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 from dataclasses import dataclass
@@ -470,6 +471,8 @@ def run_fuse(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
                 raise FuseError(f"the fused adapter differs from the stacked adapters by {diff:.3g} logits "
                                 f"(> {CAT_TOLERANCE})")
         del peft_model, base_model
+        gc.collect()  # the PeftModel holds reference cycles: free it before the merge loads a float32 base
+        models.release_free_memory()
         if fc.merged:
             metrics.update(merge_full(cfg.model, adapter_dir, tmp / "merged", fc.merged_dtype, ids.cpu(),
                                       policy_logits))

@@ -329,6 +329,7 @@ def train_learned(cfg, run_dir: Path, sources: list, peft_model, tok, base, tmp:
                 grad_norm = torch.nn.utils.clip_grad_norm_(fuse_.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
+                models.release_free_memory()  # glibc keeps a forward/backward's freed pages (as in PPO's loop)
                 step += 1
                 row = {"fuse/step": step, "fuse/epoch": epoch, "fuse/loss": loss,
                        "fuse/grad_norm": float(grad_norm), "fuse/lr": scheduler.get_last_lr()[0],

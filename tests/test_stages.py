@@ -180,12 +180,17 @@ def test_reward_model_reloads_with_the_same_scores(reward_run):
 def test_pipeline_end_to_end_through_the_cli(reward_run):
     run = reward_run
     _invoke("ppo", "--config", CONFIG, "--run-dir", str(run))
-    _invoke("fuse", "--config", CONFIG, "--run-dir", str(run))
+    _invoke("fuse", "--config", CONFIG, "--run-dir", str(run), "fuse.method=learned", "fuse.prompts=4",
+            "fuse.samples_per_prompt=2", "fuse.sft_rows=4", "fuse.epochs=1")
     _invoke("eval", "--config", CONFIG, "--run-dir", str(run))
     for stage in ("sft", "reward", "ppo", "fused", "eval"):
         assert (run / stage / "manifest.json").is_file(), stage
     assert (run / "fused" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "fused" / "gate.safetensors").is_file()
     assert (run / "fused" / "merged" / "config.json").is_file()
+    # the learned fusion and its mean-gate approximation are points of their own on the curves
+    fused_rows = [r for r in (run / "eval" / "curves.csv").read_text().splitlines() if r.startswith("fused,")]
+    assert [r.split(",")[1] for r in fused_rows] == ["fused:learned", "fused:mean-gate"]
     assert (run / "eval" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (run / "eval" / "curves.csv").read_text().splitlines()
     assert rows[0].startswith("kind,") and len(rows) > 4
