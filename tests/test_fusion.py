@@ -259,14 +259,20 @@ def test_training_changes_only_gate_parameters(stages, tmp_path):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+def _attached(out: Path, stages: Path):
+    """A fresh NF4 base with the SFT adapter and the saved fusion ``out`` attached: (model, tok, probe ids,
+    gates, slots)."""
+    model, tok, _ = models.load_base(ModelConfig(name=TINY, compute_dtype="float32"))
+    pm = models.stack_adapters(model, {"sft": stages / "sft"})
+    gates, slots = fusion.attach(pm, out, prefix="f_")
+    return pm, tok, tok(fuse.PROBE_TEXT, return_tensors="pt").input_ids, gates, slots
+
+
 def test_saved_fusion_reproduces_logits_on_a_plain_transformers_model(learned_run, stages):
     """fusion.attach into the pipeline's PeftModel and fusion.load onto a bare transformers model agree,
     and the fused model generates (the PPO/eval sampling path, rollout.generate)."""
     _, out = learned_run
-    model, tok, _ = models.load_base(ModelConfig(name=TINY, compute_dtype="float32"))
-    pm = models.stack_adapters(model, {"sft": stages / "sft"})
-    gates, slots = fusion.attach(pm, out, prefix="f_")
-    ids = tok(fuse.PROBE_TEXT, return_tensors="pt").input_ids
+    pm, tok, ids, gates, slots = _attached(out, stages)
     with fusion.gated(pm, gates, slots):
         attached = _logits(pm, ids)
         q, qm = rollout.left_pad([ids[0, :6].tolist()], tok.pad_token_id)
@@ -327,3 +333,23 @@ def test_readme_fusion_example_runs(learned_run, capsys):
     path, gate = next(iter(scope["model"].fusion.items()))
     assert torch.equal(gate.weight, saved[f"{path}.weight"])
     assert "forward" in vars(fusion.lora_layers(scope["model"])[path])  # the gates are installed
+
+
+def test_mean_gate_adapter_is_the_fusion_with_its_mean_gate_fixed(learned_run, stages):
+    """adapter/ (plain PeftModel.from_pretrained) equals the fusion with every gate fixed at its recorded
+    mean: the approximation is exactly "a constant gate", and only that."""
+    from peft import PeftModel
+
+    _, out = learned_run
+    meta = json.loads((out / fusion.FUSION_FILE).read_text())
+    pm, tok, ids, gates, slots = _attached(out, stages)
+    with fusion.gated(pm, gates, slots):
+        learned = _logits(pm, ids)
+    gates.set_fixed(meta["mean_gate"])
+    with fusion.gated(pm, gates, slots):
+        fixed = _logits(pm, ids)
+    plain, _, _ = models.load_base(ModelConfig(name=TINY, compute_dtype="float32"))
+    folded = PeftModel.from_pretrained(plain, str(out / "adapter"))
+    folded.eval()
+    assert (_logits(folded, ids) - fixed).abs().max() < 1e-4
+    assert (learned - fixed).abs().max() > 1e-6  # the learned gate is not constant: the check can fail
