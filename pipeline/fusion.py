@@ -277,15 +277,10 @@ def gated(peft_model, fusion: Fusion, slots: Sequence[str]) -> Iterator[None]:
                 absent = [s for s in want if s not in layer.lora_A]
                 if absent:
                     raise ValueError(f"{path}: adapter slot(s) {absent} not loaded")
-                patched.append((layer, vars(layer).get("forward")))
-                layer.forward = _gated_forward(layer, g, want, fusion)
+                models.patch_forward(patched, layer, _gated_forward(layer, g, want, fusion))
             yield
         finally:
-            for layer, previous in patched:
-                if previous is None:
-                    del layer.forward
-                else:
-                    layer.forward = previous
+            models.restore_forwards(patched)
 
 
 # ---------------------------------------------------------------------------------------------

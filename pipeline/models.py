@@ -630,6 +630,24 @@ def _dense_forward(weight: torch.Tensor, bias: Optional[torch.Tensor]):
     return forward
 
 
+def patch_forward(patched: list, module: torch.nn.Module, forward) -> None:
+    """Give ``module`` an instance ``forward`` for a while; ``patched`` records what
+    :func:`restore_forwards` puts back."""
+    patched.append((module, vars(module).get("forward")))
+    module.forward = forward
+
+
+def restore_forwards(patched: list) -> None:
+    """Undo :func:`patch_forward`, newest first: a forward already set on an instance before
+    (pipeline.lean_ops) comes back, otherwise the class's."""
+    for module, previous in reversed(patched):
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+    patched.clear()
+
+
 @contextlib.contextmanager
 def merged_linear_weights(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> Iterator[None]:
     """Run the model with dense weights: base + the active LoRA deltas merged, for inference only.
@@ -664,16 +682,10 @@ def merged_linear_weights(model: torch.nn.Module, dtype: Optional[torch.dtype] =
                     weight += layer.scaling[name] * (layer.lora_B[name].weight.float()
                                                       @ layer.lora_A[name].weight.float())
                 bias = None if base.bias is None else base.bias.detach().to(dtype)
-                # A forward already set on the instance (pipeline.lean_ops) comes back on exit.
-                patched.append((layer, vars(layer).get("forward")))
-                layer.forward = _dense_forward(weight.to(dtype), bias)
+                patch_forward(patched, layer, _dense_forward(weight.to(dtype), bias))
         yield
     finally:
-        for layer, previous in patched:
-            if previous is None:
-                del layer.forward
-            else:
-                layer.forward = previous
+        restore_forwards(patched)
         release_free_memory()
 
 
