@@ -73,7 +73,7 @@ def best_per_prompt(scores: list[float], k: int) -> list[int]:
     return [g * k + max(range(k), key=lambda j: scores[g * k + j]) for g in range(len(scores) // k)]
 
 
-def _policy_rows(peft_model, tok, fusion_, slots, cfg, reward_fn, run_dir: Path, stop_ids) -> tuple[list, dict]:
+def _policy_rows(peft_model, tok, fusion_, slots, cfg, reward_fn, stop_ids) -> tuple[list, dict]:
     """Reward-ranked samples of the stacked model (the fusion at its zero start)."""
     from tqdm.auto import tqdm
 
@@ -91,7 +91,7 @@ def _policy_rows(peft_model, tok, fusion_, slots, cfg, reward_fn, run_dir: Path,
     # At the zero gate the fusion is the stacked adapters exactly, so its samples come from merged dense
     # weights (2x faster on CPU, ppo.rollout_weights) with every source adapter active.
     merged = models.sample_from_merged(peft_model, pc.rollout_weights, pc.rollout_merge_max_gb,
-                                       next(peft_model.parameters()).dtype)
+                                       models.compute_dtype(cfg.model, next(peft_model.parameters()).device))
     with models.active_adapters(peft_model, list(slots)), \
             (models.merged_linear_weights(peft_model) if merged else fusion.gated(peft_model, fusion_, slots)):
         for b, s in enumerate(tqdm(range(0, len(rows), batch), desc="fuse: sample", leave=False)):
@@ -284,7 +284,7 @@ def train_learned(cfg, run_dir: Path, sources: list, peft_model, tok, base, tmp:
     policy_rows, policy_stats = [], {"prompts": 0}
     if fc.prompts:
         reward_fn = build_reward(substitute_run_dir(cfg.ppo.rewards, run_dir), context=context)
-        policy_rows, policy_stats = _policy_rows(peft_model, tok, fuse_, slots, cfg, reward_fn, run_dir,
+        policy_rows, policy_stats = _policy_rows(peft_model, tok, fuse_, slots, cfg, reward_fn,
                                                  rollout.stop_token_ids(tok, peft_model))
     sft_rows, sft_stats = _sft_rows(tok, cfg)
     rows = policy_rows + sft_rows

@@ -160,9 +160,6 @@ class Fusion(nn.Module):
         self.gates = nn.ModuleList(Gate(modules[p][0], modules[p][1]) for p in self.paths)
         self._mask: Optional[torch.Tensor] = None
 
-    def gate(self, path: str) -> Gate:
-        return self.gates[self.paths.index(path)]
-
     def items(self) -> Iterator[tuple[str, Gate]]:
         return zip(self.paths, self.gates)
 
