@@ -360,6 +360,18 @@ def collect_fused(entries: Sequence[str]) -> list[tuple[Path, dict]]:
     return found
 
 
+def exact_copy_of(manifest: dict, sft_sha: Optional[str], checkpoints: dict[str, str]) -> Optional[str]:
+    """The checkpoint a fuse output reproduces exactly, else None: an all-ones ``cat`` of this eval's SFT
+    adapter and one PPO checkpoint (``checkpoints``: adapter sha256 -> checkpoint name), matched by hash."""
+    if manifest.get("method") != "cat" or any(w != 1.0 for w in manifest.get("weights") or [0.0]):
+        return None
+    shas = [a.get("sha256") for a in (manifest.get("adapters") or {}).values()]
+    if len(shas) != 2 or sft_sha not in shas:
+        return None
+    other = shas[1] if shas[0] == sft_sha else shas[0]
+    return checkpoints.get(other)
+
+
 def _fused_specs(peft_model, fused: list[tuple[Path, dict]], base, sft: Optional[dict]) -> tuple[list, dict]:
     """Load each fuse output into ``peft_model`` (fresh adapter slots) and describe its model(s): a learned
     fusion gives two, the gated model and its mean-gate approximation (adapter/); any other method one."""
@@ -550,9 +562,18 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
                                    slot=s.slot, series=s.key))
             consumed[f"ppo:{name}"] = {"path": str(policy_dir),
                                        "sha256": models.sha256_file(policy_dir / "adapter_model.safetensors")}
+    checkpoint_shas = {v["sha256"]: k.removeprefix("ppo:") for k, v in consumed.items() if k.startswith("ppo:")}
+    duplicates = {}
+    for folder, manifest in fused:
+        same = exact_copy_of(manifest, (consumed.get(SFT) or {}).get("sha256"), checkpoint_shas)
+        if same is not None:
+            duplicates[str(folder)] = same
+            print(f"[eval] {folder} is the exact cat fusion of SFT and {same}: the same model, not sampled again",
+                  flush=True)
+    fused = [(f, m) for f, m in fused if str(f) not in duplicates]
     fused_specs, fused_consumed = _fused_specs(peft_model, fused, base, consumed.get(SFT))
     # A fusion of SFT + PPO is compared with the policy it fuses: it samples with the seed of the last PPO
-    # checkpoint (common random numbers; an exact fusion then reproduces that checkpoint's samples).
+    # checkpoint (common random numbers with it).
     last_ppo = next((sp.name for sp in reversed(specs) if sp.kind == "ppo"), None)
     for sp in fused_specs:
         sp.seed_name = last_ppo
@@ -646,6 +667,8 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
         header += "\nseries: " + "; ".join(f"{series_title(s.key)} = {s.ppo_dir} ({s.source})" for s in series)
     fits = curve_fits(points)
     summary = summary_text(points, header, fits)
+    for folder, same in duplicates.items():
+        summary += f"{folder}: the exact cat fusion of SFT and {same}, the same model (its point is {same}'s)\n"
     if probe is not None:
         summary += "\n" + forgetting.table([(spec.name, forgotten[spec.name]) for spec in specs], probe.text)
     best = best_gold(points)
@@ -669,7 +692,8 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
                                {k_: best_per_series[s.key][k_] for k_ in headline}}
                               for s in series],
                    "gold_at_kl": gold_at_kl(points, fits),
-                   "per_model": extras, "fits": fits, "proxy_per_nat": proxy_per_nat(points),
+                   "per_model": extras, "fits": fits, "fused_not_sampled": duplicates,
+                   "proxy_per_nat": proxy_per_nat(points),
                    "prompts": len(prompts), "samples_per_prompt": k, **prompt_lengths.metrics("prompts"),
                    "temperature": pc.temperature, "reference": pc.reference}
         data_entries = {"prompts": {**data.manifest_entry(cfg.data.prompts_eval, report, cfg.data.split,

@@ -369,12 +369,12 @@ def model_card(cfg: PipelineConfig, base, sources: list[Source], metrics: dict, 
              + (f", density {fc.density}" if fc.method not in (CAT, LEARNED, "linear", "svd") else ""),
              ""]
     if learned:
-        lines += [f"A per-layer, per-token gate `g(x) = K softmax(W x + b)` over the frozen adapters (pipeline/fusion.py), "
-                  f"trained on reward-ranked samples of the stacked policy and SFT conversations "
-                  f"(pipeline/fuse_learned.py). Mean gate per adapter: "
-                  + ", ".join(f"{s.name} {metrics.get(f'mean_gate_{s.name}', float('nan')):.3f}" for s in sources)
-                  + f". The mean-gate adapter (`adapter/`) is {metrics.get('kl_per_token_mean_gate_vs_learned', float('nan')):.4f}"
-                  " nats/token (KL) from the learned fusion.", ""]
+        gates = ", ".join(f"{s.name} {metrics.get(f'mean_gate_{s.name}', math.nan):.3f}" for s in sources)
+        kl = metrics.get("kl_per_token_mean_gate_vs_learned", math.nan)
+        lines += ["A per-layer, per-token gate `g(x) = K softmax(W x + b)` over the frozen adapters "
+                  "(pipeline/fusion.py), trained on reward-ranked samples of the stacked policy and SFT "
+                  f"conversations (pipeline/fuse_learned.py). Mean gate per adapter: {gates}. The mean-gate "
+                  f"adapter (`adapter/`) is {kl:.4f} nats/token (KL) from the learned fusion.", ""]
     lines += ["## Training stages and data", ""]
     for s in sources:
         m = s.manifest

@@ -415,3 +415,17 @@ def test_eval_forgetting_empty_skips_it_and_a_missing_file_stops_first(eval_run,
     assert all(r_[c] == "" for r_ in rows for c in ("general_nll", "general_ppl", "general_kl_to_base"))
     assert "Forgetting check" not in (skipped / "eval" / "summary.txt").read_text()
     assert "forgetting" not in json.loads((skipped / "eval" / "manifest.json").read_text())["metrics"]
+
+
+def test_exact_cat_fusion_of_a_checkpoint_is_recognised():
+    from pipeline.evaluate import exact_copy_of
+
+    ckpts = {"b" * 64: "step-000030", "c" * 64: "step-000015"}
+    cat = {"method": "cat", "weights": [1.0, 1.0],
+           "adapters": {"sft": {"sha256": "a" * 64}, "ppo": {"sha256": "b" * 64}}}
+    assert exact_copy_of(cat, "a" * 64, ckpts) == "step-000030"
+    assert exact_copy_of({**cat, "weights": [1.0, 0.5]}, "a" * 64, ckpts) is None  # weighted: another model
+    assert exact_copy_of({**cat, "method": "learned", "weights": None}, "a" * 64, ckpts) is None
+    assert exact_copy_of(cat, "d" * 64, ckpts) is None  # another SFT adapter
+    assert exact_copy_of({**cat, "adapters": {"sft": {"sha256": "a" * 64}, "ppo": {"sha256": "e" * 64}}},
+                         "a" * 64, ckpts) is None  # a PPO adapter this eval has no checkpoint of
