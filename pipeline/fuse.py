@@ -451,7 +451,6 @@ def run_fuse(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
         if learned:
             from pipeline.fuse_learned import train_learned
 
-            print(f"[fuse] learned gate over {', '.join(s.name for s in sources)}", flush=True)
             metrics = train_learned(cfg, run_dir, sources, peft_model, tok, base, tmp, ids, policy_logits)
             metrics["rank"] = json.loads((adapter_dir / "adapter_config.json").read_text())["r"]
             policy_logits = None  # the merged model below is the mean-gate approximation, not the policy
