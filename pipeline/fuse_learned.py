@@ -355,7 +355,6 @@ def train_learned(cfg, run_dir: Path, sources: list, peft_model, tok, base, tmp:
             fuse_.token_mask(torch.cat([torch.zeros_like(qm, dtype=m.dtype), m], 1))
             rollout.forward_response(peft_model, q, qm, r, m, 1.0)
         mean_gates = fuse_.mean_gates()
-    fuse_.stop_recording()
     names = [s.name for s in sources]
     full_weights = {path: [mean_gates[path][g.adapters.index(a)] if a in g.adapters else 0.0 for a in names]
                     for path, g in fuse_.items()}

@@ -177,14 +177,16 @@ class Fusion(nn.Module):
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
-        """Accumulate each gate's weights over the tokens of the forwards run inside (see :meth:`mean_gates`);
-        :meth:`token_mask` selects which tokens count."""
+        """Accumulate each gate's weights over the tokens of the forwards run inside; read them with
+        :meth:`mean_gates` before leaving. :meth:`token_mask` selects which tokens count."""
         for _, g in self.items():
             g.sums, g.count = torch.zeros(len(g.adapters), dtype=torch.float64), 0.0
         try:
             yield
         finally:
             self._mask = None
+            for _, g in self.items():
+                g.sums, g.count = None, 0.0
 
     def token_mask(self, mask: Optional[torch.Tensor]) -> None:
         """The (B, T) mask of the tokens the next forward's gates should be recorded for."""
@@ -205,10 +207,6 @@ class Fusion(nn.Module):
                 raise RuntimeError("no gate weights recorded: run forwards inside Fusion.recording()")
             out[path] = (g.sums / g.count).tolist()
         return out
-
-    def stop_recording(self) -> None:
-        for _, g in self.items():
-            g.sums, g.count = None, 0.0
 
 
 # ---------------------------------------------------------------------------------------------
