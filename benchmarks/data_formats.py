@@ -1,4 +1,4 @@
-"""Load time of 10,000 rows per data format (pipeline/data.py + pipeline/formats.py).
+"""Load time of 10,000 rows per data format (pipeline/data/loaders.py + pipeline/data/formats.py).
 
     OMP_NUM_THREADS=1 python benchmarks/data_formats.py [--rows 10000] [--repeats 5]
 
@@ -65,7 +65,7 @@ SFT = ("messages", "alpaca", "sharegpt")
 
 
 def main() -> None:
-    from pipeline import data
+    from pipeline.data import loaders
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=10_000)
@@ -81,7 +81,7 @@ def main() -> None:
         out_rows: dict[str, int] = {}
         for _ in range(args.repeats):
             for fmt in FORMATS:
-                load = data.load_sft if fmt in SFT else data.load_pairs
+                load = loaders.load_sft if fmt in SFT else loaders.load_pairs
                 t = time.perf_counter()
                 rows, report = load(str(files[fmt]))
                 times[fmt].append(time.perf_counter() - t)

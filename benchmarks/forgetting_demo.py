@@ -14,7 +14,7 @@ Learns Less and Forgets Less", arXiv 2405.09673). This script measures it on thi
    except the learning rate (``--learning-rate``, default 2e-5: full fine-tuning moves every weight,
    so it takes a far smaller rate than LoRA's) and the number of optimizer steps (``--steps``, default
    as the SFT stage: ``sft.max_steps``, else ``sft.epochs`` over the data).
-3. Each measured on the general text of ``eval.forgetting`` (pipeline/forgetting.py: token loss,
+3. Each measured on the general text of ``eval.forgetting`` (pipeline/evaluation/forgetting.py: token loss,
    perplexity, per-token KL to its own starting model over the full vocabulary) and on the task
    (``data.sft_eval``: mean token loss on the assistant turns), so what each forgot sits next to what
    each learned.
@@ -42,12 +42,21 @@ DEFAULT_LR = 2e-5
 def run(cfg, run_dir: Path, out: Path, steps: int | None, learning_rate: float, overwrite: bool = False) -> dict:
     import torch
 
-    from pipeline import data, forgetting, models
-    from pipeline.artifacts import (ArtifactError, MetricsLogger, atomic_output, check_same_base, read_manifest,
-                                    write_manifest)
+    from pipeline.artifacts import hashing
+    from pipeline.artifacts.outputs import (
+        ArtifactError,
+        MetricsLogger,
+        atomic_output,
+        check_same_base,
+        read_manifest,
+        write_manifest,
+    )
     from pipeline.config import substitute_run_dir
-    from pipeline.sft import build_trainer, eval_loss
-    from pipeline.trainer_utils import JsonlMetrics, train_loss
+    from pipeline.data import loaders
+    from pipeline.evaluation import forgetting
+    from pipeline.models import loading, stacking
+    from pipeline.models.trainer_utils import JsonlMetrics, train_loss
+    from pipeline.stages.sft import build_trainer, eval_loss
 
     # 1. inputs: the LoRA adapter, the general text, the SFT rows
     sft_dir = substitute_run_dir(cfg.ppo.sft_adapter, run_dir)
@@ -55,9 +64,9 @@ def run(cfg, run_dir: Path, out: Path, steps: int | None, learning_rate: float, 
         raise ArtifactError(f"no SFT adapter at '{sft_dir}' (ppo.sft_adapter): run `make sft RUN={run_dir}` first")
     sft_dir = Path(sft_dir)
     passages = forgetting.read_passages(cfg.eval.forgetting)
-    dkw = data.loader_options(cfg.data)
-    train_rows, train_report = data.load_sft(cfg.data.sft_train, **dkw)
-    eval_rows, eval_report = data.load_sft(cfg.data.sft_eval, **dkw)
+    dkw = loaders.loader_options(cfg.data)
+    train_rows, train_report = loaders.load_sft(cfg.data.sft_train, **dkw)
+    eval_rows, eval_report = loaders.load_sft(cfg.data.sft_eval, **dkw)
     reports = (train_report, eval_report)
     float32 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compute_dtype="float32"))
     ft_cfg = dataclasses.replace(float32, sft=dataclasses.replace(
@@ -66,9 +75,9 @@ def run(cfg, run_dir: Path, out: Path, steps: int | None, learning_rate: float, 
     with atomic_output(out, overwrite=overwrite) as tmp:
         # 2. LoRA: the NF4 base and the SFT adapter, float32 compute; the base is the adapter switched off
         t0 = time.time()
-        base_model, tok, base = models.load_base(float32.model)
+        base_model, tok, base = loading.load_base(float32.model)
         check_same_base(read_manifest(sft_dir), base, f"SFT adapter {sft_dir}")
-        peft_model = models.stack_adapters(base_model, {"sft": sft_dir})
+        peft_model = stacking.stack_adapters(base_model, {"sft": sft_dir})
         peft_model.eval()
         text = forgetting.encode_passages(tok, passages, cfg.eval.forgetting, cfg.eval.forgetting_max_tokens,
                                           cfg.eval.batch_size)
@@ -86,17 +95,17 @@ def run(cfg, run_dir: Path, out: Path, steps: int | None, learning_rate: float, 
         lora_seconds = time.time() - t0
         del probe, trainer, peft_model, base_model
         gc.collect()
-        models.release_free_memory()
+        loading.release_free_memory()
 
         # 3. full fine-tune: the dequantized base in float32, every parameter, the SFT stage's trainer
-        model, tok, _ = models.load_dequantized_base(cfg.model)
-        model.to(models.resolve_device(cfg.model.device))
+        model, tok, _ = loading.load_dequantized_base(cfg.model)
+        model.to(loading.resolve_device(cfg.model.device))
         probe = forgetting.ForgettingProbe(model, text, snapshot=True)  # the head trains (tied embeddings)
         results["full_ft_start"] = probe.measure(model)
         logger = MetricsLogger(tmp / "metrics.jsonl")
         trainer, _ = build_trainer(ft_cfg, model, tok, train_rows, eval_rows, reports, tmp / "trainer", None,
                                    [JsonlMetrics(logger, "full_ft")], dtype=torch.float32)
-        trainable, _ = models.count_parameters(trainer.model)
+        trainable, _ = loading.count_parameters(trainer.model)
         print(f"[forgetting-demo] full fine-tune: {trainable:,} trainable parameters, learning rate "
               f"{learning_rate:g}, {'as the SFT stage' if steps is None else f'{steps} steps'}", flush=True)
         t_train = time.time()
@@ -141,11 +150,11 @@ def run(cfg, run_dir: Path, out: Path, steps: int | None, learning_rate: float, 
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
         write_manifest(tmp, "forgetting-demo", ft_cfg, base, metrics,
                        adapters={"sft": {"path": str(sft_dir),
-                                         "sha256": models.sha256_file(sft_dir / "adapter_model.safetensors")}},
+                                         "sha256": hashing.sha256_file(sft_dir / "adapter_model.safetensors")}},
                        data={"general_text": {"source": cfg.eval.forgetting,
-                                              "sha256": data.data_hash(cfg.eval.forgetting)},
-                             "train": data.manifest_entry(cfg.data.sft_train, train_report, cfg.data.split),
-                             "eval": data.manifest_entry(cfg.data.sft_eval, eval_report, cfg.data.split)})
+                                              "sha256": loaders.data_hash(cfg.eval.forgetting)},
+                             "train": loaders.manifest_entry(cfg.data.sft_train, train_report, cfg.data.split),
+                             "eval": loaders.manifest_entry(cfg.data.sft_eval, eval_report, cfg.data.split)})
     sys.stdout.write("\n" + summary)
     print(f"[forgetting-demo] done -> {out}", flush=True)
     return results

@@ -18,13 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def sample(model, tok, prompts, samples: int, max_new_tokens: int, temperature: float, seed: int) -> list[str]:
-    from pipeline import rollout
+    from pipeline.models import forwards
+    from pipeline.rl import rollout
 
     encoded = rollout.encode_prompts(tok, prompts, 512)
     rows = [e for e in encoded for _ in range(samples)]
     texts = []
     for b, s in enumerate(range(0, len(rows), 32)):
-        q, qm = rollout.left_pad(rows[s:s + 32], tok.pad_token_id)
+        q, qm = forwards.left_pad(rows[s:s + 32], tok.pad_token_id)
         resp, mask, _ = rollout.generate(model, tok, q, qm, max_new_tokens, temperature, generator_seed=seed + b)
         texts += rollout.decode_responses(tok, resp, mask)
     return texts
@@ -33,8 +34,9 @@ def sample(model, tok, prompts, samples: int, max_new_tokens: int, temperature: 
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
-    from pipeline import data, models
     from pipeline.config import load_config
+    from pipeline.data import loaders
+    from pipeline.models import loading, stacking
     from reward.registry import build_reward
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,13 +47,13 @@ def main() -> None:
     a = ap.parse_args()
     cfg = load_config(a.config)
     run = Path(a.run_dir)
-    rows, _ = data.load_prompts(cfg.data.prompts_eval)
+    rows, _ = loaders.load_prompts(cfg.data.prompts_eval)
     prompts = [r["prompt"] for r in rows[:a.prompts]]
     gold = build_reward(cfg.eval.gold)
     args = (a.samples, cfg.eval.max_new_tokens, cfg.ppo.temperature, cfg.eval.seed)
 
-    base, tok, _ = models.load_base(cfg.model)
-    stacked = models.stack_adapters(base, {"sft": run / "sft", "policy": run / "ppo"})
+    base, tok, _ = loading.load_base(cfg.model)
+    stacked = stacking.stack_adapters(base, {"sft": run / "sft", "policy": run / "ppo"})
     stacked.eval()
     texts = {"stacked": sample(stacked, tok, prompts, *args)}
     stacked.unload()

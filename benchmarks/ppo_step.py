@@ -56,13 +56,13 @@ def _make_reward_model(folder: Path) -> None:
     import torch
     from peft import get_peft_model
 
-    from pipeline import models
-    from pipeline.artifacts import write_manifest
+    from pipeline.artifacts.outputs import write_manifest
     from pipeline.config import LoraConfigSection, PipelineConfig
+    from pipeline.models import loading
 
     cfg = PipelineConfig()
-    model, tok, base = models.load_base(cfg.model, kind="seqcls")
-    pm = get_peft_model(model, models.lora_config(LoraConfigSection(r=8, alpha=16, dropout=0.0), task_type="SEQ_CLS"))
+    model, tok, base = loading.load_base(cfg.model, kind="seqcls")
+    pm = get_peft_model(model, loading.lora_config(LoraConfigSection(r=8, alpha=16, dropout=0.0), task_type="SEQ_CLS"))
     torch.manual_seed(0)
     pm.save_pretrained(folder)
     write_manifest(folder, "reward", cfg, base, metrics={}, extra={"pooling": cfg.reward.pooling})
@@ -71,7 +71,7 @@ def _make_reward_model(folder: Path) -> None:
 def run_setting(name: str, steps: int, reward_dir: str) -> dict:
     """Child process: run PPO for `steps` steps, report the mean of steps 2.. (step 1 warms caches)."""
     from pipeline.config import load_config
-    from pipeline.ppo import run_ppo
+    from pipeline.stages.ppo import run_ppo
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = COMMON + SETTINGS[name] + [f"ppo.steps={steps}",

@@ -24,13 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 def child(variant: str, reward_dir: str) -> dict:
     from peft import get_peft_model
 
-    from pipeline import models
     from pipeline.config import PipelineConfig
-    from pipeline.reward_stage import load_reward_scorer
+    from pipeline.models import loading
+    from pipeline.models.reward_model import load_reward_scorer
 
     cfg = PipelineConfig()
-    base, tok, info = models.load_base(cfg.model)
-    policy = get_peft_model(base, models.lora_config(cfg.ppo.lora), adapter_name="policy")
+    base, tok, info = loading.load_base(cfg.model)
+    policy = get_peft_model(base, loading.lora_config(cfg.ppo.lora), adapter_name="policy")
     scorer = load_reward_scorer(reward_dir, host=(policy, tok, info) if variant == "shared" else None)
     assert (scorer.model is policy) == (variant == "shared")
     prompts = [f"Tell me about topic {i}." for i in range(8)]

@@ -30,7 +30,7 @@ def plain_trl(steps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.models import resolve_model_path
+    from pipeline.models.embedded import resolve_model_path
 
     path = resolve_model_path("embedded:smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(path)
@@ -54,7 +54,7 @@ def plain_trl(steps: int) -> dict:
 
 def ours(steps: int, padding_free: bool) -> dict:
     from pipeline.config import load_config
-    from pipeline.sft import run_sft
+    from pipeline.stages.sft import run_sft
 
     overrides = [f"sft.max_steps={steps}", "sft.batch_size=8", "sft.max_length=256", "sft.gold_eval_prompts=0",
                  "data.sft_eval=", f"sft.padding_free={str(padding_free).lower()}", "sft.logging_steps=1000"]

@@ -7,7 +7,7 @@ baseline.
 
 Workload: SmolLM2-135M-Instruct in NF4, bf16 compute (auto), LoRA r=8 on all linear layers with
 random B, lean RMSNorm/SwiGLU installed, 8 rows x (70 prompt + 32 response) tokens; one step =
-``rollout.forward_response`` (PPO's logprob forward) + backward of the summed logprobs. Prints
+``forwards.forward_response`` (PPO's logprob forward) + backward of the summed logprobs. Prints
 ``RESULT name=<path> seconds=<min of repeats>`` and each path's ratio to peft's, plus the largest
 logprob difference from peft's path (both bf16: rounding, not error).
 """
@@ -28,12 +28,12 @@ def main() -> None:
 
     from peft import get_peft_model
 
-    from pipeline import lean_ops, models, rollout
     from pipeline.config import LoraConfigSection, PipelineConfig
+    from pipeline.models import forwards, lean_ops, loading
 
     cfg = PipelineConfig()
-    model, _, _ = models.load_base(cfg.model)
-    pm = get_peft_model(model, models.lora_config(LoraConfigSection(r=8, alpha=16, dropout=0.0)))
+    model, _, _ = loading.load_base(cfg.model)
+    pm = get_peft_model(model, loading.lora_config(LoraConfigSection(r=8, alpha=16, dropout=0.0)))
     lean_ops.install(pm, lora=False)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -51,7 +51,7 @@ def main() -> None:
 
     def step(b=shapes) -> torch.Tensor:
         pm.zero_grad(set_to_none=True)
-        out = rollout.forward_response(pm, *b, temperature=0.7)
+        out = forwards.forward_response(pm, *b, temperature=0.7)
         out.logprobs.sum().backward()
         return out.logprobs.detach()
 

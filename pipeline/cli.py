@@ -32,11 +32,10 @@ left). See README "Data formats".
 
 def _user_errors():
     """Exceptions that are the user's to fix: shown as one clear line, not a traceback."""
-    from pipeline.artifacts import ArtifactError
-    from pipeline.data import DataError
-    from pipeline.rollout import PromptTooLongError
-
-    from pipeline.ppo import PPOError
+    from pipeline.artifacts.outputs import ArtifactError
+    from pipeline.data.loaders import DataError
+    from pipeline.rl.rollout import PromptTooLongError
+    from pipeline.stages.ppo import PPOError
 
     errors = [ConfigError, ArtifactError, DataError, PromptTooLongError, PPOError, FileNotFoundError]
     try:
@@ -61,8 +60,8 @@ def _command(stage: str, config_path: str, run_dir: Path, overrides, flag: str) 
 
 def _stopped(stage: str, config_path: str, run_dir: Path, overrides, e: KeyboardInterrupt) -> str:
     """What an interrupted stage left and how to go on."""
-    from pipeline import guard
-    from pipeline.checkpoints import latest_checkpoint
+    from pipeline.artifacts import guard
+    from pipeline.artifacts.checkpoints import latest_checkpoint
 
     how = f"stopped by {e.signal_name}" if isinstance(e, guard.StopRequested) else "interrupted"
     detail = f" {e.detail}" if isinstance(e, guard.StopRequested) and e.detail else ""
@@ -81,7 +80,7 @@ def _error_log(run_dir: Path, stage: str) -> Path:
     import time
     import traceback
 
-    from pipeline.artifacts import library_versions
+    from pipeline.artifacts.outputs import library_versions
 
     text = (f"command: {' '.join(sys.argv)}\ntime: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
             f"libraries: {library_versions()}\n\n{traceback.format_exc()}")
@@ -114,8 +113,8 @@ def stage_command(fn):
     @click.argument("overrides", nargs=-1)
     @functools.wraps(fn)
     def wrapper(config_path, run_dir, overrides, **kwargs):
-        from pipeline import guard
-        from pipeline.checkpoints import weights_only_loads
+        from pipeline.artifacts import guard
+        from pipeline.artifacts.checkpoints import weights_only_loads
 
         if kwargs.get("resume") and kwargs.get("overwrite"):
             raise click.UsageError("--resume continues the unfinished run and --overwrite starts over; pass one")
@@ -209,12 +208,12 @@ def _resumable(stage: str, summary: str, every: str, target: str):
 
 
 sft = _resumable("sft", "Stage 1: supervised fine-tuning of a LoRA adapter on the NF4 base (QLoRA).",
-                 "every sft.save_steps steps", "pipeline.sft:run_sft")
+                 "every sft.save_steps steps", "pipeline.stages.sft:run_sft")
 reward = _resumable("reward", "Stage 2: train a reward model (LoRA + score head) on preference pairs.",
-                    "every reward.save_steps steps", "pipeline.reward_stage:run_reward")
+                    "every reward.save_steps steps", "pipeline.stages.reward:run_reward")
 ppo = _resumable("ppo", "Stage 3: RL on the policy adapter against the configured rewards: PPO, or the critic-free "
                  "RLOO or GRPO with ppo.algorithm=rloo|grpo and ppo.samples_per_prompt=k (k >= 2).",
-                 "every ppo.save_every steps", "pipeline.ppo:run_ppo")
+                 "every ppo.save_every steps", "pipeline.stages.ppo:run_ppo")
 
 
 @main.command(help="Stage 4 (optional): fuse stage adapters into one adapter and/or a merged model. "
@@ -225,7 +224,7 @@ ppo = _resumable("ppo", "Stage 3: RL on the policy adapter against the configure
 @click.option("--overwrite", is_flag=True, help="Replace an existing complete RUN/fused output.")
 @stage_command
 def fuse(cfg, run_dir, overwrite):
-    from pipeline.fuse import run_fuse
+    from pipeline.stages.fuse import run_fuse
 
     run_fuse(cfg, run_dir, overwrite=overwrite)
 
@@ -238,7 +237,7 @@ def fuse(cfg, run_dir, overwrite):
 @click.option("--overwrite", is_flag=True, help="Replace an existing complete RUN/eval output.")
 @stage_command
 def eval_(cfg, run_dir, overwrite):
-    from pipeline.evaluate import run_eval
+    from pipeline.stages.evaluate import run_eval
 
     run_eval(cfg, run_dir, overwrite=overwrite)
 
@@ -252,7 +251,7 @@ def eval_(cfg, run_dir, overwrite):
               help="YAML list of reward specs to use instead of ppo.rewards, e.g. '[{name: sentiment}]'.")
 @stage_command
 def score(cfg, run_dir, input_path, output_path, rewards_yaml):
-    from pipeline.scoring import run_score
+    from pipeline.stages.score import run_score
 
     run_score(cfg, run_dir, input_path, output_path, rewards_yaml)
 

@@ -17,8 +17,8 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import yaml
 
-from pipeline.formats import FORMAT_NAMES, PAIRS_FROM
-from pipeline.lengths import LONG_ROWS
+from pipeline.data.formats import FORMAT_NAMES, PAIRS_FROM
+from pipeline.data.lengths import LONG_ROWS
 
 
 class ConfigError(ValueError):
@@ -219,7 +219,7 @@ class PPOConfig:
     rollout_merge_max_gb: float = 1.0
     # Route RMSNorm and SwiGLU MLPs of Llama/Mistral/Qwen2/Qwen3 models through autograd functions with
     # the same forward that keep less for backward, and peft's LoRA linears through one addmm each
-    # (pipeline/lean_ops.py); false = the models' own.
+    # (pipeline/models/lean_ops.py); false = the models' own.
     lean_ops: bool = True
     # Added to the score of responses that end without a stop token (None = no penalty).
     missing_eos_penalty: Optional[float] = None
@@ -237,7 +237,7 @@ class PPOConfig:
 class FuseConfig:
     # "cat": exact concatenation of SFT + PPO adapters; or any peft add_weighted_adapter type
     # (linear, svd, ties, dare_linear, ...) over `adapters` with `weights`; or "learned": a per-layer,
-    # per-token gate over the frozen adapters, trained below (pipeline/fuse_learned.py; `weights` unused).
+    # per-token gate over the frozen adapters, trained below (pipeline/fusion/learned.py; `weights` unused).
     method: str = "cat"
     adapters: list[str] = field(default_factory=lambda: ["{run_dir}/sft", "{run_dir}/ppo"])
     weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
@@ -275,7 +275,7 @@ class EvalConfig:
     # ppo.algorithm (and folder name where two share one). RUN/ppo, when complete, is the first series.
     runs: list[str] = field(default_factory=list)
     # The forgetting check: each model's token loss, perplexity and per-token KL to the base on general
-    # text no stage trains on (pipeline/forgetting.py); "" skips it. One forward per model, no sampling:
+    # text no stage trains on (pipeline/evaluation/forgetting.py); "" skips it. One forward per model, no sampling:
     # 49.6 s for 15 models on the embedded model at two threads (README "Forgetting").
     forgetting: str = "data/general_text.jsonl"
     # Tokens kept per passage (its start); longer passages are cut and counted in summary.txt.

@@ -20,7 +20,7 @@
    false and ``rejected`` when it is true (equivalently, the response with the larger ``gold_*``).
 4. ``README.md`` with the command, settings, counts and gold statistics.
 
-All sampling goes through :mod:`pipeline.rollout`, seeded per batch. The files are not bit-for-bit
+All sampling goes through :mod:`pipeline.rl.rollout`, seeded per batch. The files are not bit-for-bit
 reproducible across runs on this CPU: two runs of the same code and seed shared 5 of 40 SFT eval rows
 (the bf16 CPU kernel's multi-threaded sums can round differently from run to run, and one different
 token changes the rest of a sample). Counts and gold statistics agree between runs (data/README.md).
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from pipeline.artifacts import write_jsonl
+from pipeline.artifacts.outputs import write_jsonl
 
 # ---------------------------------------------------------------------------------------------
 # Prompts
@@ -302,7 +302,7 @@ class Sample:
 
 @dataclass
 class Sampler:
-    """Samples one response per prompt through :mod:`pipeline.rollout`, in seeded batches."""
+    """Samples one response per prompt through :mod:`pipeline.rl.rollout`, in seeded batches."""
 
     model: object
     tokenizer: object
@@ -318,7 +318,8 @@ class Sampler:
 
     def sample(self, prompts: Sequence[str], tag: str, system: Optional[str] = None) -> list[Sample]:
         """One response per prompt; ``system`` (a system prompt) steers the style, gold sees only the text."""
-        from pipeline.rollout import decode_responses, encode_prompts, generate, left_pad
+        from pipeline.models.forwards import left_pad
+        from pipeline.rl.rollout import decode_responses, encode_prompts, generate
 
         head = [{"role": "system", "content": system}] if system else []
         out: list[Sample] = []
@@ -467,7 +468,7 @@ def load_sampling_model(model_name: str, bf16_kernel: bool = True):
     The training stages load their own guarded copy. No-op on CUDA and on CPUs without AVX512-BF16.
     """
     from pipeline.config import ModelConfig
-    from pipeline.models import load_base
+    from pipeline.models.loading import load_base
 
     model, tok, info = load_base(ModelConfig(name=model_name))
     model.eval()
@@ -558,7 +559,7 @@ def render_readme(args, info, sizes: dict, counts: dict, stats: dict, command: s
         f"{args.seed} and split in this order: train {sizes['train']}, tune {sizes['tune']}, reward "
         f"{sizes['reward']}, reward_eval {sizes['reward_eval']}, eval {sizes['eval']}. No prompt is in two splits.",
         f"- Model: `{args.model}` (NF4 4-bit base, weights sha256 `{info.weights_sha256[:16]}...`), "
-        f"sampled through `pipeline/rollout.py` with temperature {args.temperature}, top_k 0, top_p 1, at most "
+        f"sampled through `pipeline/rl/rollout.py` with temperature {args.temperature}, top_k 0, top_p 1, at most "
         f"{args.max_new_tokens} new tokens, batch size {args.batch_size}. `torch.manual_seed` is set before every "
         "batch from (seed, phase, batch index).",
         "- A response cut off by the token limit is trimmed back to its last complete sentence when that",

@@ -17,7 +17,7 @@ TINY = "embedded:tiny-random-llama"
 
 @pytest.fixture(scope="session")
 def tiny_path() -> str:
-    from pipeline.models import resolve_model_path
+    from pipeline.models.embedded import resolve_model_path
 
     return resolve_model_path(TINY)
 

@@ -1,5 +1,5 @@
 """Kill-safety machinery without a model: safe state files, refused pickles, checkpoint folders, write
-failures, the stage lock and signal handling (pipeline/checkpoints.py, pipeline/guard.py)."""
+failures, the stage lock and signal handling (pipeline/artifacts/checkpoints.py, pipeline/artifacts/guard.py)."""
 import errno
 import json
 import os
@@ -12,9 +12,14 @@ import pytest
 import torch
 from helpers import Payload
 
-from pipeline import artifacts, checkpoints, guard
-from pipeline.artifacts import ArtifactError, WriteError
-from pipeline.checkpoints import Checkpoints, StageWork, load_state, save_state
+from pipeline.artifacts import checkpoints, guard, outputs
+from pipeline.artifacts.checkpoints import (
+    Checkpoints,
+    StageWork,
+    load_state,
+    save_state,
+)
+from pipeline.artifacts.outputs import ArtifactError, WriteError
 
 
 def _tiny_optimizer_state() -> dict:
@@ -220,11 +225,11 @@ def test_resuming_with_changed_settings_says_which(tmp_path, capsys):
 
 
 def test_metrics_of_a_resumed_run_drop_the_rows_after_the_checkpoint(tmp_path):
-    log = artifacts.MetricsLogger(tmp_path / "m.jsonl")
+    log = outputs.MetricsLogger(tmp_path / "m.jsonl")
     for step in (0, 1, 2, 3):
         log.log({"step": step, "x": step})
     log.close()
-    log = artifacts.MetricsLogger(tmp_path / "m.jsonl", resume_step=2)
+    log = outputs.MetricsLogger(tmp_path / "m.jsonl", resume_step=2)
     log.log({"step": 3, "x": 30})
     log.close()
     rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline import fuse, guard
+from pipeline.artifacts import guard
 from pipeline.cli import main, quiet_libraries
+from pipeline.stages import fuse
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny.yaml")
@@ -57,9 +58,9 @@ def test_resume_and_overwrite_exclude_each_other(tmp_path):
 
 def test_a_bad_value_stops_before_anything_loads(tmp_path, monkeypatch):
     """The issue's example: sft.lora.r=0 used to end in a peft traceback after the model had loaded."""
-    import pipeline.sft
+    import pipeline.stages.sft
 
-    monkeypatch.setattr(pipeline.sft, "run_sft", lambda *a, **k: pytest.fail("the stage ran"))
+    monkeypatch.setattr(pipeline.stages.sft, "run_sft", lambda *a, **k: pytest.fail("the stage ran"))
     r = CliRunner().invoke(main, ["sft", "--config", CONFIG, "--run-dir", str(tmp_path), "sft.lora.r=0"])
     assert r.exit_code == 1 and r.output.strip() == "Error: sft.lora.r must be >= 1, got 0"
 

@@ -1,14 +1,22 @@
-"""Tests for pipeline/data.py: every accepted format, every rejection, and the exact rows produced."""
+"""Tests for pipeline/data/loaders.py: every accepted format, every rejection, and the exact rows produced."""
 import csv
 import hashlib
 import json
 
 import pytest
-
 from helpers import A, S, U
-from pipeline import data
-from pipeline.data import (DataError, LoadReport, data_hash, load_pairs, load_prompts, load_sft, parse_hh,
-                           read_rows)
+
+from pipeline.data import loaders
+from pipeline.data.loaders import (
+    DataError,
+    LoadReport,
+    data_hash,
+    load_pairs,
+    load_prompts,
+    load_sft,
+    parse_hh,
+    read_rows,
+)
 
 
 def write_jsonl(path, rows):
@@ -596,6 +604,6 @@ def test_data_hash_hub_id_names_id_and_split():
 
 
 def test_module_exports():
-    assert set(data.__all__) == {"DataError", "EmptyTargetError", "LoadReport", "parse_hh", "read_rows", "load_sft",
+    assert set(loaders.__all__) == {"DataError", "EmptyTargetError", "LoadReport", "parse_hh", "read_rows", "load_sft",
                                  "load_pairs", "load_prompts", "data_hash"}
     assert issubclass(DataError, ValueError)

@@ -156,11 +156,11 @@ def test_quick_mode_writes_all_files(tmp_path):
 
 
 def _check_with_loaders(folder):
-    from pipeline import data
-    for name, loader in (("prompts_train.jsonl", data.load_prompts), ("prompts_tune.jsonl", data.load_prompts),
-                         ("prompts_eval.jsonl", data.load_prompts),
-                         ("sft_train.jsonl", data.load_sft), ("sft_eval.jsonl", data.load_sft),
-                         ("pairs_train.jsonl", data.load_pairs), ("pairs_eval.jsonl", data.load_pairs)):
+    from pipeline.data import loaders
+    for name, loader in (("prompts_train.jsonl", loaders.load_prompts), ("prompts_tune.jsonl", loaders.load_prompts),
+                         ("prompts_eval.jsonl", loaders.load_prompts),
+                         ("sft_train.jsonl", loaders.load_sft), ("sft_eval.jsonl", loaders.load_sft),
+                         ("pairs_train.jsonl", loaders.load_pairs), ("pairs_eval.jsonl", loaders.load_pairs)):
         rows, report = loader(str(folder / name))
         assert report.skipped == 0 and len(rows) == report.total, name
 

@@ -7,8 +7,15 @@ import shutil
 import pytest
 import torch
 
-from pipeline.curves import CSV_COLUMNS, mean_se
-from pipeline.evaluate import bon_kl, exact_kl, sequence_kl, wilson_interval, win_rate
+from pipeline.evaluation.curves import CSV_COLUMNS
+from pipeline.evaluation.stats import (
+    bon_kl,
+    exact_kl,
+    mean_se,
+    sequence_kl,
+    wilson_interval,
+    win_rate,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Pure helpers
@@ -76,7 +83,7 @@ def test_mean_se_hand_computed():
 
 
 def test_gao_fits_recover_hand_made_curves_and_their_peaks():
-    from pipeline.curves import fit_gao, gao_curve, gao_peak
+    from pipeline.evaluation.curves import fit_gao, gao_curve, gao_peak
 
     # best-of-n form, alpha 1, beta 0.5: R(1) = 1 - 0.5 = 0.5, R(2) = 2 - 2 = 0, R(0.5) = 0.5 - 0.125 = 0.375
     a, b = fit_gao([0.0, 0.5, 1.0, 2.0], [0.0, 0.375, 0.5, 0.0], "bon")
@@ -100,7 +107,7 @@ def test_gao_fits_recover_hand_made_curves_and_their_peaks():
 
 
 def test_a_fitted_peak_far_past_the_points_is_not_reported_as_a_prediction():
-    from pipeline.curves import curve_fits, gao_curve
+    from pipeline.evaluation.curves import curve_fits, gao_curve
 
     def points(alpha, beta, ds):
         return [{"kind": "sft", "name": "sft", "sqrt_kl": 0.0, "gold_mean": 0.5}] + [
@@ -119,7 +126,7 @@ def test_a_fitted_peak_far_past_the_points_is_not_reported_as_a_prediction():
 
 
 def test_proxy_per_nat_interpolates_best_of_n_at_the_same_kl():
-    from pipeline.curves import proxy_per_nat
+    from pipeline.evaluation.curves import proxy_per_nat
 
     pts = [{"kind": "sft", "name": "sft", "kl_k1_mean": 0.0, "proxy_mean": 0.2},
            {"kind": "bon", "name": "n=1", "kl_k1_mean": 0.0, "proxy_mean": 0.2},
@@ -134,7 +141,7 @@ def test_proxy_per_nat_interpolates_best_of_n_at_the_same_kl():
 
 
 def test_gold_at_equal_kl_reads_each_fit_within_its_own_points():
-    from pipeline.curves import gold_at_kl, series_title
+    from pipeline.evaluation.curves import gold_at_kl, series_title
 
     pts = [{"kind": "ppo", "series": "ppo", "kl_k1_mean": 2.0}, {"kind": "ppo", "series": "ppo", "kl_k1_mean": 0.7},
            {"kind": "ppo", "series": "rloo:sweep", "kl_k1_mean": 0.3}, {"kind": "bon", "kl_k1_mean": 0.5}]
@@ -418,7 +425,7 @@ def test_eval_forgetting_empty_skips_it_and_a_missing_file_stops_first(eval_run,
 
 
 def test_exact_cat_fusion_of_a_checkpoint_is_recognised():
-    from pipeline.evaluate import exact_copy_of
+    from pipeline.stages.evaluate import exact_copy_of
 
     ckpts = {"b" * 64: "step-000030", "c" * 64: "step-000015"}
     cat = {"method": "cat", "weights": [1.0, 1.0],

@@ -4,7 +4,7 @@ uninterrupted run. Also run alone by `make test-faults`.
 
 Every run is a real process forked from this one (the libraries are already imported, so a run costs
 its stage's time, not 8 s of imports) and dies by the signal at a fault-injection point
-(``RLHF_FAILPOINTS``, pipeline/guard.py): after a checkpoint is written but before it is renamed
+(``RLHF_FAILPOINTS``, pipeline/artifacts/guard.py): after a checkpoint is written but before it is renamed
 into place, after a step before its checkpoint, and after the manifest before the final rename.
 """
 import json
@@ -36,25 +36,25 @@ STAGE_ARGS = {
 def _forkable():
     """Import everything the stages import and load the tiny model once, so that a forked run starts
     warm; one thread (a child must not inherit a busy OpenMP team) and no tqdm monitor thread."""
-    from tqdm import tqdm
-
-    import pipeline.cli  # noqa: F401
-    import pipeline.ppo  # noqa: F401
-    import pipeline.reward_stage  # noqa: F401
-    import pipeline.sft  # noqa: F401
     from accelerate import Accelerator  # noqa: F401
     from datasets import Dataset  # noqa: F401
     from peft import get_peft_model  # noqa: F401
+    from tqdm import tqdm
     from trl import SFTConfig, SFTTrainer  # noqa: F401
-    from pipeline import models
+
+    import pipeline.cli  # noqa: F401
+    import pipeline.stages.ppo  # noqa: F401
+    import pipeline.stages.reward  # noqa: F401
+    import pipeline.stages.sft  # noqa: F401
     from pipeline.config import load_config
+    from pipeline.models import loading
 
     n, interval = torch.get_num_threads(), tqdm.monitor_interval
     torch.set_num_threads(1)
     tqdm.monitor_interval = 0
     model_cfg = load_config(CONFIG).model
-    models.load_base(model_cfg)
-    models.load_base(model_cfg, kind="seqcls", num_labels=1)
+    loading.load_base(model_cfg)
+    loading.load_base(model_cfg, kind="seqcls", num_labels=1)
     yield
     torch.set_num_threads(n)
     tqdm.monitor_interval = interval

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from helpers import randomize_lora_b
 
-from pipeline import forgetting
-from pipeline.data import DataError
+from pipeline.data.loaders import DataError
+from pipeline.evaluation import forgetting
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
@@ -61,15 +61,15 @@ def test_read_passages_names_the_row_at_fault(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_nf4():
     """The tiny NF4 base with a zero-B adapter ("zero", as peft initialises it) and a random one."""
-    from pipeline import models
     from pipeline.config import LoraConfigSection, ModelConfig
+    from pipeline.models import loading, stacking
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    base, tok, _ = models.load_base(ModelConfig(name="embedded:tiny-random-llama", compute_dtype="float32"))
-    lora = models.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0))
-    peft = models.stack_adapters(base, {}, new_adapter=("zero", lora))
-    peft.add_adapter("random", models.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)))
+    base, tok, _ = loading.load_base(ModelConfig(name="embedded:tiny-random-llama", compute_dtype="float32"))
+    lora = loading.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0))
+    peft = stacking.stack_adapters(base, {}, new_adapter=("zero", lora))
+    peft.add_adapter("random", loading.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)))
     randomize_lora_b(peft, 0.5, torch.Generator().manual_seed(1))
     with torch.no_grad():
         for name, p in peft.named_parameters():
@@ -86,15 +86,15 @@ def tiny_nf4():
 
 def _reference(peft, tok, texts, adapters, max_tokens=40):
     """Per passage, one at a time without padding, from whole logits: (sum of -log p(next), sum of KL)."""
-    from pipeline import models
+    from pipeline.models import stacking
 
     out = []
     for text in texts:
         ids = torch.tensor([tok(text).input_ids[:max_tokens]])
         with torch.no_grad():
-            with models.active_adapters(peft, adapters):
+            with stacking.active_adapters(peft, adapters):
                 logits = peft(input_ids=ids).logits[0, :-1]
-            with models.active_adapters(peft, None):
+            with stacking.active_adapters(peft, None):
                 base = peft(input_ids=ids).logits[0, :-1]
         logp, logq = F.log_softmax(logits, -1), F.log_softmax(base, -1)
         nll = -logp.gather(-1, ids[0, 1:, None]).sum().item()
@@ -133,11 +133,11 @@ def test_zero_b_adapter_is_the_base_and_a_random_adapter_moves_away(tiny_nf4):
 
 def test_a_full_model_is_measured_against_its_snapshot(tiny_nf4):
     """A plain model whose head trains (a full fine-tune): the probe keeps the base's head."""
-    from pipeline import models
     from pipeline.config import ModelConfig
+    from pipeline.models import loading
 
     _, _, _, text, _ = tiny_nf4
-    plain, _, _ = models.load_dequantized_base(ModelConfig(name="embedded:tiny-random-llama"))
+    plain, _, _ = loading.load_dequantized_base(ModelConfig(name="embedded:tiny-random-llama"))
     probe = forgetting.ForgettingProbe(plain, text, snapshot=True)
     before = probe.measure(plain)
     assert before["kl"] == 0.0
@@ -152,12 +152,12 @@ def test_a_full_model_is_measured_against_its_snapshot(tiny_nf4):
 
 def test_exact_zeros_hold_in_bf16_compute(tiny_nf4):
     """Under bf16 autocast too: the base against itself and a zero-B adapter give a KL of exactly 0."""
-    from pipeline import models
     from pipeline.config import LoraConfigSection, ModelConfig
+    from pipeline.models import loading, stacking
 
     _, tok, texts, _, _ = tiny_nf4
-    base, _, _ = models.load_base(ModelConfig(name="embedded:tiny-random-llama", compute_dtype="bfloat16"))
-    peft = models.stack_adapters(base, {}, new_adapter=("zero", models.lora_config(LoraConfigSection(r=4))))
+    base, _, _ = loading.load_base(ModelConfig(name="embedded:tiny-random-llama", compute_dtype="bfloat16"))
+    peft = stacking.stack_adapters(base, {}, new_adapter=("zero", loading.lora_config(LoraConfigSection(r=4))))
     peft.eval()
     probe = forgetting.ForgettingProbe(peft, forgetting.encode_passages(tok, texts, "general", 40, 2), chunk=7)
     own, zero = probe.measure(adapters=None), probe.measure(adapters=["zero"])

@@ -4,11 +4,17 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import A, S, U
-from pipeline import lengths
-from pipeline.data import DataError, EmptyTargetError, load_pairs, load_prompts, load_sft
-from pipeline.formats import preference_pairs
+
+from pipeline.data import lengths
+from pipeline.data.formats import preference_pairs
+from pipeline.data.loaders import (
+    DataError,
+    EmptyTargetError,
+    load_pairs,
+    load_prompts,
+    load_sft,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "formats"
 HINT = "(to skip such rows and count them instead, set data.skip_invalid=true)"

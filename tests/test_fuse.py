@@ -6,11 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import randomize_lora_b
-from pipeline import fuse, models
-from pipeline.artifacts import ArtifactError, write_manifest
+
+from pipeline.artifacts import hashing
+from pipeline.artifacts.outputs import ArtifactError, write_manifest
 from pipeline.config import ModelConfig, PipelineConfig
+from pipeline.fusion import lora_state
+from pipeline.models import embedded, loading, stacking
+from pipeline.stages import fuse
 
 TINY = "embedded:tiny-random-llama"
 TOL = 1e-4
@@ -42,7 +45,7 @@ def _logits(model, ids) -> torch.Tensor:
 
 
 def _nf4_base():
-    return models.load_base(ModelConfig(name=TINY, compute_dtype="float32"))
+    return loading.load_base(ModelConfig(name=TINY, compute_dtype="float32"))
 
 
 @pytest.fixture(scope="module")
@@ -63,19 +66,19 @@ def run(tmp_path_factory) -> Run:
     pm.add_adapter("ppo", ppo_cfg)
     randomize_lora_b(pm, 0.3, torch.Generator().manual_seed(7))
     pcfg = _pipeline_cfg()
-    models.save_adapter(pm, "sft", run_dir / "sft")
+    stacking.save_adapter(pm, "sft", run_dir / "sft")
     write_manifest(run_dir / "sft", "sft", pcfg, info, metrics={"train_loss": 1.25}, data=SFT_DATA)
-    models.save_adapter(pm, "ppo", run_dir / "ppo")
-    sft_sha = models.sha256_file(run_dir / "sft" / fuse.ADAPTER_FILE)
+    stacking.save_adapter(pm, "ppo", run_dir / "ppo")
+    sft_sha = hashing.sha256_file(run_dir / "sft" / lora_state.ADAPTER_FILE)
     write_manifest(run_dir / "ppo", "ppo", pcfg, info, metrics={"ppo/score": 0.5}, data=PPO_DATA,
                    adapters={"sft": {"path": str(run_dir / "sft"), "sha256": sft_sha}},
                    extra={"stacked_on": ["sft"]})
-    with models.active_adapters(pm, ["sft"]):
+    with stacking.active_adapters(pm, ["sft"]):
         sft_logits = _logits(pm, ids)
-    with models.active_adapters(pm, ["sft", "ppo"]):
+    with stacking.active_adapters(pm, ["sft", "ppo"]):
         stacked = _logits(pm, ids)
-    full, _, _ = models.load_base(ModelConfig(name=TINY, load_in_4bit=False, compute_dtype="float32"))
-    full_stacked = _logits(models.stack_adapters(full, {"sft": run_dir / "sft", "ppo": run_dir / "ppo"}), ids)
+    full, _, _ = loading.load_base(ModelConfig(name=TINY, load_in_4bit=False, compute_dtype="float32"))
+    full_stacked = _logits(stacking.stack_adapters(full, {"sft": run_dir / "sft", "ppo": run_dir / "ppo"}), ids)
     return Run(run_dir, ids, base_logits, sft_logits, stacked, full_stacked)
 
 
@@ -104,7 +107,7 @@ def test_cat_manifest_records_sources_and_checks(run, fused_cat):
     manifest = json.loads((fused_cat / "manifest.json").read_text())
     assert manifest["stage"] == "fuse" and manifest["method"] == "cat" and manifest["weights"] == [1.0, 1.0]
     for stage in ("sft", "ppo"):
-        assert manifest["adapters"][stage]["sha256"] == models.sha256_file(run.dir / stage / fuse.ADAPTER_FILE)
+        assert manifest["adapters"][stage]["sha256"] == hashing.sha256_file(run.dir / stage / lora_state.ADAPTER_FILE)
     assert manifest["data"]["sft:train"]["source"] == "data/sft_train.jsonl"
     assert manifest["metrics"]["max_abs_logit_diff_vs_stacked"] < TOL
     assert manifest["metrics"]["delta_rel_error_vs_weighted_sum"] < 1e-6
@@ -129,7 +132,7 @@ def test_merged_model_loads_with_plain_transformers_and_reproduces_the_nf4_polic
     # Not the original float weights: those differ from what the adapters were trained on.
     assert (logits - run.full_stacked).abs().max().item() > 100 * TOL
     tok = AutoTokenizer.from_pretrained(str(merged_dir))
-    assert tok.chat_template == models.CHATML_TEMPLATE
+    assert tok.chat_template == embedded.CHATML_TEMPLATE
     card = (merged_dir / "README.md").read_text()
     for text in (TINY, "sft", "ppo", "data/sft_train.jsonl", "data/prompts_train.jsonl", "`cat`", "NF4"):
         assert text in card
@@ -151,10 +154,10 @@ def test_cat_lora_math_by_hand():
     a2, b2 = torch.randn(1, 3, generator=g), torch.randn(4, 1, generator=g)
     c1 = LoraConfig(r=2, lora_alpha=4, target_modules=["m1", "m2"], alpha_pattern={"m2": 8})  # s = 2, m2: 4
     c2 = LoraConfig(r=1, lora_alpha=3, target_modules=["m1"], use_rslora=True)  # s = 3 / sqrt(1) = 3
-    config, state = fuse.cat_lora([c1, c2], [_adapter({"m1": (a1, b1), "m2": (a1m, b1m)}), _adapter({"m1": (a2, b2)})],
+    config, state = lora_state.cat_lora([c1, c2], [_adapter({"m1": (a1, b1), "m2": (a1m, b1m)}), _adapter({"m1": (a2, b2)})],
                                   weights=[0.5, -2.0])
     assert (config.r, config.lora_alpha, config.use_rslora, config.lora_dropout) == (3, 3, False, 0.0)
-    got = fuse.lora_deltas(config, state)
+    got = lora_state.lora_deltas(config, state)
     torch.testing.assert_close(got["m1"], 0.5 * 2 * b1 @ a1 - 2.0 * 3 * b2 @ a2)
     torch.testing.assert_close(got["m2"], 0.5 * 4 * b1m @ a1m)
     assert state["base_model.model.m2.lora_A.weight"][2:].abs().sum() == 0  # adapter 2's block: zeros
@@ -167,8 +170,8 @@ def test_unsupported_adapters_are_refused(change, message):
     from peft import LoraConfig
 
     config = LoraConfig(**{"r": 2, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM", **change})
-    with pytest.raises(fuse.FuseError, match=message):
-        fuse.check_lora_config(config, "adapter x")
+    with pytest.raises(lora_state.FuseError, match=message):
+        lora_state.check_lora_config(config, "adapter x")
 
 
 def test_linear_of_two_copies_reproduces_the_adapter(run, tmp_path):
@@ -178,7 +181,7 @@ def test_linear_of_two_copies_reproduces_the_adapter(run, tmp_path):
     sft = str(run.dir / "sft")
     out = fuse.run_fuse(_pipeline_cfg(method="linear", adapters=[sft, sft], weights=[0.25, 0.25], merged=False),
                         tmp_path)
-    fused, source = fuse.load_lora_state(out / "adapter"), fuse.load_lora_state(run.dir / "sft")
+    fused, source = lora_state.load_lora_state(out / "adapter"), lora_state.load_lora_state(run.dir / "sft")
     assert fused.keys() == source.keys()
     for key in source:
         torch.testing.assert_close(fused[key], 2 * source[key])
@@ -200,9 +203,9 @@ def test_svd_gives_the_best_low_rank_approximation(run, tmp_path):
                                       merged=False), tmp_path)
     fused_cfg = LoraConfig.from_pretrained(str(out / "adapter"))
     assert fused_cfg.r == 4  # peft's default svd rank: the largest source rank
-    got = fuse.lora_deltas(fused_cfg, fuse.load_lora_state(out / "adapter"))
-    sft = fuse.lora_deltas(LoraConfig.from_pretrained(str(run.dir / "sft")), fuse.load_lora_state(run.dir / "sft"))
-    ppo = fuse.lora_deltas(LoraConfig.from_pretrained(str(run.dir / "ppo")), fuse.load_lora_state(run.dir / "ppo"))
+    got = lora_state.lora_deltas(fused_cfg, lora_state.load_lora_state(out / "adapter"))
+    sft = lora_state.lora_deltas(LoraConfig.from_pretrained(str(run.dir / "sft")), lora_state.load_lora_state(run.dir / "sft"))
+    ppo = lora_state.lora_deltas(LoraConfig.from_pretrained(str(run.dir / "ppo")), lora_state.load_lora_state(run.dir / "ppo"))
     # modules of one source have rank <= 4: reproduced exactly
     torch.testing.assert_close(got["model.layers.0.self_attn.v_proj"], sft["model.layers.0.self_attn.v_proj"],
                                atol=1e-5, rtol=1e-4)
@@ -230,5 +233,5 @@ def test_adapter_from_another_base_is_refused(run, tmp_path):
 
 
 def test_ppo_without_its_sft_adapter_is_refused(run, tmp_path):
-    with pytest.raises(fuse.FuseError, match="trained stacked on"):
+    with pytest.raises(lora_state.FuseError, match="trained stacked on"):
         fuse.run_fuse(_pipeline_cfg(adapters=[str(run.dir / "ppo")], weights=[1.0]), tmp_path)

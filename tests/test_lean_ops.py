@@ -1,10 +1,10 @@
 """Lean autograd functions: same forward as the modules they replace, same gradients, less kept."""
 import pytest
 import torch
-
 from helpers import randomize_lora_b
-from pipeline import lean_ops, models
+
 from pipeline.config import LoraConfigSection
+from pipeline.models import lean_ops, loading, stacking
 
 
 def _llama_norm(hidden, eps):
@@ -60,12 +60,12 @@ def test_rmsnorm_matches_the_module(dtype, tol):
 def _tiny_lora(model_cfg, adapters=("default",), r=4):
     from peft import get_peft_model
 
-    model, tok, _ = models.load_base(model_cfg)
+    model, tok, _ = loading.load_base(model_cfg)
     torch.manual_seed(0)
-    pm = get_peft_model(model, models.lora_config(LoraConfigSection(r=r, alpha=2 * r, dropout=0.0)),
+    pm = get_peft_model(model, loading.lora_config(LoraConfigSection(r=r, alpha=2 * r, dropout=0.0)),
                         adapter_name=adapters[0])
     for name in adapters[1:]:
-        pm.add_adapter(name, models.lora_config(LoraConfigSection(r=r, alpha=2 * r, dropout=0.0)))
+        pm.add_adapter(name, loading.lora_config(LoraConfigSection(r=r, alpha=2 * r, dropout=0.0)))
     randomize_lora_b(pm, 0.1)
     for n, p in pm.named_parameters():
         p.requires_grad_("lora_" in n)  # peft trains only the first adapter by default
@@ -122,11 +122,11 @@ def test_lora_forward_by_hand():
 
 def _lora_logits_and_grads(model_cfg, adapters, lean):
     pm = _tiny_lora(model_cfg, adapters)
-    models.set_active_adapters(pm, list(adapters))
+    stacking.set_active_adapters(pm, list(adapters))
     if lean:
         assert lean_ops.install(pm)["lora"] == 14  # 2 layers x 7 linears
     ids = torch.randint(5, 200, (2, 10), generator=torch.Generator().manual_seed(1))
-    with models.compute_context(pm):
+    with loading.compute_context(pm):
         logits = pm(input_ids=ids).logits
         with pm.disable_adapter():
             base = pm(input_ids=ids).logits
@@ -187,7 +187,7 @@ def test_lean_lora_survives_sampling_from_merged_weights(tiny_model_cfg):
     lean_ops.install(pm)
     layers = [m for m in pm.modules() if "forward" in vars(m) and hasattr(m, "lora_A")]
     before = [vars(m)["forward"] for m in layers]
-    with models.merged_linear_weights(pm):
+    with stacking.merged_linear_weights(pm):
         assert all(vars(m)["forward"] is not f for m, f in zip(layers, before))
     assert [vars(m)["forward"] for m in layers] == before and len(layers) == 14
 

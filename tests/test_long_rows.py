@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from helpers import A, U
+
 from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +34,8 @@ def _long(n_words: int) -> str:
 
 
 def test_reward_stage_trains_on_hh_with_an_empty_reply_and_drops_long_held_out_pairs(tmp_path, tiny_path):
-    from pipeline.models import load_tokenizer
-    from pipeline.reward_stage import encode_conversation
+    from pipeline.models.loading import load_tokenizer
+    from pipeline.models.reward_model import encode_conversation
 
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text("".join(json.dumps(r) + "\n" for r in [
@@ -66,7 +66,8 @@ def test_reward_stage_trains_on_hh_with_an_empty_reply_and_drops_long_held_out_p
 def test_sft_truncates_from_the_left_through_trl_and_reports_it(tmp_path):
     from trl import SFTTrainer
 
-    from pipeline.models import load_tokenizer, resolve_model_path
+    from pipeline.models.embedded import resolve_model_path
+    from pipeline.models.loading import load_tokenizer
 
     rows = [{"messages": [U(_long(30) if i % 3 == 0 else "Hi"), A(f"Sure {i}!")]} for i in range(6)]
     src = tmp_path / "sft.jsonl"
@@ -107,9 +108,9 @@ def test_sft_truncates_from_the_left_through_trl_and_reports_it(tmp_path):
 
 
 def test_fit_prompts_cuts_drops_or_refuses(tiny_path):
-    from pipeline import rollout
-    from pipeline.data import DataError, LoadReport
-    from pipeline.models import load_tokenizer
+    from pipeline.data.loaders import DataError, LoadReport
+    from pipeline.models.loading import load_tokenizer
+    from pipeline.rl import rollout
 
     tok = load_tokenizer(tiny_path)
     rows = [{"prompt": [U("Hi")]}, {"prompt": [U(_long(20))]}]

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import randomize_lora_b
-from pipeline import models
+
+from pipeline.artifacts import hashing
 from pipeline.config import LoraConfigSection, ModelConfig
+from pipeline.models import embedded, loading, stacking
 
 
 def _lora_layer0_grad(model) -> torch.Tensor | None:
@@ -21,38 +22,38 @@ def _lora_layer0_grad(model) -> torch.Tensor | None:
 def test_auto_compute_dtype_is_bf16_where_the_cpu_has_bf16_matmuls(monkeypatch):
     cpu = torch.device("cpu")
     auto = ModelConfig(name="x")
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
-    assert models.compute_dtype(auto, cpu) == torch.bfloat16
-    assert "AMX/AVX512-BF16" in models.describe_precision(auto, cpu)
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
-    assert models.compute_dtype(auto, cpu) == torch.float32
-    assert "no AMX/AVX512-BF16" in models.describe_precision(auto, cpu)
-    assert models.compute_dtype(auto, torch.device("cuda")) == torch.bfloat16
-    assert models.compute_dtype(ModelConfig(name="x", compute_dtype="float32"), torch.device("cuda")) == torch.float32
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: True)
+    assert loading.compute_dtype(auto, cpu) == torch.bfloat16
+    assert "AMX/AVX512-BF16" in loading.describe_precision(auto, cpu)
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: False)
+    assert loading.compute_dtype(auto, cpu) == torch.float32
+    assert "no AMX/AVX512-BF16" in loading.describe_precision(auto, cpu)
+    assert loading.compute_dtype(auto, torch.device("cuda")) == torch.bfloat16
+    assert loading.compute_dtype(ModelConfig(name="x", compute_dtype="float32"), torch.device("cuda")) == torch.float32
     # this machine: the answer follows torch's own CPU capability checks
     monkeypatch.undo()
     want = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    assert models.cpu_has_fast_bf16() == want
+    assert loading.cpu_has_fast_bf16() == want
 
 
 def test_lora_top_layers_adapts_only_the_top_layers(tiny_model_cfg):
     from peft import get_peft_model
 
-    model, _, _ = models.load_base(tiny_model_cfg)
-    pm = get_peft_model(model, models.lora_config(LoraConfigSection(r=2, alpha=4, dropout=0.0, top_layers=1),
+    model, _, _ = loading.load_base(tiny_model_cfg)
+    pm = get_peft_model(model, loading.lora_config(LoraConfigSection(r=2, alpha=4, dropout=0.0, top_layers=1),
                                                   model=model))
     names = [n for n, p in pm.named_parameters() if p.requires_grad]
     # the tiny model has 2 layers: only layers.1 gets LoRA (7 linear modules x A, B)
     assert len(names) == 14 and all(".layers.1." in n for n in names)
     with pytest.raises(ValueError, match="top_layers"):
-        models.lora_config(LoraConfigSection(top_layers=1))
+        loading.lora_config(LoraConfigSection(top_layers=1))
 
 
 def test_local_folder_loads_through_the_same_loader(tiny_path):
     cfg = ModelConfig(name=tiny_path, load_in_4bit=False, compute_dtype="float32")
-    model, tok, info = models.load_base(cfg)
+    model, tok, info = loading.load_base(cfg)
     assert info.path == tiny_path
-    assert info.weights_sha256 == models.weights_hash(tiny_path)
+    assert info.weights_sha256 == hashing.weights_hash(tiny_path)
     assert tok.pad_token_id != tok.eos_token_id
     assert tok.padding_side == "left"
     assert next(model.parameters()).dtype == torch.float32
@@ -60,42 +61,42 @@ def test_local_folder_loads_through_the_same_loader(tiny_path):
 
 def test_missing_local_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model folder not found"):
-        models.resolve_model_path(str(tmp_path / "nope"))
+        embedded.resolve_model_path(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="known: smollm2-135m-instruct"):
-        models.resolve_model_path("embedded:nope")
+        embedded.resolve_model_path("embedded:nope")
 
 
 def test_corrupt_cache_is_rebuilt(tmp_path):
-    first = models.resolve_model_path("embedded:tiny-random-llama", cache_dir=str(tmp_path))
-    digest = models.weights_hash(first)
+    first = embedded.resolve_model_path("embedded:tiny-random-llama", cache_dir=str(tmp_path))
+    digest = hashing.weights_hash(first)
     weights = next(p for p in (tmp_path / "tiny-random-llama").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-10] + b"corrupted!")
-    again = models.resolve_model_path("embedded:tiny-random-llama", cache_dir=str(tmp_path))
-    assert models.weights_hash(again) == digest  # rebuilt, deterministically
+    again = embedded.resolve_model_path("embedded:tiny-random-llama", cache_dir=str(tmp_path))
+    assert hashing.weights_hash(again) == digest  # rebuilt, deterministically
     (tmp_path / "tiny-random-llama" / "rlhf_cache.json").unlink()
-    assert models.weights_hash(models.resolve_model_path("embedded:tiny-random-llama", str(tmp_path))) == digest
+    assert hashing.weights_hash(embedded.resolve_model_path("embedded:tiny-random-llama", str(tmp_path))) == digest
     shutil.rmtree(tmp_path / "tiny-random-llama")
-    assert models.weights_hash(models.resolve_model_path("embedded:tiny-random-llama", str(tmp_path))) == digest
+    assert hashing.weights_hash(embedded.resolve_model_path("embedded:tiny-random-llama", str(tmp_path))) == digest
 
 
 def test_nf4_load_is_guarded_and_quantized(tiny_model_cfg):
     import bitsandbytes as bnb
 
-    model, _, info = models.load_base(tiny_model_cfg)
+    model, _, info = loading.load_base(tiny_model_cfg)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 2 * 7  # q,k,v,o,gate,up,down per layer
     assert all(m.support_avx512bf16_for_cpu is False for m in layers)
     assert info.quantization == {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True,
                                  "compute_dtype": "float32"}
-    models.assert_bnb_guarded(model)
+    loading.assert_bnb_guarded(model)
 
 
 def test_gradients_reach_layer0_lora_after_an_eval_nograd_forward(tiny_model_cfg_both):
     """DESIGN.md 8: one eval-mode no-grad forward must not freeze training (bf16 repack trap)."""
     from peft import get_peft_model
 
-    model, tok, _ = models.load_base(tiny_model_cfg_both)
-    model = get_peft_model(model, models.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)))
+    model, tok, _ = loading.load_base(tiny_model_cfg_both)
+    model = get_peft_model(model, loading.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)))
     ids = tok("What a lovely day", return_tensors="pt").input_ids
     model.eval()
     with torch.no_grad():
@@ -107,28 +108,28 @@ def test_gradients_reach_layer0_lora_after_an_eval_nograd_forward(tiny_model_cfg
     out.logits.sum().backward()
     grad = _lora_layer0_grad(model)
     assert grad is not None and grad.abs().sum() > 0
-    models.assert_bnb_guarded(model)
+    loading.assert_bnb_guarded(model)
 
 
 def test_guard_refuses_a_model_already_repacked(tiny_model_cfg):
     import bitsandbytes as bnb
 
-    model, tok, _ = models.load_base(tiny_model_cfg)
+    model, tok, _ = loading.load_base(tiny_model_cfg)
     layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     layer.weight.quant_state.packing_format_for_cpu = True
     with pytest.raises(RuntimeError, match="already repacked"):
-        models.guard_bnb_cpu(model)
+        loading.guard_bnb_cpu(model)
 
 
 def test_lora_settings_come_from_config(tiny_model_cfg):
     from peft import get_peft_model
 
-    model, _, _ = models.load_base(tiny_model_cfg)
-    peft_model = get_peft_model(model, models.lora_config(
+    model, _, _ = loading.load_base(tiny_model_cfg)
+    peft_model = get_peft_model(model, loading.lora_config(
         LoraConfigSection(r=2, alpha=4, dropout=0.1, target_modules=["q_proj", "v_proj"])))
     names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert len(names) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
-    trainable, total = models.count_parameters(peft_model)
+    trainable, total = loading.count_parameters(peft_model)
     # q: A 2x64 + B 64x2; v: A 2x64 + B 32x2 -> per layer 256 + 192 = 448; two layers -> 896
     assert trainable == 896
     assert total > trainable
@@ -138,22 +139,22 @@ def test_adapter_switch_reference_equals_base_and_sft(tiny_model_cfg_both):
     """policy = base + sft + ppo; reference 'sft' == base + sft; reference 'base' == base."""
     from peft import get_peft_model
 
-    model, tok, _ = models.load_base(tiny_model_cfg_both)
+    model, tok, _ = loading.load_base(tiny_model_cfg_both)
     ids = tok("Tell me a fun fact", return_tensors="pt").input_ids
     with torch.no_grad():
         base_logits = model(ids).logits.clone()
-    lcfg = models.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0))
+    lcfg = loading.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0))
     pm = get_peft_model(model, lcfg, adapter_name="sft")
     pm.add_adapter("ppo", lcfg)
     randomize_lora_b(pm, 0.3)
     with torch.no_grad():
-        models.set_active_adapters(pm, ["sft"])
+        stacking.set_active_adapters(pm, ["sft"])
         sft_logits = pm(ids).logits.clone()
-        models.set_active_adapters(pm, ["sft", "ppo"])
+        stacking.set_active_adapters(pm, ["sft", "ppo"])
         policy_logits = pm(ids).logits.clone()
-        with models.active_adapters(pm, ["sft"]):
+        with stacking.active_adapters(pm, ["sft"]):
             assert torch.equal(pm(ids).logits, sft_logits)
-        with models.active_adapters(pm, None):
+        with stacking.active_adapters(pm, None):
             assert torch.equal(pm(ids).logits, base_logits)
         assert torch.equal(pm(ids).logits, policy_logits)  # restored after the context
     assert not torch.allclose(sft_logits, base_logits)
@@ -166,7 +167,7 @@ def test_cache_marker_lists_file_hashes(tiny_path):
     info = json.loads((Path(tiny_path) / "rlhf_cache.json").read_text())
     assert info["model"] == "tiny-random-llama"
     for name, digest in info["files"].items():
-        assert models.sha256_file(Path(tiny_path) / name) == digest
+        assert hashing.sha256_file(Path(tiny_path) / name) == digest
 
 
 def test_unguarded_model_shows_the_trap_the_guard_prevents(tiny_model_cfg):
@@ -176,11 +177,11 @@ def test_unguarded_model_shows_the_trap_the_guard_prevents(tiny_model_cfg):
     from bitsandbytes.nn.modules import has_avx512bf16
     from peft import get_peft_model
 
-    model, tok, _ = models.load_base(tiny_model_cfg)
+    model, tok, _ = loading.load_base(tiny_model_cfg)
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = True
-    model = get_peft_model(model, models.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)))
+    model = get_peft_model(model, loading.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)))
     ids = tok("What a lovely day", return_tensors="pt").input_ids
     model.eval()
     with torch.no_grad():
@@ -192,7 +193,7 @@ def test_unguarded_model_shows_the_trap_the_guard_prevents(tiny_model_cfg):
     assert lost == has_avx512bf16()
     if has_avx512bf16():
         with pytest.raises(RuntimeError, match="not guarded"):
-            models.assert_bnb_guarded(model)
+            loading.assert_bnb_guarded(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,12 +204,12 @@ def _two_adapter_model(cfg):
     """Tiny NF4 base with two active LoRA adapters whose B matrices are non-zero (so both deltas count)."""
     from peft import get_peft_model
 
-    model, tok, _ = models.load_base(cfg)
+    model, tok, _ = loading.load_base(cfg)
     torch.manual_seed(0)
-    pm = get_peft_model(model, models.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)), adapter_name="one")
-    pm.add_adapter("two", models.lora_config(LoraConfigSection(r=2, alpha=8, dropout=0.0)))
+    pm = get_peft_model(model, loading.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)), adapter_name="one")
+    pm.add_adapter("two", loading.lora_config(LoraConfigSection(r=2, alpha=8, dropout=0.0)))
     randomize_lora_b(pm, 0.2)
-    models.set_active_adapters(pm, ["one", "two"])
+    stacking.set_active_adapters(pm, ["one", "two"])
     pm.eval()
     ids = torch.randint(5, tok.vocab_size - 1, (3, 12))
     return pm, ids
@@ -229,13 +230,13 @@ def test_merged_weights_equal_the_adapter_path_and_leave_the_model_unchanged(tin
         assert kl < 0.01, kl
     with torch.no_grad():
         before = pm(input_ids=ids).logits
-        with models.active_adapters(pm, None):
+        with stacking.active_adapters(pm, None):
             base = pm(input_ids=ids).logits
         for _ in range(2):  # twice: a merge must not leak into the next one
-            with models.merged_linear_weights(pm):
+            with stacking.merged_linear_weights(pm):
                 merged = pm(input_ids=ids).logits
             close(merged.float(), before.float())
-        with models.active_adapters(pm, None), models.merged_linear_weights(pm):
+        with stacking.active_adapters(pm, None), stacking.merged_linear_weights(pm):
             close(pm(input_ids=ids).logits.float(), base.float())
         after = pm(input_ids=ids).logits
     assert torch.equal(after, before)
@@ -248,8 +249,8 @@ def test_dense_weight_bytes_counts_logical_weights(tiny_model_cfg):
     import bitsandbytes as bnb
 
     logical = sum(m.weight.quant_state.shape.numel() for m in pm.modules() if isinstance(m, bnb.nn.Linear4bit))
-    assert models.dense_weight_bytes(pm, torch.bfloat16) == 2 * logical
-    assert models.dense_weight_bytes(pm, torch.float32) == 4 * logical
+    assert stacking.dense_weight_bytes(pm, torch.bfloat16) == 2 * logical
+    assert stacking.dense_weight_bytes(pm, torch.float32) == 4 * logical
 
 
 def test_bf16_compute_keeps_fp32_lora_masters_and_restores_peft_casting(tiny_model_cfg):
@@ -261,36 +262,36 @@ def test_bf16_compute_keeps_fp32_lora_masters_and_restores_peft_casting(tiny_mod
     lora = [p for n, p in pm.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 for p in lora)
     layers = [m for m in pm.modules() if isinstance(m, BaseTunerLayer)]
-    with models.compute_context(pm):
+    with loading.compute_context(pm):
         assert torch.is_autocast_enabled("cpu") and not any(m.cast_input_dtype_enabled for m in layers)
         logits = pm(input_ids=ids).logits
     assert all(m.cast_input_dtype_enabled for m in layers) and not torch.is_autocast_enabled("cpu")
     assert logits.dtype == torch.bfloat16
     # float32 models run unchanged
     pm32, _ = _two_adapter_model(tiny_model_cfg)
-    with models.compute_context(pm32):
+    with loading.compute_context(pm32):
         assert not torch.is_autocast_enabled("cpu")
 
 
 def test_loader_defaults_to_eager_attention_on_cpu_and_copies_parameters_out_of_the_file(tiny_model_cfg):
-    model, _, _ = models.load_base(tiny_model_cfg)
+    model, _, _ = loading.load_base(tiny_model_cfg)
     assert model.config._attn_implementation == "eager"
     cfg = ModelConfig(**{**tiny_model_cfg.__dict__, "attn_implementation": "sdpa"})
-    assert models.load_base(cfg)[0].config._attn_implementation == "sdpa"
+    assert loading.load_base(cfg)[0].config._attn_implementation == "sdpa"
     # No parameter may still view the memory-mapped weights file: it would keep the file's pages resident.
     import gc
     import sys
 
     gc.collect()
     if sys.platform.startswith("linux"):
-        weights = str(sorted(Path(models.resolve_model_path(tiny_model_cfg.name)).glob("*.safetensors"))[0])
+        weights = str(sorted(Path(embedded.resolve_model_path(tiny_model_cfg.name)).glob("*.safetensors"))[0])
         assert weights not in Path("/proc/self/maps").read_text()
 
 
 def test_merged_weights_leave_dora_layers_on_their_adapters(tiny_model_cfg):
     from peft import LoraConfig, get_peft_model
 
-    model, tok, _ = models.load_base(tiny_model_cfg)
+    model, tok, _ = loading.load_base(tiny_model_cfg)
     pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True,
                                           target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     randomize_lora_b(pm, 0.3)
@@ -298,10 +299,10 @@ def test_merged_weights_leave_dora_layers_on_their_adapters(tiny_model_cfg):
     ids = torch.randint(5, tok.vocab_size - 1, (2, 9))
     with torch.no_grad():
         want = pm(input_ids=ids).logits
-        with models.merged_linear_weights(pm):
+        with stacking.merged_linear_weights(pm):
             patched = [n for n, m in pm.named_modules() if "forward" in vars(m)]
             got = pm(input_ids=ids).logits
-        with models.active_adapters(pm, None):
+        with stacking.active_adapters(pm, None):
             base = pm(input_ids=ids).logits
     assert not any("q_proj" in n or "v_proj" in n for n in patched) and patched  # other 4-bit layers merged
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)

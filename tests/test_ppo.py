@@ -18,10 +18,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline import models, ppo, ppo_math, rollout
-from pipeline.checkpoints import latest_checkpoint, load_state
+from pipeline.artifacts.checkpoints import latest_checkpoint, load_state
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.models import forwards, loading, stacking
+from pipeline.rl import ppo_math, rollout
+from pipeline.stages import ppo
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny.yaml")
@@ -203,19 +205,19 @@ def run_a(reference_run):
 @pytest.fixture(scope="module")
 def stack(trained, precision):
     cfg = load_config(CONFIG, [f"model.compute_dtype={precision}"])
-    base_model, tok, _ = models.load_base(cfg.model)
-    peft_model = models.stack_adapters(base_model, {ppo.SFT: trained / "sft"}, trainable=ppo.POLICY,
-                                       new_adapter=(ppo.POLICY, models.lora_config(cfg.ppo.lora)))
+    base_model, tok, _ = loading.load_base(cfg.model)
+    peft_model = stacking.stack_adapters(base_model, {ppo.SFT: trained / "sft"}, trainable=ppo.POLICY,
+                                       new_adapter=(ppo.POLICY, loading.lora_config(cfg.ppo.lora)))
     policy = [ppo.SFT, ppo.POLICY]
-    models.set_active_adapters(peft_model, policy)
+    stacking.set_active_adapters(peft_model, policy)
     pv = ppo.PolicyValue(peft_model, base_model.config.hidden_size, policy, None)
     peft_model.eval()
     prompts = [[{"role": "user", "content": q}] for q in QUESTIONS[:4]]
     encoded = rollout.encode_prompts(tok, prompts, cfg.ppo.max_prompt_length)
-    query, query_mask = rollout.left_pad(encoded, tok.pad_token_id)
+    query, query_mask = forwards.left_pad(encoded, tok.pad_token_id)
     torch.manual_seed(0)
     stop = rollout.stop_token_ids(tok, base_model)
-    with models.active_adapters(peft_model, policy):
+    with stacking.active_adapters(peft_model, policy):
         response, mask, ended = rollout.generate(peft_model, tok, query, query_mask, 8, cfg.ppo.temperature, stop)
     return dict(cfg=cfg, tok=tok, peft=peft_model, pv=pv, policy=policy, encoded=encoded, query=query,
                 query_mask=query_mask, response=response, mask=mask, T=cfg.ppo.temperature)
@@ -224,7 +226,7 @@ def stack(trained, precision):
 def _fresh_sft_model(cfg, sft_dir):
     from peft import PeftModel
 
-    base_model, _, _ = models.load_base(cfg.model)
+    base_model, _, _ = loading.load_base(cfg.model)
     return PeftModel.from_pretrained(base_model, str(sft_dir)).eval()
 
 
@@ -236,11 +238,11 @@ def test_kl_is_exactly_zero_before_the_first_update_k1_and_k3(stack):
     assert maskf.sum() > 0
     with torch.no_grad():
         logprobs, _, _ = s["pv"](s["query"], s["query_mask"], s["response"], s["mask"], s["T"])
-        with models.active_adapters(s["peft"], [ppo.SFT]):  # reference: sft
-            ref = rollout.forward_response(s["peft"], s["query"], s["query_mask"], s["response"], s["mask"],
+        with stacking.active_adapters(s["peft"], [ppo.SFT]):  # reference: sft
+            ref = forwards.forward_response(s["peft"], s["query"], s["query_mask"], s["response"], s["mask"],
                                            s["T"]).logprobs
-        with models.active_adapters(s["peft"], None):  # the bare base, for contrast
-            base_lp = rollout.forward_response(s["peft"], s["query"], s["query_mask"], s["response"], s["mask"],
+        with stacking.active_adapters(s["peft"], None):  # the bare base, for contrast
+            base_lp = forwards.forward_response(s["peft"], s["query"], s["query_mask"], s["response"], s["mask"],
                                                s["T"]).logprobs
     for estimator in ("k1", "k3"):
         kl = ppo_math.kl_per_token(logprobs, ref, estimator) * maskf
@@ -290,12 +292,12 @@ def test_reference_sft_equals_sft_model_loaded_alone(stack, trained):
     attn = torch.cat([s["query_mask"], s["mask"].long()], dim=1)
     sft_alone = _fresh_sft_model(s["cfg"], trained / "sft")
     with torch.no_grad():
-        with models.active_adapters(s["peft"], [ppo.SFT]):
+        with stacking.active_adapters(s["peft"], [ppo.SFT]):
             ref_logits = s["peft"](input_ids=ids, attention_mask=attn).logits
-            ref_lp = rollout.forward_response(s["peft"], s["query"], s["query_mask"], s["response"], s["mask"],
+            ref_lp = forwards.forward_response(s["peft"], s["query"], s["query_mask"], s["response"], s["mask"],
                                               s["T"]).logprobs
         want_logits = sft_alone(input_ids=ids, attention_mask=attn).logits
-        want_lp = rollout.forward_response(sft_alone, s["query"], s["query_mask"], s["response"], s["mask"],
+        want_lp = forwards.forward_response(sft_alone, s["query"], s["query_mask"], s["response"], s["mask"],
                                            s["T"]).logprobs
     assert (ref_logits - want_logits).abs().max() <= 1e-6
     assert (ref_lp - want_lp).abs().max() <= 1e-6
@@ -307,15 +309,15 @@ def test_reference_base_equals_freshly_loaded_base(stack):
     s = stack
     ids = torch.cat([s["query"], s["response"]], dim=1)
     attn = torch.cat([s["query_mask"], s["mask"].long()], dim=1)
-    fresh, _, _ = models.load_base(s["cfg"].model)
+    fresh, _, _ = loading.load_base(s["cfg"].model)
     fresh.eval()
     with torch.no_grad():
-        with models.active_adapters(s["peft"], None):
+        with stacking.active_adapters(s["peft"], None):
             ref_logits = s["peft"](input_ids=ids, attention_mask=attn).logits
-            ref_lp = rollout.forward_response(s["peft"], s["query"], s["query_mask"], s["response"], s["mask"],
+            ref_lp = forwards.forward_response(s["peft"], s["query"], s["query_mask"], s["response"], s["mask"],
                                               s["T"]).logprobs
         want_logits = fresh(input_ids=ids, attention_mask=attn).logits
-        want_lp = rollout.forward_response(fresh, s["query"], s["query_mask"], s["response"], s["mask"],
+        want_lp = forwards.forward_response(fresh, s["query"], s["query_mask"], s["response"], s["mask"],
                                            s["T"]).logprobs
         sft_logits = s["peft"](input_ids=ids, attention_mask=attn).logits  # policy adapters back on
     assert (ref_logits - want_logits).abs().max() <= 1e-6
@@ -340,7 +342,7 @@ def test_left_padding_does_not_change_logprobs(stack):
             q = torch.tensor([[pad] * extra + prompt])
             qm = torch.tensor([[0] * extra + [1] * len(prompt)])
             with torch.no_grad():
-                outs.append(rollout.forward_response(s["peft"], q, qm, resp, mask, s["T"], with_entropy=True,
+                outs.append(forwards.forward_response(s["peft"], q, qm, resp, mask, s["T"], with_entropy=True,
                                                      with_hidden=True))
         m = mask.float()
         assert ((outs[0].logprobs - outs[1].logprobs) * m).abs().max() <= 1e-5
@@ -348,9 +350,9 @@ def test_left_padding_does_not_change_logprobs(stack):
         assert ((outs[0].hidden - outs[1].hidden) * m.unsqueeze(-1)).abs().max() <= 1e-5
     # Inside a batch, a row padded to the longest prompt scores like the row alone.
     with torch.no_grad():
-        batch = rollout.forward_response(s["peft"], s["query"], s["query_mask"], s["response"], s["mask"], s["T"])
+        batch = forwards.forward_response(s["peft"], s["query"], s["query_mask"], s["response"], s["mask"], s["T"])
         for row in range(s["query"].shape[0]):
-            alone = rollout.forward_response(s["peft"], torch.tensor([s["encoded"][row]]),
+            alone = forwards.forward_response(s["peft"], torch.tensor([s["encoded"][row]]),
                                              torch.ones(1, len(s["encoded"][row]), dtype=torch.long),
                                              s["response"][row:row + 1], s["mask"][row:row + 1], s["T"])
             m = s["mask"][row].float()
@@ -787,13 +789,13 @@ def test_every_forward_of_a_step_sees_the_same_number_of_rows(monkeypatch, new_r
     weights gave logprobs 0.063 apart per token between 32-row and 8-row batches on the embedded model,
     a k3 KL of 0.14 nats between the policy and its own reference before any update."""
     sizes = []
-    real = rollout.forward_response
+    real = forwards.forward_response
 
     def recording(model, query, *args, **kwargs):
         sizes.append(query.shape[0])
         return real(model, query, *args, **kwargs)
 
-    monkeypatch.setattr(rollout, "forward_response", recording)
+    monkeypatch.setattr(forwards, "forward_response", recording)
     r = _ppo(new_run(), data_overrides, "ppo.steps=1", "ppo.ppo_epochs=1", *overrides)
     assert r.exit_code == 0, r.output
     assert sizes and set(sizes) == {rows}, sizes
@@ -820,7 +822,7 @@ def test_generate_samples_the_models_distribution(stack):
     s = stack
     n = 3000
     q, qm = s["query"][:1].repeat(n, 1), s["query_mask"][:1].repeat(n, 1)
-    with torch.no_grad(), models.active_adapters(s["peft"], s["policy"]), models.compute_context(s["peft"]):
+    with torch.no_grad(), stacking.active_adapters(s["peft"], s["policy"]), loading.compute_context(s["peft"]):
         logits = s["peft"](input_ids=q[:1], attention_mask=qm[:1],
                            position_ids=(qm[:1].cumsum(1) - 1).clamp(min=0)).logits[0, -1]
         probs = torch.softmax(logits.float() / s["T"], -1)

@@ -1,4 +1,4 @@
-"""Hand-worked checks for pipeline/ppo_math.py.
+"""Hand-worked checks for pipeline/rl/ppo_math.py.
 
 Every expected number is derived in a comment next to the assertion, so a failure can
 be checked against the arithmetic rather than against another implementation.
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.ppo_math import (
+from pipeline.rl.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     apply_missing_eos_penalty,
@@ -607,6 +607,6 @@ def test_explained_variance():
 
 
 def test_import_does_not_pull_in_transformers():
-    code = "import sys, pipeline.ppo_math; assert 'transformers' not in sys.modules, 'transformers imported'"
+    code = "import sys, pipeline.rl.ppo_math; assert 'transformers' not in sys.modules, 'transformers imported'"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -13,8 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from reward import (BUILTINS, CompositeReward, RewardError, RewardResult, RunningNormalizer,
-                    build_reward, call_reward, check_scores, known_rewards)
+from reward import (
+    BUILTINS,
+    CompositeReward,
+    RewardError,
+    RewardResult,
+    RunningNormalizer,
+    build_reward,
+    call_reward,
+    check_scores,
+    known_rewards,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reward"
 MOD = "rlhf_test_rewards"

@@ -20,7 +20,7 @@ class _TableScorer:
 
 
 def test_pair_metrics_accuracy_against_labels_and_gold_with_se():
-    from pipeline.reward_stage import pair_metrics
+    from pipeline.stages.reward import pair_metrics
 
     scorer = _TableScorer({"a": 1.0, "b": 0.0, "c": 2.0, "d": 3.0, "e": 0.5, "f": 0.4})
     rows = [{"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": c}],
@@ -42,7 +42,7 @@ def test_pair_metrics_accuracy_against_labels_and_gold_with_se():
 def test_mean_pool_averages_the_masked_positions_in_float32():
     import torch
 
-    from pipeline.rollout import mean_pool
+    from pipeline.models.forwards import mean_pool
 
     hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]],
                            [[1.0, 1.0], [2.0, 2.0], [9.0, 9.0]]], dtype=torch.bfloat16)
@@ -55,7 +55,8 @@ def test_mean_pool_averages_the_masked_positions_in_float32():
 def test_pairwise_loss_and_lr_schedule_by_hand():
     import torch
 
-    from pipeline.reward_stage import lr_at, pairwise_loss
+    from pipeline.models.reward_model import pairwise_loss
+    from pipeline.stages.reward import lr_at
 
     # margins 2 and 0: (-log sigmoid(2) - log sigmoid(0)) / 2 = (0.126928 + 0.693147) / 2 = 0.410038
     loss = pairwise_loss(torch.tensor([2.0, 1.0]), torch.tensor([0.0, 1.0]))
@@ -68,8 +69,8 @@ def test_pairwise_loss_and_lr_schedule_by_hand():
 
 
 def test_encode_conversation_keeps_the_response_when_cutting(tiny_path):
-    from pipeline.models import load_tokenizer
-    from pipeline.reward_stage import encode_conversation
+    from pipeline.models.loading import load_tokenizer
+    from pipeline.models.reward_model import encode_conversation
 
     tok = load_tokenizer(tiny_path)
     conv = [{"role": "user", "content": "Tell me about a sunny beach day with friends and family."}]

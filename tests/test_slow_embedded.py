@@ -4,11 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import randomize_lora_b
-from pipeline import fuse, models
-from pipeline.artifacts import write_manifest
+
+from pipeline.artifacts import hashing
+from pipeline.artifacts.outputs import write_manifest
 from pipeline.config import LoraConfigSection, ModelConfig, PipelineConfig, load_config
+from pipeline.models import loading, stacking
+from pipeline.stages import fuse
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -18,10 +20,11 @@ EMBEDDED = "embedded:smollm2-135m-instruct"
 def test_embedded_guard_keeps_gradients_after_a_generate():
     from peft import get_peft_model
 
-    from pipeline.rollout import generate, left_pad
+    from pipeline.models.forwards import left_pad
+    from pipeline.rl.rollout import generate
 
-    model, tok, _ = models.load_base(ModelConfig(name=EMBEDDED))
-    pm = get_peft_model(model, models.lora_config(LoraConfigSection(r=8, alpha=16, dropout=0.0)))
+    model, tok, _ = loading.load_base(ModelConfig(name=EMBEDDED))
+    pm = get_peft_model(model, loading.lora_config(LoraConfigSection(r=8, alpha=16, dropout=0.0)))
     ids = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True,
                                   return_dict=True)["input_ids"]
     q, qm = left_pad([list(ids)], tok.pad_token_id)
@@ -40,23 +43,23 @@ def test_embedded_guard_keeps_gradients_after_a_generate():
 def test_embedded_cat_fusion_matches_stacked_adapters(tmp_path):
     from peft import PeftModel, get_peft_model
 
-    model, tok, info = models.load_base(ModelConfig(name=EMBEDDED))
-    sft = models.lora_config(LoraConfigSection(r=16, alpha=32, dropout=0.05))
-    ppo = models.lora_config(LoraConfigSection(r=8, alpha=16, dropout=0.0))
+    model, tok, info = loading.load_base(ModelConfig(name=EMBEDDED))
+    sft = loading.lora_config(LoraConfigSection(r=16, alpha=32, dropout=0.05))
+    ppo = loading.lora_config(LoraConfigSection(r=8, alpha=16, dropout=0.0))
     pm = get_peft_model(model, sft, adapter_name="sft")
     pm.add_adapter("ppo", ppo)
     randomize_lora_b(pm, 0.01, torch.Generator().manual_seed(0))
     cfg = PipelineConfig(model=ModelConfig(name=EMBEDDED))
     cfg.fuse.merged = False
-    models.save_adapter(pm, "sft", tmp_path / "sft")
+    stacking.save_adapter(pm, "sft", tmp_path / "sft")
     write_manifest(tmp_path / "sft", "sft", cfg, info, metrics={})
-    models.save_adapter(pm, "ppo", tmp_path / "ppo")
+    stacking.save_adapter(pm, "ppo", tmp_path / "ppo")
     write_manifest(tmp_path / "ppo", "ppo", cfg, info, metrics={}, extra={"stacked_on": ["sft"]},
                    adapters={"sft": {"path": str(tmp_path / "sft"),
-                                     "sha256": models.sha256_file(tmp_path / "sft" / "adapter_model.safetensors")}})
+                                     "sha256": hashing.sha256_file(tmp_path / "sft" / "adapter_model.safetensors")}})
     ids = tok("What a lovely morning for a walk in the park!", return_tensors="pt").input_ids
     pm.eval()
-    with torch.no_grad(), models.active_adapters(pm, ["sft", "ppo"]):
+    with torch.no_grad(), stacking.active_adapters(pm, ["sft", "ppo"]):
         stacked = pm(input_ids=ids).logits
     out = fuse.run_fuse(cfg, tmp_path)
     pm.unload()  # back to the plain base, then the fused adapter through plain peft
@@ -69,7 +72,7 @@ def test_embedded_cat_fusion_matches_stacked_adapters(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_embedded_first_ppo_step(tmp_path, dtype):
-    from pipeline.ppo import run_ppo
+    from pipeline.stages.ppo import run_ppo
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Say something kind.", "Describe rain.")))
@@ -91,22 +94,22 @@ def test_embedded_merged_sampling_weights_match_the_adapter_path(dtype):
     0.003 nats per token, a third of the gap between bf16 and fp32 compute of the same model (0.011)."""
     from peft import get_peft_model
 
-    from pipeline import models
     from pipeline.config import LoraConfigSection, PipelineConfig
+    from pipeline.models import loading, stacking
 
     cfg = PipelineConfig()
     cfg.model.compute_dtype = dtype
-    model, tok, _ = models.load_base(cfg.model)
+    model, tok, _ = loading.load_base(cfg.model)
     torch.manual_seed(0)
-    pm = get_peft_model(model, models.lora_config(LoraConfigSection(r=8, alpha=16, dropout=0.0)))
+    pm = get_peft_model(model, loading.lora_config(LoraConfigSection(r=8, alpha=16, dropout=0.0)))
     randomize_lora_b(pm, 0.02)
     pm.eval()
     ids = tok("The weather today is lovely and I feel", return_tensors="pt").input_ids
-    with torch.no_grad(), models.compute_context(pm):
+    with torch.no_grad(), loading.compute_context(pm):
         adapters = torch.log_softmax(pm(input_ids=ids).logits.float(), -1)
-        with models.merged_linear_weights(pm):
+        with stacking.merged_linear_weights(pm):
             merged = torch.log_softmax(pm(input_ids=ids).logits.float(), -1)
-        with models.active_adapters(pm, None):
+        with stacking.active_adapters(pm, None):
             base = torch.log_softmax(pm(input_ids=ids).logits.float(), -1)
     kl = (merged.exp() * (merged - adapters)).sum(-1).mean().item()
     adapter_effect = (adapters.exp() * (adapters - base)).sum(-1).mean().item()

@@ -6,9 +6,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline import models
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.models import loading
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny.yaml")
@@ -74,14 +74,14 @@ def test_sft_adapter_reloads_with_plain_peft_and_reproduces_logits(sft_run):
     trained = seen["model"]
     trained.eval()
     cfg = load_config(CONFIG, [f"model.compute_dtype={seen['precision']}"])
-    base, tok, _ = models.load_base(cfg.model)
+    base, tok, _ = loading.load_base(cfg.model)
     reloaded = PeftModel.from_pretrained(base, str(run / "sft"))
     reloaded.eval()
     ids = tok.apply_chat_template([{"role": "user", "content": "Tell me a fun fact."}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
         a = trained(input_ids=ids).logits.float()
-        with models.compute_context(reloaded):  # the mixed precision the trainer ran in (a no-op in float32)
+        with loading.compute_context(reloaded):  # the mixed precision the trainer ran in (a no-op in float32)
             b = reloaded(input_ids=ids).logits.float()
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
 
@@ -142,9 +142,9 @@ def test_reward_training_reaches_every_lora_weight(reward_run, sft_run):
     from safetensors.torch import load_file
 
     cfg = load_config(CONFIG, [f"model.compute_dtype={sft_run[1]['precision']}"])
-    model, _, _ = models.load_base(cfg.model, kind="seqcls", num_labels=1)
+    model, _, _ = loading.load_base(cfg.model, kind="seqcls", num_labels=1)
     torch.manual_seed(cfg.reward.seed)
-    init = get_peft_model(model, models.lora_config(cfg.reward.lora, task_type="SEQ_CLS", model=model))
+    init = get_peft_model(model, loading.lora_config(cfg.reward.lora, task_type="SEQ_CLS", model=model))
     start = {n.replace(".default", ""): p.detach().float() for n, p in init.named_parameters() if "lora_" in n}
     saved = load_file(str(reward_run / "reward" / "adapter_model.safetensors"))
     lora = {k: v for k, v in saved.items() if "lora_" in k}
@@ -157,7 +157,7 @@ def test_reward_model_reloads_with_the_same_scores(reward_run):
     """The learned reward served on its own base and attached to a policy's base scores identically."""
     from peft import get_peft_model
 
-    from pipeline.reward_stage import load_reward_scorer
+    from pipeline.models.reward_model import load_reward_scorer
 
     manifest = json.loads((reward_run / "reward" / "manifest.json").read_text())
     assert {"eval_accuracy", "eval_accuracy_se", "eval_accuracy_n", "eval_margin", "eval_n_pairs",
@@ -168,8 +168,8 @@ def test_reward_model_reloads_with_the_same_scores(reward_run):
     responses = ["Wonderful, thank you!", "They are awful."]
     alone = load_reward_scorer(reward_run / "reward")(prompts, responses)
     cfg = load_config(CONFIG)
-    base, tok, info = models.load_base(cfg.model)
-    policy = get_peft_model(base, models.lora_config(cfg.ppo.lora), adapter_name="policy")
+    base, tok, info = loading.load_base(cfg.model)
+    policy = get_peft_model(base, loading.lora_config(cfg.ppo.lora), adapter_name="policy")
     shared = load_reward_scorer(reward_run, host=(policy, tok, info))
     assert shared.model is policy  # attached, not loaded again
     assert torch.allclose(torch.tensor(alone), torch.tensor(shared(prompts, responses)), atol=1e-5)

@@ -60,7 +60,7 @@ def plan_cuts(rows: Sequence[Sequence[tuple[int, int]]], max_length: int, policy
 
     A row is one or more sequences ``(length, response_start)`` fitted together (a reward pair's chosen
     and rejected); ``response_start`` is the index of the first response token (the length for a
-    prompt). With ``policy`` "error" the first long row raises ``pipeline.data.DataError`` naming it
+    prompt). With ``policy`` "error" the first long row raises ``pipeline.data.loaders.DataError`` naming it
     by ``name_row(index)``. Example, max_length 10, rows [[(8, 5)], [(14, 6)], [(12, 1)]]:
     truncate -> [[0], [4], [2]], 2 truncated, the third's response loses 2 - 1 = 1 token (response_cut
     1), longest 14; drop -> [[0], None, None], 2 dropped.
@@ -77,7 +77,7 @@ def plan_cuts(rows: Sequence[Sequence[tuple[int, int]]], max_length: int, policy
             continue
         report.over += 1
         if policy == "error":
-            from pipeline.data import DataError
+            from pipeline.data.loaders import DataError
 
             raise DataError(f"{name_row(i)}: {longest} tokens, longer than {limit}={max_length} ({what}; "
                             f"data.long_rows=error). Raise {limit}, or set data.long_rows=truncate to cut such rows "
@@ -91,7 +91,7 @@ def plan_cuts(rows: Sequence[Sequence[tuple[int, int]]], max_length: int, policy
         report.response_cut += any(c > start for c, (_, start) in zip(cut, seqs))
         cuts.append(cut)
     if rows and report.dropped == len(rows):
-        from pipeline.data import DataError
+        from pipeline.data.loaders import DataError
 
         raise DataError(f"{what}: all {len(rows)} are longer than {limit}={max_length} and were dropped "
                         f"(data.long_rows=drop); raise {limit} or set data.long_rows=truncate")

@@ -14,7 +14,7 @@ series must have started from this eval's SFT adapter (same content hash) on the
 of them share the reference, the proxy, the gold and the best-of-n baseline, and compare at equal KL.
 
 For each model, ``eval.samples_per_prompt`` responses per eval prompt are sampled at the PPO training
-temperature (through :func:`pipeline.rollout.generate`, top_k=0, top_p=1) and each sequence gets:
+temperature (through :func:`pipeline.rl.rollout.generate`, top_k=0, top_p=1) and each sequence gets:
 
 - its KL to the PPO reference (``ppo.reference``: "sft" = SFT adapter only, "base" = no adapters):
   the sum over response tokens of k1 = logp - logp_ref, and of k3, both from logits / temperature
@@ -27,13 +27,13 @@ Best-of-n baseline: ``max(eval.best_of_n)`` responses per prompt are sampled onc
 for each n they are split into disjoint groups of n, the proxy picks the best of each group, and
 the pick is scored by proxy and gold. Its KL to the SFT model is the analytic ``log n - (n-1)/n``.
 
-Forgetting check (``eval.forgetting``, :mod:`pipeline.forgetting`): every model's token loss, perplexity
+Forgetting check (``eval.forgetting``, :mod:`pipeline.evaluation.forgetting`): every model's token loss, perplexity
 and per-token KL(model || base) over the full vocabulary on general text no stage trained on, one
 batched forward per model (no sampling), as columns of curves.csv and a table in summary.txt.
 
 Outputs in ``RUN/eval/`` (written atomically): ``curves.csv``, ``curves.png``, ``summary.txt``,
 ``samples.jsonl`` and ``manifest.json`` (stage "eval", the table in ``metrics.points``); the points,
-fits, table and plot are made in :mod:`pipeline.curves`.
+fits, table and plot are made in :mod:`pipeline.evaluation.curves`.
 
 Running reward normalisation (``normalize: {kind: running}``) is a training-time shaping: here a
 normalised component uses the statistics saved in the final checkpoint of the first series, frozen, so
@@ -56,94 +56,46 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from pipeline import data, forgetting, fusion, models, ppo_math, rollout
-from pipeline.artifacts import (ArtifactError, atomic_output, check_same_base, is_complete, read_manifest,
-                                write_manifest)
-from pipeline.checkpoints import Checkpoints, load_state
+from pipeline.artifacts import hashing
+from pipeline.artifacts.checkpoints import Checkpoints, load_state
+from pipeline.artifacts.outputs import (
+    ArtifactError,
+    atomic_output,
+    check_same_base,
+    is_complete,
+    read_manifest,
+    write_manifest,
+)
 from pipeline.config import ConfigError, PipelineConfig, substitute_run_dir
-from pipeline.curves import (CSV_COLUMNS, best_gold, curve_fits, gold_at_kl, json_safe, make_point, mean_se,
-                             plot_curves, proxy_per_nat, rl_family, series_title, summary_text, write_csv)
+from pipeline.data import loaders
+from pipeline.evaluation import forgetting
+from pipeline.evaluation.curves import (
+    best_gold,
+    curve_fits,
+    gold_at_kl,
+    json_safe,
+    make_point,
+    plot_curves,
+    proxy_per_nat,
+    rl_family,
+    series_title,
+    summary_text,
+    write_csv,
+)
+from pipeline.evaluation.stats import bon_kl, mean_se, sequence_kl, win_rate
+from pipeline.fusion import gating
+from pipeline.models import forwards, loading, stacking
+from pipeline.rl import rollout
 
-__all__ = ["CSV_COLUMNS", "mean_se", "win_rate", "wilson_interval", "bon_kl", "exact_kl", "sequence_kl",
-           "run_eval"]
+__all__ = ["run_eval"]
 
 SFT, POLICY = "sft", "policy"
-Z95 = 1.959963984540054
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _SAMPLES_TO_SAVE = 4  # responses per model in samples.jsonl (sample 0 of the first prompts)
 
 
 # ---------------------------------------------------------------------------------------------
 # Small pure helpers
-
-
-
-def wilson_interval(rate: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a proportion ``rate`` observed over ``n`` trials (default 95%)."""
-    if n <= 0:
-        return math.nan, math.nan
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    center = (rate + z2 / (2 * n)) / denom
-    half = z * math.sqrt(max(rate * (1.0 - rate), 0.0) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def win_rate(a: Sequence[float], b: Sequence[float], z: float = Z95) -> tuple[float, float, float]:
-    """Paired win rate of ``a`` over ``b``: ``(wins + ties / 2) / n``, with a Wilson interval.
-
-    ``a[k]`` and ``b[k]`` are the scores of the two responses of pair ``k``. Returns
-    ``(rate, lo, hi)``; all NaN for no pairs.
-    """
-    if len(a) != len(b):
-        raise ValueError(f"win_rate needs paired scores, got {len(a)} and {len(b)}")
-    n = len(a)
-    if n == 0:
-        return math.nan, math.nan, math.nan
-    wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
-    rate = wins / n
-    lo, hi = wilson_interval(rate, n, z)
-    return rate, lo, hi
-
-
-def bon_kl(n: int) -> float:
-    """Analytic KL(best-of-n || base policy) = ``log n - (n - 1) / n`` nats (Stiennon et al. 2020)."""
-    if n < 1:
-        raise ValueError(f"best-of-n needs n >= 1, got {n}")
-    return math.log(n) - (n - 1) / n
-
-
-def exact_kl(p, q) -> float:
-    """``KL(p || q) = sum_v p_v log(p_v / q_v)`` for two categorical distributions (probabilities, (V,)).
-
-    Terms with ``p_v == 0`` are 0; ``q_v == 0`` where ``p_v > 0`` gives ``inf``.
-    """
-    p = torch.as_tensor(p, dtype=torch.float64)
-    q = torch.as_tensor(q, dtype=torch.float64)
-    if p.shape != q.shape:
-        raise ValueError(f"p and q must have the same shape, got {tuple(p.shape)} and {tuple(q.shape)}")
-    support = p > 0
-    if bool((q[support] <= 0).any()):
-        return math.inf
-    return float((p[support] * (p[support].log() - q[support].log())).sum())
-
-
-def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
-                estimator: str = "k1") -> torch.Tensor:
-    """Per-sequence KL estimate: the sum over real response tokens of the per-token estimator.
-
-    Args:
-        logprobs: ``(B, T)`` log-probabilities of the sampled tokens under the sampling model.
-        ref_logprobs: ``(B, T)`` log-probabilities of the same tokens under the reference.
-        mask: ``(B, T)`` bool or float, 1 on real response tokens.
-        estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (:func:`pipeline.ppo_math.kl_per_token`).
-
-    Returns:
-        ``(B,)`` float64. Padding contributes exactly 0 whatever its logprobs are.
-    """
-    per_token = ppo_math.kl_per_token(logprobs.double(), ref_logprobs.double(), estimator)
-    return torch.where(mask.bool(), per_token, torch.zeros_like(per_token)).sum(dim=-1)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +192,7 @@ def _sample(peft_model, tok, encoded: list[list[int]], k: int, adapters: Optiona
     With ``merged`` the responses are sampled from dense weights with the adapters merged in (as PPO's
     rollouts are, ``ppo.rollout_weights``; 2x faster on CPU); the KL is always computed through the
     adapters themselves, so it is the KL of the model as trained. ``gated`` (a learned fusion's
-    context factory, pipeline/fusion.py) wraps the model's sampling and logprobs, never the reference's;
+    context factory, pipeline/fusion/gating.py) wraps the model's sampling and logprobs, never the reference's;
     its weights depend on the input, so it samples through the adapters.
     """
     from tqdm.auto import tqdm
@@ -249,12 +201,12 @@ def _sample(peft_model, tok, encoded: list[list[int]], k: int, adapters: Optiona
     rows = [(i, j) for i in range(len(encoded)) for j in range(k)]
     out = Samples()
     batches = []
-    weights = models.merged_linear_weights if merged and gated is None else lambda model: contextlib.nullcontext()
+    weights = stacking.merged_linear_weights if merged and gated is None else lambda model: contextlib.nullcontext()
     gated = gated or contextlib.nullcontext
-    with models.active_adapters(peft_model, adapters), gated(), weights(peft_model):
+    with stacking.active_adapters(peft_model, adapters), gated(), weights(peft_model):
         for b, s in enumerate(tqdm(range(0, len(rows), batch_size), desc=desc, leave=False)):
             chunk = rows[s:s + batch_size]
-            query, query_mask = rollout.left_pad([encoded[i] for i, _ in chunk], tok.pad_token_id)
+            query, query_mask = forwards.left_pad([encoded[i] for i, _ in chunk], tok.pad_token_id)
             response, mask, ended = rollout.generate(peft_model, tok, query, query_mask, max_new_tokens,
                                                      temperature, stop_ids, generator_seed=seed + b)
             batches.append((chunk, query, query_mask, response, mask, ended))
@@ -262,10 +214,10 @@ def _sample(peft_model, tok, encoded: list[list[int]], k: int, adapters: Optiona
         if with_kl:
             q, qm, r, m = (t.to(device) for t in (query, query_mask, response, mask))
             with torch.no_grad():
-                with models.active_adapters(peft_model, adapters), gated():
-                    logp = rollout.forward_response(peft_model, q, qm, r, m, temperature).logprobs
-                with models.active_adapters(peft_model, reference):
-                    ref = rollout.forward_response(peft_model, q, qm, r, m, temperature).logprobs
+                with stacking.active_adapters(peft_model, adapters), gated():
+                    logp = forwards.forward_response(peft_model, q, qm, r, m, temperature).logprobs
+                with stacking.active_adapters(peft_model, reference):
+                    ref = forwards.forward_response(peft_model, q, qm, r, m, temperature).logprobs
             out.kl_k1.extend(sequence_kl(logp, ref, m, "k1").tolist())
             out.kl_k3.extend(sequence_kl(logp, ref, m, "k3").tolist())
         out.prompt_index.extend(i for i, _ in chunk)
@@ -393,16 +345,16 @@ def _fused_specs(peft_model, fused: list[tuple[Path, dict]], base, sft: Optional
             return f"{owner}:{what}"
 
         if method == "learned":
-            gates, slots = fusion.attach(peft_model, folder, prefix=f"fused{j}_")
+            gates, slots = gating.attach(peft_model, folder, prefix=f"fused{j}_")
             specs.append(ModelSpec("fused", label("learned"), slots, series="fused",
-                                   gated=lambda g=gates, sl=slots: fusion.gated(peft_model, g, sl)))
-            consumed[label("learned")] = {"path": str(folder), "sha256": models.sha256_file(folder / fusion.GATE_FILE)}
+                                   gated=lambda g=gates, sl=slots: gating.gated(peft_model, g, sl)))
+            consumed[label("learned")] = {"path": str(folder), "sha256": hashing.sha256_file(folder / gating.GATE_FILE)}
         slot = f"fused{j}"
         peft_model.load_adapter(str(folder / "adapter"), adapter_name=slot, is_trainable=False)
         name = label("mean-gate" if method == "learned" else method)
         specs.append(ModelSpec("fused", name, [slot], series="fused"))
         consumed[name] = {"path": str(folder / "adapter"),
-                          "sha256": models.sha256_file(folder / "adapter" / "adapter_model.safetensors")}
+                          "sha256": hashing.sha256_file(folder / "adapter" / "adapter_model.safetensors")}
     peft_model.eval()  # layers injected by load_adapter start in train mode
     for p in peft_model.parameters():
         p.requires_grad_(False)
@@ -440,16 +392,15 @@ def _ppo_checkpoints(ppo_dir: Path) -> list[tuple[int, Path]]:
 # Points, table, plot
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The stage
 
 
 def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -> Path:
-    from reward.registry import build_reward
     from tqdm.auto import tqdm
 
-    from pipeline.reward_stage import load_reward_scorer
+    from pipeline.models.reward_model import load_reward_scorer
+    from reward.registry import build_reward
 
     ec, pc = cfg.eval, cfg.ppo
     run_dir = Path(run_dir)
@@ -464,7 +415,7 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
         raise ConfigError(f"eval.best_of_n: every n must be >= 1, got {bad_n}")
 
     # 1. prompts
-    prompts, report = data.load_prompts(cfg.data.prompts_eval, **data.loader_options(cfg.data))
+    prompts, report = loaders.load_prompts(cfg.data.prompts_eval, **loaders.loader_options(cfg.data))
     if len(prompts) < ec.prompts:
         print(f"[eval] only {len(prompts)} eval prompts available (eval.prompts={ec.prompts})", flush=True)
     prompts = prompts[:ec.prompts]
@@ -487,7 +438,7 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
                       f"{getattr(pc, key)!r}", flush=True)
 
     # 3. one base, many adapters: sft + policy (+ the learned reward, attached by its loader)
-    base_model, tok, base = models.load_base(cfg.model)
+    base_model, tok, base = loading.load_base(cfg.model)
     batch_size = ec.batch_size
     consumed: dict = {}
     adapters: dict[str, Path] = {}
@@ -495,7 +446,7 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
         check_same_base(read_manifest(sft_dir), base, f"SFT adapter {sft_dir}")
         adapters[SFT] = sft_dir
         consumed[SFT] = {"path": str(sft_dir),
-                         "sha256": models.sha256_file(sft_dir / "adapter_model.safetensors")}
+                         "sha256": hashing.sha256_file(sft_dir / "adapter_model.safetensors")}
     if pc.reference == "sft" and sft_dir is None:
         raise ArtifactError("ppo.reference=sft needs ppo.sft_adapter; set ppo.reference=base to anchor to the base")
     from peft import LoraConfig
@@ -511,8 +462,8 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
             slots[signature] = (POLICY if not slots else f"{POLICY}{len(slots) + 1}", policy_cfg)
         s.slot = slots[signature][0]
     # without a run, a placeholder policy adapter: the model must be a PeftModel for the reward loader
-    policy_slots = list(slots.values()) or [(POLICY, models.lora_config(pc.lora))]
-    peft_model = models.stack_adapters(base_model, adapters, trainable=None, new_adapter=policy_slots[0])
+    policy_slots = list(slots.values()) or [(POLICY, loading.lora_config(pc.lora))]
+    peft_model = stacking.stack_adapters(base_model, adapters, trainable=None, new_adapter=policy_slots[0])
     for name, policy_cfg in policy_slots[1:]:
         peft_model.add_adapter(name, policy_cfg)
     peft_model.eval()
@@ -548,8 +499,8 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     print(f"[eval] {prompt_lengths.summary()}", flush=True)
     stop_ids = rollout.stop_token_ids(tok, base_model)
     k = ec.samples_per_prompt
-    merged = models.sample_from_merged(peft_model, pc.rollout_weights, pc.rollout_merge_max_gb,
-                                       models.compute_dtype(cfg.model, device))
+    merged = stacking.sample_from_merged(peft_model, pc.rollout_weights, pc.rollout_merge_max_gb,
+                                       loading.compute_dtype(cfg.model, device))
     specs = [ModelSpec("base", "base", None)]
     if sft_dir is not None:
         specs.append(ModelSpec("sft", "sft", [SFT]))
@@ -561,7 +512,7 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
             specs.append(ModelSpec("ppo", name, stacked_on + [s.slot], step=step, policy_dir=policy_dir,
                                    slot=s.slot, series=s.key))
             consumed[f"ppo:{name}"] = {"path": str(policy_dir),
-                                       "sha256": models.sha256_file(policy_dir / "adapter_model.safetensors")}
+                                       "sha256": hashing.sha256_file(policy_dir / "adapter_model.safetensors")}
     checkpoint_shas = {v["sha256"]: k.removeprefix("ppo:") for k, v in consumed.items() if k.startswith("ppo:")}
     duplicates = {}
     for folder, manifest in fused:
@@ -586,7 +537,7 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     forgotten: dict[str, dict] = {}
     for spec in tqdm(specs, desc="eval models"):
         if spec.policy_dir is not None:
-            models.load_adapter_weights(peft_model, spec.slot, spec.policy_dir)
+            stacking.load_adapter_weights(peft_model, spec.slot, spec.policy_dir)
             _check_adapter_loaded(peft_model, spec.slot, spec.policy_dir)
         if probe is not None:
             t0 = time.time()
@@ -696,13 +647,13 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
                    "proxy_per_nat": proxy_per_nat(points),
                    "prompts": len(prompts), "samples_per_prompt": k, **prompt_lengths.metrics("prompts"),
                    "temperature": pc.temperature, "reference": pc.reference}
-        data_entries = {"prompts": {**data.manifest_entry(cfg.data.prompts_eval, report, cfg.data.split,
+        data_entries = {"prompts": {**loaders.manifest_entry(cfg.data.prompts_eval, report, cfg.data.split,
                                                           prompt_lengths), "rows": len(prompts)}}
         if probe is not None:
             metrics["forgetting"] = {"source": ec.forgetting, "passages": probe.text.passages,
                                      "tokens": probe.text.tokens, "truncated": probe.text.truncated,
                                      "seconds": round(forgetting_seconds, 1), "models": forgotten}
-            data_entries["forgetting"] = {"source": ec.forgetting, "sha256": data.data_hash(ec.forgetting),
+            data_entries["forgetting"] = {"source": ec.forgetting, "sha256": loaders.data_hash(ec.forgetting),
                                           "rows": probe.text.passages}
         write_manifest(tmp, "eval", cfg, base, metrics, adapters=consumed, data=data_entries,
                        extra={"proxy": repr(proxy_fn), "gold": repr(gold_fn)})

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from pipeline.artifacts import MetricsLogger
+from pipeline.artifacts.outputs import MetricsLogger
 
 
 class JsonlMetrics(TrainerCallback):
@@ -43,7 +43,7 @@ class ResumableCheckpoints(TrainerCallback):
         self.checkpoints = checkpoints
 
     def on_step_end(self, args, state, control, **kwargs):
-        from pipeline import guard
+        from pipeline.artifacts import guard
 
         guard.failpoint(f"sft:step:{state.global_step}")
         if guard.stop_requested() and state.global_step < state.max_steps:
@@ -74,7 +74,7 @@ class ReleaseMemory(TrainerCallback):
     as PPO does): the full default SFT run peaked at 2.67 GB without it, a 6-step one at 2.23 GB."""
 
     def on_step_end(self, args, state, control, **kwargs):
-        from pipeline.models import release_free_memory
+        from pipeline.models.loading import release_free_memory
 
         release_free_memory()
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from pipeline.artifacts import ArtifactError
+from pipeline.artifacts.outputs import ArtifactError
 
 FAILPOINTS_ENV = "RLHF_FAILPOINTS"
 

@@ -13,37 +13,37 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
-from pipeline import data, guard, lengths, models
-from pipeline.artifacts import ArtifactError, MetricsLogger, is_complete, read_manifest, write_manifest
-from pipeline.checkpoints import StageWork, load_state, restore_parameters, rng_state, save_state, set_rng_state
-from pipeline.config import ModelConfig, PipelineConfig, to_dict
-from pipeline.lengths import LengthReport
-from pipeline.rollout import last_hidden_at, left_pad, response_pooled_hidden
-from pipeline.trainer_utils import restore_fp32_trainables
-
-REWARD_ADAPTER = "reward"
-POOLINGS = ("mean", "last")
-
-
-def encode_conversation(tokenizer, conv: list[dict], response: str,
-                        max_length: Optional[int]) -> tuple[list[int], int, bool]:
-    """Token ids of ``conv`` + the assistant ``response`` (chat template), the index where the response
-    starts, and whether the row was cut: a row over ``max_length`` tokens (None: no limit) loses tokens
-    from the left (the start of the prompt), so the response and the prompt's end are kept."""
-    full = tokenizer.apply_chat_template(conv + [{"role": "assistant", "content": response}], tokenize=True,
-                                         return_dict=False)
-    prompt = tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=False)
-    full = list(full["input_ids"] if hasattr(full, "keys") else full)
-    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
-    start = len(prompt) if full[:len(prompt)] == prompt else len(full) - 1
-    cut = max(len(full) - max_length, 0) if max_length is not None else 0
-    return full[cut:], max(start - cut, 0), cut > 0
+from pipeline.artifacts import guard
+from pipeline.artifacts.checkpoints import (
+    StageWork,
+    load_state,
+    restore_parameters,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
+from pipeline.artifacts.outputs import (
+    ArtifactError,
+    MetricsLogger,
+    write_manifest,
+)
+from pipeline.config import PipelineConfig, to_dict
+from pipeline.data import lengths, loaders
+from pipeline.data.lengths import LengthReport
+from pipeline.evaluation.stats import accuracy_se, spearman
+from pipeline.models import loading
+from pipeline.models.reward_model import (
+    RewardModelScorer,
+    encode_conversation,
+    pairwise_loss,
+    pooled_features,
+)
+from pipeline.models.trainer_utils import restore_fp32_trainables
 
 
 def fit_pairs(tokenizer, rows: list[dict], max_length: int, policy: str, what: str,
@@ -58,171 +58,6 @@ def fit_pairs(tokenizer, rows: list[dict], max_length: int, policy: str, what: s
     kept = [i for i, c in enumerate(cuts) if c is not None]
     pairs = [tuple((ids[c:], max(start - c, 0)) for (ids, start), c in zip(full[i], cuts[i])) for i in kept]
     return kept, pairs, report
-
-
-def pooled_features(model, encoded: Sequence[tuple[list[int], int]], pad_id: int, pooling: str) -> torch.Tensor:
-    """(B, H) float32 features the score head reads for left-padded rows ``(ids, response_start)``."""
-    ids, mask = left_pad([e[0] for e in encoded], pad_id)
-    device = next(model.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
-    if pooling == "last":
-        last = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=device)
-        return last_hidden_at(model, ids, mask, last).float()
-    width = ids.shape[1]
-    pos = torch.arange(width, device=device).unsqueeze(0)
-    starts = torch.tensor([width - len(i) + s for i, s in encoded], device=device).unsqueeze(1)
-    return response_pooled_hidden(model, ids, mask, (pos >= starts) & mask.bool())
-
-
-class RewardModelScorer:
-    """A reward plugin (prompts, responses -> scores) backed by a LoRA reward adapter + linear head.
-
-    The conversation is rendered with the chat template exactly as in training; the head reads the
-    final hidden states pooled as the model was trained (``pooling``: mean over the response tokens,
-    or the last token for reward models trained with trl's RewardTrainer).
-    """
-
-    def __init__(self, model, tokenizer, head_weight: torch.Tensor, head_bias: Optional[torch.Tensor] = None,
-                 adapter: str = REWARD_ADAPTER, batch_size: int = 16, max_length: int = 1024, pooling: str = "mean"):
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.model = model
-        self.tokenizer = tokenizer
-        device = next(model.parameters()).device
-        self.head_weight = head_weight.detach().to(device, torch.float32).reshape(1, -1)
-        self.head_bias = None if head_bias is None else head_bias.detach().to(device, torch.float32)
-        self.adapter = adapter
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.pooling = pooling
-
-    def encode(self, prompts: Sequence[str], responses: Sequence[str],
-               prompt_messages: Optional[Sequence[list[dict]]] = None) -> list[tuple[list[int], int]]:
-        out = []
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            conv = list(prompt_messages[i]) if prompt_messages is not None else [{"role": "user", "content": p}]
-            ids, start, _ = encode_conversation(self.tokenizer, conv, r, self.max_length)
-            out.append((ids, start))
-        return out
-
-    @torch.no_grad()
-    def score_ids(self, seqs: list[tuple[list[int], int]], progress: Optional[str] = None) -> torch.Tensor:
-        """Scores of encoded rows, in their order. Batches are formed in order of length, so that a batch
-        is not padded to one long row (each row's score does not depend on its padding); ``progress``
-        names a progress bar."""
-        from tqdm.auto import tqdm
-
-        was_training = self.model.training
-        self.model.eval()
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-        scores = torch.empty(len(seqs))
-        try:
-            with models.active_adapters(self.model, [self.adapter]):
-                for s in tqdm(range(0, len(seqs), self.batch_size), desc=progress, unit="batch",
-                              disable=progress is None):
-                    idx = order[s:s + self.batch_size]
-                    h = pooled_features(self.model, [seqs[i] for i in idx], self.tokenizer.pad_token_id, self.pooling)
-                    v = h @ self.head_weight.T
-                    if self.head_bias is not None:
-                        v = v + self.head_bias
-                    scores[idx] = v.squeeze(-1).float().cpu()
-        finally:
-            self.model.train(was_training)
-        return scores
-
-    def __call__(self, prompts, responses, prompt_messages=None, **info) -> list[float]:
-        return self.score_ids(self.encode(prompts, responses, prompt_messages)).tolist()
-
-
-def _head_from_state(state: dict[str, torch.Tensor], where: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    weight = next((v for k, v in state.items() if k.endswith("score.weight")), None)
-    if weight is None:
-        raise ArtifactError(f"{where}: no score head (score.weight) in the reward adapter")
-    bias = next((v for k, v in state.items() if k.endswith("score.bias")), None)
-    return weight, bias
-
-
-def load_reward_scorer(path: str | Path, host=None, batch_size: int = 16) -> RewardModelScorer:
-    """Serve a trained reward model (a RUN/reward folder, or a run folder containing reward/).
-
-    ``host`` is ``(peft_model, tokenizer, base_info)`` of an already loaded model: when the reward
-    model was trained on the same base (weights and tokenizer hashes), its adapter attaches to that
-    model and no second base is loaded. Otherwise it loads its own base as its manifest describes.
-    """
-    from peft import PeftModel
-
-    path = Path(path)
-    if not is_complete(path) and is_complete(path / "reward"):
-        path = path / "reward"
-    manifest = read_manifest(path)
-    if manifest.get("stage") != "reward":
-        raise ArtifactError(f"{path} is a '{manifest.get('stage')}' output, not a reward model")
-    if host is not None:
-        model, tok, base = host
-        trained_in = manifest["base"].get("quantization", {}).get("compute_dtype")
-        used_in = base.quantization.get("compute_dtype")
-        if trained_in and used_in and trained_in != used_in:
-            # Measured: an fp32-trained reward model read bf16 hidden states with a ~0.12 offset.
-            print(f"[reward] note: {path} was trained in {trained_in} and now scores in {used_in}; its scores "
-                  "shift with the precision. Train the reward model in the precision PPO uses.", flush=True)
-        if (manifest["base"].get("weights_sha256") == base.weights_sha256
-                and manifest["base"].get("tokenizer_sha256") == base.tokenizer_sha256
-                and isinstance(model, PeftModel)):
-            if REWARD_ADAPTER not in model.peft_config:
-                state = models.attach_adapter(model, path, REWARD_ADAPTER)
-                model._rlhf_reward_head = _head_from_state(state, str(path))
-            return RewardModelScorer(model, tok, *model._rlhf_reward_head, batch_size=batch_size,
-                                     max_length=_max_length(manifest), pooling=_pooling(manifest))
-    mcfg = ModelConfig(**manifest["config"]["model"])
-    base_model, tok, _ = models.load_base(mcfg)
-    from peft import get_peft_model
-
-    # A placeholder adapter makes this a PeftModel; the reward adapter then attaches by name.
-    peft_model = get_peft_model(base_model, models.lora_config(
-        models.LoraConfigSection(r=1, target_modules=["q_proj"])), adapter_name="unused")
-    state = models.attach_adapter(peft_model, path, REWARD_ADAPTER)
-    with warnings.catch_warnings():  # peft notes that the deleted placeholder was the active adapter
-        warnings.simplefilter("ignore", UserWarning)
-        peft_model.delete_adapter("unused")
-    return RewardModelScorer(peft_model, tok, *_head_from_state(state, str(path)), batch_size=batch_size,
-                             max_length=_max_length(manifest), pooling=_pooling(manifest))
-
-
-def _max_length(manifest: dict) -> int:
-    """The token limit the reward model was trained with: it scores under the same left-cut rule."""
-    return int(manifest.get("config", {}).get("reward", {}).get("max_length", 1024))
-
-
-def _pooling(manifest: dict) -> str:
-    """How the saved reward model pools hidden states; "last" for models from before mean pooling."""
-    pooling = manifest.get("pooling", "last")
-    if pooling not in POOLINGS:
-        raise ArtifactError(f"reward model pooling {pooling!r} is not one of {POOLINGS}")
-    return pooling
-
-
-def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    def ranks(x):
-        t = torch.tensor(x, dtype=torch.float64)
-        order = t.argsort()
-        r = torch.empty_like(t)
-        r[order] = torch.arange(len(x), dtype=torch.float64)
-        for v in t.unique():
-            idx = (t == v).nonzero().flatten()
-            r[idx] = r[idx].mean()
-        return r
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra @ rb) / (ra.norm() * rb.norm()).clamp_min(1e-12))
-
-
-def accuracy_se(correct: int, n: int) -> float:
-    """Binomial standard error of an accuracy, sqrt(p (1 - p) / n); 0.8 on 400 pairs: sqrt(0.16 / 400) = 0.02."""
-    if n == 0:
-        return float("nan")
-    p = correct / n
-    return (p * (1 - p) / n) ** 0.5
 
 
 def pair_metrics(scorer: RewardModelScorer, rows: list[dict], gold: Optional[list[tuple[float, float]]] = None,
@@ -256,7 +91,7 @@ def _pair_gold(source: str, row_numbers: list[int]) -> Optional[list[tuple[float
     if len(set(row_numbers)) != len(row_numbers):
         return None
     try:
-        by_number = dict(data.read_rows(source, max_rows=max(row_numbers, default=0)))
+        by_number = dict(loaders.read_rows(source, max_rows=max(row_numbers, default=0)))
     except Exception:
         return None
     out = []
@@ -275,11 +110,11 @@ def spearman_on_sft_samples(scorer: RewardModelScorer, sft_dir: Path) -> Optiona
     path = sft_dir / "gold_samples.jsonl"
     if not path.is_file():
         return None
-    rows = [r for _, r in data.read_rows(str(path)) if r.get("model") == "sft"]
+    rows = [r for _, r in loaders.read_rows(str(path)) if r.get("model") == "sft"]
     if len(rows) < 3:
         return None
     learned = scorer([r["prompt"] for r in rows], [r["response"] for r in rows])
-    return {"spearman_vs_gold_sft_samples": _spearman(learned, [r["gold"] for r in rows]),
+    return {"spearman_vs_gold_sft_samples": spearman(learned, [r["gold"] for r in rows]),
             "sft_samples_scored": len(rows)}
 
 
@@ -293,16 +128,6 @@ def lr_at(step: int, total: int, warmup: int, kind: str) -> float:
         return 1.0
     frac = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
     return 1.0 - frac if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, center: float = 0.0) -> torch.Tensor:
-    """Bradley-Terry loss -log sigmoid(r_c - r_r), mean over pairs (Ouyang et al. 2022, eq. 1), plus
-    ``center`` * mean((r_c + r_r)^2) to keep rewards near 0 (Eisenstein et al. 2023; trl's
-    center_rewards_coefficient). Margins (2, 0): (-log sigmoid(2) - log sigmoid(0)) / 2 = (0.1269 + 0.6931) / 2."""
-    loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
-    if center:
-        loss = loss + center * ((chosen + rejected) ** 2).mean()
-    return loss
 
 
 def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
@@ -320,9 +145,9 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
     t0 = time.time()
 
     # 1. data: preference pairs with an explicit conversational prompt
-    dkw = data.loader_options(cfg.data)
-    train_rows, train_report = data.load_pairs(cfg.data.pairs_train, **dkw)
-    eval_rows, eval_report = data.load_pairs(cfg.data.pairs_eval, **dkw) if cfg.data.pairs_eval else ([], None)
+    dkw = loaders.loader_options(cfg.data)
+    train_rows, train_report = loaders.load_pairs(cfg.data.pairs_train, **dkw)
+    eval_rows, eval_report = loaders.load_pairs(cfg.data.pairs_eval, **dkw) if cfg.data.pairs_eval else ([], None)
     for rep in (train_report, eval_report):
         if rep is not None:
             print(f"[reward] {rep.summary()}", flush=True)
@@ -331,8 +156,8 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
     # Seeded first: the score head is drawn while loading, then the LoRA weights (the same reward.seed gives
     # the same model whatever the caller did with the global RNG before; a resumed run relies on it too).
     torch.manual_seed(rc.seed)
-    model, tok, base = models.load_base(cfg.model, kind="seqcls", num_labels=1)
-    peft_model = get_peft_model(model, models.lora_config(rc.lora, task_type="SEQ_CLS", model=model))
+    model, tok, base = loading.load_base(cfg.model, kind="seqcls", num_labels=1)
+    peft_model = get_peft_model(model, loading.lora_config(rc.lora, task_type="SEQ_CLS", model=model))
     restore_fp32_trainables(peft_model)  # LoRA and head weights are float32 masters in bf16 compute too
     head = peft_model.base_model.model.score
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
@@ -340,7 +165,7 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
         [{"params": [p for n, p in named if ".score." not in n], "lr": rc.learning_rate},
          {"params": [p for n, p in named if ".score." in n], "lr": rc.head_learning_rate or rc.learning_rate}],
         weight_decay=0.0)
-    trainable, total = models.count_parameters(peft_model)
+    trainable, total = loading.count_parameters(peft_model)
     print(f"[reward] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); "
           f"pooling {rc.pooling}", flush=True)
 
@@ -416,7 +241,7 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        models.release_free_memory()  # the step's freed activations go back to the OS
+        loading.release_free_memory()  # the step's freed activations go back to the OS
         losses.append(window["loss"][-1])
         if (step + 1) % rc.logging_steps == 0 or step + 1 == steps:
             row = {f"reward/{k}": sum(v) / len(v) for k, v in window.items()}
@@ -445,14 +270,14 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
     if on_sft is not None:
         metrics.update(on_sft)
     elif cfg.data.sft_eval:
-        sft_rows, _ = data.load_sft(cfg.data.sft_eval, **dkw)
+        sft_rows, _ = loaders.load_sft(cfg.data.sft_eval, **dkw)
         convs = [r["messages"][:-1] for r in sft_rows]
         responses = [r["messages"][-1]["content"] for r in sft_rows]
         learned = scorer([""] * len(convs), responses, prompt_messages=convs)
         from reward.registry import build_reward
 
         gold = build_reward("sentiment")([c[-1]["content"] for c in convs], responses).total
-        metrics["spearman_vs_gold_sft_eval"] = _spearman(learned, gold)
+        metrics["spearman_vs_gold_sft_eval"] = spearman(learned, gold)
     metrics["wall_seconds"] = round(time.time() - t0, 1)
     logger.log({"step": steps, **{f"reward/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
     logger.close()
@@ -461,8 +286,8 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
     peft_model.save_pretrained(work)
     tok.save_pretrained(work)
     write_manifest(work, "reward", cfg, base, metrics,
-                   data={"train": data.manifest_entry(cfg.data.pairs_train, train_report, cfg.data.split, train_len),
-                         "eval": data.manifest_entry(cfg.data.pairs_eval, eval_report, cfg.data.split, eval_len)
+                   data={"train": loaders.manifest_entry(cfg.data.pairs_train, train_report, cfg.data.split, train_len),
+                         "eval": loaders.manifest_entry(cfg.data.pairs_eval, eval_report, cfg.data.split, eval_len)
                          if eval_report else {"source": cfg.data.pairs_eval}},
                    extra={"pooling": rc.pooling})
     stage.publish()

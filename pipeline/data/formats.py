@@ -1,6 +1,6 @@
 """What a row means: one adapter per data format turning a raw row (a dict, after the column map) into
 the canonical rows the stages use, and the field validation they share (chat messages, Anthropic-HH
-transcripts, prompts, replies). Where rows come from, and the loading loop, are in pipeline/data.py.
+transcripts, prompts, replies). Where rows come from, and the loading loop, are in pipeline/data/loaders.py.
 
 Canonical rows
     SFT      ``{"messages": [... ending with an assistant turn]}``

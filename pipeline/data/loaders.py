@@ -9,7 +9,7 @@ Sources
 
 Formats
     What a row means (Alpaca, ShareGPT, chosen/rejected, PKU-SafeRLHF, UltraFeedback, HelpSteer,
-    Nectar...) is pipeline/formats.py: detected per row from its columns, or forced with ``format``.
+    Nectar...) is pipeline/data/formats.py: detected per row from its columns, or forced with ``format``.
 
 Row numbers (used in every error message as ``<source> row N: <problem>``)
     jsonl: the 1-based line number (blank lines are skipped but still counted).
@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from pipeline import formats
-from pipeline.formats import FORMATS, EmptyTarget, RowProblem, type_name
+from pipeline.data import formats
+from pipeline.data.formats import FORMATS, EmptyTarget, RowProblem, type_name
 
 __all__ = ["DataError", "EmptyTargetError", "LoadReport", "parse_hh", "read_rows", "load_sft", "load_pairs",
            "load_prompts", "data_hash"]
@@ -290,7 +290,7 @@ def read_rows(source: str, split: str = "train", max_rows: int = 0) -> list[tupl
 
 
 def parse_hh(text: str, keep_open_reply: bool = False) -> list[dict]:
-    """pipeline.formats.parse_hh, raising ``DataError``."""
+    """pipeline.data.formats.parse_hh, raising ``DataError``."""
     try:
         return formats.parse_hh(text, keep_open_reply)
     except ValueError as e:
@@ -420,7 +420,7 @@ def load_sft(source: str, columns: Optional[dict] = None, skip_invalid: bool = F
              **pair_options) -> tuple[list[dict], LoadReport]:
     """Load SFT conversations as ``{"messages": [...]}`` rows ending with a non-empty assistant turn.
 
-    Per row (after the column mapping), the first format whose columns it has (pipeline/formats.py):
+    Per row (after the column mapping), the first format whose columns it has (pipeline/data/formats.py):
     ``messages``; ``conversations`` (ShareGPT); ``prompt`` + ``completion`` (each text or a message
     list; prompt text becomes one user message, or the turns of an HH transcript); ``instruction`` (+
     ``input``) + ``output`` (Alpaca, one user turn); ``text`` (an HH transcript ending with an
@@ -439,7 +439,7 @@ def load_pairs(source: str, columns: Optional[dict] = None, skip_invalid: bool =
 
     Rows are ``{"prompt": [... ending with a user turn], "chosen": [{"role": "assistant", ...}],
     "rejected": [{"role": "assistant", ...}]}``; a reply may be empty (counted in the report). Formats
-    (pipeline/formats.py): ``chosen``/``rejected`` with a ``prompt`` (replies as text, message lists,
+    (pipeline/data/formats.py): ``chosen``/``rejected`` with a ``prompt`` (replies as text, message lists,
     or conversations repeating the prompt) or without one (two conversations or HH transcripts sharing
     every turn but the last); ``response_0``/``response_1``/``better_response_id``; ``completions``
     with a ``rank`` or a ``score`` each, or one ``response`` + ``score`` per row grouped by prompt.
@@ -469,7 +469,7 @@ def load_prompts(source: str, columns: Optional[dict] = None, skip_invalid: bool
 
 def manifest_entry(source: str, report: LoadReport, split: str = "train", lengths=None) -> dict:
     """What a stage's manifest records about one data source: where, its hash, the load counts and,
-    with a ``pipeline.lengths.LengthReport``, what happened to rows over the token limit."""
+    with a ``pipeline.data.lengths.LengthReport``, what happened to rows over the token limit."""
     entry = {"source": source, "sha256": data_hash(source, split), **report.manifest()}
     if lengths is not None:
         entry["long_rows"] = lengths.manifest()

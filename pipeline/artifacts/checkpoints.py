@@ -28,8 +28,14 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from pipeline import guard
-from pipeline.artifacts import ArtifactError, WriteError, is_complete, replace_folder, write_text_atomic
+from pipeline.artifacts import guard
+from pipeline.artifacts.outputs import (
+    ArtifactError,
+    WriteError,
+    is_complete,
+    replace_folder,
+    write_text_atomic,
+)
 
 STATE = "state"  # state.json + state.safetensors
 LEGACY_STATE = "trainer_state.pt"  # PPO checkpoints before safe state files

@@ -9,13 +9,27 @@ from typing import Optional
 
 import torch
 
-from pipeline import data, guard, lengths, models, rollout
-from pipeline.artifacts import MetricsLogger, write_jsonl, write_manifest, write_text_atomic
-from pipeline.checkpoints import TRAINER_STATE, StageWork, check_pickled_files
+from pipeline.artifacts import guard
+from pipeline.artifacts.checkpoints import TRAINER_STATE, StageWork, check_pickled_files
+from pipeline.artifacts.outputs import (
+    MetricsLogger,
+    write_jsonl,
+    write_manifest,
+    write_text_atomic,
+)
 from pipeline.config import PipelineConfig, to_dict
-from pipeline.evaluate import mean_se
-from pipeline.trainer_utils import (JsonlMetrics, ReleaseMemory, ResumableCheckpoints, restore_fp32_trainables,
-                                    train_loss, trainer_precision_kwargs)
+from pipeline.data import lengths, loaders
+from pipeline.evaluation.stats import mean_se
+from pipeline.models import loading, stacking
+from pipeline.models.trainer_utils import (
+    JsonlMetrics,
+    ReleaseMemory,
+    ResumableCheckpoints,
+    restore_fp32_trainables,
+    train_loss,
+    trainer_precision_kwargs,
+)
+from pipeline.rl import rollout
 
 
 def _to_trainer_rows(rows: list[dict], assistant_masks: bool) -> list[dict]:
@@ -33,7 +47,7 @@ def gold_samples(model, tok, prompts: list[list[dict]], per_prompt: int, max_new
                  seed: int, batch_size: int, max_prompt_length: int = 512) -> list[dict]:
     """``per_prompt`` sampled responses per prompt with their gold (VADER sentiment) score: the default
     task's quality signal. Rows ``{"prompt", "response", "gold"}``."""
-    from pipeline.rollout import sample_texts
+    from pipeline.rl.rollout import sample_texts
     from reward.registry import build_reward
 
     torch.manual_seed(seed)
@@ -42,7 +56,7 @@ def gold_samples(model, tok, prompts: list[list[dict]], per_prompt: int, max_new
     model.eval()
     try:
         # Dense weights with the adapter merged in: sampling 2x faster on CPU (README), freed on exit.
-        with models.merged_linear_weights(model):
+        with stacking.merged_linear_weights(model):
             texts = sample_texts(model, tok, jobs, max_new_tokens, temperature, batch_size=batch_size,
                                  max_prompt_length=max_prompt_length, progress="gold eval")
     finally:
@@ -52,7 +66,7 @@ def gold_samples(model, tok, prompts: list[list[dict]], per_prompt: int, max_new
     return [{"prompt": p, "response": t, "gold": float(g)} for p, t, g in zip(prompt_texts, texts, scores)]
 
 
-def _fit_lengths(trainer, split: str, report: data.LoadReport, cfg: PipelineConfig) -> lengths.LengthReport:
+def _fit_lengths(trainer, split: str, report: loaders.LoadReport, cfg: PipelineConfig) -> lengths.LengthReport:
     """Fit the trainer's tokenized ``split`` rows to sft.max_length by data.long_rows (trl got them whole:
     its own truncation keeps a row's start and so cuts the response), then pack them when padding-free."""
     attr = f"{split}_dataset"
@@ -68,7 +82,7 @@ def _fit_lengths(trainer, split: str, report: data.LoadReport, cfg: PipelineConf
 
 
 def build_trainer(cfg: PipelineConfig, model, tok, train_rows: list[dict], eval_rows: list[dict],
-                  reports: tuple[data.LoadReport, Optional[data.LoadReport]], output_dir: Path, peft_config,
+                  reports: tuple[loaders.LoadReport, Optional[loaders.LoadReport]], output_dir: Path, peft_config,
                   callbacks: list, save_steps: int = 0, dtype: Optional[torch.dtype] = None):
     """trl's SFTTrainer on ``model`` as the SFT stage configures it (``cfg.sft``): chat rows with the loss
     on assistant turns, rows fitted to sft.max_length by data.long_rows, trainer checkpoints every
@@ -80,7 +94,7 @@ def build_trainer(cfg: PipelineConfig, model, tok, train_rows: list[dict], eval_
 
     sc = cfg.sft
     device = next(model.parameters()).device
-    dtype = dtype or models.compute_dtype(cfg.model, device)
+    dtype = dtype or loading.compute_dtype(cfg.model, device)
     assistant_masks = "{% generation %}" in (tok.chat_template or "")
     train_ds = Dataset.from_list(_to_trainer_rows(train_rows, assistant_masks))
     eval_ds = Dataset.from_list(_to_trainer_rows(eval_rows, assistant_masks)) if eval_rows else None
@@ -111,7 +125,7 @@ def eval_loss(trainer, max_length: int) -> float:
     """Mean token loss on the trainer's eval split (the SFT eval rows)."""
     result = trainer.evaluate()
     if "eval_loss" not in result:
-        raise data.DataError(f"the SFT eval split has no assistant tokens left within sft.max_length={max_length}; "
+        raise loaders.DataError(f"the SFT eval split has no assistant tokens left within sft.max_length={max_length}; "
                              "raise sft.max_length or check data.sft_eval")
     return result["eval_loss"]
 
@@ -132,21 +146,21 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     t0 = time.time()
 
     # 1. data
-    dkw = data.loader_options(cfg.data)
-    train_rows, train_report = data.load_sft(cfg.data.sft_train, **dkw)
-    eval_rows, eval_report = data.load_sft(cfg.data.sft_eval, **dkw) if cfg.data.sft_eval else ([], None)
+    dkw = loaders.loader_options(cfg.data)
+    train_rows, train_report = loaders.load_sft(cfg.data.sft_train, **dkw)
+    eval_rows, eval_report = loaders.load_sft(cfg.data.sft_eval, **dkw) if cfg.data.sft_eval else ([], None)
     for rep in (train_report, eval_report):
         if rep is not None:
             print(f"[sft] {rep.summary()}", flush=True)
 
     # 2. model: NF4 base (guarded against the bf16 repack) + a fresh LoRA adapter
-    model, tok, base = models.load_base(cfg.model)
+    model, tok, base = loading.load_base(cfg.model)
     resumed_at = json.loads((ckpt / TRAINER_STATE).read_text())["global_step"] if ckpt is not None else None
     logger = MetricsLogger(work / "metrics.jsonl", work / "tensorboard" if sc.tensorboard else None,
                            resume_step=resumed_at)
     trainer, fitted = build_trainer(
         cfg, model, tok, train_rows, eval_rows, (train_report, eval_report), work / "trainer",
-        models.lora_config(sc.lora, model=model),
+        loading.lora_config(sc.lora, model=model),
         [JsonlMetrics(logger, "sft"), ReleaseMemory(), ResumableCheckpoints(stage.checkpoints)], sc.save_steps)
     # The gold check samples as PPO does: prompts fitted to ppo.max_prompt_length by data.long_rows.
     kept, _, fitted["gold_prompts"] = rollout.fit_prompts(
@@ -155,7 +169,7 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     eval_prompts = [r["prompt"] for r in kept]
     if fitted["gold_prompts"].over:
         print(f"[sft] {fitted['gold_prompts'].summary()}", flush=True)
-    trainable, total = models.count_parameters(trainer.model)
+    trainable, total = loading.count_parameters(trainer.model)
     print(f"[sft] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", flush=True)
 
     # 3. evaluate before training; kept in the work folder, where a resumed run reads it back
@@ -216,9 +230,9 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     shutil.rmtree(work / "trainer", ignore_errors=True)
     before_path.unlink()
     write_manifest(work, "sft", cfg, base, metrics,
-                   data={"train": data.manifest_entry(cfg.data.sft_train, train_report, cfg.data.split,
+                   data={"train": loaders.manifest_entry(cfg.data.sft_train, train_report, cfg.data.split,
                                                       fitted["train"]),
-                         "eval": data.manifest_entry(cfg.data.sft_eval, eval_report, cfg.data.split, fitted["eval"])
+                         "eval": loaders.manifest_entry(cfg.data.sft_eval, eval_report, cfg.data.split, fitted["eval"])
                          if eval_report else {"source": cfg.data.sft_eval}})
     stage.publish()
     print(f"[sft] done in {metrics['wall_seconds']}s -> {out}", flush=True)

@@ -1,6 +1,6 @@
 """``fuse.method: learned``: train a per-layer, per-token gate over the frozen stage adapters.
 
-The gate (pipeline/fusion.py) starts where the stacked adapters are (SFT + PPO: the trained policy)
+The gate (pipeline/fusion/gating.py) starts where the stacked adapters are (SFT + PPO: the trained policy)
 and is the only thing that trains. Objective: token cross-entropy on a mixture of
 
 * the policy's own samples, reward-ranked: for each of ``fuse.prompts`` training prompts,
@@ -29,7 +29,6 @@ Steps (RUN/fused, written atomically, manifest last)::
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import re
@@ -39,11 +38,14 @@ from typing import Optional
 
 import torch
 
-from pipeline import data, fusion, lean_ops, models, rollout
-from pipeline.artifacts import MetricsLogger
+from pipeline.artifacts.outputs import MetricsLogger
+from pipeline.data import loaders
+from pipeline.fusion import gating
+from pipeline.models import forwards, lean_ops, loading, stacking
+from pipeline.rl import rollout
 
 # Max |logit| difference allowed between the zero gate and the stacked adapters. The gated layer adds
-# the adapters in peft's order and dtype (fusion.mix_deltas), so the two agree to float round-off of
+# the adapters in peft's order and dtype (gating.mix_deltas), so the two agree to float round-off of
 # the base layer's own call (0 measured on the tiny model and the embedded one in bf16).
 INIT_TOLERANCE = 1e-3
 PLOT_FILE = "gate_weights.png"
@@ -78,7 +80,7 @@ def _policy_rows(peft_model, tok, fusion_, slots, cfg, reward_fn, stop_ids) -> t
     from tqdm.auto import tqdm
 
     fc, pc = cfg.fuse, cfg.ppo
-    prompts, report = data.load_prompts(cfg.data.prompts_train, **data.loader_options(cfg.data))
+    prompts, report = loaders.load_prompts(cfg.data.prompts_train, **loaders.loader_options(cfg.data))
     prompts, encoded, _ = rollout.fit_prompts(tok, prompts, report, pc.max_prompt_length, cfg.data.long_rows,
                                               "fuse prompts")
     order = list(range(len(encoded)))
@@ -90,13 +92,13 @@ def _policy_rows(peft_model, tok, fusion_, slots, cfg, reward_fn, stop_ids) -> t
     batch = max(fc.batch_size, 32)  # sampling amortises the 4-bit dequantisation over more rows
     # At the zero gate the fusion is the stacked adapters exactly, so its samples come from merged dense
     # weights (2x faster on CPU, ppo.rollout_weights) with every source adapter active.
-    merged = models.sample_from_merged(peft_model, pc.rollout_weights, pc.rollout_merge_max_gb,
-                                       models.compute_dtype(cfg.model, next(peft_model.parameters()).device))
-    with models.active_adapters(peft_model, list(slots)), \
-            (models.merged_linear_weights(peft_model) if merged else fusion.gated(peft_model, fusion_, slots)):
+    merged = stacking.sample_from_merged(peft_model, pc.rollout_weights, pc.rollout_merge_max_gb,
+                                       loading.compute_dtype(cfg.model, next(peft_model.parameters()).device))
+    with stacking.active_adapters(peft_model, list(slots)), \
+            (stacking.merged_linear_weights(peft_model) if merged else gating.gated(peft_model, fusion_, slots)):
         for b, s in enumerate(tqdm(range(0, len(rows), batch), desc="fuse: sample", leave=False)):
             chunk = rows[s:s + batch]
-            q, qm = rollout.left_pad([encoded[i] for i, _ in chunk], tok.pad_token_id)
+            q, qm = forwards.left_pad([encoded[i] for i, _ in chunk], tok.pad_token_id)
             r, m, _ = rollout.generate(peft_model, tok, q, qm, pc.max_new_tokens, pc.temperature, stop_ids,
                                        generator_seed=fc.seed * 1000 + b)
             for row in range(len(chunk)):
@@ -121,7 +123,7 @@ def _sft_rows(tok, cfg) -> tuple[list, dict]:
     fc = cfg.fuse
     if fc.sft_rows == 0:
         return [], {"rows": 0}
-    rows, _ = data.load_sft(cfg.data.sft_train, **data.loader_options(cfg.data))
+    rows, _ = loaders.load_sft(cfg.data.sft_train, **loaders.loader_options(cfg.data))
     order = list(range(len(rows)))
     random.Random(fc.seed + 1).shuffle(order)
     out, skipped = [], 0
@@ -143,7 +145,7 @@ def _batches(rows: list, size: int, seed: int, epoch: int) -> list[list]:
 
 
 def _pad(batch: list, pad_id: int):
-    q, qm = rollout.left_pad([b[1] for b in batch], pad_id)
+    q, qm = forwards.left_pad([b[1] for b in batch], pad_id)
     width = max(len(b[2]) for b in batch)
     r = torch.full((len(batch), width), pad_id, dtype=torch.long)
     m = torch.zeros((len(batch), width))
@@ -160,9 +162,9 @@ def _pad(batch: list, pad_id: int):
 def _logits(peft_model, batch: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 logits at the response positions of ``batch`` (N real tokens, V) and the targets (N,)."""
     q, qm, r, m = (t.to(device) for t in _pad(batch, pad_id))
-    out = rollout.forward_response(peft_model, q, qm, r, m, 1.0, with_hidden=True)
-    head = rollout.output_head(peft_model)
-    with models.compute_context(peft_model):
+    out = forwards.forward_response(peft_model, q, qm, r, m, 1.0, with_hidden=True)
+    head = forwards.output_head(peft_model)
+    with loading.compute_context(peft_model):
         logits = head(out.hidden)
     keep = m.bool()
     return logits[keep].float(), r[keep]
@@ -171,7 +173,7 @@ def _logits(peft_model, batch: list, pad_id: int, device) -> tuple[torch.Tensor,
 def per_token_kl(peft_model, rows: list, pad_id: int, device, first, second, batch_size: int) -> float:
     """Mean over response tokens of KL(first || second) over the vocabulary; ``first``/``second`` are
     zero-argument context-manager factories that put the model in each state."""
-    from pipeline.forgetting import token_nll_and_kl
+    from pipeline.evaluation.forgetting import token_nll_and_kl
 
     total, n = 0.0, 0
     with torch.no_grad():
@@ -235,19 +237,24 @@ def plot_gates(means: dict, adapters: list[str], path: Path, title: str) -> None
 
 
 # ---------------------------------------------------------------------------------------------
-# The stage (called by pipeline.fuse.run_fuse inside its atomic output folder)
+# The method (called by pipeline.stages.fuse.run_fuse inside its atomic output folder)
 
 
 def train_learned(cfg, run_dir: Path, sources: list, peft_model, tok, base, tmp: Path, probe_ids: torch.Tensor,
                   stacked_logits: torch.Tensor) -> dict:
     """Train the gates over ``sources`` (loaded in ``peft_model`` under their names) and write the fusion
     into ``tmp``; returns the metrics. ``stacked_logits``: the stacked adapters on ``probe_ids``."""
-    from reward.registry import build_reward
     from tqdm.auto import tqdm
 
     from pipeline.config import substitute_run_dir
-    from pipeline.fuse import FuseError, cat_lora, load_lora_state, save_lora
-    from pipeline.reward_stage import load_reward_scorer
+    from pipeline.fusion.lora_state import (
+        FuseError,
+        cat_lora,
+        load_lora_state,
+        save_lora,
+    )
+    from pipeline.models.reward_model import load_reward_scorer
+    from reward.registry import build_reward
 
     fc = cfg.fuse
     device = next(peft_model.parameters()).device
@@ -256,7 +263,7 @@ def train_learned(cfg, run_dir: Path, sources: list, peft_model, tok, base, tmp:
     torch.manual_seed(fc.seed)
 
     # 1. gates at zero: the fusion starts as the stacked adapters
-    fuse_ = fusion.for_model(peft_model, slots).to(device)
+    fuse_ = gating.for_model(peft_model, slots).to(device)
     peft_model.fusion = fuse_  # registered, so frozen_digest can tell its tensors apart
     for p in peft_model.parameters():
         p.requires_grad_(False)
@@ -268,7 +275,7 @@ def train_learned(cfg, run_dir: Path, sources: list, peft_model, tok, base, tmp:
           f"compute {str(dtype).removeprefix('torch.')}", flush=True)
 
     # 2. check: the zero gate reproduces the stacked adapters
-    with torch.no_grad(), fusion.gated(peft_model, fuse_, slots):
+    with torch.no_grad(), gating.gated(peft_model, fuse_, slots):
         init_logits = peft_model(input_ids=probe_ids).logits.float().cpu()
     init_diff = float((init_logits - stacked_logits).abs().max())
     if init_diff > INIT_TOLERANCE:
@@ -305,7 +312,7 @@ def train_learned(cfg, run_dir: Path, sources: list, peft_model, tok, base, tmp:
     step = 0
     bar = tqdm(total=total, desc="fuse: gate")
     t_train = time.time()
-    with fusion.gated(peft_model, fuse_, slots):
+    with gating.gated(peft_model, fuse_, slots):
         for epoch in range(fc.epochs):
             for batch in _batches(rows, fc.batch_size, fc.seed, epoch):
                 t_step = time.time()
@@ -318,7 +325,7 @@ def train_learned(cfg, run_dir: Path, sources: list, peft_model, tok, base, tmp:
                 for s in range(0, len(batch), micro):
                     part = batch[s:s + micro]
                     q, qm, r, m = (t.to(device) for t in _pad(part, tok.pad_token_id))
-                    logp = rollout.forward_response(peft_model, q, qm, r, m, 1.0).logprobs
+                    logp = forwards.forward_response(peft_model, q, qm, r, m, 1.0).logprobs
                     nll = -(logp.float() * m)
                     (nll.sum() / tokens).backward()
                     per_row = nll.detach().sum(1)
@@ -329,7 +336,7 @@ def train_learned(cfg, run_dir: Path, sources: list, peft_model, tok, base, tmp:
                 grad_norm = torch.nn.utils.clip_grad_norm_(fuse_.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
-                models.release_free_memory()  # glibc keeps a forward/backward's freed pages (as in PPO's loop)
+                loading.release_free_memory()  # glibc keeps a forward/backward's freed pages (as in PPO's loop)
                 step += 1
                 row = {"fuse/step": step, "fuse/epoch": epoch, "fuse/loss": loss,
                        "fuse/grad_norm": float(grad_norm), "fuse/lr": scheduler.get_last_lr()[0],
@@ -349,11 +356,11 @@ def train_learned(cfg, run_dir: Path, sources: list, peft_model, tok, base, tmp:
         raise FuseError("an adapter or base tensor changed while the gates trained (it must not)")
 
     # 5. mean gate -> a weighted LoRA adapter (approximation); how far each model is from the fusion
-    with torch.no_grad(), fusion.gated(peft_model, fuse_, slots), fuse_.recording():
+    with torch.no_grad(), gating.gated(peft_model, fuse_, slots), fuse_.recording():
         for s in range(0, len(rows), fc.batch_size):
             q, qm, r, m = (t.to(device) for t in _pad(rows[s:s + fc.batch_size], tok.pad_token_id))
             fuse_.token_mask(torch.cat([torch.zeros_like(qm, dtype=m.dtype), m], 1))
-            rollout.forward_response(peft_model, q, qm, r, m, 1.0)
+            forwards.forward_response(peft_model, q, qm, r, m, 1.0)
         mean_gates = fuse_.mean_gates()
     names = [s.name for s in sources]
     full_weights = {path: [mean_gates[path][g.adapters.index(a)] if a in g.adapters else 0.0 for a in names]
@@ -365,13 +372,13 @@ def train_learned(cfg, run_dir: Path, sources: list, peft_model, tok, base, tmp:
     peft_model.eval()
 
     def learned():
-        return fusion.gated(peft_model, fuse_, slots)
+        return gating.gated(peft_model, fuse_, slots)
 
     def folded():
-        return models.active_adapters(peft_model, ["mean_gate"])
+        return stacking.active_adapters(peft_model, ["mean_gate"])
 
     def stacked():
-        return models.active_adapters(peft_model, slots)
+        return stacking.active_adapters(peft_model, slots)
 
     kl_rows = policy_rows or rows
     kl_mean_gate = per_token_kl(peft_model, kl_rows, tok.pad_token_id, device, learned, folded, fc.batch_size)
@@ -382,13 +389,13 @@ def train_learned(cfg, run_dir: Path, sources: list, peft_model, tok, base, tmp:
     means = layer_means(mean_gates, {p: g.adapters for p, g in fuse_.items()}, names)
     overall = {a: sum(v for v in means[a] if v is not None) / max(1, sum(v is not None for v in means[a]))
                for a in names}
-    fusion.save(fuse_, tmp, [s.path for s in sources],
+    gating.save(fuse_, tmp, [s.path for s in sources],
                 extra={"mean_gate": mean_gates, "mean_gate_by_layer": means,
                        "approximation": "adapter/ = the mean gate per module folded into one LoRA adapter"})
     with torch.no_grad(), learned():
         trained_logits = peft_model(input_ids=probe_ids).logits.float().cpu()
-    reloaded, reloaded_slots = fusion.attach(peft_model, tmp, prefix="reload_")
-    with torch.no_grad(), fusion.gated(peft_model, reloaded, reloaded_slots):
+    reloaded, reloaded_slots = gating.attach(peft_model, tmp, prefix="reload_")
+    with torch.no_grad(), gating.gated(peft_model, reloaded, reloaded_slots):
         reload_logits = peft_model(input_ids=probe_ids).logits.float().cpu()
     for s in reloaded_slots:
         peft_model.delete_adapter(s)

@@ -243,7 +243,7 @@ def _gated_forward(layer: nn.Module, gate: Gate, slots: list[str], fusion: Fusio
         deltas = []
         for s in slots:
             a = layer.lora_A[s]
-            # as peft computes it (its input cast, off under models.compute_context's autocast), without
+            # as peft computes it (its input cast, off under loading.compute_context's autocast), without
             # dropout: the adapters are frozen and the gate learns on what they really output
             deltas.append(layer.lora_B[s](a(layer._cast_input_dtype(x, a.weight.dtype))) * layer.scaling[s])
         return mix_deltas(result, deltas, weights)
@@ -255,8 +255,8 @@ def gated(peft_model, fusion: Fusion, slots: Sequence[str]) -> Iterator[None]:
     """Run ``peft_model`` as the fusion: at each gated module, base + the gated sum of the adapters
     loaded as ``slots`` (``fusion.adapters[i]`` is loaded as ``slots[i]``), which are the only active
     adapters meanwhile (a module without a gate holds none of them: it runs its base layer). A forward
-    already set on a layer instance (pipeline.lean_ops) comes back on exit."""
-    from pipeline import models
+    already set on a layer instance (pipeline.models.lean_ops) comes back on exit."""
+    from pipeline.models import stacking
 
     slot_of = dict(zip(fusion.adapters, slots))
     layers = lora_layers(peft_model)
@@ -264,7 +264,7 @@ def gated(peft_model, fusion: Fusion, slots: Sequence[str]) -> Iterator[None]:
     if missing:
         raise ValueError(f"the fusion gates modules this model lacks, e.g. {missing[:2]}")
     patched = []
-    with models.active_adapters(peft_model, list(slots)):
+    with stacking.active_adapters(peft_model, list(slots)):
         try:
             for path, g in fusion.items():
                 layer = layers[path]
@@ -272,10 +272,10 @@ def gated(peft_model, fusion: Fusion, slots: Sequence[str]) -> Iterator[None]:
                 absent = [s for s in want if s not in layer.lora_A]
                 if absent:
                     raise ValueError(f"{path}: adapter slot(s) {absent} not loaded")
-                models.patch_forward(patched, layer, _gated_forward(layer, g, want, fusion))
+                stacking.patch_forward(patched, layer, _gated_forward(layer, g, want, fusion))
             yield
         finally:
-            models.restore_forwards(patched)
+            stacking.restore_forwards(patched)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def save(fusion: Fusion, folder: Path, adapter_dirs: Sequence[Path], extra: Opti
         tensors[f"{path}.bias"] = g.bias.detach().float().cpu().contiguous()
     save_file(tensors, str(folder / GATE_FILE))
     meta = {"format": FORMAT, "version": VERSION, "adapters": fusion.adapters,
-            "gate": "K * softmax(W x + b), float32, per module and token (pipeline/fusion.py)",
+            "gate": "K * softmax(W x + b), float32, per module and token (pipeline/fusion/gating.py)",
             "modules": {path: g.adapters for path, g in fusion.items()}, **(extra or {})}
     (folder / FUSION_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -356,7 +356,7 @@ def load(model, folder: str | Path):
     Returns a PeftModel with the gates installed for good (``model.fusion`` holds them)::
 
         model = AutoModelForCausalLM.from_pretrained(base, quantization_config=nf4)
-        model = pipeline.fusion.load(model, "runs/default/fused")
+        model = pipeline.fusion.gating.load(model, "runs/default/fused")
     """
     from peft import PeftModel
 

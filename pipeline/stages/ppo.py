@@ -9,7 +9,7 @@
 
 ppo.algorithm changes only the advantage estimator (GAE over the value model, or a group baseline over
 ppo.samples_per_prompt responses per prompt) and where the KL goes; the rest is one loop.
-The math lives in pipeline/ppo_math.py; every `generate` call in pipeline/rollout.py.
+The math lives in pipeline/rl/ppo_math.py; every `generate` call in pipeline/rl/rollout.py.
 """
 from __future__ import annotations
 
@@ -24,12 +24,28 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pipeline import data, guard, lean_ops, models, ppo_math, rollout
-from pipeline.artifacts import (ArtifactError, MetricsLogger, check_same_base, read_manifest, truncate_jsonl,
-                                write_manifest)
-from pipeline.checkpoints import (Checkpoints, StageWork, load_state, rng_state, save_state, set_rng_state,
-                                  step_name)
+from pipeline.artifacts import guard, hashing
+from pipeline.artifacts.checkpoints import (
+    Checkpoints,
+    StageWork,
+    load_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+    step_name,
+)
+from pipeline.artifacts.outputs import (
+    ArtifactError,
+    MetricsLogger,
+    check_same_base,
+    read_manifest,
+    truncate_jsonl,
+    write_manifest,
+)
 from pipeline.config import PipelineConfig, resolve_auto, substitute_run_dir, to_dict
+from pipeline.data import loaders
+from pipeline.models import forwards, lean_ops, loading, stacking
+from pipeline.rl import ppo_math, rollout
 
 POLICY, VALUE, SFT = "policy", "value", "sft"
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -56,15 +72,15 @@ class PolicyValue(nn.Module):
 
     def forward(self, query, query_mask, response, response_mask, temperature: float, with_entropy: bool = False):
         head_on_policy = self.value_head is not None and self.value_adapters is None
-        out = rollout.forward_response(self.peft_model, query, query_mask, response, response_mask, temperature,
+        out = forwards.forward_response(self.peft_model, query, query_mask, response, response_mask, temperature,
                                        with_entropy=with_entropy, with_hidden=head_on_policy)
         if self.value_head is None:
             return out.logprobs, out.entropy, None
         if head_on_policy:
             hidden = out.hidden
         else:
-            with models.active_adapters(self.peft_model, self.value_adapters):
-                hidden = rollout.forward_response(self.peft_model, query, query_mask, response, response_mask,
+            with stacking.active_adapters(self.peft_model, self.value_adapters):
+                hidden = forwards.forward_response(self.peft_model, query, query_mask, response, response_mask,
                                                   temperature, with_hidden=True).hidden
         values = self.value_head(hidden.float()).squeeze(-1)
         return out.logprobs, out.entropy, values
@@ -96,9 +112,9 @@ def save_checkpoint(checkpoints: Checkpoints, step: int, pv: PolicyValue, optimi
     controller, reward normalisers, RNG states and data position, as safetensors + JSON (no pickles)
     in a folder written whole, then renamed."""
     def write(folder: Path) -> None:
-        models.save_adapter(pv.peft_model, POLICY, folder / "policy")
+        stacking.save_adapter(pv.peft_model, POLICY, folder / "policy")
         if pv.value_adapters is not None:
-            models.save_adapter(pv.peft_model, VALUE, folder / "value_adapter")
+            stacking.save_adapter(pv.peft_model, VALUE, folder / "value_adapter")
         value = {} if pv.value_head is None else {"value_head": pv.value_head.state_dict()}
         save_state(folder, {**value, "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "kl_controller": kl_ctl.state_dict(),
@@ -131,15 +147,15 @@ def _print_samples(rows: list[dict], step: int) -> None:
 
 def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
     from accelerate import Accelerator
-    from reward.registry import build_reward
     from tqdm.auto import tqdm
 
-    from pipeline.reward_stage import load_reward_scorer
+    from pipeline.models.reward_model import load_reward_scorer
+    from reward.registry import build_reward
 
     pc = resolve_auto(cfg).ppo
     critic, group = pc.algorithm == "ppo", pc.samples_per_prompt
     run_dir = Path(run_dir)
-    device = models.resolve_device(cfg.model.device)
+    device = loading.resolve_device(cfg.model.device)
     accelerator = Accelerator(cpu=device.type == "cpu")
     main_proc = accelerator.is_main_process
 
@@ -163,12 +179,12 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                                 "Resume with the same settings, or pass --overwrite to start over")
 
     # 1. prompts
-    prompts, report = data.load_prompts(cfg.data.prompts_train, **data.loader_options(cfg.data))
+    prompts, report = loaders.load_prompts(cfg.data.prompts_train, **loaders.loader_options(cfg.data))
     if main_proc:
         print(f"[ppo] {report.summary()}", flush=True)
 
     # 2. one base, many adapters
-    base_model, tok, base = models.load_base(cfg.model, device=accelerator.device)
+    base_model, tok, base = loading.load_base(cfg.model, device=accelerator.device)
     prompts, encoded, prompt_lengths = rollout.fit_prompts(tok, prompts, report, pc.max_prompt_length,
                                                            cfg.data.long_rows, "PPO prompts")
     if main_proc:
@@ -180,20 +196,20 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         sft_manifest = read_manifest(sft_dir)
         check_same_base(sft_manifest, base, f"SFT adapter {sft_dir}")
         adapters[SFT] = Path(sft_dir)
-        consumed[SFT] = {"path": str(sft_dir), "sha256": models.sha256_file(Path(sft_dir) / "adapter_model.safetensors")}
+        consumed[SFT] = {"path": str(sft_dir), "sha256": hashing.sha256_file(Path(sft_dir) / "adapter_model.safetensors")}
     elif pc.reference == "sft":
         raise ArtifactError("ppo.reference=sft needs ppo.sft_adapter; set ppo.reference=base to anchor to the base")
     # The fresh policy (and value) adapter's init draws from the global RNG: seed it, so that the same
     # ppo.seed gives the same run however much RNG was consumed before (in-process callers, tests).
     torch.manual_seed(pc.seed)
-    peft_model = models.stack_adapters(base_model, adapters, trainable=POLICY,
-                                       new_adapter=(POLICY, models.lora_config(pc.lora, model=base_model)))
+    peft_model = stacking.stack_adapters(base_model, adapters, trainable=POLICY,
+                                       new_adapter=(POLICY, loading.lora_config(pc.lora, model=base_model)))
     policy_adapters = list(adapters) + [POLICY]
     value_adapters = None
     if critic and pc.value_model == "adapter":
-        peft_model.add_adapter(VALUE, models.lora_config(pc.lora, model=base_model))
+        peft_model.add_adapter(VALUE, loading.lora_config(pc.lora, model=base_model))
         value_adapters = list(adapters) + [VALUE]
-    models.set_active_adapters(peft_model, policy_adapters)
+    stacking.set_active_adapters(peft_model, policy_adapters)
     for n, p in peft_model.named_parameters():
         p.requires_grad_(f".{POLICY}." in n or f".{VALUE}." in n)
     reference_adapters = [SFT] if pc.reference == "sft" else None
@@ -231,12 +247,12 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     optimizer = torch.optim.AdamW(trainable, lr=pc.learning_rate, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(1, pc.steps)))
     kl_ctl = ppo_math.make_kl_controller(pc.kl_controller, pc.kl_coef, pc.kl_target, pc.kl_horizon)
-    merge_rollout = models.sample_from_merged(peft_model, pc.rollout_weights, pc.rollout_merge_max_gb,
-                                              models.compute_dtype(cfg.model, accelerator.device))
-    rollout_ctx = models.merged_linear_weights if merge_rollout else lambda model: contextlib.nullcontext()
+    merge_rollout = stacking.sample_from_merged(peft_model, pc.rollout_weights, pc.rollout_merge_max_gb,
+                                              loading.compute_dtype(cfg.model, accelerator.device))
+    rollout_ctx = stacking.merged_linear_weights if merge_rollout else lambda model: contextlib.nullcontext()
     if pc.lean_ops:
         lean_ops.install(peft_model)  # less kept for backward (RMSNorm, SwiGLU), one addmm per LoRA linear
-    t_params, t_total = models.count_parameters(pv)
+    t_params, t_total = loading.count_parameters(pv)
     if main_proc:
         print(f"[ppo] trainable parameters: {t_params:,} of {t_total:,}; policy adapters {policy_adapters}, "
               f"reference {reference_adapters or 'base (all adapters off)'}, "
@@ -249,9 +265,9 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     random.seed(pc.seed)
     torch.manual_seed(pc.seed + accelerator.process_index)
     if state is not None:
-        models.load_adapter_weights(peft_model, POLICY, ckpt / "policy")
+        stacking.load_adapter_weights(peft_model, POLICY, ckpt / "policy")
         if value_adapters is not None:
-            models.load_adapter_weights(peft_model, VALUE, ckpt / "value_adapter")
+            stacking.load_adapter_weights(peft_model, VALUE, ckpt / "value_adapter")
         if pv.value_head is not None:
             pv.value_head.load_state_dict(state["value_head"])
         optimizer.load_state_dict(state["optimizer"])
@@ -335,9 +351,9 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
             idx.append(order[cursor])
             cursor += 1
         idx = [i for i in idx[rank * prompts_per_proc:(rank + 1) * prompts_per_proc] for _ in range(group)]
-        query, query_mask = rollout.left_pad([encoded[i] for i in idx], tok.pad_token_id)
+        query, query_mask = forwards.left_pad([encoded[i] for i in idx], tok.pad_token_id)
         t0 = time.time()
-        with models.active_adapters(peft_model, policy_adapters), rollout_ctx(peft_model):
+        with stacking.active_adapters(peft_model, policy_adapters), rollout_ctx(peft_model):
             response, mask, ended = rollout.generate(peft_model, tok, query, query_mask, pc.max_new_tokens,
                                                      pc.temperature, stop_ids)
         dev = accelerator.device
@@ -378,8 +394,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         t0 = time.time()
         micro = min(pc.micro_batch_size or mb_size, mb_size)
         row_chunks = torch.arange(per_proc, device=dev).split(micro)
-        with torch.no_grad(), models.active_adapters(peft_model, reference_adapters):
-            ref_logprobs = torch.cat([rollout.forward_response(peft_model, query[c], query_mask[c], response[c],
+        with torch.no_grad(), stacking.active_adapters(peft_model, reference_adapters):
+            ref_logprobs = torch.cat([forwards.forward_response(peft_model, query[c], query_mask[c], response[c],
                                                                mask[c], pc.temperature).logprobs for c in row_chunks])
         kl_coef = kl_ctl.value
         in_reward = pc.kl_in == "reward"
@@ -499,7 +515,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                 with open(samples_path, "a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in rows)
                 _print_samples(rows, step + 1)
-        models.release_free_memory()
+        loading.release_free_memory()
         guard.end_of_step("ppo", step + 1, pc.steps, pc.save_every, lambda: checkpoint(step + 1, epoch, cursor),
                           any_process=lambda flag: _any_process(accelerator, flag))
     guard.graceful_stop(False)
@@ -508,7 +524,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     final = checkpoint(pc.steps, epoch, cursor)
     if main_proc:
         logger.close()
-        models.save_adapter(peft_model, POLICY, work)
+        stacking.save_adapter(peft_model, POLICY, work)
         tok.save_pretrained(work)
         if pv.value_head is not None:
             from safetensors.torch import save_file
@@ -523,7 +539,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         headline["mean_step_seconds"] = sum(r["time/step"] for r in rows) / max(1, len(rows))
         headline.update(prompt_lengths.metrics("prompts"))
         write_manifest(work, "ppo", cfg, base, headline, adapters=consumed,
-                       data={"prompts": data.manifest_entry(cfg.data.prompts_train, report, cfg.data.split,
+                       data={"prompts": loaders.manifest_entry(cfg.data.prompts_train, report, cfg.data.split,
                                                             prompt_lengths)},
                        extra={"stacked_on": list(adapters), "reference": pc.reference, "algorithm": pc.algorithm,
                               "samples_per_prompt": group, "value_model": pc.value_model if critic else None,

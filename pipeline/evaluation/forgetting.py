@@ -29,7 +29,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline import data, models, rollout
+from pipeline.data import loaders
+from pipeline.models import forwards, loading, stacking
 
 # Columns this check adds to curves.csv and to every eval point (None where it does not apply).
 COLUMNS = ("general_nll", "general_ppl", "general_kl_to_base")
@@ -102,16 +103,16 @@ def read_passages(source: str, key: str = "eval.forgetting") -> list[str]:
     """The ``text`` of every row of ``source`` (jsonl, json, csv, parquet or a hub id). A row without a
     non-empty text stops with the file, row and config key."""
     if not source:
-        raise data.DataError(f"{key} is empty: no general text to measure forgetting on")
+        raise loaders.DataError(f"{key} is empty: no general text to measure forgetting on")
     texts = []
-    for n, row in data.read_rows(source):
+    for n, row in loaders.read_rows(source):
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():
-            raise data.DataError(f"{source} row {n}: needs a non-empty 'text' field for the forgetting check "
+            raise loaders.DataError(f"{source} row {n}: needs a non-empty 'text' field for the forgetting check "
                                  f"({key}), got columns {sorted(row)}")
         texts.append(text)
     if not texts:
-        raise data.DataError(f"{source}: no rows ({key} needs general text passages)")
+        raise loaders.DataError(f"{source}: no rows ({key} needs general text passages)")
     return texts
 
 
@@ -123,7 +124,7 @@ def encode_passages(tok, texts: Sequence[str], source: str, max_tokens: int, bat
     for i, text in enumerate(texts):
         ids = tok(text).input_ids
         if len(ids) < 2:
-            raise data.DataError(f"{source} row {i + 1}: '{text[:40]}' is {len(ids)} token long; the forgetting "
+            raise loaders.DataError(f"{source} row {i + 1}: '{text[:40]}' is {len(ids)} token long; the forgetting "
                                  "check scores each token after the first, so a passage needs at least 2")
         truncated += len(ids) > max_tokens
         encoded.append(ids[:max_tokens])
@@ -148,7 +149,7 @@ def encode_passages(tok, texts: Sequence[str], source: str, max_tokens: int, bat
 
 def _adapters(model, names: Optional[list[str]]):
     if hasattr(model, "peft_config"):
-        return models.active_adapters(model, names)
+        return stacking.active_adapters(model, names)
     if names:
         raise ValueError(f"adapters {names} given for a model without adapters")
     return contextlib.nullcontext()
@@ -167,12 +168,12 @@ class ForgettingProbe:
         self.text = text
         self.chunk = chunk
         self.device = next(model.parameters()).device
-        head = rollout.output_head(model)
+        head = forwards.output_head(model)
         head = head.get_base_layer() if hasattr(head, "get_base_layer") else head
         self.base_head = copy.deepcopy(head) if snapshot else head
         self.base_model = model
         with torch.no_grad(), _adapters(model, None):
-            self.base_hidden = [rollout.final_hidden(model, ids.to(self.device), mask.to(self.device))
+            self.base_hidden = [forwards.final_hidden(model, ids.to(self.device), mask.to(self.device))
                                 for ids, mask, _ in text.batches]
 
     def measure(self, model=None, adapters: Optional[list[str]] = None) -> dict:
@@ -180,7 +181,7 @@ class ForgettingProbe:
         active (None: every adapter off): :func:`summarize` plus per-passage ``nll_sums``/``kl_sums``/
         ``token_counts`` in file order."""
         model = self.base_model if model is None else model
-        head = rollout.output_head(model)
+        head = forwards.output_head(model)
         n = self.text.passages
         nll_sums = torch.zeros(n, dtype=torch.float64)
         kl_sums = torch.zeros(n, dtype=torch.float64)
@@ -188,14 +189,14 @@ class ForgettingProbe:
         with torch.no_grad(), _adapters(model, adapters):
             for (ids, mask, index), base_hidden in zip(self.text.batches, self.base_hidden):
                 ids, mask = ids.to(self.device), mask.to(self.device)
-                hidden = rollout.final_hidden(model, ids, mask)
+                hidden = forwards.final_hidden(model, ids, mask)
                 # position t predicts token t + 1; score where that token is real
                 scored = mask[:, 1:].bool()
                 h, hb = hidden[:, :-1][scored], base_hidden[:, :-1][scored]
                 targets = ids[:, 1:][scored]
                 passage = index.to(self.device)[scored.nonzero(as_tuple=True)[0]].cpu()
                 for s in range(0, targets.shape[0], self.chunk):
-                    with models.compute_context(model):
+                    with loading.compute_context(model):
                         logits = head(h[s:s + self.chunk])
                         base_logits = self.base_head(hb[s:s + self.chunk])
                     nll, kl = token_nll_and_kl(logits, base_logits, targets[s:s + self.chunk])

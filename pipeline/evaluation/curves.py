@@ -12,9 +12,11 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+from pipeline.evaluation.stats import mean_se
+
 CSV_COLUMNS = ("kind", "name", "step", "kl_k1_mean", "kl_k1_se", "kl_k3_mean", "sqrt_kl", "proxy_mean",
                "proxy_se", "gold_mean", "gold_se", "win_rate", "win_lo", "win_hi", "n_samples", "series",
-               # the forgetting check (pipeline/forgetting.py): empty for best-of-n and when eval.forgetting is ""
+               # the forgetting check (pipeline/evaluation/forgetting.py): empty for best-of-n and when eval.forgetting is ""
                "general_nll", "general_ppl", "general_kl_to_base")
 X_LABEL = "sqrt(KL to reference) [nats^0.5]"
 # One colour per RL series, the first as the single-run plot has always drawn PPO; orange, green and
@@ -42,23 +44,6 @@ def series_title(key: str) -> str:
     "grpo:sweep" -> "GRPO (sweep)"."""
     algorithm, _, run = key.partition(":")
     return algorithm.upper() + (f" ({run})" if run else "")
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean, ``std(ddof=1) / sqrt(n)``.
-
-    Returns ``(nan, nan)`` for no values and ``(x, nan)`` for one value (no spread to estimate).
-    """
-    xs = [float(v) for v in values]
-    n = len(xs)
-    if n == 0:
-        return math.nan, math.nan
-    mean = math.fsum(xs) / n
-    if n == 1:
-        return mean, math.nan
-    var = math.fsum((x - mean) ** 2 for x in xs) / (n - 1)
-    return mean, math.sqrt(var / n)
-
 
 
 def fit_gao(d: Sequence[float], r: Sequence[float], form: str) -> Optional[tuple[float, float]]:

@@ -9,7 +9,7 @@ from typing import Optional
 import yaml
 
 from pipeline.config import ConfigError, PipelineConfig, substitute_run_dir
-from pipeline.data import DataError, read_rows
+from pipeline.data.loaders import DataError, read_rows
 
 
 def _prompt_messages(value, source: str, row: int) -> list[dict]:
@@ -22,10 +22,10 @@ def _prompt_messages(value, source: str, row: int) -> list[dict]:
 
 def run_score(cfg: PipelineConfig, run_dir: str | Path, input_path: str, output_path: str = "-",
               rewards_yaml: Optional[str] = None, batch_size: int = 16) -> list[dict]:
-    from reward.registry import build_reward
     from tqdm.auto import tqdm
 
-    from pipeline.reward_stage import load_reward_scorer
+    from pipeline.models.reward_model import load_reward_scorer
+    from reward.registry import build_reward
 
     specs = cfg.ppo.rewards
     if rewards_yaml:

@@ -5,12 +5,13 @@ derived from the attention mask so a row's logits do not depend on how much left
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-from pipeline import models, ppo_math
+from pipeline.models import loading
+from pipeline.models.forwards import left_pad
+from pipeline.rl import ppo_math
 
 
 class PromptTooLongError(ValueError):
@@ -42,23 +43,11 @@ def fit_prompts(tokenizer, rows: list[dict], report, max_prompt_length: int, lon
                 what: str) -> tuple[list[dict], list[list[int]], "lengths.LengthReport"]:
     """Prompt rows (``{"prompt": messages}``, as loaded with ``report``) encoded and fitted to
     ``max_prompt_length`` by ``data.long_rows``: ``(kept rows, their ids, LengthReport)``."""
-    from pipeline import lengths
+    from pipeline.data import lengths
 
     kept, ids, fitted = lengths.fit_prompt_ids([prompt_ids(tokenizer, r["prompt"]) for r in rows], max_prompt_length,
                                                long_rows, what, "ppo.max_prompt_length", report.row_name)
     return [rows[i] for i in kept], ids, fitted
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, P) ids and attention mask, padded on the left."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
-    return ids, mask
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
@@ -112,7 +101,7 @@ def generate(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor
     device = next(model.parameters()).device
     # A per-call seed samples reproducibly without disturbing the caller's global RNG stream.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
-                               enabled=generator_seed is not None), models.compute_context(model):
+                               enabled=generator_seed is not None), loading.compute_context(model):
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
         out = model.generate(input_ids=query_ids.to(device), attention_mask=query_mask.to(device),
@@ -144,92 +133,3 @@ def sample_texts(model, tokenizer, prompts: Sequence[list[dict]], max_new_tokens
 def decode_responses(tokenizer, response_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     return [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip()
             for r, m in zip(response_ids, mask)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring a rollout with the model
-
-
-@dataclass
-class ForwardOut:
-    logprobs: torch.Tensor  # (B, T)
-    entropy: Optional[torch.Tensor]  # (B, T)
-    hidden: Optional[torch.Tensor]  # (B, T, H): hidden state that predicts each response token
-
-
-def _backbone_and_head(model):
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model, getattr(inner, "lm_head", None)
-
-
-def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                     response_mask: torch.Tensor, temperature: float, with_entropy: bool = False,
-                     with_hidden: bool = False) -> ForwardOut:
-    """Logprobs of the response tokens under ``model`` (logits / temperature), B x T.
-
-    The LM head runs only on the T positions that predict response tokens (position P-1+t predicts
-    response token t), which saves most of the vocabulary projection for short responses.
-    """
-    backbone, lm_head = _backbone_and_head(model)
-    input_ids = torch.cat([query_ids, response_ids], dim=1)
-    attn = torch.cat([query_mask.long(), response_mask.long()], dim=1)
-    # Padding after the stop token keeps attention 0; position ids ignore the left padding.
-    position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)
-    p, t = query_ids.shape[1], response_ids.shape[1]
-    with models.compute_context(model):
-        hidden = backbone(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
-                          use_cache=False).last_hidden_state
-        h = hidden[:, p - 1:p - 1 + t]
-        if lm_head.bias is None:
-            # lm_head(h) / T == lm_head(h / T): divide the (B, T, H) input, not the (B, T, vocab) logits.
-            logits = lm_head(h / temperature)
-        else:
-            logits = lm_head(h) / temperature
-    # bf16/fp16 logits go to ppo_math as they are: it upcasts one row at a time for the log-softmax
-    # (float32 accuracy without a (B, T, vocab) float32 copy: 50 MB per copy at batch 8 on the
-    # embedded model, and on CPU every such fresh allocation is page-faulted in).
-    logprobs = ppo_math.logprobs_from_logits(logits, response_ids)
-    entropy = None
-    if with_entropy:
-        # A logged statistic, not part of the loss: no autograd graph over the vocabulary.
-        with torch.no_grad():
-            entropy = ppo_math.entropy_from_logits(logits)
-    return ForwardOut(logprobs=logprobs, entropy=entropy, hidden=h if with_hidden else None)
-
-
-def mean_pool(hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden`` (B, T, H) over the positions where ``pool_mask`` (B, T) is 1, in float32: (B, H).
-
-    A row with no pooled position gives zeros. Rows ((1, 2), (3, 4), (5, 6)) with mask (1, 0, 1):
-    ((1 + 5) / 2, (2 + 6) / 2) = (3, 4)."""
-    m = pool_mask.to(torch.float32).unsqueeze(-1)
-    return (hidden.float() * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
-
-
-def response_pooled_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           response_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states averaged over each row's response tokens (``response_mask``), (B, H) float32:
-    what the reward model's score head reads. Rows are left-padded; position ids come from the mask."""
-    return mean_pool(final_hidden(model, input_ids, attention_mask), response_mask)
-
-
-def last_hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   index: torch.Tensor) -> torch.Tensor:
-    """Final hidden state at ``index`` (B,) of each row: what a score head reads. (B, H)."""
-    hidden = final_hidden(model, input_ids, attention_mask)
-    return hidden[torch.arange(hidden.shape[0]), index]
-
-
-def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The backbone's final hidden states (B, T, H), without the LM head, in the model's compute
-    precision. Rows may be left- or right-padded: position ids count the real tokens of each row."""
-    backbone, _ = _backbone_and_head(model)
-    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    with models.compute_context(model):
-        return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        use_cache=False).last_hidden_state
-
-
-def output_head(model) -> torch.nn.Module:
-    """The LM head (vocabulary projection) of a causal LM, plain or wrapped in peft."""
-    return _backbone_and_head(model)[1]

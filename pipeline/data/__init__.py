@@ -1,0 +1,2 @@
+"""Data: reading rows from files and the hub, conversation formats, token-length fitting, and the
+generator of the shipped data/ folder."""

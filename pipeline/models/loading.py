@@ -1,0 +1,377 @@
+"""Loading a base model: device and compute dtype, NF4 quantisation, the bitsandbytes CPU guard,
+the tokenizer, LoRA configs.
+
+Every model the pipeline touches is loaded through :func:`load_base`, which guards against the
+bitsandbytes CPU trap (see :func:`guard_bnb_cpu`) before any forward pass can happen. Names resolve to
+folders in :mod:`pipeline.models.embedded`; adapters on the loaded base live in
+:mod:`pipeline.models.stacking`.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from pipeline.artifacts.hashing import tokenizer_hash, weights_hash
+from pipeline.config import LoraConfigSection, ModelConfig
+from pipeline.models.embedded import resolve_model_path
+
+
+@dataclass
+class BaseInfo:
+    """Identity of a base model, recorded in every manifest."""
+
+    name: str
+    path: str
+    weights_sha256: str
+    tokenizer_sha256: str
+    quantization: dict
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AMX or AVX512-BF16).
+
+    There bf16 matmuls ran 3-6x faster than float32 at the embedded model's shapes (1.1-2.0 vs
+    0.23-0.33 TFLOP/s measured on 2 cores) and PPO steps 1.8x faster in 0.6x the memory. Without
+    them torch emulates bf16 and it is slower than float32.
+    """
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:
+        return any(check() for check in checks if check is not None)
+    except RuntimeError:
+        return False
+
+
+def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """"auto": bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16 (:func:`cpu_has_fast_bf16`), float32
+    elsewhere; otherwise the named dtype."""
+    if cfg.compute_dtype == "auto":
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, cfg.compute_dtype)
+
+
+def describe_precision(cfg: ModelConfig, device: torch.device) -> str:
+    """One log line saying which compute dtype a stage uses and why."""
+    dtype = str(compute_dtype(cfg, device)).replace("torch.", "")
+    if cfg.compute_dtype != "auto":
+        return f"compute dtype {dtype} (model.compute_dtype={cfg.compute_dtype})"
+    if device.type == "cuda":
+        return f"compute dtype {dtype} (auto: CUDA)"
+    if dtype == "bfloat16":
+        return f"compute dtype {dtype} (auto: this CPU has AMX/AVX512-BF16)"
+    return (f"compute dtype {dtype} (auto: this CPU has no AMX/AVX512-BF16, where bf16 would be emulated and "
+            "slower; set model.compute_dtype=bfloat16 to force it)")
+
+
+def attn_implementation(cfg: ModelConfig, device: torch.device) -> Optional[str]:
+    """"auto": eager attention on CPU, the transformers default (sdpa) elsewhere.
+
+    On CPU, torch's fused attention backward is the single largest op of a PPO forward+backward
+    over short sequences (9 ms per layer for 8 x 72 tokens on the embedded model); the eager
+    softmax(QK^T)V path made the backward 1.3x faster there (measured, see README)."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    return "eager" if device.type == "cpu" else None
+
+
+def quantization_info(cfg: ModelConfig, device: torch.device) -> dict:
+    if not cfg.load_in_4bit:
+        return {"load_in_4bit": False, "dtype": str(compute_dtype(cfg, device)).replace("torch.", "")}
+    return {"load_in_4bit": True, "quant_type": cfg.quant_type, "double_quant": cfg.double_quant,
+            "compute_dtype": str(compute_dtype(cfg, device)).replace("torch.", "")}
+
+
+def release_free_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``); a no-op elsewhere.
+
+    A 4-bit forward/backward allocates many short-lived multi-MB tensors; glibc keeps the freed
+    pages, and the process's RSS climbed by up to ~1 GB per PPO forward+backward on the embedded
+    model. Trimming once per PPO step keeps the peak flat. (Forcing every large allocation through
+    mmap instead, ``mallopt(M_MMAP_THRESHOLD, 128 KiB)``, also kept RSS flat but made generation
+    2.3x and forward/backward 2x slower: page faults on every fresh allocation.)
+    """
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _detach_from_file(model: torch.nn.Module) -> None:
+    """Copy CPU parameters that still view the memory-mapped weights file into process memory.
+
+    transformers maps safetensors files and keeps unquantized tensors (embeddings, norms) as views of
+    the mapping, which keeps the whole file's touched pages resident: on the embedded model 405 MB of
+    RSS for 160 MB of parameters. One copy lets the mapping go (measured 915 -> 620 MB after load)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.device.type == "cpu" and p.__class__.__name__ != "Params4bit":
+                p.data = p.data.clone()
+    release_free_memory()
+
+
+def _contiguous_input(module, args):
+    return (args[0].contiguous(),) + tuple(args[1:])
+
+
+def _contiguous_head_input(model: torch.nn.Module) -> None:
+    """Make the LM head's input contiguous before its matmul.
+
+    ``generate`` slices the last position of the prefill (a non-contiguous (B, 1, H) view); a linear
+    layer on such a view goes through a batched matmul that first materialises the (B, H, vocab)
+    expanded weight: 226M floats, 0.8 s and ~0.9 GB per rollout on the embedded model. A contiguous
+    input takes the plain (B, H) x (H, vocab) path."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Module):
+        head.register_forward_pre_hook(_contiguous_input)
+
+
+@contextlib.contextmanager
+def compute_context(model: torch.nn.Module) -> Iterator[None]:
+    """Mixed precision for a forward pass when the model computes in bf16/fp16.
+
+    The compute dtype is the embeddings' dtype (load_base stores unquantized parameters in it).
+    Under autocast the LoRA matmuls run in that dtype too while LoRA weights stay float32 masters
+    for the optimizer (the usual QLoRA recipe). peft's own cast of each adapter's input to the
+    adapter's dtype is switched off meanwhile: it would copy every activation to fp32 and autocast
+    would copy it back (1,100 copies per forward+backward on the embedded model). A float32 model
+    runs unchanged."""
+    emb = model.get_input_embeddings()
+    dtype = emb.weight.dtype if emb is not None else torch.float32
+    if dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [m.cast_input_dtype_enabled for m in layers]
+    try:
+        for m in layers:
+            m.cast_input_dtype_enabled = False
+        with torch.autocast(emb.weight.device.type, dtype=dtype):
+            yield
+    finally:
+        for m, flag in zip(layers, saved):
+            m.cast_input_dtype_enabled = flag
+
+
+def guard_bnb_cpu(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking NF4 weights for its bf16 CPU kernel. Returns layers guarded.
+
+    bitsandbytes 0.50.2 (``Linear4bit.forward``) repacks a weight the first time it sees an
+    eval-mode, no-grad CPU input on an AVX512-BF16 machine, and the repack is permanent: later
+    forwards (training included) run in bf16 and no gradient reaches earlier layers. One generate
+    call would silently break training, reference logits and adapter fusion (DESIGN.md section 8).
+    Raises if a layer was already repacked, since then it is too late to guard.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                raise RuntimeError(f"{name}: NF4 weight already repacked for the bf16 CPU kernel; "
+                                   "guard_bnb_cpu must run before any forward pass")
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def assert_bnb_guarded(model: torch.nn.Module) -> None:
+    """Raise if any 4-bit layer could still repack (or already did)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = getattr(module.weight, "quant_state", None)
+            if module.support_avx512bf16_for_cpu or getattr(state, "packing_format_for_cpu", False):
+                raise RuntimeError(f"{name}: 4-bit layer is not guarded against the bf16 CPU repack")
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(cfg: ModelConfig, kind: str = "causal", device: Optional[torch.device] = None,
+              num_labels: int = 1):
+    """Load the base model (NF4 4-bit by default), guarded, with its tokenizer and identity.
+
+    ``kind`` is "causal" (AutoModelForCausalLM) or "seqcls" (AutoModelForSequenceClassification with
+    ``num_labels`` outputs). Returns ``(model, tokenizer, BaseInfo)``.
+    """
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        BitsAndBytesConfig,
+    )
+
+    device = device or resolve_device(cfg.device)
+    path = resolve_model_path(cfg.name, cfg.cache_dir)
+    dtype = compute_dtype(cfg, device)
+    kwargs: dict = {"dtype": dtype}
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type, bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": device}
+    attn = attn_implementation(cfg, device)
+    if attn:
+        kwargs["attn_implementation"] = attn
+    print(f"[model] {cfg.name}: {describe_precision(cfg, device)}", flush=True)
+    tok = load_tokenizer(path)
+    if kind == "causal":
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    elif kind == "seqcls":
+        # transformers' load report lists the score head as MISSING: it is new by design. Only other
+        # missing weights are worth a line.
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, output_loading_info=True, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        missing = [k for k in info.get("missing_keys", ()) if not k.startswith("score.")]
+        if missing:
+            print(f"[model] warning: {len(missing)} weights missing from {path} start random: "
+                  f"{', '.join(sorted(missing)[:5])}", flush=True)
+        model.config.pad_token_id = tok.pad_token_id
+    else:
+        raise ValueError(f"unknown model kind '{kind}' (causal, seqcls)")
+    guard_bnb_cpu(model)
+    if not cfg.load_in_4bit:
+        model.to(device)
+    _detach_from_file(model)
+    _contiguous_head_input(model)
+    model.config.use_cache = False
+    info = BaseInfo(name=cfg.name, path=path, weights_sha256=weights_hash(path),
+                    tokenizer_sha256=tokenizer_hash(tok), quantization=quantization_info(cfg, device))
+    return model, tok, info
+
+
+def lora_config(section: LoraConfigSection, task_type: str = "CAUSAL_LM", model=None, **extra):
+    """peft LoraConfig for a config section; ``model`` (its config's num_hidden_layers) is needed when
+    ``section.top_layers`` limits the adapter to the top layers."""
+    from peft import LoraConfig
+
+    targets = section.target_modules
+    if section.top_layers:
+        n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        if n is None:
+            raise ValueError("lora.top_layers needs the model (its config.num_hidden_layers)")
+        extra["layers_to_transform"] = list(range(max(n - section.top_layers, 0), n))
+        if targets == "all-linear":  # peft takes layers_to_transform only with explicit module names
+            targets = _decoder_linear_names(model)
+    return LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout, bias=section.bias,
+                      target_modules=targets, task_type=task_type, **extra)
+
+
+def _decoder_linear_names(model: torch.nn.Module) -> list[str]:
+    """Names of the linear modules inside the decoder layers (``layers.<i>.``), e.g. q_proj ... down_proj:
+    what peft's "all-linear" selects there."""
+    import re
+
+    linear = (torch.nn.Linear,)
+    try:
+        import bitsandbytes as bnb
+
+        linear += (bnb.nn.Linear4bit,)
+    except ImportError:
+        pass
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+             if isinstance(m, linear) and re.search(r"(^|\.)layers\.\d+\.", name)}
+    if not names:
+        raise ValueError("lora.top_layers: found no linear modules inside numbered decoder layers")
+    return sorted(names)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total); 4-bit parameters count as their logical element count."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored uint8
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def dense_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """A new float32 tensor holding a linear layer's weight (callers add to it in place); 4-bit
+    weights dequantized exactly as bitsandbytes does."""
+    weight = layer.weight
+    if weight.__class__.__name__ == "Params4bit":
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(weight.data, weight.quant_state).to(torch.float32, copy=True)
+    return weight.detach().to(torch.float32, copy=True)
+
+
+def load_dequantized_base(cfg: ModelConfig):
+    """The NF4 base as the adapters saw it, dequantized into a plain float32 model.
+
+    Adapters are trained against the 4-bit weights, so a merged release model must start from their
+    dequantized values, not from the original float weights (on the embedded model the two differ by
+    up to ~15 in the logits of the trained policy). Returns ``(model, tokenizer, BaseInfo)``.
+    """
+    import dataclasses
+
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    nf4_cfg = dataclasses.replace(cfg, load_in_4bit=True, compute_dtype="float32", device="cpu")
+    nf4, tok, info = load_base(nf4_cfg)
+    state = {}
+    for name, module in nf4.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state[f"{name}.weight"] = dense_weight(module)
+            if module.bias is not None:
+                state[f"{name}.bias"] = module.bias.detach().float()
+    for name, p in nf4.named_parameters():
+        if name not in state and p.dtype.is_floating_point:
+            state[name] = p.detach().float()
+    config = nf4.config
+    config.__dict__.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"dequantized state does not fit the model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    if config.tie_word_embeddings:
+        plain.tie_weights()
+    del nf4
+    plain.config.use_cache = False
+    return plain, tok, info

@@ -1,0 +1,191 @@
+"""A trained reward model (LoRA adapter + linear score head on the base) as a scorer any stage can use:
+encoding a conversation and its response, pooling the final hidden states, scoring on its own base or
+attached as one more adapter to an already loaded policy base, and the pairwise loss it is trained with.
+
+The head reads the final hidden states **averaged over the response tokens** (``reward.pooling:
+mean``); reward models from before mean pooling (last-token, recorded in their manifest) still load and
+score as they were trained.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from pipeline.artifacts.outputs import ArtifactError, is_complete, read_manifest
+from pipeline.config import LoraConfigSection, ModelConfig
+from pipeline.models import loading, stacking
+from pipeline.models.forwards import last_hidden_at, left_pad, response_pooled_hidden
+
+REWARD_ADAPTER = "reward"
+
+
+POOLINGS = ("mean", "last")
+
+
+def encode_conversation(tokenizer, conv: list[dict], response: str,
+                        max_length: Optional[int]) -> tuple[list[int], int, bool]:
+    """Token ids of ``conv`` + the assistant ``response`` (chat template), the index where the response
+    starts, and whether the row was cut: a row over ``max_length`` tokens (None: no limit) loses tokens
+    from the left (the start of the prompt), so the response and the prompt's end are kept."""
+    full = tokenizer.apply_chat_template(conv + [{"role": "assistant", "content": response}], tokenize=True,
+                                         return_dict=False)
+    prompt = tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=False)
+    full = list(full["input_ids"] if hasattr(full, "keys") else full)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    start = len(prompt) if full[:len(prompt)] == prompt else len(full) - 1
+    cut = max(len(full) - max_length, 0) if max_length is not None else 0
+    return full[cut:], max(start - cut, 0), cut > 0
+
+
+def pooled_features(model, encoded: Sequence[tuple[list[int], int]], pad_id: int, pooling: str) -> torch.Tensor:
+    """(B, H) float32 features the score head reads for left-padded rows ``(ids, response_start)``."""
+    ids, mask = left_pad([e[0] for e in encoded], pad_id)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    if pooling == "last":
+        last = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=device)
+        return last_hidden_at(model, ids, mask, last).float()
+    width = ids.shape[1]
+    pos = torch.arange(width, device=device).unsqueeze(0)
+    starts = torch.tensor([width - len(i) + s for i, s in encoded], device=device).unsqueeze(1)
+    return response_pooled_hidden(model, ids, mask, (pos >= starts) & mask.bool())
+
+
+class RewardModelScorer:
+    """A reward plugin (prompts, responses -> scores) backed by a LoRA reward adapter + linear head.
+
+    The conversation is rendered with the chat template exactly as in training; the head reads the
+    final hidden states pooled as the model was trained (``pooling``: mean over the response tokens,
+    or the last token for reward models trained with trl's RewardTrainer).
+    """
+
+    def __init__(self, model, tokenizer, head_weight: torch.Tensor, head_bias: Optional[torch.Tensor] = None,
+                 adapter: str = REWARD_ADAPTER, batch_size: int = 16, max_length: int = 1024, pooling: str = "mean"):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        device = next(model.parameters()).device
+        self.head_weight = head_weight.detach().to(device, torch.float32).reshape(1, -1)
+        self.head_bias = None if head_bias is None else head_bias.detach().to(device, torch.float32)
+        self.adapter = adapter
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.pooling = pooling
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str],
+               prompt_messages: Optional[Sequence[list[dict]]] = None) -> list[tuple[list[int], int]]:
+        out = []
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            conv = list(prompt_messages[i]) if prompt_messages is not None else [{"role": "user", "content": p}]
+            ids, start, _ = encode_conversation(self.tokenizer, conv, r, self.max_length)
+            out.append((ids, start))
+        return out
+
+    @torch.no_grad()
+    def score_ids(self, seqs: list[tuple[list[int], int]], progress: Optional[str] = None) -> torch.Tensor:
+        """Scores of encoded rows, in their order. Batches are formed in order of length, so that a batch
+        is not padded to one long row (each row's score does not depend on its padding); ``progress``
+        names a progress bar."""
+        from tqdm.auto import tqdm
+
+        was_training = self.model.training
+        self.model.eval()
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+        scores = torch.empty(len(seqs))
+        try:
+            with stacking.active_adapters(self.model, [self.adapter]):
+                for s in tqdm(range(0, len(seqs), self.batch_size), desc=progress, unit="batch",
+                              disable=progress is None):
+                    idx = order[s:s + self.batch_size]
+                    h = pooled_features(self.model, [seqs[i] for i in idx], self.tokenizer.pad_token_id, self.pooling)
+                    v = h @ self.head_weight.T
+                    if self.head_bias is not None:
+                        v = v + self.head_bias
+                    scores[idx] = v.squeeze(-1).float().cpu()
+        finally:
+            self.model.train(was_training)
+        return scores
+
+    def __call__(self, prompts, responses, prompt_messages=None, **info) -> list[float]:
+        return self.score_ids(self.encode(prompts, responses, prompt_messages)).tolist()
+
+
+def _head_from_state(state: dict[str, torch.Tensor], where: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    weight = next((v for k, v in state.items() if k.endswith("score.weight")), None)
+    if weight is None:
+        raise ArtifactError(f"{where}: no score head (score.weight) in the reward adapter")
+    bias = next((v for k, v in state.items() if k.endswith("score.bias")), None)
+    return weight, bias
+
+
+def load_reward_scorer(path: str | Path, host=None, batch_size: int = 16) -> RewardModelScorer:
+    """Serve a trained reward model (a RUN/reward folder, or a run folder containing reward/).
+
+    ``host`` is ``(peft_model, tokenizer, base_info)`` of an already loaded model: when the reward
+    model was trained on the same base (weights and tokenizer hashes), its adapter attaches to that
+    model and no second base is loaded. Otherwise it loads its own base as its manifest describes.
+    """
+    from peft import PeftModel
+
+    path = Path(path)
+    if not is_complete(path) and is_complete(path / "reward"):
+        path = path / "reward"
+    manifest = read_manifest(path)
+    if manifest.get("stage") != "reward":
+        raise ArtifactError(f"{path} is a '{manifest.get('stage')}' output, not a reward model")
+    if host is not None:
+        model, tok, base = host
+        trained_in = manifest["base"].get("quantization", {}).get("compute_dtype")
+        used_in = base.quantization.get("compute_dtype")
+        if trained_in and used_in and trained_in != used_in:
+            # Measured: an fp32-trained reward model read bf16 hidden states with a ~0.12 offset.
+            print(f"[reward] note: {path} was trained in {trained_in} and now scores in {used_in}; its scores "
+                  "shift with the precision. Train the reward model in the precision PPO uses.", flush=True)
+        if (manifest["base"].get("weights_sha256") == base.weights_sha256
+                and manifest["base"].get("tokenizer_sha256") == base.tokenizer_sha256
+                and isinstance(model, PeftModel)):
+            if REWARD_ADAPTER not in model.peft_config:
+                state = stacking.attach_adapter(model, path, REWARD_ADAPTER)
+                model._rlhf_reward_head = _head_from_state(state, str(path))
+            return RewardModelScorer(model, tok, *model._rlhf_reward_head, batch_size=batch_size,
+                                     max_length=_max_length(manifest), pooling=_pooling(manifest))
+    mcfg = ModelConfig(**manifest["config"]["model"])
+    base_model, tok, _ = loading.load_base(mcfg)
+    from peft import get_peft_model
+
+    # A placeholder adapter makes this a PeftModel; the reward adapter then attaches by name.
+    peft_model = get_peft_model(base_model, loading.lora_config(
+        LoraConfigSection(r=1, target_modules=["q_proj"])), adapter_name="unused")
+    state = stacking.attach_adapter(peft_model, path, REWARD_ADAPTER)
+    with warnings.catch_warnings():  # peft notes that the deleted placeholder was the active adapter
+        warnings.simplefilter("ignore", UserWarning)
+        peft_model.delete_adapter("unused")
+    return RewardModelScorer(peft_model, tok, *_head_from_state(state, str(path)), batch_size=batch_size,
+                             max_length=_max_length(manifest), pooling=_pooling(manifest))
+
+
+def _max_length(manifest: dict) -> int:
+    """The token limit the reward model was trained with: it scores under the same left-cut rule."""
+    return int(manifest.get("config", {}).get("reward", {}).get("max_length", 1024))
+
+
+def _pooling(manifest: dict) -> str:
+    """How the saved reward model pools hidden states; "last" for models from before mean pooling."""
+    pooling = manifest.get("pooling", "last")
+    if pooling not in POOLINGS:
+        raise ArtifactError(f"reward model pooling {pooling!r} is not one of {POOLINGS}")
+    return pooling
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, center: float = 0.0) -> torch.Tensor:
+    """Bradley-Terry loss -log sigmoid(r_c - r_r), mean over pairs (Ouyang et al. 2022, eq. 1), plus
+    ``center`` * mean((r_c + r_r)^2) to keep rewards near 0 (Eisenstein et al. 2023; trl's
+    center_rewards_coefficient). Margins (2, 0): (-log sigmoid(2) - log sigmoid(0)) / 2 = (0.1269 + 0.6931) / 2."""
+    loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+    if center:
+        loss = loss + center * ((chosen + rejected) ** 2).mean()
+    return loss
