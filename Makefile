@@ -71,7 +71,10 @@ bench-reward-memory: install
 forgetting-demo: install
 	$(BIN)/python benchmarks/forgetting_demo.py --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
+# The layers (CLI -> stages -> parts, reward/ apart, pure math) are import-linter contracts in
+# pyproject.toml: a change that breaks one fails here before any test runs.
 test: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 # Kill each stage with SIGKILL at several points, resume, compare with an uninterrupted run (also in `test`).
