@@ -35,7 +35,7 @@ def _user_errors():
     from pipeline.artifacts.outputs import ArtifactError
     from pipeline.data.loaders import DataError
     from pipeline.rl.rollout import PromptTooLongError
-    from pipeline.stages.ppo import PPOError
+    from pipeline.rl.ppo_state import PPOError
 
     errors = [ConfigError, ArtifactError, DataError, PromptTooLongError, PPOError, FileNotFoundError]
     try:
