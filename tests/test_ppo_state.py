@@ -1,6 +1,7 @@
 """The PPO run's state (pipeline/rl/ppo_state.py): data position, checkpoint and resume, RNG streams and
 putting a failed step back, on a policy built as run_ppo builds it (tiny NF4 model, float32)."""
 import random
+
 import pytest
 import torch
 
@@ -10,8 +11,15 @@ from pipeline.config import LoraConfigSection
 from pipeline.models import loading, stacking
 from pipeline.rl import ppo_math
 from pipeline.rl.policy_value import POLICY, PolicyValue
-from pipeline.rl.ppo_state import (PPOError, Position, RunState, StepFailed, check_resumable, next_prompts,
-                                   prompt_order)
+from pipeline.rl.ppo_state import (
+    Position,
+    PPOError,
+    RunState,
+    StepFailed,
+    check_resumable,
+    next_prompts,
+    prompt_order,
+)
 
 
 class _OneProcess:
