@@ -42,6 +42,7 @@ every model is scored on the same scale; without saved statistics the raw score 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -340,18 +341,15 @@ def _fused_specs(peft_model, fused: list[tuple[Path, dict]], base, sft: Optional
                   flush=True)
         method = manifest.get("method", "fused")
         owner = "fused" if len(fused) == 1 else owners[j]
-
-        def label(what: str, owner: str = owner) -> str:
-            return f"{owner}:{what}"
-
         if method == "learned":
             gates, slots = gating.attach(peft_model, folder, prefix=f"fused{j}_")
-            specs.append(ModelSpec("fused", label("learned"), slots, series="fused",
-                                   gated=lambda g=gates, sl=slots: gating.gated(peft_model, g, sl)))
-            consumed[label("learned")] = {"path": str(folder), "sha256": hashing.sha256_file(folder / gating.GATE_FILE)}
+            specs.append(ModelSpec("fused", f"{owner}:learned", slots, series="fused",
+                                   gated=functools.partial(gating.gated, peft_model, gates, slots)))
+            consumed[f"{owner}:learned"] = {"path": str(folder),
+                                            "sha256": hashing.sha256_file(folder / gating.GATE_FILE)}
         slot = f"fused{j}"
         peft_model.load_adapter(str(folder / "adapter"), adapter_name=slot, is_trainable=False)
-        name = label("mean-gate" if method == "learned" else method)
+        name = f"{owner}:{'mean-gate' if method == 'learned' else method}"
         specs.append(ModelSpec("fused", name, [slot], series="fused"))
         consumed[name] = {"path": str(folder / "adapter"),
                           "sha256": hashing.sha256_file(folder / "adapter" / "adapter_model.safetensors")}
@@ -361,16 +359,19 @@ def _fused_specs(peft_model, fused: list[tuple[Path, dict]], base, sft: Optional
     return specs, consumed
 
 
+def _describe_sft(entry: Optional[dict]) -> str:
+    """A manifest's SFT adapter entry ({"path", "sha256"}) for a message."""
+    return f"{entry['path']} (sha256 {str(entry.get('sha256'))[:12]})" if entry else "no SFT adapter"
+
+
 def _check_same_start(s: Series, base, sft: Optional[dict], adapters: dict) -> None:
     """Refuse a series trained on another base, or from another SFT adapter than this eval's (by hash)."""
     check_same_base(s.manifest, base, f"{s.source}: PPO output {s.ppo_dir}")
     theirs = s.manifest.get("adapters", {}).get(SFT)
     if (theirs or {}).get("sha256") != (sft or {}).get("sha256"):
-        def describe(a: Optional[dict]) -> str:
-            return f"{a['path']} (sha256 {str(a.get('sha256'))[:12]})" if a else "no SFT adapter"
-
-        raise ArtifactError(f"{s.source}: the run in {s.ppo_dir} started from {describe(theirs)}, this eval from "
-                            f"{describe(sft)} (ppo.sft_adapter): the runs on one plot must share the SFT model")
+        raise ArtifactError(f"{s.source}: the run in {s.ppo_dir} started from {_describe_sft(theirs)}, this eval "
+                            f"from {_describe_sft(sft)} (ppo.sft_adapter): the runs on one plot must share the SFT "
+                            "model")
     missing = [a for a in s.manifest.get("stacked_on", list(adapters)) if a not in adapters]
     if missing:
         raise ArtifactError(f"{s.source}: the policy in {s.ppo_dir} is stacked on {missing}, which this config "
