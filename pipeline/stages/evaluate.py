@@ -26,6 +26,7 @@ temperature (through :func:`pipeline.rl.rollout.generate`, top_k=0, top_p=1) and
 Best-of-n baseline: ``max(eval.best_of_n)`` responses per prompt are sampled once from the SFT model;
 for each n they are split into disjoint groups of n, the proxy picks the best of each group, and
 the pick is scored by proxy and gold. Its KL to the SFT model is the analytic ``log n - (n-1)/n``.
+The picking and its points are :mod:`pipeline.evaluation.bestofn`.
 
 Forgetting check (``eval.forgetting``, :mod:`pipeline.evaluation.forgetting`): every model's token loss, perplexity
 and per-token KL(model || base) over the full vocabulary on general text no stage trained on, one
@@ -42,8 +43,8 @@ every model is scored on the same scale; without saved statistics the raw score 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import math
 import os
 import re
 import sys
@@ -68,7 +69,7 @@ from pipeline.artifacts.outputs import (
 )
 from pipeline.config import ConfigError, PipelineConfig, substitute_run_dir
 from pipeline.data import loaders
-from pipeline.evaluation import forgetting
+from pipeline.evaluation import bestofn, forgetting
 from pipeline.evaluation.curves import (
     best_gold,
     curve_fits,
@@ -82,7 +83,7 @@ from pipeline.evaluation.curves import (
     summary_text,
     write_csv,
 )
-from pipeline.evaluation.stats import bon_kl, mean_se, sequence_kl, win_rate
+from pipeline.evaluation.stats import mean_se, sequence_kl, win_rate
 from pipeline.fusion import gating
 from pipeline.models import forwards, loading, stacking
 from pipeline.rl import rollout
@@ -92,10 +93,6 @@ __all__ = ["run_eval"]
 SFT, POLICY = "sft", "policy"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _SAMPLES_TO_SAVE = 4  # responses per model in samples.jsonl (sample 0 of the first prompts)
-
-
-# ---------------------------------------------------------------------------------------------
-# Small pure helpers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +145,83 @@ class Samples:
     gold: list[float] = field(default_factory=list)
 
 
+@dataclass
+class Stack:
+    """The one NF4 base in memory with every adapter this eval reads (step 3)."""
+
+    base_model: object  # the quantised base model under peft_model
+    peft_model: object
+    tok: object
+    base: loading.BaseInfo  # checked against every artifact's manifest
+    adapters: dict[str, Path]  # the stacked adapters by slot: SFT when there is one
+    consumed: dict[str, dict]  # the adapters read so far, {"path", "sha256"} each, for the manifest
+    reference: Optional[list[str]]  # the KL reference's adapters (ppo.reference; None: the base)
+    start: Optional[list[str]]  # the model PPO started from: win rates and best-of-n
+
+    @property
+    def has_sft(self) -> bool:
+        return SFT in self.adapters
+
+
+@dataclass
+class Rewards:
+    """The proxy (``ppo.rewards``, what PPO optimised) and the gold (``eval.gold``), normalisers frozen."""
+
+    proxy: Callable
+    gold: Callable
+
+
+@dataclass
+class SamplingPlan:
+    """What every model is sampled on and how: the same prompts, temperature and budget for all."""
+
+    encoded: list[list[int]]  # the fitted eval prompts' token ids
+    k: int  # eval.samples_per_prompt
+    temperature: float
+    max_new_tokens: int
+    stop_ids: list[int]
+    batch_size: int
+    merged: bool  # sample from dense merged weights (ppo.rollout_weights)
+
+
+@dataclass
+class ForgettingRun:
+    """The forgetting check (``eval.forgetting``): its probe (None: not asked for), each model's result by
+    name and the seconds spent on it, probe set-up included."""
+
+    probe: Optional[forgetting.ForgettingProbe] = None
+    models: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def measure(self, spec: ModelSpec) -> None:
+        """Record ``spec``'s loss, perplexity and KL to the base on the general text (no-op without a probe)."""
+        if self.probe is None:
+            return
+        t0 = time.time()
+        with (spec.gated or contextlib.nullcontext)():
+            self.models[spec.name] = self.probe.measure(adapters=spec.adapters)
+        self.seconds += time.time() - t0
+
+
+@dataclass
+class Evaluation:
+    """Everything steps 1-7 measured that the outputs (step 8) are made of."""
+
+    run_dir: Path
+    prompts: list[dict]  # the eval prompts kept after fitting
+    report: loaders.LoadReport
+    prompt_lengths: object  # pipeline.data.lengths.LengthReport of the kept prompts
+    series: list[Series]
+    specs: list[ModelSpec]  # every sampled model, in evaluation order
+    results: dict[str, Samples]  # by model name
+    points: list[dict]  # the curves' rows: one per model, then best-of-n
+    bon_rows: list[dict]  # best-of-n's rows of samples.jsonl
+    duplicates: dict[str, str]  # fuse output folder -> the checkpoint it reproduces exactly (not sampled)
+    forgetting: ForgettingRun
+    consumed: dict[str, dict]  # every adapter read, for the manifest
+    comparator: str  # the model win rates are taken against: "SFT" or "base"
+
+
 class _FrozenNormalizer:
     """Normalise with fixed statistics (no update), so scores do not depend on evaluation order."""
 
@@ -183,13 +257,12 @@ def _seed(base_seed: int, name: str) -> int:
     return (base_seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 31 - 1_000_000)
 
 
-def _sample(peft_model, tok, encoded: list[list[int]], k: int, adapters: Optional[list[str]],
-            reference: Optional[list[str]], temperature: float, max_new_tokens: int, stop_ids: list[int],
-            batch_size: int, seed: int, desc: str, with_kl: bool = True, merged: bool = False,
-            gated: Optional[Callable] = None) -> Samples:
-    """``k`` responses per prompt under ``adapters``, with per-sequence KL to ``reference``.
+def _sample(stack: Stack, plan: SamplingPlan, adapters: Optional[list[str]], k: int, seed: int, desc: str,
+            with_kl: bool = True, gated: Optional[Callable] = None) -> Samples:
+    """``k`` responses per prompt of ``plan.encoded`` under ``adapters``, batch b drawn with seed ``seed + b``,
+    with per-sequence KL to ``stack.reference`` unless ``with_kl`` is False.
 
-    With ``merged`` the responses are sampled from dense weights with the adapters merged in (as PPO's
+    With ``plan.merged`` the responses are sampled from dense weights with the adapters merged in (as PPO's
     rollouts are, ``ppo.rollout_weights``; 2x faster on CPU); the KL is always computed through the
     adapters themselves, so it is the KL of the model as trained. ``gated`` (a learned fusion's
     context factory, pipeline/fusion/gating.py) wraps the model's sampling and logprobs, never the reference's;
@@ -197,18 +270,21 @@ def _sample(peft_model, tok, encoded: list[list[int]], k: int, adapters: Optiona
     """
     from tqdm.auto import tqdm
 
+    peft_model, tok, reference = stack.peft_model, stack.tok, stack.reference
+    encoded, batch_size, temperature = plan.encoded, plan.batch_size, plan.temperature
     device = next(peft_model.parameters()).device
     rows = [(i, j) for i in range(len(encoded)) for j in range(k)]
     out = Samples()
     batches = []
-    weights = stacking.merged_linear_weights if merged and gated is None else lambda model: contextlib.nullcontext()
+    merged = plan.merged and gated is None
+    weights = stacking.merged_linear_weights if merged else lambda model: contextlib.nullcontext()
     gated = gated or contextlib.nullcontext
     with stacking.active_adapters(peft_model, adapters), gated(), weights(peft_model):
         for b, s in enumerate(tqdm(range(0, len(rows), batch_size), desc=desc, leave=False)):
             chunk = rows[s:s + batch_size]
             query, query_mask = forwards.left_pad([encoded[i] for i, _ in chunk], tok.pad_token_id)
-            response, mask, ended = rollout.generate(peft_model, tok, query, query_mask, max_new_tokens,
-                                                     temperature, stop_ids, generator_seed=seed + b)
+            response, mask, ended = rollout.generate(peft_model, tok, query, query_mask, plan.max_new_tokens,
+                                                     temperature, plan.stop_ids, generator_seed=seed + b)
             batches.append((chunk, query, query_mask, response, mask, ended))
     for chunk, query, query_mask, response, mask, ended in batches:
         if with_kl:
@@ -228,18 +304,19 @@ def _sample(peft_model, tok, encoded: list[list[int]], k: int, adapters: Optiona
     return out
 
 
-def _score(samples: Samples, prompts: list[dict], tok, proxy_fn, gold_fn, batch_size: int) -> None:
+def _score(samples: Samples, prompts: list[dict], tok, rewards: Rewards, batch_size: int) -> None:
+    """Fill ``samples.proxy`` (and its components) and ``samples.gold``, ``batch_size`` responses a call."""
     for s in range(0, len(samples.texts), batch_size):
         idx = samples.prompt_index[s:s + batch_size]
         msgs = [prompts[i]["prompt"] for i in idx]
         texts = samples.texts[s:s + batch_size]
         info = dict(prompt_messages=msgs, response_ids=samples.response_ids[s:s + batch_size], tokenizer=tok)
         last_user = [m[-1]["content"] for m in msgs]
-        proxy = proxy_fn(last_user, texts, **info)
+        proxy = rewards.proxy(last_user, texts, **info)
         samples.proxy.extend(proxy.total)
         for name, values in proxy.components.items():
             samples.proxy_components.setdefault(name, []).extend(values)
-        samples.gold.extend(gold_fn(last_user, texts, **info).total)
+        samples.gold.extend(rewards.gold(last_user, texts, **info).total)
 
 
 def _check_adapter_loaded(peft_model, name: str, adapter_dir: Path) -> None:
@@ -340,18 +417,15 @@ def _fused_specs(peft_model, fused: list[tuple[Path, dict]], base, sft: Optional
                   flush=True)
         method = manifest.get("method", "fused")
         owner = "fused" if len(fused) == 1 else owners[j]
-
-        def label(what: str, owner: str = owner) -> str:
-            return f"{owner}:{what}"
-
         if method == "learned":
             gates, slots = gating.attach(peft_model, folder, prefix=f"fused{j}_")
-            specs.append(ModelSpec("fused", label("learned"), slots, series="fused",
-                                   gated=lambda g=gates, sl=slots: gating.gated(peft_model, g, sl)))
-            consumed[label("learned")] = {"path": str(folder), "sha256": hashing.sha256_file(folder / gating.GATE_FILE)}
+            specs.append(ModelSpec("fused", f"{owner}:learned", slots, series="fused",
+                                   gated=functools.partial(gating.gated, peft_model, gates, slots)))
+            consumed[f"{owner}:learned"] = {"path": str(folder),
+                                            "sha256": hashing.sha256_file(folder / gating.GATE_FILE)}
         slot = f"fused{j}"
         peft_model.load_adapter(str(folder / "adapter"), adapter_name=slot, is_trainable=False)
-        name = label("mean-gate" if method == "learned" else method)
+        name = f"{owner}:{'mean-gate' if method == 'learned' else method}"
         specs.append(ModelSpec("fused", name, [slot], series="fused"))
         consumed[name] = {"path": str(folder / "adapter"),
                           "sha256": hashing.sha256_file(folder / "adapter" / "adapter_model.safetensors")}
@@ -361,16 +435,19 @@ def _fused_specs(peft_model, fused: list[tuple[Path, dict]], base, sft: Optional
     return specs, consumed
 
 
+def _describe_sft(entry: Optional[dict]) -> str:
+    """A manifest's SFT adapter entry ({"path", "sha256"}) for a message."""
+    return f"{entry['path']} (sha256 {str(entry.get('sha256'))[:12]})" if entry else "no SFT adapter"
+
+
 def _check_same_start(s: Series, base, sft: Optional[dict], adapters: dict) -> None:
     """Refuse a series trained on another base, or from another SFT adapter than this eval's (by hash)."""
     check_same_base(s.manifest, base, f"{s.source}: PPO output {s.ppo_dir}")
     theirs = s.manifest.get("adapters", {}).get(SFT)
     if (theirs or {}).get("sha256") != (sft or {}).get("sha256"):
-        def describe(a: Optional[dict]) -> str:
-            return f"{a['path']} (sha256 {str(a.get('sha256'))[:12]})" if a else "no SFT adapter"
-
-        raise ArtifactError(f"{s.source}: the run in {s.ppo_dir} started from {describe(theirs)}, this eval from "
-                            f"{describe(sft)} (ppo.sft_adapter): the runs on one plot must share the SFT model")
+        raise ArtifactError(f"{s.source}: the run in {s.ppo_dir} started from {_describe_sft(theirs)}, this eval "
+                            f"from {_describe_sft(sft)} (ppo.sft_adapter): the runs on one plot must share the SFT "
+                            "model")
     missing = [a for a in s.manifest.get("stacked_on", list(adapters)) if a not in adapters]
     if missing:
         raise ArtifactError(f"{s.source}: the policy in {s.ppo_dir} is stacked on {missing}, which this config "
@@ -389,22 +466,11 @@ def _ppo_checkpoints(ppo_dir: Path) -> list[tuple[int, Path]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Points, table, plot
+# The stage's steps
 
 
-# ---------------------------------------------------------------------------------------------
-# The stage
-
-
-def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -> Path:
-    from tqdm.auto import tqdm
-
-    from pipeline.models.reward_model import load_reward_scorer
-    from reward.registry import build_reward
-
-    ec, pc = cfg.eval, cfg.ppo
-    run_dir = Path(run_dir)
-    out = run_dir / "eval"
+def _check_request(ec, out: Path, overwrite: bool) -> None:
+    """Refuse to replace a complete output without ``overwrite``, and eval settings that cannot run."""
     if is_complete(out) and not overwrite:
         raise ArtifactError(f"{out} already holds a complete eval output; pass --overwrite to replace it")
     if ec.prompts < 1 or ec.samples_per_prompt < 1:
@@ -414,19 +480,23 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     if bad_n:
         raise ConfigError(f"eval.best_of_n: every n must be >= 1, got {bad_n}")
 
-    # 1. prompts
+
+def _load_eval_prompts(cfg: PipelineConfig) -> tuple[list[dict], loaders.LoadReport]:
+    """The first ``eval.prompts`` rows of ``data.prompts_eval``, with the loader's report."""
+    ec = cfg.eval
     prompts, report = loaders.load_prompts(cfg.data.prompts_eval, **loaders.loader_options(cfg.data))
     if len(prompts) < ec.prompts:
         print(f"[eval] only {len(prompts)} eval prompts available (eval.prompts={ec.prompts})", flush=True)
     prompts = prompts[:ec.prompts]
     print(f"[eval] {report.summary()}; using {len(prompts)}", flush=True)
-    passages = forgetting.read_passages(ec.forgetting) if ec.forgetting else None  # fail before any model loads
-    fused = collect_fused(substitute_run_dir(ec.fused, run_dir))
+    return prompts, report
 
-    # 2. artifacts: SFT adapter; the PPO-family runs (RUN/ppo, eval.runs) and their checkpoints
-    sft_dir = substitute_run_dir(pc.sft_adapter, run_dir)
-    sft_dir = Path(sft_dir) if sft_dir else None
-    series = collect_series(run_dir, substitute_run_dir(ec.runs, run_dir), pc.steps)
+
+def _find_series(cfg: PipelineConfig, run_dir: Path) -> list[Series]:
+    """The PPO-family runs to plot (:func:`collect_series`), noting where one trained with another
+    temperature or reference than this eval samples and measures with."""
+    pc = cfg.ppo
+    series = collect_series(run_dir, substitute_run_dir(cfg.eval.runs, run_dir), pc.steps)
     if not is_complete(run_dir / "ppo"):
         print(f"[eval] no complete PPO output in {run_dir / 'ppo'}: evaluating base, SFT and best-of-n"
               f"{' and the runs in eval.runs' if series else ' only'}", flush=True)
@@ -436,10 +506,17 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
             if key in trained and trained[key] != getattr(pc, key):
                 print(f"[eval] note: {s.ppo_dir} trained with ppo.{key}={trained[key]!r}, this eval uses "
                       f"{getattr(pc, key)!r}", flush=True)
+    return series
 
-    # 3. one base, many adapters: sft + policy (+ the learned reward, attached by its loader)
+
+def _load_stack(cfg: PipelineConfig, sft_dir: Optional[Path], series: list[Series]) -> Stack:
+    """Load the base and stack on it the SFT adapter (``sft_dir``, None: none) and one empty policy slot
+    per distinct LoRA config among ``series``, frozen, in eval mode. Sets each series' ``slot``: the
+    adapter its checkpoints are loaded into."""
+    from peft import LoraConfig
+
+    pc = cfg.ppo
     base_model, tok, base = loading.load_base(cfg.model)
-    batch_size = ec.batch_size
     consumed: dict = {}
     adapters: dict[str, Path] = {}
     if sft_dir is not None:
@@ -449,8 +526,6 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
                          "sha256": hashing.sha256_file(sft_dir / "adapter_model.safetensors")}
     if pc.reference == "sft" and sft_dir is None:
         raise ArtifactError("ppo.reference=sft needs ppo.sft_adapter; set ppo.reference=base to anchor to the base")
-    from peft import LoraConfig
-
     slots: dict[str, tuple[str, LoraConfig]] = {}  # one policy adapter per distinct LoRA config
     for s in series:
         _check_same_start(s, base, consumed.get(SFT), adapters)
@@ -469,22 +544,34 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     peft_model.eval()
     for p in peft_model.parameters():
         p.requires_grad_(False)
-    reference = [SFT] if pc.reference == "sft" else None
-    start = [SFT] if sft_dir is not None else None  # the model PPO started from: win rates and best-of-n
-    device = next(peft_model.parameters()).device
-    probe, forgetting_seconds = None, 0.0
-    if passages is not None:  # the base's hidden states on the general text, once (adapters off)
-        t0 = time.time()
-        probe = forgetting.ForgettingProbe(peft_model, forgetting.encode_passages(
-            tok, passages, ec.forgetting, ec.forgetting_max_tokens, batch_size))
-        print(f"[eval] forgetting check on {ec.forgetting}: {probe.text.passages} passages, {probe.text.tokens} "
-              f"scored tokens ({probe.text.truncated} cut to eval.forgetting_max_tokens)", flush=True)
-        forgetting_seconds = time.time() - t0
+    return Stack(base_model, peft_model, tok, base, adapters, consumed,
+                 reference=[SFT] if pc.reference == "sft" else None,
+                 start=[SFT] if sft_dir is not None else None)
 
-    # 4. rewards: the proxy (what PPO optimised) and the gold, both on the same in-memory base
-    context = {"load_reward_model": lambda path, **kw: load_reward_scorer(path, host=(peft_model, tok, base), **kw)}
-    proxy_fn = build_reward(substitute_run_dir(pc.rewards, run_dir), context=context)
-    gold_fn = build_reward(substitute_run_dir(ec.gold, run_dir), context=context)
+
+def _start_forgetting(stack: Stack, passages: Optional[list[str]], ec) -> ForgettingRun:
+    """The forgetting check's probe over ``passages`` (None: no check), which keeps the base's hidden
+    states on them, so it must be made while every adapter is still the base's own (before any model)."""
+    if passages is None:
+        return ForgettingRun()
+    t0 = time.time()
+    probe = forgetting.ForgettingProbe(stack.peft_model, forgetting.encode_passages(
+        stack.tok, passages, ec.forgetting, ec.forgetting_max_tokens, ec.batch_size))
+    print(f"[eval] forgetting check on {ec.forgetting}: {probe.text.passages} passages, {probe.text.tokens} "
+          f"scored tokens ({probe.text.truncated} cut to eval.forgetting_max_tokens)", flush=True)
+    return ForgettingRun(probe, seconds=time.time() - t0)
+
+
+def _build_rewards(cfg: PipelineConfig, run_dir: Path, stack: Stack, series: list[Series]) -> Rewards:
+    """The proxy and gold rewards, a learned reward model attached to ``stack``'s base as one more adapter;
+    running normalisers frozen at the statistics of the first series' final checkpoint (proxy) or off."""
+    from pipeline.models.reward_model import load_reward_scorer
+    from reward.registry import build_reward
+
+    host = (stack.peft_model, stack.tok, stack.base)
+    context = {"load_reward_model": lambda path, **kw: load_reward_scorer(path, host=host, **kw)}
+    proxy_fn = build_reward(substitute_run_dir(cfg.ppo.rewards, run_dir), context=context)
+    gold_fn = build_reward(substitute_run_dir(cfg.eval.gold, run_dir), context=context)
     reward_state = None
     if series and series[0].checkpoints and any(c.normalizer is not None for c in proxy_fn.components):
         final_ckpt = series[0].checkpoints[-1][1].parent
@@ -492,171 +579,276 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
             reward_state = load_state(final_ckpt).get("reward")
     _freeze_normalizers(proxy_fn, reward_state, "proxy")
     _freeze_normalizers(gold_fn, None, "gold")
+    return Rewards(proxy_fn, gold_fn)
 
-    # 5. sample, score, KL
-    prompts, encoded, prompt_lengths = rollout.fit_prompts(tok, prompts, report, pc.max_prompt_length,
-                                                           cfg.data.long_rows, "eval prompts")
-    print(f"[eval] {prompt_lengths.summary()}", flush=True)
-    stop_ids = rollout.stop_token_ids(tok, base_model)
-    k = ec.samples_per_prompt
-    merged = stacking.sample_from_merged(peft_model, pc.rollout_weights, pc.rollout_merge_max_gb,
-                                       loading.compute_dtype(cfg.model, device))
+
+def _sampling_plan(cfg: PipelineConfig, stack: Stack, encoded: list[list[int]]) -> SamplingPlan:
+    """How every model is sampled: PPO's temperature, eval's budget, merged weights where PPO would."""
+    pc, ec = cfg.ppo, cfg.eval
+    stop_ids = rollout.stop_token_ids(stack.tok, stack.base_model)
+    device = next(stack.peft_model.parameters()).device
+    merged = stacking.sample_from_merged(stack.peft_model, pc.rollout_weights, pc.rollout_merge_max_gb,
+                                         loading.compute_dtype(cfg.model, device))
+    return SamplingPlan(encoded, ec.samples_per_prompt, pc.temperature, ec.max_new_tokens, stop_ids,
+                        ec.batch_size, merged)
+
+
+def _checkpoint_specs(stack: Stack, series: list[Series]) -> tuple[list[ModelSpec], dict[str, dict]]:
+    """The base, SFT (when there is one) and every checkpoint of every series, in that order; with the
+    checkpoints' manifest entries, ``"ppo:<name>" -> {"path", "sha256"}``."""
     specs = [ModelSpec("base", "base", None)]
-    if sft_dir is not None:
+    if stack.has_sft:
         specs.append(ModelSpec("sft", "sft", [SFT]))
+    checkpoints = {}
     for s in series:
-        stacked_on = list(s.manifest.get("stacked_on", list(adapters)))
+        stacked_on = list(s.manifest.get("stacked_on", list(stack.adapters)))
         for step, policy_dir in s.checkpoints:
             name = f"step-{step:06d}" if policy_dir.name == "policy" else "final"
             name = f"{s.key}/{name}" if len(series) > 1 else name
             specs.append(ModelSpec("ppo", name, stacked_on + [s.slot], step=step, policy_dir=policy_dir,
                                    slot=s.slot, series=s.key))
-            consumed[f"ppo:{name}"] = {"path": str(policy_dir),
-                                       "sha256": hashing.sha256_file(policy_dir / "adapter_model.safetensors")}
-    checkpoint_shas = {v["sha256"]: k.removeprefix("ppo:") for k, v in consumed.items() if k.startswith("ppo:")}
+            checkpoints[f"ppo:{name}"] = {"path": str(policy_dir),
+                                          "sha256": hashing.sha256_file(policy_dir / "adapter_model.safetensors")}
+    return specs, checkpoints
+
+
+def _fused_models(stack: Stack, fused: list[tuple[Path, dict]], checkpoints: dict[str, dict],
+                  last_ppo: Optional[str]) -> tuple[list[ModelSpec], dict[str, dict], dict[str, str]]:
+    """The fuse outputs' models loaded into ``stack``: ``(specs, manifest entries, duplicates)``.
+
+    A fuse output that is exactly the cat of SFT and one of ``checkpoints`` is that checkpoint's model and
+    is not loaded (``duplicates``: folder -> checkpoint name). The others sample with the seed of
+    ``last_ppo``, the last checkpoint: a fusion of SFT + PPO is compared with the policy it fuses under
+    common random numbers.
+    """
+    sft = stack.consumed.get(SFT)
+    checkpoint_shas = {v["sha256"]: k.removeprefix("ppo:") for k, v in checkpoints.items()}
     duplicates = {}
     for folder, manifest in fused:
-        same = exact_copy_of(manifest, (consumed.get(SFT) or {}).get("sha256"), checkpoint_shas)
+        same = exact_copy_of(manifest, (sft or {}).get("sha256"), checkpoint_shas)
         if same is not None:
             duplicates[str(folder)] = same
             print(f"[eval] {folder} is the exact cat fusion of SFT and {same}: the same model, not sampled again",
                   flush=True)
     fused = [(f, m) for f, m in fused if str(f) not in duplicates]
-    fused_specs, fused_consumed = _fused_specs(peft_model, fused, base, consumed.get(SFT))
-    # A fusion of SFT + PPO is compared with the policy it fuses: it samples with the seed of the last PPO
-    # checkpoint (common random numbers with it).
-    last_ppo = next((sp.name for sp in reversed(specs) if sp.kind == "ppo"), None)
-    for sp in fused_specs:
+    specs, consumed = _fused_specs(stack.peft_model, fused, stack.base, sft)
+    for sp in specs:
         sp.seed_name = last_ppo
-    specs += fused_specs
-    consumed.update(fused_consumed)
+    return specs, consumed, duplicates
 
-    print(f"[eval] {len(specs)} models x {len(prompts)} prompts x {k} samples at temperature {pc.temperature}, "
-          f"reference {pc.reference}; best-of-n {list(ec.best_of_n)}", flush=True)
-    results: dict[str, Samples] = {}
-    forgotten: dict[str, dict] = {}
-    for spec in tqdm(specs, desc="eval models"):
-        if spec.policy_dir is not None:
-            stacking.load_adapter_weights(peft_model, spec.slot, spec.policy_dir)
-            _check_adapter_loaded(peft_model, spec.slot, spec.policy_dir)
-        if probe is not None:
-            t0 = time.time()
-            with (spec.gated or contextlib.nullcontext)():
-                forgotten[spec.name] = probe.measure(adapters=spec.adapters)
-            forgetting_seconds += time.time() - t0
-        # Seeded by the name within its series: a checkpoint samples the same responses whichever other
-        # series share the plot, and the same step of two series shares its sampling noise (common random
-        # numbers: their difference is measured with less variance).
-        seed = _seed(ec.seed, (spec.seed_name or spec.name).rsplit("/", 1)[-1])
-        s = _sample(peft_model, tok, encoded, k, spec.adapters, reference, pc.temperature, ec.max_new_tokens,
-                    stop_ids, batch_size, seed, desc=f"sample {spec.name}", merged=merged, gated=spec.gated)
-        _score(s, prompts, tok, proxy_fn, gold_fn, batch_size=max(16, batch_size))
-        results[spec.name] = s
 
-    comparator = results["sft" if sft_dir is not None else "base"]
+def _load_policy(peft_model, spec: ModelSpec) -> None:
+    """Load ``spec``'s checkpoint (if it has one) into its policy slot, checking every tensor landed."""
+    if spec.policy_dir is not None:
+        stacking.load_adapter_weights(peft_model, spec.slot, spec.policy_dir)
+        _check_adapter_loaded(peft_model, spec.slot, spec.policy_dir)
+
+
+def _sample_and_score(stack: Stack, plan: SamplingPlan, rewards: Rewards, prompts: list[dict], spec: ModelSpec,
+                      base_seed: int) -> Samples:
+    """``plan.k`` samples per prompt of ``spec``'s model, with KL to the reference, proxy and gold."""
+    # Seeded by the name within its series: a checkpoint samples the same responses whichever other
+    # series share the plot, and the same step of two series shares its sampling noise (common random
+    # numbers: their difference is measured with less variance).
+    seed = _seed(base_seed, (spec.seed_name or spec.name).rsplit("/", 1)[-1])
+    samples = _sample(stack, plan, spec.adapters, plan.k, seed, desc=f"sample {spec.name}", gated=spec.gated)
+    _score(samples, prompts, stack.tok, rewards, batch_size=max(16, plan.batch_size))
+    return samples
+
+
+def _model_points(specs: list[ModelSpec], results: dict[str, Samples], forgotten: dict[str, dict],
+                  comparator: Samples) -> list[dict]:
+    """One curve point per model, its gold win rate against ``comparator`` and its forgetting columns."""
     points = []
     for spec in specs:
         s = results[spec.name]
         win = win_rate(s.gold, comparator.gold)  # same (prompt, sample) order: sample j of prompt i vs j of i
         points.append(make_point(spec.kind, spec.name, spec.step, s.kl_k1, s.kl_k3, s.proxy, s.gold, win,
                                  series=spec.series) | forgetting.columns(forgotten.get(spec.name)))
+    return points
 
-    # 6. best-of-n from the starting (SFT) model: one pool, disjoint groups of n per prompt
-    bon_rows = []
-    if ec.best_of_n:
-        m = max(ec.best_of_n)
-        pool = _sample(peft_model, tok, encoded, m, start, reference, pc.temperature, ec.max_new_tokens,
-                       stop_ids, batch_size, _seed(ec.seed, "best-of-n pool"), desc="sample best-of-n", with_kl=False,
-                       merged=merged)
-        _score(pool, prompts, tok, proxy_fn, gold_fn, batch_size=max(16, batch_size))
-        for n in sorted(set(ec.best_of_n)):
-            groups = m // n
-            proxy, gold, comp, picks = [], [], [], []
-            for i in range(len(prompts)):
-                for g in range(groups):
-                    idx = [i * m + g * n + t for t in range(n)]
-                    best = max(idx, key=lambda r: pool.proxy[r])  # first of equals on ties
-                    proxy.append(pool.proxy[best])
-                    gold.append(pool.gold[best])
-                    # compare with an independent SFT sample of the same prompt
-                    comp.append(comparator.gold[i * k + g % k])
-                    picks.append((i, g, best))
-            kl = bon_kl(n)
-            point = make_point("bon", f"n={n}", None, [kl] * len(gold), [kl] * len(gold), proxy, gold,
-                               win_rate(gold, comp)) | forgetting.columns(None)  # SFT's samples: no model of its own
-            point.update(kl_k1_mean=kl, kl_k1_se=0.0, kl_k3_mean=kl, sqrt_kl=math.sqrt(kl))
-            points.append(point)
-            bon_rows += [{"kind": "bon", "name": f"n={n}", "step": None, "prompt_index": i, "group": g,
-                          "prompt": prompts[i]["prompt"][-1]["content"], "response": pool.texts[r],
-                          "proxy": pool.proxy[r], "gold": pool.gold[r], "kl": kl}
-                         for i, g, r in picks if g == 0][:_SAMPLES_TO_SAVE]
 
-    # 7. outputs
-    sample_rows = []
-    for spec in specs:
-        s = results[spec.name]
+def _best_of_n(stack: Stack, plan: SamplingPlan, rewards: Rewards, prompts: list[dict], ec,
+               comparator: Samples) -> tuple[list[dict], list[dict]]:
+    """Best-of-n for every n in ``eval.best_of_n`` from one pool of ``max(n)`` samples per prompt of the
+    starting model: ``(points, samples.jsonl rows)``; nothing when ``eval.best_of_n`` is empty."""
+    if not ec.best_of_n:
+        return [], []
+    m = max(ec.best_of_n)
+    pool = _sample(stack, plan, stack.start, m, _seed(ec.seed, "best-of-n pool"), desc="sample best-of-n",
+                   with_kl=False)
+    _score(pool, prompts, stack.tok, rewards, batch_size=max(16, plan.batch_size))
+    points, rows = [], []
+    for b in bestofn.best_of_n(pool.proxy, pool.gold, comparator.gold, len(prompts), m, plan.k, ec.best_of_n):
+        points.append(b.point | forgetting.columns(None))  # the start model's samples: no model of its own
+        rows += [{"kind": "bon", "name": f"n={b.n}", "step": None, "prompt_index": i, "group": g,
+                  "prompt": prompts[i]["prompt"][-1]["content"], "response": pool.texts[r],
+                  "proxy": pool.proxy[r], "gold": pool.gold[r], "kl": b.kl}
+                 for i, g, r in b.picks if g == 0][:_SAMPLES_TO_SAVE]
+    return points, rows
+
+
+def _sample_rows(ev: Evaluation) -> list[dict]:
+    """samples.jsonl: sample 0 of the first prompts of every model, then best-of-n's picks."""
+    rows = []
+    for spec in ev.specs:
+        s = ev.results[spec.name]
         for r in range(len(s.texts)):
             if s.sample_index[r] != 0 or s.prompt_index[r] >= _SAMPLES_TO_SAVE:
                 continue
-            sample_rows.append({"kind": spec.kind, "name": spec.name, "step": spec.step,
-                                "prompt_index": s.prompt_index[r],
-                                "prompt": prompts[s.prompt_index[r]]["prompt"][-1]["content"],
-                                "response": s.texts[r], "ended": s.ended[r], "proxy": s.proxy[r],
-                                "proxy_components": {c: v[r] for c, v in s.proxy_components.items()},
-                                "gold": s.gold[r], "kl_k1": s.kl_k1[r], "kl_k3": s.kl_k3[r]})
-    sample_rows += bon_rows
-    extras = {spec.name: {"eos_fraction": sum(results[spec.name].ended) / len(results[spec.name].ended),
-                          "mean_response_tokens": sum(map(len, results[spec.name].response_ids))
-                          / len(results[spec.name].response_ids),
-                          "proxy_components": {c: mean_se(v)[0]
-                                               for c, v in results[spec.name].proxy_components.items()}}
-              for spec in specs}
-    header = (f"eval of {run_dir}: {len(prompts)} prompts x {k} samples, temperature {pc.temperature}, "
-              f"KL to the {pc.reference} reference (per sequence, nats); win = gold win rate vs "
-              f"{'SFT' if sft_dir is not None else 'base'} (ties half)")
-    if len(series) > 1:
-        header += "\nseries: " + "; ".join(f"{series_title(s.key)} = {s.ppo_dir} ({s.source})" for s in series)
-    fits = curve_fits(points)
-    summary = summary_text(points, header, fits)
-    for folder, same in duplicates.items():
+            rows.append({"kind": spec.kind, "name": spec.name, "step": spec.step,
+                         "prompt_index": s.prompt_index[r],
+                         "prompt": ev.prompts[s.prompt_index[r]]["prompt"][-1]["content"],
+                         "response": s.texts[r], "ended": s.ended[r], "proxy": s.proxy[r],
+                         "proxy_components": {c: v[r] for c, v in s.proxy_components.items()},
+                         "gold": s.gold[r], "kl_k1": s.kl_k1[r], "kl_k3": s.kl_k3[r]})
+    return rows + ev.bon_rows
+
+
+def _summary(cfg: PipelineConfig, ev: Evaluation, fits: dict) -> str:
+    """summary.txt: what was measured, the table and fits, fusions not sampled, the forgetting table."""
+    pc = cfg.ppo
+    header = (f"eval of {ev.run_dir}: {len(ev.prompts)} prompts x {cfg.eval.samples_per_prompt} samples, "
+              f"temperature {pc.temperature}, KL to the {pc.reference} reference (per sequence, nats); "
+              f"win = gold win rate vs {ev.comparator} (ties half)")
+    if len(ev.series) > 1:
+        header += "\nseries: " + "; ".join(f"{series_title(s.key)} = {s.ppo_dir} ({s.source})" for s in ev.series)
+    summary = summary_text(ev.points, header, fits)
+    for folder, same in ev.duplicates.items():
         summary += f"{folder}: the exact cat fusion of SFT and {same}, the same model (its point is {same}'s)\n"
-    if probe is not None:
-        summary += "\n" + forgetting.table([(spec.name, forgotten[spec.name]) for spec in specs], probe.text)
-    best = best_gold(points)
+    if ev.forgetting.probe is not None:
+        summary += "\n" + forgetting.table([(spec.name, ev.forgetting.models[spec.name]) for spec in ev.specs],
+                                           ev.forgetting.probe.text)
+    return summary
+
+
+def _metrics(cfg: PipelineConfig, ev: Evaluation, fits: dict) -> dict:
+    """The manifest's metrics: every point, the best gold overall and per series, gold at equal KL, each
+    model's response statistics, the fits, and the forgetting check's results."""
+    pc, ec = cfg.ppo, cfg.eval
     headline = ("name", "step", "gold_mean", "gold_se", "proxy_mean", "kl_k1_mean")
-    best_per_series = {s.key: max(rl_family(points, s.key), key=lambda p: p["gold_mean"], default=None)
-                       for s in series}
-    title = (f"Reward vs KL to the {pc.reference.upper()} reference: {run_dir.name} "
-             f"({len(prompts)} prompts x {k} samples, T={pc.temperature}, error bars = 1 s.e.)")
+    best = best_gold(ev.points)
+    best_per_series = {s.key: max(rl_family(ev.points, s.key), key=lambda p: p["gold_mean"], default=None)
+                       for s in ev.series}
+    per_model = {spec.name: {"eos_fraction": sum(ev.results[spec.name].ended) / len(ev.results[spec.name].ended),
+                             "mean_response_tokens": sum(map(len, ev.results[spec.name].response_ids))
+                             / len(ev.results[spec.name].response_ids),
+                             "proxy_components": {c: mean_se(v)[0]
+                                                  for c, v in ev.results[spec.name].proxy_components.items()}}
+                 for spec in ev.specs}
+    metrics = {"points": [json_safe(p) for p in ev.points], "best_gold": None if best is None else
+               {k_: best[k_] for k_ in headline},
+               "series": [{"key": s.key, "title": series_title(s.key), "algorithm": s.algorithm,
+                           "source": s.source, "path": str(s.ppo_dir),
+                           "samples_per_prompt": s.manifest.get("samples_per_prompt", 1),
+                           "best_gold": None if best_per_series[s.key] is None else
+                           {k_: best_per_series[s.key][k_] for k_ in headline}}
+                          for s in ev.series],
+               "gold_at_kl": gold_at_kl(ev.points, fits),
+               "per_model": per_model, "fits": fits, "fused_not_sampled": ev.duplicates,
+               "proxy_per_nat": proxy_per_nat(ev.points),
+               "prompts": len(ev.prompts), "samples_per_prompt": ec.samples_per_prompt,
+               **ev.prompt_lengths.metrics("prompts"),
+               "temperature": pc.temperature, "reference": pc.reference}
+    probe = ev.forgetting.probe
+    if probe is not None:
+        metrics["forgetting"] = {"source": ec.forgetting, "passages": probe.text.passages,
+                                 "tokens": probe.text.tokens, "truncated": probe.text.truncated,
+                                 "seconds": round(ev.forgetting.seconds, 1), "models": ev.forgetting.models}
+    return metrics
+
+
+def _data_entries(cfg: PipelineConfig, ev: Evaluation) -> dict:
+    """The manifest's data: the eval prompts used and, with the forgetting check, its general text."""
+    data = {"prompts": {**loaders.manifest_entry(cfg.data.prompts_eval, ev.report, cfg.data.split,
+                                                 ev.prompt_lengths), "rows": len(ev.prompts)}}
+    if ev.forgetting.probe is not None:
+        data["forgetting"] = {"source": cfg.eval.forgetting, "sha256": loaders.data_hash(cfg.eval.forgetting),
+                              "rows": ev.forgetting.probe.text.passages}
+    return data
+
+
+def _write_outputs(out: Path, overwrite: bool, cfg: PipelineConfig, ev: Evaluation, base: loading.BaseInfo,
+                   rewards: Rewards) -> str:
+    """Write curves.csv, curves.png, summary.txt, samples.jsonl and manifest.json into ``out`` atomically;
+    returns the summary text."""
+    pc = cfg.ppo
+    fits = curve_fits(ev.points)
+    summary = _summary(cfg, ev, fits)
+    title = (f"Reward vs KL to the {pc.reference.upper()} reference: {ev.run_dir.name} "
+             f"({len(ev.prompts)} prompts x {cfg.eval.samples_per_prompt} samples, T={pc.temperature}, "
+             "error bars = 1 s.e.)")
     with atomic_output(out, overwrite=overwrite) as tmp:
-        write_csv(points, tmp / "curves.csv")
-        plot_curves(points, tmp / "curves.png", title, fits)
+        write_csv(ev.points, tmp / "curves.csv")
+        plot_curves(ev.points, tmp / "curves.png", title, fits)
         (tmp / "summary.txt").write_text(summary)
         with open(tmp / "samples.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in sample_rows)
-        metrics = {"points": [json_safe(p) for p in points], "best_gold": None if best is None else
-                   {k_: best[k_] for k_ in headline},
-                   "series": [{"key": s.key, "title": series_title(s.key), "algorithm": s.algorithm,
-                               "source": s.source, "path": str(s.ppo_dir),
-                               "samples_per_prompt": s.manifest.get("samples_per_prompt", 1),
-                               "best_gold": None if best_per_series[s.key] is None else
-                               {k_: best_per_series[s.key][k_] for k_ in headline}}
-                              for s in series],
-                   "gold_at_kl": gold_at_kl(points, fits),
-                   "per_model": extras, "fits": fits, "fused_not_sampled": duplicates,
-                   "proxy_per_nat": proxy_per_nat(points),
-                   "prompts": len(prompts), "samples_per_prompt": k, **prompt_lengths.metrics("prompts"),
-                   "temperature": pc.temperature, "reference": pc.reference}
-        data_entries = {"prompts": {**loaders.manifest_entry(cfg.data.prompts_eval, report, cfg.data.split,
-                                                          prompt_lengths), "rows": len(prompts)}}
-        if probe is not None:
-            metrics["forgetting"] = {"source": ec.forgetting, "passages": probe.text.passages,
-                                     "tokens": probe.text.tokens, "truncated": probe.text.truncated,
-                                     "seconds": round(forgetting_seconds, 1), "models": forgotten}
-            data_entries["forgetting"] = {"source": ec.forgetting, "sha256": loaders.data_hash(ec.forgetting),
-                                          "rows": probe.text.passages}
-        write_manifest(tmp, "eval", cfg, base, metrics, adapters=consumed, data=data_entries,
-                       extra={"proxy": repr(proxy_fn), "gold": repr(gold_fn)})
+            f.writelines(json.dumps(r) + "\n" for r in _sample_rows(ev))
+        write_manifest(tmp, "eval", cfg, base, _metrics(cfg, ev, fits), adapters=ev.consumed,
+                       data=_data_entries(cfg, ev), extra={"proxy": repr(rewards.proxy), "gold": repr(rewards.gold)})
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -> Path:
+    """Evaluate the models of ``run_dir`` (base, SFT, every PPO-family checkpoint, the fuse outputs) and
+    best-of-n as described in the module docstring; write them to ``run_dir/eval`` and return that path."""
+    from tqdm.auto import tqdm
+
+    ec, pc = cfg.eval, cfg.ppo
+    run_dir = Path(run_dir)
+    out = run_dir / "eval"
+    _check_request(ec, out, overwrite)
+
+    # 1. inputs, each read before any model loads so a bad path fails fast
+    prompts, report = _load_eval_prompts(cfg)
+    passages = forgetting.read_passages(ec.forgetting) if ec.forgetting else None
+    fused = collect_fused(substitute_run_dir(ec.fused, run_dir))
+
+    # 2. artifacts: SFT adapter; the PPO-family runs (RUN/ppo, eval.runs) and their checkpoints
+    sft_dir = substitute_run_dir(pc.sft_adapter, run_dir)
+    sft_dir = Path(sft_dir) if sft_dir else None
+    series = _find_series(cfg, run_dir)
+
+    # 3. one base, many adapters: sft + policy (+ the learned reward, attached by its loader)
+    stack = _load_stack(cfg, sft_dir, series)
+    forgetting_run = _start_forgetting(stack, passages, ec)
+
+    # 4. rewards: the proxy (what PPO optimised) and the gold, both on the same in-memory base
+    rewards = _build_rewards(cfg, run_dir, stack, series)
+
+    # 5. the models to evaluate, all sampled on the same fitted prompts
+    prompts, encoded, prompt_lengths = rollout.fit_prompts(stack.tok, prompts, report, pc.max_prompt_length,
+                                                           cfg.data.long_rows, "eval prompts")
+    print(f"[eval] {prompt_lengths.summary()}", flush=True)
+    plan = _sampling_plan(cfg, stack, encoded)
+    specs, checkpoints = _checkpoint_specs(stack, series)
+    last_ppo = next((sp.name for sp in reversed(specs) if sp.kind == "ppo"), None)
+    fused_specs, fused_consumed, duplicates = _fused_models(stack, fused, checkpoints, last_ppo)
+    specs += fused_specs
+    consumed = {**stack.consumed, **checkpoints, **fused_consumed}
+
+    # 6. sample, score, KL (and forgetting), model by model
+    print(f"[eval] {len(specs)} models x {len(prompts)} prompts x {plan.k} samples at temperature "
+          f"{pc.temperature}, reference {pc.reference}; best-of-n {list(ec.best_of_n)}", flush=True)
+    results: dict[str, Samples] = {}
+    for spec in tqdm(specs, desc="eval models"):
+        _load_policy(stack.peft_model, spec)
+        forgetting_run.measure(spec)
+        results[spec.name] = _sample_and_score(stack, plan, rewards, prompts, spec, ec.seed)
+    comparator = results["sft" if stack.has_sft else "base"]
+    points = _model_points(specs, results, forgetting_run.models, comparator)
+
+    # 7. best-of-n from the starting (SFT) model: one pool, disjoint groups of n per prompt
+    bon_points, bon_rows = _best_of_n(stack, plan, rewards, prompts, ec, comparator)
+
+    # 8. outputs in RUN/eval, written atomically
+    ev = Evaluation(run_dir, prompts, report, prompt_lengths, series, specs, results, points + bon_points,
+                    bon_rows, duplicates, forgetting_run, consumed, comparator="SFT" if stack.has_sft else "base")
+    summary = _write_outputs(out, overwrite, cfg, ev, stack.base, rewards)
     sys.stdout.write("\n" + summary)
     print(f"[eval] done -> {out}", flush=True)
     return out
