@@ -257,15 +257,55 @@ def model_card(cfg: PipelineConfig, base, sources: list[Source], metrics: dict, 
 # Stage
 
 
+def fuse_fixed(peft_model, sources: list[Source], fc: FuseConfig, adapter_dir: Path, base_path: str) -> dict:
+    """Fuse ``sources`` with fixed weights (``cat`` exactly, the other methods by peft) into ``adapter_dir``;
+    returns the fused rank and the relative error of its delta against the weighted sum of the sources'."""
+    print(f"[fuse] {fc.method} of {', '.join(s.name for s in sources)} with weights {list(fc.weights)}", flush=True)
+    if fc.method == CAT:
+        fuse_cat(sources, list(fc.weights), adapter_dir, base_path)
+    else:
+        fuse_weighted(peft_model, sources, fc, adapter_dir, base_path)
+    return {"rank": adapter_rank(adapter_dir),
+            "delta_rel_error_vs_weighted_sum": delta_rel_error(sources, list(fc.weights), adapter_dir)}
+
+
+def adapter_rank(adapter_dir: Path) -> int:
+    """The LoRA rank ``r`` a saved adapter's config declares."""
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["r"]
+
+
+def write_cards_and_manifest(tmp: Path, cfg: PipelineConfig, base, sources: list[Source], metrics: dict) -> None:
+    """Model cards (adapter/, merged/, and the learned fusion's own) and the manifest, last, into ``tmp``."""
+    fc = cfg.fuse
+    learned = fc.method == LEARNED
+    if fc.merged:
+        (tmp / "merged" / "README.md").write_text(model_card(cfg, base, sources, metrics, "merged"))
+    (tmp / "adapter" / "README.md").write_text(model_card(cfg, base, sources, metrics, "adapter"))
+    if learned:
+        (tmp / "README.md").write_text(model_card(cfg, base, sources, metrics, "learned"))
+    data = {f"{s.name}:{k}": v for s in sources for k, v in (s.manifest.get("data") or {}).items()}
+    consumed = {s.name: {"path": str(s.path), "sha256": s.sha256, "stage": s.manifest.get("stage")}
+                for s in sources}
+    outputs = (["fusion.json", "gate.safetensors", "adapters"] if learned else []) + ["adapter"] \
+        + (["merged"] if fc.merged else [])
+    write_manifest(tmp, "fuse", cfg, base, metrics, data=data, adapters=consumed,
+                   extra={"method": fc.method, "weights": None if learned else list(fc.weights),
+                          "density": fc.density, "outputs": outputs,
+                          "merged_dtype": fc.merged_dtype if fc.merged else None})
+
+
 def run_fuse(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -> Path:
     """Fuse ``cfg.fuse.adapters`` into ``RUN/fused/adapter`` (and ``merged/``); returns ``RUN/fused``."""
     fc = cfg.fuse
     run_dir = Path(run_dir)
+    # 0. where we write: RUN/fused, built in a temporary folder and renamed when complete (manifest last)
     out = run_dir / "fused"
     if is_complete(out) and not overwrite:
         raise ArtifactError(f"{out} already holds a complete output; pass --overwrite to replace it")
     paths = [Path(p) for p in substitute_run_dir(list(fc.adapters), run_dir)]
     learned = fc.method == LEARNED
+
+    # 1. one base, the source adapters stacked on it (checked: same base, stackable)
     # The checks below compare logits of the fused and the stacked adapters: they run in float32 whatever
     # precision the stages trained in, so that a real mismatch is not lost in bf16 rounding (up to 0.05
     # logits on the tiny test model). The adapter files themselves do not depend on the compute dtype.
@@ -277,52 +317,42 @@ def run_fuse(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     peft_model = stacking.stack_adapters(base_model, {s.name: s.path for s in sources})
     peft_model.eval()
     loading.assert_bnb_guarded(peft_model)
+
+    # 2. the stacked adapters' logits on a probe text: what the fused adapter must reproduce
     ids = tok(PROBE_TEXT, return_tensors="pt").input_ids.to(base_model.device)
     all_ones = all(w == 1.0 for w in fc.weights) and not learned
     policy_logits = probe_logits(peft_model, ids, [s.name for s in sources]) if all_ones or learned else None
 
     with atomic_output(out, overwrite=overwrite) as tmp:
+        # 3. fuse: train the learned gate, or combine the adapters with fixed weights
         adapter_dir = tmp / "adapter"
         if learned:
             from pipeline.fusion.learned import train_learned
 
             metrics = train_learned(cfg, run_dir, sources, peft_model, tok, base, tmp, ids, policy_logits)
-            metrics["rank"] = json.loads((adapter_dir / "adapter_config.json").read_text())["r"]
+            metrics["rank"] = adapter_rank(adapter_dir)
             policy_logits = None  # the merged model below is the mean-gate approximation, not the policy
         else:
-            print(f"[fuse] {fc.method} of {', '.join(s.name for s in sources)} with weights {list(fc.weights)}",
-                  flush=True)
-            if fc.method == CAT:
-                fuse_cat(sources, list(fc.weights), adapter_dir, base.path)
-            else:
-                fuse_weighted(peft_model, sources, fc, adapter_dir, base.path)
-            metrics = {"rank": json.loads((adapter_dir / "adapter_config.json").read_text())["r"],
-                       "delta_rel_error_vs_weighted_sum": delta_rel_error(sources, list(fc.weights), adapter_dir)}
+            metrics = fuse_fixed(peft_model, sources, fc, adapter_dir, base.path)
+
+        # 4. check: with all weights 1, the fused adapter against the stacked ones (cat within CAT_TOLERANCE)
         if all_ones:
             diff = check_against_stacked(peft_model, adapter_dir, ids, policy_logits)
             metrics["max_abs_logit_diff_vs_stacked"] = diff
             if fc.method == CAT and diff > CAT_TOLERANCE:
                 raise FuseError(f"the fused adapter differs from the stacked adapters by {diff:.3g} logits "
                                 f"(> {CAT_TOLERANCE})")
+
+        # 5. free the NF4 model; the merged model (fuse.merged) on a freshly loaded dequantized base
         del peft_model, base_model
         gc.collect()  # the PeftModel holds reference cycles: free it before the merge loads a float32 base
         loading.release_free_memory()
         if fc.merged:
             metrics.update(merge_full(cfg.model, adapter_dir, tmp / "merged", fc.merged_dtype, ids.cpu(),
                                       policy_logits))
-            (tmp / "merged" / "README.md").write_text(model_card(cfg, base, sources, metrics, "merged"))
-        (adapter_dir / "README.md").write_text(model_card(cfg, base, sources, metrics, "adapter"))
-        if learned:
-            (tmp / "README.md").write_text(model_card(cfg, base, sources, metrics, "learned"))
-        data = {f"{s.name}:{k}": v for s in sources for k, v in (s.manifest.get("data") or {}).items()}
-        consumed = {s.name: {"path": str(s.path), "sha256": s.sha256, "stage": s.manifest.get("stage")}
-                    for s in sources}
-        outputs = (["fusion.json", "gate.safetensors", "adapters"] if learned else []) + ["adapter"] \
-            + (["merged"] if fc.merged else [])
-        write_manifest(tmp, "fuse", cfg, base, metrics, data=data, adapters=consumed,
-                       extra={"method": fc.method, "weights": None if learned else list(fc.weights),
-                              "density": fc.density, "outputs": outputs,
-                              "merged_dtype": fc.merged_dtype if fc.merged else None})
+
+        # 6. model cards, manifest (last)
+        write_cards_and_manifest(tmp, cfg, base, sources, metrics)
     for k, v in metrics.items():
         if isinstance(v, (int, float)):
             print(f"[fuse] {k}: {v:.3g}", flush=True)

@@ -11,15 +11,18 @@ bag of the response's token features from the first step. Reward models trained 
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from pipeline.artifacts import guard
 from pipeline.artifacts.checkpoints import (
+    Checkpoints,
     StageWork,
     load_state,
     restore_parameters,
@@ -130,8 +133,274 @@ def lr_at(step: int, total: int, warmup: int, kind: str) -> float:
     return 1.0 - frac if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+# ---------------------------------------------------------------------------------------------
+# The stage's steps
+
+
+@dataclass
+class PairSets:
+    """The stage's preference pairs after fitting to reward.max_length: ``train`` as ((chosen ids,
+    response start), (rejected ids, response start)); the kept held-out rows ``eval_rows`` with their
+    gold scores (None when the file has none); the load and length reports the manifest records."""
+    train: list[tuple[tuple[list[int], int], tuple[list[int], int]]]
+    train_report: Any
+    train_len: LengthReport
+    eval_rows: list[dict]
+    eval_report: Any
+    eval_len: Optional[LengthReport]
+    gold: Optional[list[tuple[float, float]]]
+
+
+@dataclass
+class RewardNet:
+    """The model being trained: NF4 base + LoRA + linear score ``head`` as one peft SEQ_CLS adapter
+    (``peft_model``), its tokenizer, the base's record for the manifest, and the trainable parameters."""
+    peft_model: Any
+    tok: Any
+    base: Any
+    head: torch.nn.Module
+    named: list[tuple[str, torch.nn.Parameter]]
+
+
+@dataclass
+class Progress:
+    """Where training stands, all of it saved in a checkpoint: the data generator, the shuffled pair
+    ``order``, the ``cursor`` into it and the ``epoch``; the per-micro-batch values since the last log
+    line (``window``) and the last micro-batch loss of every step (``losses``)."""
+    gen: torch.Generator
+    order: list[int]
+    cursor: int = 0
+    epoch: int = 0
+    window: dict[str, list[float]] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+
+
+def load_pair_rows(data_cfg) -> tuple[list[dict], Any, list[dict], Any]:
+    """Preference pairs (explicit conversational prompt) of ``data.pairs_train`` and ``data.pairs_eval``:
+    ``(train rows, train LoadReport, held-out rows, held-out LoadReport or None)``; prints the reports."""
+    dkw = loaders.loader_options(data_cfg)
+    train_rows, train_report = loaders.load_pairs(data_cfg.pairs_train, **dkw)
+    eval_rows, eval_report = loaders.load_pairs(data_cfg.pairs_eval, **dkw) if data_cfg.pairs_eval else ([], None)
+    for rep in (train_report, eval_report):
+        if rep is not None:
+            print(f"[reward] {rep.summary()}", flush=True)
+    return train_rows, train_report, eval_rows, eval_report
+
+
+def build_reward_model(cfg: PipelineConfig) -> RewardNet:
+    """The NF4 base (``cfg.model``) with a LoRA adapter (``reward.lora``) and a linear score head, seeded
+    by reward.seed; LoRA and head weights are float32 masters."""
     from peft import get_peft_model
+
+    # Seeded first: the score head is drawn while loading, then the LoRA weights (the same reward.seed gives
+    # the same model whatever the caller did with the global RNG before; a resumed run relies on it too).
+    torch.manual_seed(cfg.reward.seed)
+    model, tok, base = loading.load_base(cfg.model, kind="seqcls", num_labels=1)
+    peft_model = get_peft_model(model, loading.lora_config(cfg.reward.lora, task_type="SEQ_CLS", model=model))
+    restore_fp32_trainables(peft_model)  # LoRA and head weights are float32 masters in bf16 compute too
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    return RewardNet(peft_model, tok, base, peft_model.base_model.model.score, named)
+
+
+def build_optimizer(named: list[tuple[str, torch.nn.Parameter]], rc) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: LoRA at reward.learning_rate, the score head at
+    reward.head_learning_rate (default: the same)."""
+    return torch.optim.AdamW(
+        [{"params": [p for n, p in named if ".score." not in n], "lr": rc.learning_rate},
+         {"params": [p for n, p in named if ".score." in n], "lr": rc.head_learning_rate or rc.learning_rate}],
+        weight_decay=0.0)
+
+
+def fit_pair_sets(tok, cfg: PipelineConfig, train_rows: list[dict], train_report, eval_rows: list[dict],
+                  eval_report) -> PairSets:
+    """The loaded pairs fitted to reward.max_length by data.long_rows (cut from the left, dropped or
+    refused), in training and held-out scoring alike, with the held-out pairs' gold; prints the reports."""
+    rc, policy = cfg.reward, cfg.data.long_rows
+    _, pairs, train_len = fit_pairs(tok, train_rows, rc.max_length, policy, "reward training pairs",
+                                    train_report.row_name)
+    eval_len, gold = None, None
+    if eval_rows:
+        kept, _, eval_len = fit_pairs(tok, eval_rows, rc.max_length, policy, "reward held-out pairs",
+                                      eval_report.row_name)
+        gold = _pair_gold(cfg.data.pairs_eval, eval_report.row_numbers)
+        eval_rows = [eval_rows[i] for i in kept]
+        gold = [gold[i] for i in kept] if gold is not None else None
+    for rep in (train_len, eval_len):
+        if rep is not None:
+            print(f"[reward] {rep.summary()}", flush=True)
+    return PairSets(pairs, train_report, train_len, eval_rows, eval_report, eval_len, gold)
+
+
+def schedule(rc, n_pairs: int) -> tuple[int, int]:
+    """``(optimizer steps, warm-up steps)``: reward.max_steps, or reward.epochs over ``n_pairs`` pairs at
+    batch_size * grad_accum pairs a step; warm-up is reward.warmup_ratio of the steps."""
+    per_step = rc.batch_size * rc.grad_accum
+    steps = rc.max_steps if rc.max_steps > 0 else max(1, math.ceil(rc.epochs * n_pairs / per_step))
+    return steps, round(rc.warmup_ratio * steps)
+
+
+def start_progress(seed: int, n_pairs: int, state: Optional[dict], ckpt: Optional[Path],
+                   named: list[tuple[str, torch.nn.Parameter]], optimizer) -> tuple[int, Progress]:
+    """``(first step, Progress)``: a fresh shuffle of ``n_pairs`` pairs by ``seed``, or, given a
+    checkpoint's ``state``, everything it saved put back (parameters, optimizer, both RNGs, data position)."""
+    gen = torch.Generator().manual_seed(seed)
+    progress = Progress(gen, torch.randperm(n_pairs, generator=gen).tolist())
+    if state is None:
+        return 0, progress
+    restore_parameters(named, state["params"], ckpt)
+    optimizer.load_state_dict(state["optimizer"])
+    gen.set_state(state["data_rng"])
+    set_rng_state(state["rng"])
+    progress.order, progress.cursor, progress.epoch = state["order"], state["cursor"], state["epoch"]
+    progress.window, progress.losses = state["window"], state["losses"]
+    print(f"[reward] resumed from {ckpt} at step {state['step']}", flush=True)
+    return state["step"], progress
+
+
+def save_checkpoint(checkpoints: Checkpoints, step: int, named: list[tuple[str, torch.nn.Parameter]], optimizer,
+                    progress: Progress) -> Path:
+    """Weights, optimizer, both RNGs and the data position after ``step`` steps, as checkpoint ``step``;
+    returns its folder."""
+    saved = {"params": dict(named), "optimizer": optimizer.state_dict(), "data_rng": progress.gen.get_state(),
+             "rng": rng_state(), "step": step, "order": progress.order, "cursor": progress.cursor,
+             "epoch": progress.epoch, "window": progress.window, "losses": progress.losses}
+    return checkpoints.save(step, functools.partial(save_state, state=saved))
+
+
+def set_learning_rate(optimizer, step: int, steps: int, warmup: int, kind: str) -> None:
+    """Each parameter group's rate for ``step``: its initial rate times :func:`lr_at`."""
+    for g in optimizer.param_groups:
+        g.setdefault("initial_lr", g["lr"])
+        g["lr"] = g["initial_lr"] * lr_at(step, steps, warmup, kind)
+
+
+def next_batch(pairs: list, progress: Progress, size: int) -> list:
+    """The next ``size`` pairs in the shuffled order; at the end of an epoch the data generator draws a
+    new order. Advances ``progress``."""
+    batch = []
+    while len(batch) < size:
+        if progress.cursor == len(progress.order):
+            progress.order = torch.randperm(len(pairs), generator=progress.gen).tolist()
+            progress.cursor, progress.epoch = 0, progress.epoch + 1
+        batch.append(pairs[progress.order[progress.cursor]])
+        progress.cursor += 1
+    return batch
+
+
+def pair_scores(net: RewardNet, batch: list, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 scores ``(chosen, rejected)`` of a batch of pairs, both sides in one forward."""
+    feats = pooled_features(net.peft_model, [b[0] for b in batch] + [b[1] for b in batch], net.tok.pad_token_id,
+                            pooling)
+    scores = net.head(feats).squeeze(-1)  # float32 features, float32 head (restore_fp32_trainables)
+    return scores[:len(batch)], scores[len(batch):]
+
+
+def train_step(net: RewardNet, optimizer, pairs: list, progress: Progress, rc, step: int, steps: int,
+               warmup: int) -> torch.Tensor:
+    """One optimizer step (index ``step`` of ``steps``) over reward.grad_accum batches of pairs with the
+    pairwise loss; records loss, accuracy and margin in ``progress``. Returns the gradient norm."""
+    set_learning_rate(optimizer, step, steps, warmup, rc.lr_scheduler)
+    for _ in range(rc.grad_accum):
+        chosen, rejected = pair_scores(net, next_batch(pairs, progress, rc.batch_size), rc.pooling)
+        loss = pairwise_loss(chosen, rejected, rc.center_rewards_coefficient)
+        if not torch.isfinite(loss):
+            raise ArtifactError(f"reward step {step + 1}: loss is {loss.item()}; lower reward.learning_rate")
+        (loss / rc.grad_accum).backward()
+        for k, v in (("loss", loss.item()), ("accuracy", (chosen > rejected).float().mean().item()),
+                     ("margin", (chosen - rejected).mean().item())):
+            progress.window.setdefault(k, []).append(v)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in net.named], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loading.release_free_memory()  # the step's freed activations go back to the OS
+    progress.losses.append(progress.window["loss"][-1])
+    return grad_norm
+
+
+def log_window(logger: MetricsLogger, bar, progress: Progress, step: int, optimizer, grad_norm: torch.Tensor,
+               t_train: float) -> None:
+    """One metrics row for ``step``: the window's means, gradient norm, rate, epoch; empties the window."""
+    row = {f"reward/{k}": sum(v) / len(v) for k, v in progress.window.items()}
+    logger.log({"step": step, **row, "reward/grad_norm": float(grad_norm),
+                "reward/learning_rate": optimizer.param_groups[0]["lr"],
+                "reward/epoch": progress.epoch + progress.cursor / len(progress.order),
+                "time/elapsed": round(time.time() - t_train, 2)}, step=step)
+    bar.set_postfix(loss=f"{row['reward/loss']:.3f}", acc=f"{row['reward/accuracy']:.2f}")
+    progress.window = {}
+
+
+def trained_scorer(net: RewardNet, rc) -> RewardModelScorer:
+    """The scorer PPO will use, on the model just trained (its own adapter "default")."""
+    wrapped = getattr(net.head, "modules_to_save", None)
+    head = wrapped["default"] if wrapped is not None else net.head
+    return RewardModelScorer(net.peft_model, net.tok, head.weight, head.bias, adapter="default",
+                             max_length=rc.max_length, pooling=rc.pooling)
+
+
+def spearman_on_sft_eval(scorer: RewardModelScorer, data_cfg) -> float:
+    """Rank correlation between the reward model and gold (VADER sentiment) on the data.sft_eval
+    responses, for runs whose SFT stage left no samples of its own."""
+    from reward.registry import build_reward
+
+    sft_rows, _ = loaders.load_sft(data_cfg.sft_eval, **loaders.loader_options(data_cfg))
+    convs = [r["messages"][:-1] for r in sft_rows]
+    responses = [r["messages"][-1]["content"] for r in sft_rows]
+    learned = scorer([""] * len(convs), responses, prompt_messages=convs)
+    gold = build_reward("sentiment")([c[-1]["content"] for c in convs], responses).total
+    return spearman(learned, gold)
+
+
+def held_out_metrics(scorer: RewardModelScorer, pairs: PairSets, cfg: PipelineConfig, sft_dir: Path) -> dict:
+    """Held-out pair accuracy and margin (``eval_*``), and the rank correlation with gold on the SFT
+    policy's samples (or, without them, on data.sft_eval)."""
+    metrics: dict = {}
+    if pairs.eval_rows:
+        held = pair_metrics(scorer, pairs.eval_rows, pairs.gold, cfg.reward.gold_min_gap,
+                            progress="reward held-out pairs")
+        metrics.update({f"eval_{k}": v for k, v in held.items()})
+    on_sft = spearman_on_sft_samples(scorer, sft_dir)
+    if on_sft is not None:
+        metrics.update(on_sft)
+    elif cfg.data.sft_eval:
+        metrics["spearman_vs_gold_sft_eval"] = spearman_on_sft_eval(scorer, cfg.data)
+    return metrics
+
+
+def write_outputs(work: Path, cfg: PipelineConfig, net: RewardNet, pairs: PairSets, metrics: dict) -> None:
+    """Adapter (LoRA + score head), tokenizer, config and manifest (last) into ``work``."""
+    net.peft_model.save_pretrained(work)
+    net.tok.save_pretrained(work)
+    dc = cfg.data
+    write_manifest(work, "reward", cfg, net.base, metrics,
+                   data={"train": loaders.manifest_entry(dc.pairs_train, pairs.train_report, dc.split, pairs.train_len),
+                         "eval": loaders.manifest_entry(dc.pairs_eval, pairs.eval_report, dc.split, pairs.eval_len)
+                         if pairs.eval_report else {"source": dc.pairs_eval}},
+                   extra={"pooling": cfg.reward.pooling})
+
+
+def print_summary(metrics: dict, gold_min_gap: float, out: Path) -> None:
+    """The stage's closing lines: time, output folder, held-out accuracies and rank correlations."""
+    print(f"[reward] done in {metrics['wall_seconds']}s -> {out}", flush=True)
+    if "eval_accuracy" in metrics:
+        print(f"[reward] held-out accuracy vs labels {metrics['eval_accuracy']:.3f} ± "
+              f"{metrics['eval_accuracy_se']:.3f} (n={metrics['eval_accuracy_n']}), margin {metrics['eval_margin']:.3f}",
+              flush=True)
+    if "eval_accuracy_vs_gold" in metrics:
+        print(f"[reward] held-out accuracy vs gold {metrics['eval_accuracy_vs_gold']:.3f} ± "
+              f"{metrics['eval_accuracy_vs_gold_se']:.3f} (n={metrics['eval_accuracy_vs_gold_n']} pairs whose gold "
+              f"differs by >= {gold_min_gap})", flush=True)
+    for k in ("spearman_vs_gold_sft_samples", "spearman_vs_gold_sft_eval"):
+        if k in metrics:
+            print(f"[reward] {k}: {metrics[k]:.3f}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage
+
+
+def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Train the reward model of ``cfg.reward`` into ``RUN/reward`` (resumable from RUN/reward.work with
+    ``resume``); returns ``RUN/reward``."""
     from tqdm.auto import tqdm
 
     rc = cfg.reward
@@ -145,161 +414,52 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
     t0 = time.time()
 
     # 1. data: preference pairs with an explicit conversational prompt
-    dkw = loaders.loader_options(cfg.data)
-    train_rows, train_report = loaders.load_pairs(cfg.data.pairs_train, **dkw)
-    eval_rows, eval_report = loaders.load_pairs(cfg.data.pairs_eval, **dkw) if cfg.data.pairs_eval else ([], None)
-    for rep in (train_report, eval_report):
-        if rep is not None:
-            print(f"[reward] {rep.summary()}", flush=True)
+    train_rows, train_report, eval_rows, eval_report = load_pair_rows(cfg.data)
 
     # 2. model: NF4 base + LoRA (top layers) + a linear score head, as one peft SEQ_CLS adapter
-    # Seeded first: the score head is drawn while loading, then the LoRA weights (the same reward.seed gives
-    # the same model whatever the caller did with the global RNG before; a resumed run relies on it too).
-    torch.manual_seed(rc.seed)
-    model, tok, base = loading.load_base(cfg.model, kind="seqcls", num_labels=1)
-    peft_model = get_peft_model(model, loading.lora_config(rc.lora, task_type="SEQ_CLS", model=model))
-    restore_fp32_trainables(peft_model)  # LoRA and head weights are float32 masters in bf16 compute too
-    head = peft_model.base_model.model.score
-    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in named if ".score." not in n], "lr": rc.learning_rate},
-         {"params": [p for n, p in named if ".score." in n], "lr": rc.head_learning_rate or rc.learning_rate}],
-        weight_decay=0.0)
-    trainable, total = loading.count_parameters(peft_model)
+    net = build_reward_model(cfg)
+    optimizer = build_optimizer(net.named, rc)
+    trainable, total = loading.count_parameters(net.peft_model)
     print(f"[reward] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); "
           f"pooling {rc.pooling}", flush=True)
 
-    # Pairs over reward.max_length are cut from the left, dropped or refused (data.long_rows), in training
-    # and held-out scoring alike.
-    pad = tok.pad_token_id
-    policy = cfg.data.long_rows
-    _, pairs, train_len = fit_pairs(tok, train_rows, rc.max_length, policy, "reward training pairs",
-                                    train_report.row_name)
-    eval_len = None
-    if eval_rows:
-        kept, _, eval_len = fit_pairs(tok, eval_rows, rc.max_length, policy, "reward held-out pairs",
-                                      eval_report.row_name)
-        gold = _pair_gold(cfg.data.pairs_eval, eval_report.row_numbers)
-        eval_rows = [eval_rows[i] for i in kept]
-        gold = [gold[i] for i in kept] if gold is not None else None
-    for rep in (train_len, eval_len):
-        if rep is not None:
-            print(f"[reward] {rep.summary()}", flush=True)
-    per_step = rc.batch_size * rc.grad_accum
-    steps = rc.max_steps if rc.max_steps > 0 else max(1, math.ceil(rc.epochs * len(pairs) / per_step))
-    warmup = round(rc.warmup_ratio * steps)
+    # 3. the pairs fitted to reward.max_length (the tokenizer came with the model), and the schedule
+    pairs = fit_pair_sets(net.tok, cfg, train_rows, train_report, eval_rows, eval_report)
+    steps, warmup = schedule(rc, len(pairs.train))
 
-    # 3. train: shuffled batches of pairs, chosen and rejected rows in one forward; resumable
+    # 4. resume: shuffled pair order from reward.seed, or everything a checkpoint saved
     t_train = time.time()
-    gen = torch.Generator().manual_seed(rc.seed)
-    start, order, cursor, epoch = 0, torch.randperm(len(pairs), generator=gen).tolist(), 0, 0
-    window: dict[str, list[float]] = {}
-    losses: list[float] = []
-    if state is not None:
-        restore_parameters(named, state["params"], ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["data_rng"])
-        set_rng_state(state["rng"])
-        start, order, cursor, epoch = state["step"], state["order"], state["cursor"], state["epoch"]
-        window, losses = state["window"], state["losses"]
-        state = None  # the parameters and the optimizer hold it now
-        print(f"[reward] resumed from {ckpt} at step {start}", flush=True)
+    start, progress = start_progress(rc.seed, len(pairs.train), state, ckpt, net.named, optimizer)
+    state = None  # the parameters and the optimizer hold it now
     logger = MetricsLogger(work / "metrics.jsonl", work / "tensorboard" if rc.tensorboard else None,
                            resume_step=start if ckpt is not None else None)
 
-    def save(step: int) -> Path:
-        """Weights, optimizer, both RNGs and the data position after ``step`` steps."""
-        saved = {"params": dict(named), "optimizer": optimizer.state_dict(), "data_rng": gen.get_state(),
-                 "rng": rng_state(), "step": step, "order": order, "cursor": cursor, "epoch": epoch,
-                 "window": window, "losses": losses}
-        return stage.checkpoints.save(step, lambda folder: save_state(folder, saved))
-
-    peft_model.train()
+    # 5. train: shuffled batches of pairs, chosen and rejected rows in one forward; a checkpoint every save_steps
+    net.peft_model.train()
     bar = tqdm(range(start, steps), desc="reward", unit="step", initial=start, total=steps)
     guard.graceful_stop(True)  # SIGINT/SIGTERM from here on: finish the step, save it, stop
     for step in bar:
-        for g in optimizer.param_groups:
-            g.setdefault("initial_lr", g["lr"])
-            g["lr"] = g["initial_lr"] * lr_at(step, steps, warmup, rc.lr_scheduler)
-        for _ in range(rc.grad_accum):
-            batch = []
-            while len(batch) < rc.batch_size:
-                if cursor == len(order):
-                    order, cursor, epoch = torch.randperm(len(pairs), generator=gen).tolist(), 0, epoch + 1
-                batch.append(pairs[order[cursor]])
-                cursor += 1
-            feats = pooled_features(peft_model, [b[0] for b in batch] + [b[1] for b in batch], pad, rc.pooling)
-            scores = head(feats).squeeze(-1)  # float32 features, float32 head (restored above)
-            chosen, rejected = scores[:len(batch)], scores[len(batch):]
-            loss = pairwise_loss(chosen, rejected, rc.center_rewards_coefficient)
-            if not torch.isfinite(loss):
-                raise ArtifactError(f"reward step {step + 1}: loss is {loss.item()}; lower reward.learning_rate")
-            (loss / rc.grad_accum).backward()
-            for k, v in (("loss", loss.item()), ("accuracy", (chosen > rejected).float().mean().item()),
-                         ("margin", (chosen - rejected).mean().item())):
-                window.setdefault(k, []).append(v)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loading.release_free_memory()  # the step's freed activations go back to the OS
-        losses.append(window["loss"][-1])
+        grad_norm = train_step(net, optimizer, pairs.train, progress, rc, step, steps, warmup)
         if (step + 1) % rc.logging_steps == 0 or step + 1 == steps:
-            row = {f"reward/{k}": sum(v) / len(v) for k, v in window.items()}
-            logger.log({"step": step + 1, **row, "reward/grad_norm": float(grad_norm),
-                        "reward/learning_rate": optimizer.param_groups[0]["lr"],
-                        "reward/epoch": epoch + cursor / len(order),
-                        "time/elapsed": round(time.time() - t_train, 2)}, step=step + 1)
-            bar.set_postfix(loss=f"{row['reward/loss']:.3f}", acc=f"{row['reward/accuracy']:.2f}")
-            window = {}
-        guard.end_of_step("reward", step + 1, steps, rc.save_steps, lambda: save(step + 1))
+            log_window(logger, bar, progress, step + 1, optimizer, grad_norm, t_train)
+        guard.end_of_step("reward", step + 1, steps, rc.save_steps,
+                          functools.partial(save_checkpoint, stage.checkpoints, step + 1, net.named, optimizer,
+                                            progress))
     guard.graceful_stop(False)
-    peft_model.eval()
+    net.peft_model.eval()
     metrics: dict = {"trainable_params": trainable, "total_params": total, "steps": steps,
-                     "train_loss": sum(losses) / len(losses), "train_seconds": round(time.time() - t_train, 1),
-                     **train_len.metrics("train"), **(eval_len.metrics("eval") if eval_len else {})}
+                     "train_loss": sum(progress.losses) / len(progress.losses),
+                     "train_seconds": round(time.time() - t_train, 1), **pairs.train_len.metrics("train"),
+                     **(pairs.eval_len.metrics("eval") if pairs.eval_len else {})}
 
-    # 4. held-out accuracy and margin, with the same scorer PPO will use
-    wrapped = getattr(head, "modules_to_save", None)
-    head_module = wrapped["default"] if wrapped is not None else head
-    scorer = RewardModelScorer(peft_model, tok, head_module.weight, head_module.bias, adapter="default",
-                               max_length=rc.max_length, pooling=rc.pooling)
-    if eval_rows:
-        held = pair_metrics(scorer, eval_rows, gold, rc.gold_min_gap, progress="reward held-out pairs")
-        metrics.update({f"eval_{k}": v for k, v in held.items()})
-    on_sft = spearman_on_sft_samples(scorer, Path(run_dir) / "sft")
-    if on_sft is not None:
-        metrics.update(on_sft)
-    elif cfg.data.sft_eval:
-        sft_rows, _ = loaders.load_sft(cfg.data.sft_eval, **dkw)
-        convs = [r["messages"][:-1] for r in sft_rows]
-        responses = [r["messages"][-1]["content"] for r in sft_rows]
-        learned = scorer([""] * len(convs), responses, prompt_messages=convs)
-        from reward.registry import build_reward
-
-        gold = build_reward("sentiment")([c[-1]["content"] for c in convs], responses).total
-        metrics["spearman_vs_gold_sft_eval"] = spearman(learned, gold)
+    # 6. held-out accuracy and margin, with the same scorer PPO will use; rank correlation with gold
+    metrics.update(held_out_metrics(trained_scorer(net, rc), pairs, cfg, Path(run_dir) / "sft"))
     metrics["wall_seconds"] = round(time.time() - t0, 1)
     logger.log({"step": steps, **{f"reward/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
     logger.close()
 
-    # 5. save: adapter (LoRA + score head) + tokenizer + config + manifest (last), then RUN/reward.work -> RUN/reward
-    peft_model.save_pretrained(work)
-    tok.save_pretrained(work)
-    write_manifest(work, "reward", cfg, base, metrics,
-                   data={"train": loaders.manifest_entry(cfg.data.pairs_train, train_report, cfg.data.split, train_len),
-                         "eval": loaders.manifest_entry(cfg.data.pairs_eval, eval_report, cfg.data.split, eval_len)
-                         if eval_report else {"source": cfg.data.pairs_eval}},
-                   extra={"pooling": rc.pooling})
+    # 7. save: adapter (LoRA + score head) + tokenizer + config + manifest (last), then RUN/reward.work -> RUN/reward
+    write_outputs(work, cfg, net, pairs, metrics)
     stage.publish()
-    print(f"[reward] done in {metrics['wall_seconds']}s -> {out}", flush=True)
-    if "eval_accuracy" in metrics:
-        print(f"[reward] held-out accuracy vs labels {metrics['eval_accuracy']:.3f} ± {metrics['eval_accuracy_se']:.3f} "
-              f"(n={metrics['eval_accuracy_n']}), margin {metrics['eval_margin']:.3f}", flush=True)
-    if "eval_accuracy_vs_gold" in metrics:
-        print(f"[reward] held-out accuracy vs gold {metrics['eval_accuracy_vs_gold']:.3f} ± "
-              f"{metrics['eval_accuracy_vs_gold_se']:.3f} (n={metrics['eval_accuracy_vs_gold_n']} pairs whose gold "
-              f"differs by >= {rc.gold_min_gap})", flush=True)
-    for k in ("spearman_vs_gold_sft_samples", "spearman_vs_gold_sft_eval"):
-        if k in metrics:
-            print(f"[reward] {k}: {metrics[k]:.3f}", flush=True)
+    print_summary(metrics, rc.gold_min_gap, out)
     return out

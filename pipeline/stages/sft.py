@@ -130,7 +130,70 @@ def eval_loss(trainer, max_length: int) -> float:
     return result["eval_loss"]
 
 
+def fit_gold_prompts(tok, eval_rows: list[dict], eval_report: Optional[loaders.LoadReport],
+                     cfg: PipelineConfig) -> tuple[list[list[dict]], lengths.LengthReport]:
+    """The prompts of the first sft.gold_eval_prompts eval conversations, fitted to ppo.max_prompt_length
+    by data.long_rows, as PPO will sample them: ``(prompts, LengthReport)``."""
+    kept, _, report = rollout.fit_prompts(
+        tok, [{"prompt": r["messages"][:-1]} for r in eval_rows[:cfg.sft.gold_eval_prompts]], eval_report,
+        cfg.ppo.max_prompt_length, cfg.data.long_rows, "SFT gold-check prompts")
+    if report.over:
+        print(f"[sft] {report.summary()}", flush=True)
+    return [r["prompt"] for r in kept], report
+
+
+def sft_gold_samples(model, tok, prompts: list[list[dict]], cfg: PipelineConfig) -> list[dict]:
+    """:func:`gold_samples` of ``model`` on ``prompts`` with the SFT stage's settings (sft.gold_*,
+    ppo.temperature, ppo.max_prompt_length)."""
+    sc = cfg.sft
+    return gold_samples(model, tok, prompts, sc.gold_samples_per_prompt, sc.gold_max_new_tokens, cfg.ppo.temperature,
+                        sc.seed, sc.gold_batch_size, cfg.ppo.max_prompt_length)
+
+
+def evaluate_before(trainer, tok, eval_prompts: list[list[dict]], cfg: PipelineConfig, has_eval: bool) -> dict:
+    """Eval loss (with eval rows) and gold of the base's samples before training: ``{"metrics": {...},
+    "samples": [rows tagged "base"]}``."""
+    before: dict = {"metrics": {}, "samples": []}
+    if has_eval:
+        before["metrics"]["eval_loss_before"] = eval_loss(trainer, cfg.sft.max_length)
+    if eval_prompts:
+        # The base model: the SFT adapter is a no-op before training (LoRA B starts at zero).
+        rows = sft_gold_samples(trainer.model, tok, eval_prompts, cfg)
+        before["samples"] = [{"model": "base", **r} for r in rows]
+        before["metrics"]["gold_before"], before["metrics"]["gold_before_se"] = mean_se([r["gold"] for r in rows])
+    return before
+
+
+def evaluate_after(trainer, tok, eval_prompts: list[list[dict]], cfg: PipelineConfig,
+                   has_eval: bool) -> tuple[dict, list[dict]]:
+    """Eval loss (with eval rows) and gold of the trained policy's samples: ``(metrics, samples tagged
+    "sft")``."""
+    metrics: dict = {}
+    if has_eval:
+        metrics["eval_loss_after"] = eval_loss(trainer, cfg.sft.max_length)
+    rows: list[dict] = []
+    if eval_prompts:
+        rows = sft_gold_samples(trainer.model, tok, eval_prompts, cfg)
+        metrics["gold_after"], metrics["gold_after_se"] = mean_se([r["gold"] for r in rows])
+        metrics["gold_samples"] = len(rows)
+    return metrics, [{"model": "sft", **r} for r in rows]
+
+
+def print_summary(metrics: dict, n_prompts: int, out: Path) -> None:
+    """The stage's closing lines: time, output folder, eval loss and gold before and after."""
+    print(f"[sft] done in {metrics['wall_seconds']}s -> {out}", flush=True)
+    for k in ("eval_loss_before", "eval_loss_after"):
+        if k in metrics:
+            print(f"[sft] {k}: {metrics[k]:.4f}", flush=True)
+    if "gold_after" in metrics:
+        print(f"[sft] gold on {metrics['gold_samples']} samples of {n_prompts} eval prompts: base "
+              f"{metrics['gold_before']:.3f} ± {metrics['gold_before_se']:.3f} -> SFT {metrics['gold_after']:.3f} ± "
+              f"{metrics['gold_after_se']:.3f}", flush=True)
+
+
 def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Fine-tune a LoRA adapter on ``data.sft_train`` into ``RUN/sft`` (resumable from RUN/sft.work with
+    ``resume``); returns ``RUN/sft``."""
     sc = cfg.sft
     # 0. where we write: RUN/sft.work (a checkpoint every sft.save_steps), renamed to RUN/sft at the end
     stage = StageWork(run_dir, "sft", keep=sc.keep_checkpoints, complete=(TRAINER_STATE,))
@@ -162,13 +225,7 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         cfg, model, tok, train_rows, eval_rows, (train_report, eval_report), work / "trainer",
         loading.lora_config(sc.lora, model=model),
         [JsonlMetrics(logger, "sft"), ReleaseMemory(), ResumableCheckpoints(stage.checkpoints)], sc.save_steps)
-    # The gold check samples as PPO does: prompts fitted to ppo.max_prompt_length by data.long_rows.
-    kept, _, fitted["gold_prompts"] = rollout.fit_prompts(
-        tok, [{"prompt": r["messages"][:-1]} for r in eval_rows[:sc.gold_eval_prompts]], eval_report,
-        cfg.ppo.max_prompt_length, cfg.data.long_rows, "SFT gold-check prompts")
-    eval_prompts = [r["prompt"] for r in kept]
-    if fitted["gold_prompts"].over:
-        print(f"[sft] {fitted['gold_prompts'].summary()}", flush=True)
+    eval_prompts, fitted["gold_prompts"] = fit_gold_prompts(tok, eval_rows, eval_report, cfg)
     trainable, total = loading.count_parameters(trainer.model)
     print(f"[sft] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", flush=True)
 
@@ -179,18 +236,9 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     if ckpt is not None and before_path.is_file():
         before = json.loads(before_path.read_text())
     else:
-        before = {"metrics": {}, "samples": []}
-        if "eval" in fitted:
-            before["metrics"]["eval_loss_before"] = eval_loss(trainer, sc.max_length)
-        if eval_prompts:
-            # The base model: the SFT adapter is a no-op before training (LoRA B starts at zero).
-            rows = gold_samples(trainer.model, tok, eval_prompts, sc.gold_samples_per_prompt, sc.gold_max_new_tokens,
-                                cfg.ppo.temperature, sc.seed, sc.gold_batch_size, cfg.ppo.max_prompt_length)
-            before["samples"] = [{"model": "base", **r} for r in rows]
-            before["metrics"]["gold_before"], before["metrics"]["gold_before_se"] = mean_se([r["gold"] for r in rows])
+        before = evaluate_before(trainer, tok, eval_prompts, cfg, "eval" in fitted)
         write_text_atomic(before_path, json.dumps(before))
     metrics.update(before["metrics"])
-    samples: list[dict] = list(before["samples"])
 
     # 4. train (from the checkpoint when resuming: adapter, optimizer, scheduler, RNG, data position)
     t_train = time.time()
@@ -209,16 +257,11 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     metrics["train_tokens_per_second"] = round(metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9), 1)
 
     # 5. evaluate after training
-    if "eval" in fitted:
-        metrics["eval_loss_after"] = eval_loss(trainer, sc.max_length)
+    after, sft_samples = evaluate_after(trainer, tok, eval_prompts, cfg, "eval" in fitted)
+    metrics.update(after)
     if eval_prompts:
-        rows = gold_samples(trainer.model, tok, eval_prompts, sc.gold_samples_per_prompt, sc.gold_max_new_tokens,
-                            cfg.ppo.temperature, sc.seed, sc.gold_batch_size, cfg.ppo.max_prompt_length)
-        samples += [{"model": "sft", **r} for r in rows]
-        metrics["gold_after"], metrics["gold_after_se"] = mean_se([r["gold"] for r in rows])
-        metrics["gold_samples"] = len(rows)
         # Kept for the reward stage: its correlation with gold on what the SFT policy writes.
-        write_jsonl(work / GOLD_SAMPLES, samples)
+        write_jsonl(work / GOLD_SAMPLES, before["samples"] + sft_samples)
     metrics["wall_seconds"] = round(time.time() - t0, 1)
     logger.log({"step": trainer.state.global_step, **{f"sft/{k}": v for k, v in metrics.items()
                                                       if isinstance(v, (int, float))}})
@@ -235,12 +278,5 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                          "eval": loaders.manifest_entry(cfg.data.sft_eval, eval_report, cfg.data.split, fitted["eval"])
                          if eval_report else {"source": cfg.data.sft_eval}})
     stage.publish()
-    print(f"[sft] done in {metrics['wall_seconds']}s -> {out}", flush=True)
-    for k in ("eval_loss_before", "eval_loss_after"):
-        if k in metrics:
-            print(f"[sft] {k}: {metrics[k]:.4f}", flush=True)
-    if "gold_after" in metrics:
-        print(f"[sft] gold on {metrics['gold_samples']} samples of {len(eval_prompts)} eval prompts: base "
-              f"{metrics['gold_before']:.3f} ± {metrics['gold_before_se']:.3f} -> SFT {metrics['gold_after']:.3f} ± "
-              f"{metrics['gold_after_se']:.3f}", flush=True)
+    print_summary(metrics, len(eval_prompts), out)
     return out
