@@ -1,4 +1,4 @@
-"""Every `generate` call in the project, and the forward pass that scores sampled responses.
+"""Every `generate` call in the project: prompts encoded and fitted, stop tokens, Gumbel-max sampling, decoding.
 
 Prompts are left-padded; responses are right-padded after the first stop token. Position ids are
 derived from the attention mask so a row's logits do not depend on how much left padding it has.
@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from pipeline.data import lengths
 from pipeline.models import loading
 from pipeline.models.forwards import left_pad
 from pipeline.rl import ppo_math
@@ -43,8 +44,6 @@ def fit_prompts(tokenizer, rows: list[dict], report, max_prompt_length: int, lon
                 what: str) -> tuple[list[dict], list[list[int]], "lengths.LengthReport"]:
     """Prompt rows (``{"prompt": messages}``, as loaded with ``report``) encoded and fitted to
     ``max_prompt_length`` by ``data.long_rows``: ``(kept rows, their ids, LengthReport)``."""
-    from pipeline.data import lengths
-
     kept, ids, fitted = lengths.fit_prompt_ids([prompt_ids(tokenizer, r["prompt"]) for r in rows], max_prompt_length,
                                                long_rows, what, "ppo.max_prompt_length", report.row_name)
     return [rows[i] for i in kept], ids, fitted
