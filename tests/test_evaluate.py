@@ -425,7 +425,7 @@ def test_eval_forgetting_empty_skips_it_and_a_missing_file_stops_first(eval_run,
 
 
 def test_exact_cat_fusion_of_a_checkpoint_is_recognised():
-    from pipeline.stages.evaluate import exact_copy_of
+    from pipeline.evaluation.runs import exact_copy_of
 
     ckpts = {"b" * 64: "step-000030", "c" * 64: "step-000015"}
     cat = {"method": "cat", "weights": [1.0, 1.0],
