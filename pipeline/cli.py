@@ -256,5 +256,38 @@ def score(cfg, run_dir, input_path, output_path, rewards_yaml):
     run_score(cfg, run_dir, input_path, output_path, rewards_yaml)
 
 
+@main.command(help="Measure this machine: CPU, instruction sets, the compute dtype model.compute_dtype=auto picks, "
+              "and the matmul throughput (FLOP/s) in float32 and bfloat16 on the threads the stages use: the peak "
+              "MFU is computed against. Nothing is loaded or written unless --json is given.")
+@click.option("--seconds", default=0.5, show_default=True, type=click.FloatRange(min=0.05),
+              help="How long each dtype's matmul is repeated (the best repeat is kept).")
+@click.option("--size", default=1024, show_default=True, type=click.IntRange(min=16),
+              help="Side of the square matrices multiplied.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the figures to this JSON file.")
+def doctor(seconds, size, json_path):
+    import json
+
+    import torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.models import loading, throughput
+
+    cpu = throughput.cpu_description()
+    threads = torch.get_num_threads()
+    auto = loading.describe_precision(ModelConfig(compute_dtype="auto"), torch.device("cpu"))
+    peaks = {name: throughput.probe_matmul(dtype, size=size, seconds=seconds)
+             for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    click.echo(f"cpu: {cpu['cpu'] or 'unknown'}; {', '.join(cpu['isa']) or 'no AVX2/AVX512/AMX flags seen'}")
+    click.echo(f"torch {torch.__version__}, {threads} threads; model.compute_dtype=auto: {auto}")
+    for name, flops in peaks.items():
+        click.echo(f"matmul {size}x{size} {name}: {flops / 1e9:,.1f} GFLOP/s")
+    click.echo(f"bfloat16 / float32: {peaks['bfloat16'] / peaks['float32']:.2f}x")
+    if json_path:
+        Path(json_path).write_text(json.dumps({**cpu, "torch": torch.__version__, "threads": threads,
+                                               "compute_dtype_auto": auto, "matmul_size": size,
+                                               "matmul_flops_per_s": peaks}, indent=1))
+
+
 if __name__ == "__main__":
     sys.exit(main())

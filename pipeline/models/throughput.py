@@ -1,0 +1,137 @@
+"""What model FLOPs utilisation (MFU) is computed from: a decoder's FLOPs per token, counted
+analytically, and this machine's measured matmul throughput in a compute dtype.
+
+MFU = model FLOPs / (wall seconds x peak FLOP/s), as PaLM reports it (Chowdhery et al. 2022, appendix B)
+and nanoGPT estimates it; the peak here is *measured* (a square matmul on the threads the stage uses),
+not a datasheet number, so a CPU's MFU compares the workload with what its cores actually do.
+
+FLOP counts (a multiply-add is 2 FLOPs):
+- forward, per token: ``2 N + 4 L d T`` for N weights in the decoder's matmuls, L layers, model width d and
+  T attended positions (PaLM's ``6N + 12 L H Q T`` training count divided by 3, with H Q = d); the LM head
+  adds ``2 d V`` only where logits are made (Kaplan et al. 2020, table 1, count it the same way);
+- backward of a LoRA-trained frozen base: the input gradients through every frozen matmul above the lowest
+  adapted layer (as much as their forward, ``2 N_above + 4 L_above d T``), plus the adapters' weight and
+  input gradients (``4 N_lora``); full fine-tuning would add the frozen weights' gradients (another ``2 N``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The numbers the FLOP counts need: decoder matmul weights (embeddings and LM head excluded),
+    layers, width and vocabulary."""
+
+    matmul_params: int
+    layers: int
+    width: int
+    vocab: int
+
+    @property
+    def params_per_layer(self) -> float:
+        return self.matmul_params / max(1, self.layers)
+
+
+def decoder_shape(config, matmul_params: int) -> DecoderShape:
+    """The shape of a transformers model from its (text) config and a count of its decoder matmul
+    weights (:func:`count_matmul_params`)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return DecoderShape(matmul_params, int(text.num_hidden_layers), int(text.hidden_size), int(text.vocab_size))
+
+
+def count_matmul_params(model: torch.nn.Module) -> int:
+    """Logical weights of every 2-D parameter outside the input embeddings and the output head: the
+    decoder's matmuls. A 4-bit weight counts its original shape (bitsandbytes keeps it in
+    ``quant_state.shape``), not its packed bytes."""
+    skip = set()
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, get, lambda: None)()
+        if module is not None and getattr(module, "weight", None) is not None:
+            skip.add(id(module.weight))
+    total = 0
+    for p in model.parameters():
+        if id(p) in skip:
+            continue
+        state = getattr(p, "quant_state", None)
+        shape = tuple(state.shape) if state is not None else tuple(p.shape)
+        if len(shape) == 2:
+            total += shape[0] * shape[1]
+    return total
+
+
+def forward_flops(shape: DecoderShape, tokens: int, attended: float, logits: int = 0) -> float:
+    """FLOPs of a forward over ``tokens`` tokens attending to ``attended`` positions each on average,
+    with ``logits`` of them projected to the vocabulary: ``tokens (2 N + 4 L d attended) + logits 2 d V``.
+
+    E.g. N = 1,000, L = 2, d = 8, V = 10; 3 tokens attending to 2 positions, 1 logit row:
+    3 (2,000 + 4 x 2 x 8 x 2) + 2 x 8 x 10 = 3 x 2,128 + 160 = 6,544."""
+    return tokens * (2.0 * shape.matmul_params + 4.0 * shape.layers * shape.width * attended) \
+        + logits * 2.0 * shape.width * shape.vocab
+
+
+def lora_backward_flops(shape: DecoderShape, tokens: int, attended: float, trained_layers: int,
+                        lora_params: int, logits: int = 0) -> float:
+    """FLOPs of the backward of a LoRA-trained frozen base: input gradients through the top
+    ``trained_layers`` layers (the backward stops below the lowest adapted layer) and the LM head rows,
+    and the adapters' own weight and input gradients, ``4 N_lora`` per token.
+
+    E.g. the shape above, 1 of 2 layers trained, 10 LoRA weights, 3 tokens attending to 2, 1 logit row:
+    3 (2 x 500 + 4 x 1 x 8 x 2) + 2 x 8 x 10 + 4 x 10 x 3 = 3,192 + 160 + 120 = 3,472."""
+    per_token = 2.0 * shape.params_per_layer * trained_layers + 4.0 * trained_layers * shape.width * attended
+    return tokens * per_token + logits * 2.0 * shape.width * shape.vocab + 4.0 * lora_params * tokens
+
+
+def mfu(flops: float, seconds: float, peak_flops_per_s: float) -> float:
+    """Model FLOPs utilisation: ``flops / (seconds x peak)``; 1.2e12 FLOPs in 10 s at a 0.3 TFLOP/s peak
+    is 1.2e12 / 3e12 = 0.4. NaN when the time or the peak is not positive."""
+    if seconds <= 0 or peak_flops_per_s <= 0:
+        return float("nan")
+    return flops / (seconds * peak_flops_per_s)
+
+
+def probe_matmul(dtype: torch.dtype, size: int = 1024, seconds: float = 0.5,
+                 threads: Optional[int] = None) -> float:
+    """This machine's matmul throughput in FLOP/s: the best of repeated ``size x size`` products in
+    ``dtype`` on ``threads`` threads (default: torch's current setting) for about ``seconds``. The best,
+    not the mean: the peak is what the cores can do, and another process only ever slows a repeat down."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        a = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
+        b = torch.randn(size, size, generator=torch.Generator().manual_seed(1)).to(dtype)
+        a @ b  # warm-up: thread pool, kernel selection, page faults
+        best, end = float("inf"), time.perf_counter() + seconds
+        while True:
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+            if time.perf_counter() > end:
+                break
+        return 2.0 * size ** 3 / best
+    finally:
+        torch.set_num_threads(old)
+
+
+def cpu_description() -> dict:
+    """The CPU's model name and the instruction sets that decide the compute dtype (Linux /proc/cpuinfo;
+    empty fields elsewhere)."""
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not name:
+                    name = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return {"cpu": name, "isa": isa}

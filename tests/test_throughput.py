@@ -1,0 +1,65 @@
+"""FLOP counts, MFU and the machine probe behind `rlhf doctor` (pipeline/models/throughput.py)."""
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.config import ModelConfig
+from pipeline.models import loading
+from pipeline.models.throughput import (DecoderShape, count_matmul_params, decoder_shape, forward_flops,
+                                        lora_backward_flops, mfu, probe_matmul)
+
+SHAPE = DecoderShape(matmul_params=1000, layers=2, width=8, vocab=10)
+
+
+def test_forward_flops_by_hand():
+    # 3 tokens, each: 2 x 1,000 + 4 x 2 layers x 8 x 2 attended = 2,128; one logit row: 2 x 8 x 10 = 160.
+    assert forward_flops(SHAPE, tokens=3, attended=2) == 3 * 2128
+    assert forward_flops(SHAPE, tokens=3, attended=2, logits=1) == 3 * 2128 + 160
+
+
+def test_lora_backward_flops_by_hand():
+    # 1 of 2 layers trained: 2 x 500 + 4 x 1 x 8 x 2 = 1,064 per token; 3 tokens: 3,192; one logit row: 160;
+    # 10 LoRA weights: 4 x 10 x 3 = 120.
+    assert lora_backward_flops(SHAPE, 3, 2, trained_layers=1, lora_params=10, logits=1) == 3192 + 160 + 120
+    # every layer trained and nothing else: the input gradients cost what the matmuls' forward does
+    assert lora_backward_flops(SHAPE, 3, 2, trained_layers=2, lora_params=0) == forward_flops(SHAPE, 3, 2)
+
+
+def test_mfu_by_hand():
+    assert mfu(1.2e12, 10.0, 0.3e12) == pytest.approx(0.4)  # 1.2e12 / (10 x 0.3e12)
+    assert math.isnan(mfu(1.0, 0.0, 1.0)) and math.isnan(mfu(1.0, 1.0, 0.0))
+
+
+def test_matmul_params_count_the_logical_weights_of_a_4bit_model(tiny_path):
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_path)
+    nf4, _, _ = loading.load_base(ModelConfig(name="embedded:tiny-random-llama", load_in_4bit=True,
+                                              compute_dtype="float32"))
+    cfg = plain.config
+    # per layer: q, k, v, o (d x d, k/v by the kv heads' share) and gate, up, down (d x ff)
+    kv = cfg.hidden_size * cfg.num_key_value_heads // cfg.num_attention_heads
+    per_layer = 2 * cfg.hidden_size ** 2 + 2 * cfg.hidden_size * kv + 3 * cfg.hidden_size * cfg.intermediate_size
+    assert count_matmul_params(plain) == cfg.num_hidden_layers * per_layer
+    assert count_matmul_params(nf4) == count_matmul_params(plain)  # packed 4-bit bytes are not the count
+    shape = decoder_shape(nf4.config, count_matmul_params(nf4))
+    assert (shape.layers, shape.width, shape.vocab) == (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size)
+
+
+def test_probe_matmul_measures_a_positive_rate():
+    import torch
+
+    rate = probe_matmul(torch.float32, size=64, seconds=0.01)
+    assert math.isfinite(rate) and rate > 0
+
+
+def test_doctor_prints_the_machine_and_writes_json(tmp_path):
+    out = tmp_path / "doctor.json"
+    r = CliRunner().invoke(main, ["doctor", "--seconds", "0.05", "--size", "64", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "matmul 64x64 float32:" in r.output and "model.compute_dtype=auto: compute dtype" in r.output
+    saved = json.loads(out.read_text())
+    assert set(saved["matmul_flops_per_s"]) == {"float32", "bfloat16"} and saved["matmul_size"] == 64
