@@ -23,7 +23,7 @@ pytestmark = pytest.mark.faults
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny.yaml")
 # Logged numbers that measure time, not training.
-TIMING = ("time/", "_seconds", "_per_second", "_runtime", "_time")
+TIMING = ("time/", "_seconds", "_per_second", "_runtime", "_time", "mfu", "tokens_per_s", "peak_flops")
 STAGE_ARGS = {
     # 5 steps of 4 rows over 16 rows: the resumed data order crosses an epoch boundary.
     "sft": ["sft.max_steps=5", "sft.save_steps=2", "sft.keep_checkpoints=1", "sft.logging_steps=1"],

@@ -26,6 +26,8 @@ from pipeline.rl import ppo_math, rollout
 from pipeline.stages import ppo
 
 REPO = Path(__file__).resolve().parents[1]
+# Logged numbers that measure time (model FLOPs per phase are not: they are compared).
+TIMED = ("time/", "perf/mfu", "perf/tokens_per_s")
 CONFIG = str(REPO / "configs" / "tiny.yaml")
 REWARDS_MODULE = "rlhf_ppo_test_rewards"
 
@@ -445,8 +447,8 @@ def test_same_seed_gives_the_same_run_whatever_the_global_rng(new_run, data_over
         assert r.exit_code == 0, r.output
         runs.append(run)
     a, b = (_rows(run / "ppo" / "metrics.jsonl")[0] for run in runs)
-    assert {k: v for k, v in a.items() if not k.startswith("time/")} == \
-           {k: v for k, v in b.items() if not k.startswith("time/")}
+    assert {k: v for k, v in a.items() if not k.startswith(TIMED)} == \
+           {k: v for k, v in b.items() if not k.startswith(TIMED)}
     wa, wb = (load_file(str(run / "ppo" / "adapter_model.safetensors")) for run in runs)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -490,7 +492,7 @@ def test_resume_matches_an_uninterrupted_run(algorithm, kind, reference_run, new
         for k in [k for k in COMPARED if k in w]:
             assert g[k] == w[k], (g["step"], k, g[k], w[k])
         for k in w:  # every other logged number too (timings aside)
-            if not k.startswith("time/") and not (isinstance(w[k], float) and math.isnan(w[k])):
+            if not k.startswith(TIMED) and not (isinstance(w[k], float) and math.isnan(w[k])):
                 assert g[k] == w[k], (g["step"], k, g[k], w[k])
     # and the final adapters are the same
     from safetensors.torch import load_file
@@ -726,8 +728,8 @@ def test_monitor_is_logged_but_never_optimised(new_run, data_overrides):
     plain, watched = (_rows(run / "ppo" / "metrics.jsonl") for run in runs)
     for a, b in zip(plain, watched):
         assert -1.0 <= b["ppo/monitor/gold"] <= 1.0 and "ppo/monitor/gold" not in a
-        assert {k: v for k, v in a.items() if not k.startswith("time/")} == \
-               {k: v for k, v in b.items() if not k.startswith(("time/", "ppo/monitor/"))}
+        assert {k: v for k, v in a.items() if not k.startswith(TIMED)} == \
+               {k: v for k, v in b.items() if not k.startswith((*TIMED, "ppo/monitor/"))}
     wa, wb = (load_file(str(run / "ppo" / "adapter_model.safetensors")) for run in runs)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

@@ -202,3 +202,8 @@ def test_pipeline_end_to_end_through_the_cli(reward_run):
                 "ppo/entropy", "ppo/approx_kl", "ppo/clipfrac", "ppo/policy_loss", "ppo/value_loss",
                 "ppo/response_length", "ppo/eos_fraction", "time/generate", "time/score", "time/train"):
         assert key in ppo_rows[-1], key
+    # model FLOPs per phase (pipeline/models/throughput.py) against this machine's measured matmul peak
+    for phase in ("generate", "train"):
+        assert ppo_rows[-1][f"perf/flops_{phase}"] > 0 and 0 < ppo_rows[-1][f"perf/mfu_{phase}"] < 1
+    ppo_manifest = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
+    assert ppo_manifest["peak_flops_per_s"] > 0 and 0 < ppo_manifest["mean_mfu_train"] < 1

@@ -63,3 +63,16 @@ def test_doctor_prints_the_machine_and_writes_json(tmp_path):
     assert "matmul 64x64 float32:" in r.output and "model.compute_dtype=auto: compute dtype" in r.output
     saved = json.loads(out.read_text())
     assert set(saved["matmul_flops_per_s"]) == {"float32", "bfloat16"} and saved["matmul_size"] == 64
+
+
+def test_phase_flops_by_hand():
+    from pipeline.models.throughput import generate_flops, lora_train_flops, sequence_flops
+
+    # prompt 4, response 2: prefill 4 x (2,000 + 4 x 2 x 8 x 4) = 4 x 2,256 = 9,024; decode 2 tokens attending to
+    # 5.5: 2 x (2,000 + 4 x 2 x 8 x 5.5) + 2 x 160 = 2 x 2,352 + 320 = 5,024.
+    assert generate_flops(SHAPE, [4], [2]) == 9024 + 5024
+    assert generate_flops(SHAPE, [4, 4], [2, 0]) == 9024 + 5024 + 9024  # a row that stopped at once: prefill only
+    # the whole row, 6 tokens attending to 6, 2 logit rows: 6 x (2,000 + 384) + 320 = 14,624
+    assert sequence_flops(SHAPE, [4], [2]) == 14624
+    # training adds the backward: all 2 layers, 10 LoRA weights: 6 x (2 x 500 x 2 + 384) + 320 + 4 x 10 x 6
+    assert lora_train_flops(SHAPE, [4], [2], trained_layers=2, lora_params=10) == 14624 + 14304 + 320 + 240

@@ -135,3 +135,51 @@ def cpu_description() -> dict:
         pass
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     return {"cpu": name, "isa": isa}
+
+
+def generate_flops(shape: DecoderShape, prompt_tokens: list[int], response_tokens: list[int]) -> float:
+    """Model FLOPs of sampling: each row's prompt once (prefill, attending to the whole prompt), then
+    each generated token as one position attending to the prompt and the new tokens up to it, with its
+    logits; padding and the steps after a row stopped are not model work. E.g. prompt 4, response 2:
+    forward_flops(4 tokens, 4) + forward_flops(2 tokens, mean of 5 and 6 = 4 + 3/2, 2 logit rows)."""
+    total = 0.0
+    for p, t in zip(prompt_tokens, response_tokens):
+        total += forward_flops(shape, p, p)
+        if t:
+            total += forward_flops(shape, t, p + (t + 1) / 2, logits=t)
+    return total
+
+
+def sequence_flops(shape: DecoderShape, prompt_tokens: list[int], response_tokens: list[int]) -> float:
+    """One forward over whole rows (prompt + response, each position attending to its row's length,
+    PaLM's convention) with logits for the response tokens: a reference or old-logprob pass."""
+    return sum(forward_flops(shape, p + t, p + t, logits=t) for p, t in zip(prompt_tokens, response_tokens))
+
+
+def lora_train_flops(shape: DecoderShape, prompt_tokens: list[int], response_tokens: list[int],
+                     trained_layers: int, lora_params: int) -> float:
+    """One forward and the LoRA backward (:func:`lora_backward_flops`) over whole rows, logits for the
+    response tokens: a training pass of PPO or SFT-style losses."""
+    return sum(forward_flops(shape, p + t, p + t, logits=t)
+               + lora_backward_flops(shape, p + t, p + t, trained_layers, lora_params, logits=t)
+               for p, t in zip(prompt_tokens, response_tokens))
+
+
+def trained_extent(model: torch.nn.Module, layers: int) -> tuple[int, int]:
+    """(trainable parameters, decoder layers the backward passes through): the backward stops below the
+    lowest layer holding a trainable parameter, found as the first integer in its module path
+    (``...layers.3.self_attn...``, ``...h.3.attn...``); all ``layers`` when none names a layer."""
+    count, lowest = 0, layers
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            count += p.numel()
+            index = next((int(part) for part in name.split(".") if part.isdigit()), None)
+            if index is not None:
+                lowest = min(lowest, index)
+    return count, layers - lowest if count else 0
+
+
+def measured_peak(dtype: torch.dtype, device: torch.device) -> float:
+    """The matmul peak MFU is computed against: measured on CPU (:func:`probe_matmul`), NaN elsewhere
+    (a GPU's peak is not probed here)."""
+    return probe_matmul(dtype) if device.type == "cpu" else float("nan")

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pipeline.models import forwards, stacking
+from pipeline.models import forwards, stacking, throughput
 from pipeline.rl import ppo_math, rollout
 from pipeline.rl.ppo_state import StepFailed
 
@@ -260,3 +260,25 @@ def sample_rows(step: int, batch: Batch, scored: Scored, n: int) -> list[dict]:
              "score": float(batch.scores[i]), "kl": float(seq_kl[i]),
              **{f"score/{k}": v[i] for k, v in scored.result.components.items()}}
             for i in range(min(n, len(batch.texts)))]
+
+
+def perf_metrics(batch: Batch, pc, shape, trained_layers: int, lora_params: int, times: dict[str, float],
+                 peak_flops_per_s: float, value_adapter: bool) -> dict:
+    """The step's model FLOPs, tokens/s and MFU per phase (:mod:`pipeline.models.throughput`): generate
+    (prefill + decode of the real tokens), train (the reference pass, the old-logprob pass when it is
+    separate, and ``ppo_epochs`` forward + LoRA backward passes; twice where a value adapter runs its own
+    pass). The score phase's FLOPs depend on the reward plugins and are not counted."""
+    prompt = [int(x) for x in batch.query_mask.sum(1).tolist()]
+    response = [int(x) for x in batch.mask.sum(1).tolist()]
+    passes = 2 if value_adapter else 1
+    separate_old = pc.minibatches > 1 or micro_size(pc) < pc.batch_size // pc.minibatches
+    flops_generate = throughput.generate_flops(shape, prompt, response)
+    flops_train = (throughput.sequence_flops(shape, prompt, response) * (1 + passes * separate_old)
+                   + pc.ppo_epochs * passes * throughput.lora_train_flops(shape, prompt, response, trained_layers,
+                                                                          lora_params))
+    return {"perf/flops_generate": flops_generate, "perf/flops_train": flops_train,
+            "perf/tokens_per_s_generate": sum(response) / max(times["generate"], 1e-9),
+            "perf/tokens_per_s_train": pc.ppo_epochs * (sum(prompt) + sum(response)) / max(times["train"], 1e-9),
+            "perf/mfu_generate": throughput.mfu(flops_generate, times["generate"], peak_flops_per_s),
+            "perf/mfu_train": throughput.mfu(flops_train, times["train"], peak_flops_per_s),
+            "perf/mfu_step": throughput.mfu(flops_generate + flops_train, times["step"], peak_flops_per_s)}

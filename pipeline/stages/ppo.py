@@ -37,7 +37,7 @@ from pipeline.artifacts.outputs import (
 )
 from pipeline.config import PipelineConfig, resolve_auto, substitute_run_dir, to_dict
 from pipeline.data import loaders
-from pipeline.models import lean_ops, loading, stacking
+from pipeline.models import lean_ops, loading, stacking, throughput
 from pipeline.models.reward_model import load_reward_scorer
 from pipeline.rl import ppo_math, ppo_step, rollout
 from pipeline.rl.policy_value import POLICY, SFT, VALUE, PolicyValue
@@ -155,7 +155,7 @@ def build_rewards(pc, run_dir: Path, peft_model, tok, base, consumed: dict):
 
 
 def write_outputs(cfg: PipelineConfig, stage: StageWork, policy: Policy, tok, base, report, prompt_lengths,
-                  final: Path) -> None:
+                  final: Path, peak: float) -> None:
     """The policy adapter (stacked on the SFT adapter), the value head (ppo), the tokenizer and the
     manifest with the headline metrics of the last step, in the work folder; then publish it."""
     pc, work = cfg.ppo, stage.work
@@ -172,6 +172,11 @@ def write_outputs(cfg: PipelineConfig, stage: StageWork, policy: Policy, tok, ba
     headline["steps"] = pc.steps
     headline["algorithm"] = pc.algorithm
     headline["mean_step_seconds"] = sum(r["time/step"] for r in rows) / max(1, len(rows))
+    for key in ("perf/mfu_generate", "perf/mfu_train", "perf/mfu_step", "perf/tokens_per_s_generate"):
+        values = [r[key] for r in rows if key in r]
+        if values:
+            headline[f"mean_{key.split('/')[1]}"] = sum(values) / len(values)
+    headline["peak_flops_per_s"] = peak
     headline.update(prompt_lengths.metrics("prompts"))
     critic = pc.algorithm == "ppo"
     write_manifest(work, "ppo", cfg, base, headline, adapters=policy.consumed,
@@ -214,6 +219,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
 
     # 2. one base, many adapters: policy = base + sft + policy, reference = the same with adapters off
     base_model, tok, base = loading.load_base(cfg.model, device=dev)
+    shape = throughput.decoder_shape(base_model.config, throughput.count_matmul_params(base_model))
     prompts, encoded, prompt_lengths = rollout.fit_prompts(tok, prompts, report, pc.max_prompt_length,
                                                            cfg.data.long_rows, "PPO prompts")
     if main_proc:
@@ -233,6 +239,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                                          loading.compute_dtype(cfg.model, dev))
     if pc.lean_ops:
         lean_ops.install(peft_model)  # less kept for backward (RMSNorm, SwiGLU), one addmm per LoRA linear
+    lora_params, trained_layers = throughput.trained_extent(peft_model, shape.layers)
+    peak = throughput.measured_peak(loading.compute_dtype(cfg.model, dev), dev)  # MFU's denominator: this machine, this dtype
     if main_proc:
         t_params, t_total = loading.count_parameters(pv)
         print(f"[ppo] trainable parameters: {t_params:,} of {t_total:,}; policy adapters {policy.policy_adapters}, "
@@ -286,10 +294,11 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         t_train = time.time() - t0
         mean_kl = reduce(batch.kl.sum(1).mean().item())
         kl_ctl.update(mean_kl, pc.batch_size * world)
-        metrics = ppo_step.step_metrics(step, batch, scored, stats, first, mean_kl, kl_coef,
-                                        scheduler.get_last_lr()[0],
-                                        {"generate": t_generate, "score": t_score, "train": t_train,
-                                         "step": time.time() - t_step}, pc, reduce)
+        times = {"generate": t_generate, "score": t_score, "train": t_train, "step": time.time() - t_step}
+        metrics = {**ppo_step.step_metrics(step, batch, scored, stats, first, mean_kl, kl_coef,
+                                           scheduler.get_last_lr()[0], times, pc, reduce),
+                   **ppo_step.perf_metrics(batch, pc, shape, trained_layers, lora_params, times, peak,
+                                           policy.value_adapters is not None)}
         if main_proc:
             logger.log(metrics, step=step + 1)
             bar.set_postfix(kl=f"{mean_kl:.3f}", score=f"{metrics['ppo/score']:.3f}",
@@ -308,7 +317,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     final = run.checkpoint(pc.steps, position)
     if main_proc:
         logger.close()
-        write_outputs(cfg, stage, policy, tok, base, report, prompt_lengths, final)
+        write_outputs(cfg, stage, policy, tok, base, report, prompt_lengths, final, peak)
         print(f"[ppo] done -> {stage.out}", flush=True)
     accelerator.wait_for_everyone()
     return stage.out
