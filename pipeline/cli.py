@@ -256,5 +256,19 @@ def score(cfg, run_dir, input_path, output_path, rewards_yaml):
     run_score(cfg, run_dir, input_path, output_path, rewards_yaml)
 
 
+@main.command(help="Check a run folder: every stage output's files (PPO checkpoints included) against the sizes "
+              "and sha256 its manifest lists. One line per problem, naming the file and the command that remakes "
+              "it, then a summary; exits 1 if anything is missing, truncated or changed.")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def verify(run_dir):
+    from pipeline.artifacts.verify import verify_run
+
+    check = verify_run(Path(run_dir))
+    for line in check.notes + check.problems:
+        click.echo(line)
+    click.echo(check.summary())
+    sys.exit(1 if check.problems else 0)
+
+
 if __name__ == "__main__":
     sys.exit(main())

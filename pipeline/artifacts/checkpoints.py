@@ -36,11 +36,11 @@ from pipeline.artifacts.outputs import (
     replace_folder,
     write_text_atomic,
 )
+from pipeline.artifacts.verify import RUN_CONFIG
 
 STATE = "state"  # state.json + state.safetensors
 LEGACY_STATE = "trainer_state.pt"  # PPO checkpoints before safe state files
 TRAINER_STATE = "trainer_state.json"  # written last into a transformers Trainer checkpoint (SFT)
-RUN_CONFIG = "run_config.json"  # the resolved config a run in progress started with
 _STEP_DIR = re.compile(r"step-(\d+)$")
 
 

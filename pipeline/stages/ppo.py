@@ -179,7 +179,8 @@ def write_outputs(cfg: PipelineConfig, stage: StageWork, policy: Policy, tok, ba
                                                            prompt_lengths)},
                    extra={"stacked_on": list(policy.stacked), "reference": pc.reference, "algorithm": pc.algorithm,
                           "samples_per_prompt": pc.samples_per_prompt,
-                          "value_model": pc.value_model if critic else None, "final_checkpoint": str(final.name)})
+                          "value_model": pc.value_model if critic else None, "final_checkpoint": str(final.name)},
+                   with_checkpoints=True)
     stage.publish(keep_checkpoints=True)  # eval reads the checkpoints along the KL curve
 
 
