@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
+from pipeline.artifacts import readers
 from pipeline.artifacts.outputs import ArtifactError, read_manifest, write_manifest
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -96,9 +98,85 @@ def test_verify_names_unfinished_stages_and_damaged_manifests(tmp_path):
     assert lines[0] == f"{tmp_path / 'reward'} has no manifest.json: the stage did not finish; run it again " \
                        "(`rlhf reward ...`)"
     assert lines[1] == (f"{folder / 'manifest.json'} is not valid JSON (Expecting property name enclosed in double "
-                        "quotes: line 1 column 18 (char 17)); the stage output is damaged")
+                        f"quotes: line 1 column 18 (char 17)); remake it with: rlhf sft --config CONFIG --run-dir {tmp_path} "
+                        "--overwrite")
     with pytest.raises(ArtifactError, match="manifest.json is not valid JSON"):
         read_manifest(folder)
     r = CliRunner().invoke(main, ["verify", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and r.output.splitlines()[0] == \
         f"{tmp_path / 'nothing'} is not a folder; pass a run folder (RUN, holding sft/, reward/, ...)"
+
+
+# ---------------------------------------------------------------------------------------------
+# The readers behind every stage's loads: damaged or wrong inputs are one line naming the file
+
+
+def old_adapter_stage(run: Path, stage: str = "sft") -> Path:
+    """A stage output from before file lists, holding a LoRA adapter folder's two files."""
+    from safetensors.torch import save_file
+
+    folder = make_stage(run, stage)
+    save_file({"a.lora_A.weight": torch.ones(2, 2)}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 2, "peft_type": "LORA"}))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["files"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def _error(fn, *args) -> str:
+    with pytest.raises(ArtifactError) as e:
+        fn(*args)
+    return str(e.value)
+
+
+def test_damaged_adapter_files_are_named_with_the_command_that_remakes_them(tmp_path):
+    folder = old_adapter_stage(tmp_path)
+    weights, config = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    remake = REMAKE.format(run=tmp_path)
+    readers.check_adapter_folder(folder)
+    weights.write_bytes(weights.read_bytes()[:7])
+    for fn in (readers.check_adapter_folder, lambda f: readers.load_tensors(f / "adapter_model.safetensors")):
+        msg = _error(fn, folder)
+        assert msg.startswith(f"{weights} is not a readable safetensors file (") and \
+               msg.endswith(f"); it was not loaded; {remake}"), msg
+    weights.unlink()
+    assert _error(readers.check_adapter_folder, folder) == f"{weights} is missing (the adapter weights); {remake}"
+    config.write_text("{not json")
+    assert _error(readers.check_adapter_folder, folder) == (
+        f"{config} is not readable JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
+        f"(char 1)); it should be a peft LoRA adapter config; {remake}")
+    config.write_text('{"peft_type": "LORA"}')
+    assert _error(readers.check_adapter_folder, folder) == f"{config} is not a LoRA adapter config (no 'r'); {remake}"
+    assert _error(readers.check_adapter_folder, tmp_path / "none") == (
+        f"{tmp_path / 'none'} is not a folder; a LoRA adapter folder (with adapter_config.json and "
+        "adapter_model.safetensors) was expected")
+
+
+def test_another_stage_output_where_one_is_named_is_refused(tmp_path):
+    reward = old_adapter_stage(tmp_path, "reward")
+    assert _error(readers.read_output, reward, "sft", "ppo.sft_adapter") == (
+        f"ppo.sft_adapter: {reward} is a 'reward' output, not a 'sft' one; point ppo.sft_adapter at RUN/sft (or the "
+        "sft output of another run)")
+
+
+def test_a_damaged_learned_fusion_and_trainer_checkpoint_are_named(tmp_path):
+    from pipeline.artifacts.checkpoints import check_trainer_checkpoint
+    from pipeline.fusion import gating
+
+    fused = make_stage(tmp_path, "fuse")
+    (fused / "fusion.json").write_text("[1, 2")
+    assert _error(gating.read, fused).startswith(f"{fused / 'fusion.json'} is not readable JSON (")
+    (fused / "fusion.json").write_text('{"format": "other"}')
+    assert _error(gating.read, fused) == (
+        f"{fused / 'fusion.json'}: format 'other' version None, expected 'rlhf-lora-fusion' version 1; remake it "
+        f"with: rlhf fuse --config configs/tiny.yaml --run-dir {tmp_path} --overwrite")
+    ckpt = old_adapter_stage(tmp_path / "sft.work" / "checkpoints", "step-000004")
+    (ckpt / "manifest.json").unlink()
+    (ckpt / "trainer_state.json").write_text('{"global_step": 4}')
+    assert check_trainer_checkpoint(ckpt) == 4
+    (ckpt / "trainer_state.json").write_text("garbage")
+    assert _error(check_trainer_checkpoint, ckpt) == (
+        f"{ckpt / 'trainer_state.json'} is not readable JSON (Expecting value: line 1 column 1 (char 0)); it should "
+        f"be a transformers Trainer state; the checkpoint step-000004 is damaged: remove {ckpt} to resume from the "
+        "one before, or start over with --overwrite")

@@ -56,9 +56,10 @@ def file_problems(folder: str | Path, manifest: dict) -> list[str]:
 
 
 def remake_command(folder: str | Path, manifest: dict) -> str:
-    """The command that writes ``folder`` again: its stage, with the config its manifest's command used."""
+    """The command that writes ``folder`` again: its stage, with the config its manifest's command used
+    (CONFIG where the manifest cannot tell)."""
     folder = Path(folder)
-    stage = manifest.get("stage") or folder.name
+    stage = manifest.get("stage") or {"fused": "fuse"}.get(folder.name, folder.name)
     try:
         argv = shlex.split(str(manifest.get("command", "")))
     except ValueError:
@@ -75,9 +76,10 @@ def parse_manifest(folder: str | Path) -> tuple[Optional[dict], Optional[str]]:
     except OSError as e:
         return None, f"{path}: cannot read it ({e.strerror or e})"
     except ValueError as e:
-        return None, f"{path} is not valid JSON ({e}); the stage output is damaged"
+        return None, f"{path} is not valid JSON ({e}); remake it with: {remake_command(folder, {})}"
     if not isinstance(manifest, dict):
-        return None, f"{path} holds a {type(manifest).__name__}, not a manifest object; the stage output is damaged"
+        return None, (f"{path} holds a {type(manifest).__name__}, not a manifest object; remake it with: "
+                      f"{remake_command(folder, {})}")
     return manifest, None
 
 
