@@ -180,3 +180,17 @@ def test_a_damaged_learned_fusion_and_trainer_checkpoint_are_named(tmp_path):
         f"{ckpt / 'trainer_state.json'} is not readable JSON (Expecting value: line 1 column 1 (char 0)); it should "
         f"be a transformers Trainer state; the checkpoint step-000004 is damaged: remove {ckpt} to resume from the "
         "one before, or start over with --overwrite")
+
+
+def test_an_adapter_of_another_lora_configuration_is_named(tmp_path, tiny_model_cfg):
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.models import loading, stacking
+
+    model, _, _ = loading.load_base(tiny_model_cfg)
+    pm = get_peft_model(model, LoraConfig(r=2, target_modules=["k_proj"]), adapter_name="other")
+    stacking.save_adapter(pm, "other", tmp_path / "other")
+    pm.add_adapter("policy", LoraConfig(r=2, target_modules=["q_proj"]))
+    msg = _error(stacking.load_adapter_weights, pm, "policy", tmp_path / "other")
+    assert msg.startswith(f"{tmp_path / 'other'} does not fit adapter 'policy' (unexpected [")
+    assert msg.endswith("): it was saved with another LoRA rank, targets or layers; use the config it was trained with")

@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 import torch
 
 from pipeline.artifacts import readers
+from pipeline.artifacts.outputs import ArtifactError
 from pipeline.models.loading import dense_weight, release_free_memory
 
 
@@ -157,7 +158,8 @@ def attach_adapter(peft_model, adapter_dir: str | Path, name: str) -> dict[str, 
     result = set_peft_model_state_dict(peft_model, lora_state, adapter_name=name)
     missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
     if missing:
-        raise RuntimeError(f"adapter {adapter_dir} does not fit this base: missing {missing[:3]}")
+        raise ArtifactError(f"adapter {adapter_dir} does not fit this base (missing {missing[:3]}): it was "
+                            "trained on another model; use an adapter trained on the configured model.name")
     for n, p in peft_model.named_parameters():
         if f".{name}." in n:
             p.requires_grad_(False)
@@ -202,10 +204,12 @@ def load_adapter_weights(peft_model, name: str, adapter_dir: str | Path) -> None
     state = readers.load_tensors(Path(adapter_dir) / readers.ADAPTER_WEIGHTS)
     result = set_peft_model_state_dict(peft_model, state, adapter_name=name)
     if result.unexpected_keys:
-        raise RuntimeError(f"{adapter_dir} does not fit adapter '{name}': unexpected {result.unexpected_keys[:3]}")
+        raise ArtifactError(f"{adapter_dir} does not fit adapter '{name}' (unexpected {result.unexpected_keys[:3]}): "
+                            "it was saved with another LoRA rank, targets or layers; use the config it was trained with")
     missing = [k for k in result.missing_keys if f".{name}." in k]
     if missing:
-        raise RuntimeError(f"{adapter_dir} does not fit adapter '{name}': missing {missing[:3]}")
+        raise ArtifactError(f"{adapter_dir} does not fit adapter '{name}' (missing {missing[:3]}): it was saved "
+                            "with another LoRA rank, targets or layers; use the config it was trained with")
 
 
 def stack_adapters(base_model, adapter_dirs: dict[str, str | Path], trainable: Optional[str] = None,
