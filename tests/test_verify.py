@@ -194,3 +194,14 @@ def test_an_adapter_of_another_lora_configuration_is_named(tmp_path, tiny_model_
     msg = _error(stacking.load_adapter_weights, pm, "policy", tmp_path / "other")
     assert msg.startswith(f"{tmp_path / 'other'} does not fit adapter 'policy' (unexpected [")
     assert msg.endswith("): it was saved with another LoRA rank, targets or layers; use the config it was trained with")
+
+
+def test_the_remake_command_names_the_stage_and_config_that_wrote_the_folder():
+    from pipeline.artifacts.verify import remake_command
+
+    ppo = {"stage": "ppo", "command": "/venv/bin/rlhf ppo --config configs/rloo.yaml --run-dir runs/r ppo.steps=3"}
+    assert remake_command(Path("runs/r/ppo"), ppo) == "rlhf ppo --config configs/rloo.yaml --run-dir runs/r --overwrite"
+    assert remake_command(Path("runs/r/fused"), {}) == "rlhf fuse --config CONFIG --run-dir runs/r --overwrite"
+    demo = {"stage": "forgetting-demo", "command": "benchmarks/forgetting_demo.py --config configs/default.yaml"}
+    assert remake_command(Path("runs/d/forgetting-demo"), demo) == \
+        "make forgetting-demo CONFIG=configs/default.yaml RUN=runs/d"

@@ -20,6 +20,7 @@ FILES = "files"  # the manifest key: {relative path: {"size": bytes, "sha256": h
 RUN_CONFIG = "run_config.json"  # the resolved config a run in progress started with; removed on publishing
 CHECKPOINTS = "checkpoints"
 UNVERIFIED = "unverified: written before file lists"
+MAKE_ONLY = ("forgetting-demo",)  # outputs a Makefile target writes, not an rlhf command
 
 
 def list_files(folder: str | Path, with_checkpoints: bool) -> dict[str, dict]:
@@ -65,6 +66,8 @@ def remake_command(folder: str | Path, manifest: dict) -> str:
     except ValueError:
         argv = []
     config = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else "CONFIG"
+    if stage in MAKE_ONLY:
+        return shlex.join(["make", stage, f"CONFIG={config}", f"RUN={folder.parent}"])
     return shlex.join(["rlhf", stage, "--config", config, "--run-dir", str(folder.parent), "--overwrite"])
 
 
