@@ -77,9 +77,14 @@ test: install
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
-# Kill each stage with SIGKILL at several points, resume, compare with an uninterrupted run (also in `test`).
+# Kill each stage with SIGKILL at several points, resume, compare with an uninterrupted run (also in `test`);
+# then the soak: the pipeline SIGKILLed at SOAK_KILLS random moments (seed SOAK_SEED, drawn and printed when
+# empty), resumed each time, compared the same way. Here only: its moments are wall-clock times, so no seed
+# repeats a run exactly, and `make test` stays repeatable.
+SOAK_KILLS ?= 20
+SOAK_SEED ?=
 test-faults: install
-	$(BIN)/python -m pytest -q -m faults
+	RLHF_SOAK_KILLS=$(SOAK_KILLS) RLHF_SOAK_SEED=$(SOAK_SEED) $(BIN)/python -m pytest -q -s -m 'faults or soak' tests/test_faults.py
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow

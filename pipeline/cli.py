@@ -256,6 +256,20 @@ def score(cfg, run_dir, input_path, output_path, rewards_yaml):
     run_score(cfg, run_dir, input_path, output_path, rewards_yaml)
 
 
+@main.command(help="Check a run folder: every stage output's files (PPO checkpoints included) against the sizes "
+              "and sha256 its manifest lists. One line per problem, naming the file and the command that remakes "
+              "it, then a summary; exits 1 if anything is missing, truncated or changed.")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def verify(run_dir):
+    from pipeline.artifacts.verify import verify_run
+
+    check = verify_run(Path(run_dir))
+    for line in check.notes + check.problems:
+        click.echo(line)
+    click.echo(check.summary())
+    sys.exit(1 if check.problems else 0)
+
+
 @main.command(help="Measure this machine: CPU, instruction sets, the compute dtype model.compute_dtype=auto picks, "
               "and the matmul throughput (FLOP/s) in float32 and bfloat16 on the threads the stages use: the peak "
               "MFU is computed against. Nothing is loaded or written unless --json is given.")

@@ -73,8 +73,6 @@ def test_parse_hh_drops_the_open_assistant_cue_of_a_prompt():
     ("\n\nAssistant: hi", "has no 'Human:' turn"),
     ("\n\nAssistant: hi\n\nHuman: yo", "must start with 'Human:'"),
     ("preamble\n\nHuman: hi\n\nAssistant: yo", "text before its first turn marker"),
-    ("\n\nHuman: a\n\nHuman: b\n\nAssistant: c", "turns 1 and 2 are both 'Human:' (turns must alternate)"),
-    ("\n\nHuman: a\n\nAssistant: b\n\nAssistant: c", "turns 2 and 3 are both 'Assistant:'"),
     ("\n\nHuman:  \n\nAssistant: b", "turn 1 ('Human:') is empty"),
     ("\n\nHuman: a\n\nAssistant:\n\nHuman: c", "turn 2 ('Assistant:') is empty"),
 ])
@@ -298,8 +296,8 @@ def test_unknown_role_message_is_exact(tmp_path):
     (load_sft, {"prompt": [U("q"), A("a")], "completion": "b"}, "prompt: must end with a user turn (the last is 'assistant')"),
     (load_pairs, {"prompt": "q", "chosen": [U("other"), A("a")], "rejected": "b"},
      "chosen: conversation does not start with the prompt"),
-    (load_pairs, {"prompt": "q", "chosen": [A("a"), A("b")], "rejected": "c"},
-     "chosen: expected one assistant reply after the prompt, got assistant, assistant"),
+    (load_pairs, {"prompt": "q", "chosen": [A("a"), U("b"), A("c")], "rejected": "c"},
+     "chosen: expected one assistant reply after the prompt, got assistant, user, assistant"),
     (load_pairs, {"prompt": "q", "chosen": "same", "rejected": "same "}, "chosen and rejected are identical"),
     (load_pairs, {"chosen": [U("q"), A("a")], "rejected": [U("q"), A("a")]}, "chosen and rejected are identical"),
     (load_pairs, {"chosen": [U("q"), A("a")], "rejected": [U("other"), A("b")]},
@@ -310,8 +308,6 @@ def test_unknown_role_message_is_exact(tmp_path):
     (load_prompts, {"messages": [S("s"), A("a")]}, "messages: has no user turn"),
     # malformed HH transcripts
     (load_sft, {"text": "just some text"}, "text: not an HH transcript (no 'Human:' turn)"),
-    (load_sft, {"text": "\n\nHuman: a\n\nHuman: b\n\nAssistant: c"},
-     "text: HH transcript turns 1 and 2 are both 'Human:' (turns must alternate)"),
     (load_sft, {"text": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c"},
      "text: HH transcript must end with an 'Assistant:' turn"),
     (load_pairs, {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nAssistant: b\n\nHuman: q"},
@@ -607,3 +603,43 @@ def test_module_exports():
     assert set(loaders.__all__) == {"DataError", "EmptyTargetError", "LoadReport", "parse_hh", "read_rows", "load_sft",
                                  "load_pairs", "load_prompts", "data_hash"}
     assert issubclass(DataError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------
+# Consecutive turns of one role: joined, counted per source
+
+# Built like HH-RLHF harmless-base test row 668: an inline "Human:" (not after a blank line, so not a
+# turn marker) inside a reply, and two "Assistant:" turns meeting.
+HH_SAME_ROLE = ("\n\nHuman: What do you say to someone who says Human: you are a robot?\n\nAssistant: I would say"
+                " I am an AI.\n\nAssistant: And that I am glad to help.\n\nHuman: Thanks\n\nAssistant:")
+
+
+def test_parse_hh_joins_consecutive_turns_of_one_speaker():
+    assert parse_hh(HH_SAME_ROLE) == [
+        U("What do you say to someone who says Human: you are a robot?"),
+        A("I would say I am an AI.\n\nAnd that I am glad to help."), U("Thanks")]
+    assert parse_hh("\n\nHuman: a\n\nHuman: b\n\nAssistant: c\n\nAssistant:") == [U("a\n\nb"), A("c")]
+
+
+def test_same_role_rows_load_joined_and_are_counted_per_source(tmp_path):
+    sft, pairs = tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl"
+    sft.write_text("\n".join(json.dumps(r) for r in [
+        {"text": HH_SAME_ROLE + " You're welcome."},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a1"},
+                           {"from": "gpt", "value": "a2"}]},
+        {"messages": [U("x"), U("y"), A("z")]},
+        {"text": HH_SFT},
+    ]) + "\n")
+    rows, report = load_sft(str(sft))
+    assert [r["messages"] for r in rows] == [
+        [U("What do you say to someone who says Human: you are a robot?"),
+         A("I would say I am an AI.\n\nAnd that I am glad to help."), U("Thanks"), A("You're welcome.")],
+        [U("q"), A("a1\n\na2")], [U("x\n\ny"), A("z")], HH_SFT_MESSAGES]
+    assert report.joined_rows == 3 and report.manifest()["joined_rows"] == 3
+    assert report.summary() == (f"{sft}: kept 4 of 4 rows (format hh 2, sharegpt 1, messages 1); 3 rows had "
+                                "consecutive turns of one role, joined into one turn (blank-line separated)")
+    # An HH pair whose shared prompt holds the meeting turns: one row, joined once in the count.
+    pairs.write_text(json.dumps({"chosen": HH_SAME_ROLE + " Welcome!", "rejected": HH_SAME_ROLE + " Go away."}) + "\n")
+    rows, report = load_pairs(str(pairs))
+    assert rows[0]["prompt"][1] == A("I would say I am an AI.\n\nAnd that I am glad to help.")
+    assert rows[0]["chosen"] == [A("Welcome!")] and report.joined_rows == 1

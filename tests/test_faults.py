@@ -9,21 +9,24 @@ into place, after a step before its checkpoint, and after the manifest before th
 """
 import json
 import os
+import random
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
 from helpers import Payload
 
-pytestmark = pytest.mark.faults
+pytestmark = pytest.mark.faults  # the soak is also marked soak: `make test-faults` only
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny.yaml")
 # Logged numbers that measure time, not training.
 TIMING = ("time/", "_seconds", "_per_second", "_runtime", "_time", "mfu", "tokens_per_s", "peak_flops")
+DURATIONS: dict[str, float] = {}  # of each stage's uninterrupted run, for the soak's random kill moments
 STAGE_ARGS = {
     # 5 steps of 4 rows over 16 rows: the resumed data order crosses an epoch boundary.
     "sft": ["sft.max_steps=5", "sft.save_steps=2", "sft.keep_checkpoints=1", "sft.logging_steps=1"],
@@ -60,8 +63,9 @@ def _forkable():
     tqdm.monitor_interval = interval
 
 
-def run_cli(args: list[str], log: Path, failpoints: str = "") -> int:
-    """`rlhf ARGS` in a forked child; returns its exit code, or -signal if a signal ended it."""
+def run_cli(args: list[str], log: Path, failpoints: str = "", kill_after: Optional[float] = None) -> int:
+    """`rlhf ARGS` in a forked child; returns its exit code, or -signal if a signal ended it.
+    ``kill_after``: SIGKILL the child that many seconds after the fork unless it has ended by then."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -89,7 +93,16 @@ def run_cli(args: list[str], log: Path, failpoints: str = "") -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    done, status = 0, 0
+    deadline = time.monotonic() + kill_after if kill_after is not None else None
+    while deadline is not None and not done:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if not done and time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    if not done:
+        _, status = os.waitpid(pid, 0)
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
@@ -100,13 +113,14 @@ class Stage:
         self.name, self.run, self.logs = name, run, logs
         self.count = 0
 
-    def __call__(self, *flags: str, failpoints: str = "") -> tuple[int, str]:
+    def __call__(self, *flags: str, failpoints: str = "", kill_after: Optional[float] = None) -> tuple[int, str]:
         self.count += 1
         log = self.logs / f"{self.run.name}-{self.name}-{self.count}.log"
         args = [self.name, "--config", CONFIG, "--run-dir", str(self.run), *STAGE_ARGS[self.name], *flags]
         t0 = time.time()
-        code = run_cli(args, log, failpoints)
-        print(f"{self.name} {' '.join(flags)} {failpoints}: exit {code} in {time.time() - t0:.1f}s")
+        code = run_cli(args, log, failpoints, kill_after)
+        self.seconds = time.time() - t0
+        print(f"{self.name} {' '.join(flags)} {failpoints}: exit {code} in {self.seconds:.1f}s")
         return code, log.read_text() if log.exists() else ""
 
 
@@ -143,8 +157,10 @@ def reference(tmp_path_factory):
     run = tmp_path_factory.mktemp("reference")
     logs = tmp_path_factory.mktemp("logs")
     for name in ("sft", "reward", "ppo"):
-        code, out = Stage(name, run, logs)()
+        stage = Stage(name, run, logs)
+        code, out = stage()
         assert code == 0, out[-3000:]
+        DURATIONS[name] = stage.seconds
     return run, logs
 
 
@@ -220,3 +236,43 @@ def test_tampered_checkpoints_are_refused_unexecuted(reference, tmp_path):
         assert code == 1 and str(ckpt / tamper) in log and "Traceback" not in log, log[-2000:]
         assert "[model]" not in log  # refused before the model loaded
         assert not marker.exists()
+
+
+@pytest.mark.soak
+def test_soak_random_kills_across_the_pipeline_then_resume(reference, tmp_path):
+    """sft -> reward -> ppo, SIGKILLed at RLHF_SOAK_KILLS (default 20) random moments, each stage resumed
+    (``--resume``) after every kill: the final adapters, value head, metrics and samples equal those of the
+    uninterrupted run. Each moment is a stage, drawn in proportion to its run time, and a delay within that
+    run time from the start of an attempt (imports, model load and the resumed steps included); a moment
+    after its attempt, or its stage, has finished is counted as a miss. RLHF_SOAK_SEED (default: drawn and
+    printed) picks the moments; timing makes a run only approximately repeatable."""
+    from pipeline.artifacts.checkpoints import latest_checkpoint
+    from pipeline.artifacts.outputs import is_complete
+
+    ref, logs = reference
+    n = int(os.environ.get("RLHF_SOAK_KILLS") or 20)
+    seed = int(os.environ.get("RLHF_SOAK_SEED") or random.SystemRandom().randrange(10**6))
+    rng = random.Random(seed)
+    names = ["sft", "reward", "ppo"]
+    stages = rng.choices(names, weights=[DURATIONS[s] for s in names], k=n)
+    moments = {s: sorted(rng.uniform(0, DURATIONS[s]) for _ in range(stages.count(s))) for s in names}
+    print(f"soak: N={n} seed={seed} (RLHF_SOAK_KILLS, RLHF_SOAK_SEED); moments "
+          + ", ".join(f"{s}@{t:.1f}s" for s in names for t in moments[s]))
+    run = tmp_path / "run"
+    run.mkdir()
+    landed = 0
+    for name in names:
+        stage = Stage(name, run, logs)
+        for delay in moments[name] + [None]:
+            if is_complete(run / name):  # killed after its final rename: nothing left to do
+                break
+            unfinished = latest_checkpoint(run, name) is not None or is_complete(run / f"{name}.work")
+            code, log = stage(*(["--resume"] if unfinished else []), kill_after=delay)
+            if code == -signal.SIGKILL:
+                landed += 1
+                continue
+            assert code == 0, log[-3000:]
+        assert is_complete(run / name), f"{name} did not complete"
+        assert_same_artifacts(run / name, ref / name, name)
+    print(f"soak: N={n} seed={seed}: {landed} kills landed, {n - landed} fell after their attempt or stage had "
+          "finished (resumed attempts are shorter than a whole run); final artifacts equal the uninterrupted run's")

@@ -258,7 +258,7 @@ def test_mixed_validity_pairs_with_and_without_skip_invalid(tmp_path):
                                "row 4: completions item 2 score: expected a number, got text",
                                "row 6: chosen and rejected are identical"]
     assert report.manifest() == {"rows": 2, "source_rows": 6, "skipped": 4, "formats": report.formats,
-                                 "empty_responses": 1, "no_pair": 0}
+                                 "empty_responses": 1, "no_pair": 0, "joined_rows": 0}
 
 
 # ---------------------------------------------------------------------------------------------

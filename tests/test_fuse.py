@@ -235,3 +235,18 @@ def test_adapter_from_another_base_is_refused(run, tmp_path):
 def test_ppo_without_its_sft_adapter_is_refused(run, tmp_path):
     with pytest.raises(lora_state.FuseError, match="trained stacked on"):
         fuse.run_fuse(_pipeline_cfg(adapters=[str(run.dir / "ppo")], weights=[1.0]), tmp_path)
+
+
+def test_a_truncated_source_adapter_is_refused_by_name_before_fusing(run, tmp_path):
+    """The issue's case at the fuse stage: a truncated adapter is named with the command that remakes it
+    (the manifest's file list), not a safetensors error."""
+    shutil.copytree(run.dir / "sft", tmp_path / "sft")
+    weights = tmp_path / "sft" / lora_state.ADAPTER_FILE
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ArtifactError) as e:
+        fuse.run_fuse(_pipeline_cfg(adapters=[str(tmp_path / "sft"), str(run.dir / "ppo")], weights=[1.0, 1.0]),
+                      tmp_path / "out")
+    assert str(e.value).startswith(f"{weights} is truncated (100 bytes; the manifest says {size}); remake it with: "
+                                   f"rlhf sft --config ")
+    assert str(e.value).endswith(f" --run-dir {tmp_path} --overwrite") and not (tmp_path / "out" / "fused").exists()

@@ -36,11 +36,17 @@ from pipeline.artifacts.outputs import (
     replace_folder,
     write_text_atomic,
 )
+from pipeline.artifacts.readers import (
+    check_adapter_folder,
+    load_tensors,
+    read_json,
+    remake_hint,
+)
+from pipeline.artifacts.verify import RUN_CONFIG
 
 STATE = "state"  # state.json + state.safetensors
 LEGACY_STATE = "trainer_state.pt"  # PPO checkpoints before safe state files
 TRAINER_STATE = "trainer_state.json"  # written last into a transformers Trainer checkpoint (SFT)
-RUN_CONFIG = "run_config.json"  # the resolved config a run in progress started with
 _STEP_DIR = re.compile(r"step-(\d+)$")
 
 
@@ -95,16 +101,6 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     return {k: _decode(v, tensors, where) for k, v in obj.items()}
 
 
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors on the CPU; an unreadable file is an ArtifactError naming it."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error type for a damaged or foreign file
-        raise ArtifactError(f"{path} is not a readable safetensors file ({e}); it was not loaded") from None
-
-
 def save_state(folder: str | Path, state: dict, name: str = STATE) -> None:
     """Write ``state`` as ``<name>.safetensors`` (every tensor and array) and ``<name>.json`` (the rest)."""
     from safetensors.torch import save_file
@@ -126,7 +122,7 @@ def load_state(folder: str | Path, name: str = STATE) -> dict:
     try:
         tree = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: cannot read the checkpoint state ({e})") from None
+        raise ArtifactError(f"{path}: cannot read the checkpoint state ({e}){remake_hint(path)}") from None
     if not isinstance(tree, dict) or tree.get("format") != 1:
         raise ArtifactError(f"{path}: not a state file this version writes (format {tree.get('format')!r})")
     return _decode(tree["state"], load_tensors(folder / f"{name}.safetensors"), str(path))
@@ -168,6 +164,19 @@ def check_pickled_files(folder: str | Path) -> None:
     for path in sorted(Path(folder).iterdir()):
         if path.suffix in (".pt", ".pth", ".bin") and path.is_file():
             torch_load_weights_only(path)
+
+
+def check_trainer_checkpoint(folder: str | Path) -> int:
+    """The step of a transformers Trainer checkpoint (SFT), after checking, by name and before any model
+    loads, what the Trainer would read: its pickled files (``check_pickled_files``), trainer_state.json
+    and the adapter folder."""
+    check_pickled_files(folder)
+    state = read_json(Path(folder) / TRAINER_STATE, "a transformers Trainer state")
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise ArtifactError(f"{Path(folder) / TRAINER_STATE} has no global_step; it is not a Trainer state "
+                            "(start over with --overwrite)")
+    check_adapter_folder(folder)
+    return state["global_step"]
 
 
 @contextlib.contextmanager

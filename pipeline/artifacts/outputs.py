@@ -13,9 +13,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from pipeline.artifacts.verify import (
+    FILES,
+    MANIFEST,
+    file_problems,
+    list_files,
+    parse_manifest,
+    remake_command,
+)
 from pipeline.config import PipelineConfig, save_config, to_dict
 
-MANIFEST = "manifest.json"
 _LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
 
 
@@ -88,8 +95,10 @@ def replace_folder(src: str | Path, dst: str | Path) -> None:
 
 def write_manifest(folder: str | Path, stage: str, cfg: PipelineConfig, base: Any,
                    metrics: dict, data: Optional[dict] = None, adapters: Optional[dict] = None,
-                   extra: Optional[dict] = None) -> dict:
-    """Write the resolved config and ``manifest.json`` (last) into ``folder``."""
+                   extra: Optional[dict] = None, with_checkpoints: bool = False) -> dict:
+    """Write the resolved config and ``manifest.json`` (last) into ``folder``; the manifest lists every
+    file in ``folder`` with its size and sha256 (``checkpoints/`` only if ``with_checkpoints``: the
+    other stages remove theirs when they publish)."""
     folder = Path(folder)
     save_config(cfg, folder / "config.yaml")
     manifest = {
@@ -105,6 +114,7 @@ def write_manifest(folder: str | Path, stage: str, cfg: PipelineConfig, base: An
     }
     if extra:
         manifest.update(extra)
+    manifest[FILES] = list_files(folder, with_checkpoints)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
 
@@ -135,11 +145,23 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def read_manifest(folder: str | Path) -> dict:
+def read_manifest(folder: str | Path, verify: bool = True) -> dict:
+    """The manifest of a complete stage output; with ``verify``, every file it lists is first checked
+    (size, then sha256, cached per size and mtime): a missing, truncated or changed file is an
+    ArtifactError naming it and the command that writes it again. Manifests from before file lists
+    load unchecked."""
     folder = Path(folder)
     if not is_complete(folder):
         raise ArtifactError(f"{folder} is not a complete stage output (no {MANIFEST}); run that stage first")
-    return json.loads((folder / MANIFEST).read_text())
+    manifest, problem = parse_manifest(folder)
+    if problem:
+        raise ArtifactError(problem)
+    if verify:
+        problems = file_problems(folder, manifest)
+        if problems:
+            more = f" (and {len(problems) - 1} more: `rlhf verify {folder.parent}` lists them)" if len(problems) > 1 else ""
+            raise ArtifactError(f"{problems[0]}{more}; remake it with: {remake_command(folder, manifest)}")
+    return manifest
 
 
 def check_same_base(manifest: dict, base: Any, what: str) -> None:

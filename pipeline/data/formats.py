@@ -24,11 +24,18 @@ Formats, detected per row from its columns in this order (``data.format`` forces
     prompts are always detected: ``prompt``, ``messages``, ``conversations``, ``instruction`` (+
            ``input``), ``text``, ``chosen`` (a conversation or HH transcript: the turns before its reply).
 
+Consecutive turns of one role (an HH transcript where an inline "Human:" split a turn so that two
+``Assistant:`` turns meet, a ShareGPT export or chat list with two ``gpt`` turns in a row) are joined
+into one turn, their texts separated by a blank line; ``joined_turns`` counts the rows this changed
+(the loader reports them per source).
+
 Empty replies are valid in preference pairs (a preferred non-answer is real data; the loader counts
 them); an empty SFT target raises ``EmptyTarget``.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import json
 import math
@@ -47,6 +54,38 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 
 _HH_MARKER = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant):")
 _HH_HUMAN = re.compile(r"(?:\A\s*|\n\n)Human:")
+
+
+# The loader's count of joined turns in the row being converted: the parsers that join sit several calls
+# below the format adapters, which return canonical rows only.
+_JOINS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("joined_turns", default=None)
+
+
+@contextlib.contextmanager
+def joined_turns():
+    """Count, in the yielded one-item list, the turns joined to the turn before them inside the block."""
+    count = [0]
+    token = _JOINS.set(count)
+    try:
+        yield count
+    finally:
+        _JOINS.reset(token)
+
+
+def join_same_role(messages: list[dict]) -> list[dict]:
+    """``messages`` with each run of consecutive same-role turns joined into one (texts separated by a
+    blank line; an empty one, such as an open final reply, adds nothing)."""
+    out: list[dict] = []
+    for m in messages:
+        if out and out[-1]["role"] == m["role"]:
+            parts = [p for p in (out[-1]["content"], m["content"]) if p.strip()]
+            out[-1] = {"role": m["role"], "content": "\n\n".join(parts)}
+            count = _JOINS.get()
+            if count is not None:
+                count[0] += 1
+        else:
+            out.append(m)
+    return out
 
 
 class RowProblem(Exception):
@@ -106,7 +145,8 @@ def parse_hh(text: str, keep_open_reply: bool = False) -> list[dict]:
     ``"\\n\\nHuman: Hi\\n\\nAssistant: Hello!"`` -> ``[{"role": "user", "content": "Hi"},
     {"role": "assistant", "content": "Hello!"}]``. Turn markers are ``Human:``/``Assistant:`` at the
     start of the text or after a blank line; each turn's text is stripped. The transcript must start
-    with ``Human:`` and alternate. An empty final ``Assistant:`` (the cue that ends HH prompts) is
+    with ``Human:``; consecutive turns of one speaker are joined (``join_same_role``). An empty final
+    ``Assistant:`` (the cue that ends HH prompts) is
     dropped, or with ``keep_open_reply`` returned as an empty assistant message (an empty response in
     a preference pair); any other empty turn is an error.
     """
@@ -128,11 +168,10 @@ def parse_hh(text: str, keep_open_reply: bool = False) -> list[dict]:
         turns.pop()
     messages = []
     for i, (speaker, content) in enumerate(turns, 1):
-        if i > 1 and speaker == turns[i - 2][0]:
-            raise ValueError(f"HH transcript turns {i - 1} and {i} are both '{speaker}:' (turns must alternate)")
         if not content:
             raise ValueError(f"HH transcript turn {i} ('{speaker}:') is empty")
         messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content})
+    messages = join_same_role(messages)
     if open_reply and keep_open_reply:
         messages.append({"role": "assistant", "content": ""})
     return messages
@@ -218,7 +257,7 @@ def _messages(value: Any, name: str, from_csv: bool = False, empty_last_ok: bool
         if role == "system" and i > 1:
             raise RowProblem(f"{pre}message {i} is a system message; only the first message may be one")
         out.append({"role": role, "content": content})
-    return out
+    return join_same_role(out)
 
 
 def _text_or_messages(value: Any, name: str, from_csv: bool, empty_ok: bool = False) -> Any:

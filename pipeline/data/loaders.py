@@ -90,7 +90,8 @@ class LoadReport:
     ``problems`` holds the first ten as ``"row N: <problem>"``. ``formats`` counts the valid rows of
     each format; ``empty_responses`` the returned pairs with an empty chosen or rejected reply;
     ``no_pair`` the prompts whose responses formed no pair (tied, within the score margin, or one
-    response); ``row_numbers`` the source row of each returned row (for one-response-per-row layouts,
+    response); ``joined_rows`` the valid rows in which consecutive turns of one role were joined into
+    one (pipeline/data/formats.py ``join_same_role``); ``row_numbers`` the source row of each returned row (for one-response-per-row layouts,
     the row of the pair's chosen response).
     """
     source: str
@@ -102,6 +103,7 @@ class LoadReport:
     empty_responses: int = 0
     no_pair: int = 0
     pairing: str = ""
+    joined_rows: int = 0
     row_numbers: list[int] = field(default_factory=list, repr=False)
 
     def row_name(self, i: int) -> str:
@@ -122,6 +124,9 @@ class LoadReport:
             text += f", {_count(self.no_pair, 'prompt')} formed no pair (one response, or all tied within the margin)"
         if self.empty_responses:
             text += f"; {_count(self.empty_responses, 'pair')} with an empty response (kept: a valid preference)"
+        if self.joined_rows:
+            text += (f"; {_count(self.joined_rows, 'row')} had consecutive turns of one role, joined into one "
+                     "turn (blank-line separated)")
         lines = [text] + [f"  {p}" for p in self.problems]
         if self.skipped > len(self.problems):
             lines.append(f"  ... and {self.skipped - len(self.problems)} more")
@@ -130,7 +135,8 @@ class LoadReport:
     def manifest(self) -> dict:
         """The counts a stage records in its manifest."""
         return {"rows": self.kept, "source_rows": self.total, "skipped": self.skipped, "formats": self.formats,
-                "empty_responses": self.empty_responses, "no_pair": self.no_pair}
+                "empty_responses": self.empty_responses, "no_pair": self.no_pair,
+                "joined_rows": self.joined_rows}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,11 +373,12 @@ def _load(source: Any, kind: str, columns: Optional[dict], skip_invalid: bool, m
                 if isinstance(raw, _Unreadable):
                     raise RowProblem(raw.problem)
                 row = _renamed(raw, mapping) if mapping else raw
-                if kind == "prompts":
-                    name, out = None, formats.prompt_row(row, ctx)
-                else:
-                    fmt = fixed or formats.detect(row, kind, ctx)
-                    name, out = fmt.name, fmt.convert(row, ctx)
+                with formats.joined_turns() as joins:
+                    if kind == "prompts":
+                        name, out = None, formats.prompt_row(row, ctx)
+                    else:
+                        fmt = fixed or formats.detect(row, kind, ctx)
+                        name, out = fmt.name, fmt.convert(row, ctx)
             except RowProblem as e:
                 if not skip_invalid:
                     error = EmptyTargetError if isinstance(e, EmptyTarget) else DataError
@@ -382,6 +389,7 @@ def _load(source: Any, kind: str, columns: Optional[dict], skip_invalid: bool, m
                 continue
             if name is not None:
                 report.formats[name] = report.formats.get(name, 0) + 1
+            report.joined_rows += joins[0] > 0
             if isinstance(out, formats.Group):
                 groups.setdefault(out.key, (out.prompt, []))[1].append((out.reply, out.score, n))
                 continue

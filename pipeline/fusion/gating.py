@@ -34,6 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.artifacts import readers
+from pipeline.artifacts.outputs import ArtifactError
+
 FORMAT = "rlhf-lora-fusion"
 VERSION = 1
 FUSION_FILE = "fusion.json"
@@ -308,17 +311,16 @@ def save(fusion: Fusion, folder: Path, adapter_dirs: Sequence[Path], extra: Opti
 
 def read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(fusion.json, gate tensors)`` of a saved fusion; a clear error if ``folder`` is not one."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     meta_path = folder / FUSION_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder} holds no {FUSION_FILE}: not a learned fusion (fuse.method=learned)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}, "
-                         f"expected {FORMAT!r} version {VERSION}")
-    return meta, load_file(str(folder / GATE_FILE))
+    meta = readers.read_json(meta_path, "a learned fusion's description")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else (None, None)
+        raise ArtifactError(f"{meta_path}: format {found[0]!r} version {found[1]!r}, expected {FORMAT!r} version "
+                            f"{VERSION}{readers.remake_hint(meta_path)}")
+    return meta, readers.load_tensors(folder / GATE_FILE)
 
 
 def attach(peft_model, folder: Path, prefix: str = "") -> tuple[Fusion, list[str]]:
@@ -332,6 +334,7 @@ def attach(peft_model, folder: Path, prefix: str = "") -> tuple[Fusion, list[str
     for name, slot in zip(meta["adapters"], slots):
         if slot in peft_model.peft_config:  # loaded by the caller (load() starts the PeftModel with it)
             continue
+        readers.check_adapter_folder(folder / ADAPTERS_DIR / name)
         peft_model.load_adapter(str(folder / ADAPTERS_DIR / name), adapter_name=slot, is_trainable=False)
     peft_model.eval()  # layers injected by load_adapter start in train mode (dropout)
     fusion = for_model(peft_model, slots, meta["adapters"])
@@ -363,6 +366,7 @@ def load(model, folder: str | Path):
     folder = Path(folder)
     meta, _ = read(folder)
     first = meta["adapters"][0]
+    readers.check_adapter_folder(folder / ADAPTERS_DIR / first)
     peft_model = PeftModel.from_pretrained(model, str(folder / ADAPTERS_DIR / first), adapter_name=first,
                                            is_trainable=False)
     fusion, slots = attach(peft_model, folder)

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from pipeline.artifacts import readers
 from pipeline.artifacts.hashing import sha256_file
 from pipeline.artifacts.outputs import ArtifactError, check_same_base, read_manifest
 
@@ -72,6 +73,7 @@ def read_sources(paths: list[Path], base) -> list[Source]:
         check_same_base(manifest, base, f"adapter {path}")
         if not (path / ADAPTER_FILE).is_file():
             raise FuseError(f"{path} has no {ADAPTER_FILE}; it is not an adapter folder")
+        readers.check_adapter_folder(path)
         config = LoraConfig.from_pretrained(str(path))
         check_lora_config(config, str(path))
         stage = manifest.get("stage") or path.name
@@ -184,9 +186,7 @@ def save_lora(folder: Path, config, state: dict[str, torch.Tensor]) -> None:
 
 def load_lora_state(folder: Path) -> dict[str, torch.Tensor]:
     """The tensors of a saved adapter folder."""
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / ADAPTER_FILE))
+    return readers.load_tensors(Path(folder) / ADAPTER_FILE)
 
 
 def delta_rel_error(sources: list[Source], weights: list[float], fused_dir: Path) -> float:

@@ -11,6 +11,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from pipeline.artifacts import readers
+from pipeline.artifacts.outputs import ArtifactError
 from pipeline.models.loading import dense_weight, release_free_memory
 
 
@@ -142,21 +144,22 @@ def attach_adapter(peft_model, adapter_dir: str | Path, name: str) -> dict[str, 
     (e.g. the score head) are not attached; they are returned for the caller to use.
     """
     from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
+    readers.check_adapter_folder(adapter_dir)
     cfg = LoraConfig.from_pretrained(str(adapter_dir))
     cfg.task_type = "CAUSAL_LM"
     cfg.modules_to_save = None
     cfg.inference_mode = True
-    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    state = readers.load_tensors(adapter_dir / readers.ADAPTER_WEIGHTS)
     lora_state = {k: v for k, v in state.items() if ".lora_" in k}
     others = {k: v for k, v in state.items() if ".lora_" not in k}
     peft_model.add_adapter(name, cfg)
     result = set_peft_model_state_dict(peft_model, lora_state, adapter_name=name)
     missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
     if missing:
-        raise RuntimeError(f"adapter {adapter_dir} does not fit this base: missing {missing[:3]}")
+        raise ArtifactError(f"adapter {adapter_dir} does not fit this base (missing {missing[:3]}): it was "
+                            "trained on another model; use an adapter trained on the configured model.name")
     for n, p in peft_model.named_parameters():
         if f".{name}." in n:
             p.requires_grad_(False)
@@ -180,18 +183,33 @@ def save_adapter(peft_model, name: str, out_dir: str | Path) -> None:
     cfg.inference_mode = inference_mode
 
 
+def lora_config_of(adapter_dir: str | Path):
+    """The peft LoraConfig of a saved adapter folder, checked readable first."""
+    from peft import LoraConfig
+
+    readers.check_adapter_folder(adapter_dir)
+    return LoraConfig.from_pretrained(str(adapter_dir))
+
+
+def load_frozen_adapter(peft_model, adapter_dir: str | Path, name: str) -> None:
+    """peft's ``load_adapter`` (frozen, as ``name``) of a folder checked readable first."""
+    readers.check_adapter_folder(adapter_dir)
+    peft_model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+
+
 def load_adapter_weights(peft_model, name: str, adapter_dir: str | Path) -> None:
     """Overwrite the weights of an existing adapter ``name`` from a saved folder (e.g. on resume)."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    state = readers.load_tensors(Path(adapter_dir) / readers.ADAPTER_WEIGHTS)
     result = set_peft_model_state_dict(peft_model, state, adapter_name=name)
     if result.unexpected_keys:
-        raise RuntimeError(f"{adapter_dir} does not fit adapter '{name}': unexpected {result.unexpected_keys[:3]}")
+        raise ArtifactError(f"{adapter_dir} does not fit adapter '{name}' (unexpected {result.unexpected_keys[:3]}): "
+                            "it was saved with another LoRA rank, targets or layers; use the config it was trained with")
     missing = [k for k in result.missing_keys if f".{name}." in k]
     if missing:
-        raise RuntimeError(f"{adapter_dir} does not fit adapter '{name}': missing {missing[:3]}")
+        raise ArtifactError(f"{adapter_dir} does not fit adapter '{name}' (missing {missing[:3]}): it was saved "
+                            "with another LoRA rank, targets or layers; use the config it was trained with")
 
 
 def stack_adapters(base_model, adapter_dirs: dict[str, str | Path], trainable: Optional[str] = None,
@@ -205,6 +223,7 @@ def stack_adapters(base_model, adapter_dirs: dict[str, str | Path], trainable: O
 
     peft_model = None
     for name, path in adapter_dirs.items():
+        readers.check_adapter_folder(path)
         if peft_model is None:
             peft_model = PeftModel.from_pretrained(base_model, str(path), adapter_name=name, is_trainable=False)
         else:

@@ -54,14 +54,13 @@ from typing import Callable, Optional
 
 import torch
 
-from pipeline.artifacts import hashing
+from pipeline.artifacts import hashing, readers
 from pipeline.artifacts.checkpoints import Checkpoints, load_state
 from pipeline.artifacts.outputs import (
     ArtifactError,
     atomic_output,
     check_same_base,
     is_complete,
-    read_manifest,
     write_manifest,
 )
 from pipeline.config import ConfigError, PipelineConfig, substitute_run_dir
@@ -309,9 +308,8 @@ def _score(samples: Samples, prompts: list[dict], tok, rewards: Rewards, batch_s
 def _check_adapter_loaded(peft_model, name: str, adapter_dir: Path) -> None:
     """``load_adapter_weights`` ignores missing keys; make sure every saved tensor really landed."""
     from peft import get_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    saved = readers.load_tensors(adapter_dir / "adapter_model.safetensors")
     live = get_peft_model_state_dict(peft_model, adapter_name=name)
     bad = [k for k, v in saved.items() if k not in live or not torch.equal(live[k].detach().cpu(), v)]
     if bad or not saved:
@@ -342,7 +340,7 @@ def _fused_specs(peft_model, fused: list[tuple[Path, dict]], base, sft: Optional
             consumed[f"{owner}:learned"] = {"path": str(folder),
                                             "sha256": hashing.sha256_file(folder / gating.GATE_FILE)}
         slot = f"fused{j}"
-        peft_model.load_adapter(str(folder / "adapter"), adapter_name=slot, is_trainable=False)
+        stacking.load_frozen_adapter(peft_model, folder / "adapter", slot)
         name = f"{owner}:{'mean-gate' if method == 'learned' else method}"
         specs.append(ModelSpec("fused", name, [slot], series="fused"))
         consumed[name] = {"path": str(folder / "adapter"),
@@ -408,7 +406,7 @@ def _load_stack(cfg: PipelineConfig, sft_dir: Optional[Path], series: list[Serie
     consumed: dict = {}
     adapters: dict[str, Path] = {}
     if sft_dir is not None:
-        check_same_base(read_manifest(sft_dir), base, f"SFT adapter {sft_dir}")
+        check_same_base(readers.read_output(sft_dir, "sft", "ppo.sft_adapter"), base, f"SFT adapter {sft_dir}")
         adapters[SFT] = sft_dir
         consumed[SFT] = {"path": str(sft_dir),
                          "sha256": hashing.sha256_file(sft_dir / "adapter_model.safetensors")}
@@ -417,8 +415,8 @@ def _load_stack(cfg: PipelineConfig, sft_dir: Optional[Path], series: list[Serie
     slots: dict[str, tuple[str, LoraConfig]] = {}  # one policy adapter per distinct LoRA config
     for s in series:
         check_same_start(s, base, consumed.get(SFT), adapters)
-        policy_cfg = LoraConfig.from_pretrained(str(s.ppo_dir if (s.ppo_dir / "adapter_config.json").is_file()
-                                                    else s.checkpoints[0][1]))
+        policy_cfg = stacking.lora_config_of(s.ppo_dir if (s.ppo_dir / "adapter_config.json").is_file()
+                                             else s.checkpoints[0][1])
         policy_cfg.inference_mode = True
         signature = json.dumps(policy_cfg.to_dict(), sort_keys=True, default=str)
         if signature not in slots:

@@ -25,13 +25,12 @@ from typing import Optional
 
 import torch
 
-from pipeline.artifacts import guard, hashing
+from pipeline.artifacts import guard, hashing, readers
 from pipeline.artifacts.checkpoints import StageWork, load_state
 from pipeline.artifacts.outputs import (
     ArtifactError,
     MetricsLogger,
     check_same_base,
-    read_manifest,
     truncate_jsonl,
     write_manifest,
 )
@@ -102,7 +101,7 @@ def build_policy(cfg: PipelineConfig, run_dir: Path, base_model, base, device) -
     stacked: dict[str, Path] = {}
     consumed: dict = {}
     if sft_dir:
-        check_same_base(read_manifest(sft_dir), base, f"SFT adapter {sft_dir}")
+        check_same_base(readers.read_output(sft_dir, "sft", "ppo.sft_adapter"), base, f"SFT adapter {sft_dir}")
         stacked[SFT] = Path(sft_dir)
         consumed[SFT] = {"path": str(sft_dir),
                          "sha256": hashing.sha256_file(Path(sft_dir) / "adapter_model.safetensors")}
@@ -184,7 +183,8 @@ def write_outputs(cfg: PipelineConfig, stage: StageWork, policy: Policy, tok, ba
                                                            prompt_lengths)},
                    extra={"stacked_on": list(policy.stacked), "reference": pc.reference, "algorithm": pc.algorithm,
                           "samples_per_prompt": pc.samples_per_prompt,
-                          "value_model": pc.value_model if critic else None, "final_checkpoint": str(final.name)})
+                          "value_model": pc.value_model if critic else None, "final_checkpoint": str(final.name)},
+                   with_checkpoints=True)
     stage.publish(keep_checkpoints=True)  # eval reads the checkpoints along the KL curve
 
 

@@ -10,7 +10,11 @@ from typing import Optional
 import torch
 
 from pipeline.artifacts import guard
-from pipeline.artifacts.checkpoints import TRAINER_STATE, StageWork, check_pickled_files
+from pipeline.artifacts.checkpoints import (
+    TRAINER_STATE,
+    StageWork,
+    check_trainer_checkpoint,
+)
 from pipeline.artifacts.outputs import (
     MetricsLogger,
     write_jsonl,
@@ -201,10 +205,11 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     if stage.finished:
         return stage.publish()
     out, work = stage.out, stage.work
+    resumed_at = None
     if ckpt is not None:
         # transformers reads optimizer/scheduler/RNG files with torch.load(weights_only=True); refuse
-        # a file it would refuse, by name, before any model loads.
-        check_pickled_files(ckpt)
+        # a file it would refuse, or a damaged one, by name, before any model loads.
+        resumed_at = check_trainer_checkpoint(ckpt)
         shutil.rmtree(work / "trainer", ignore_errors=True)  # a checkpoint the killed run was writing
     t0 = time.time()
 
@@ -218,7 +223,6 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
 
     # 2. model: NF4 base (guarded against the bf16 repack) + a fresh LoRA adapter
     model, tok, base = loading.load_base(cfg.model)
-    resumed_at = json.loads((ckpt / TRAINER_STATE).read_text())["global_step"] if ckpt is not None else None
     logger = MetricsLogger(work / "metrics.jsonl", work / "tensorboard" if sc.tensorboard else None,
                            resume_step=resumed_at)
     trainer, fitted = build_trainer(
