@@ -8,8 +8,15 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.config import ModelConfig
 from pipeline.models import loading
-from pipeline.models.throughput import (DecoderShape, count_matmul_params, decoder_shape, forward_flops,
-                                        lora_backward_flops, mfu, probe_matmul)
+from pipeline.models.throughput import (
+    DecoderShape,
+    count_matmul_params,
+    decoder_shape,
+    forward_flops,
+    lora_backward_flops,
+    mfu,
+    probe_matmul,
+)
 
 SHAPE = DecoderShape(matmul_params=1000, layers=2, width=8, vocab=10)
 
@@ -66,7 +73,11 @@ def test_doctor_prints_the_machine_and_writes_json(tmp_path):
 
 
 def test_phase_flops_by_hand():
-    from pipeline.models.throughput import generate_flops, lora_train_flops, sequence_flops
+    from pipeline.models.throughput import (
+        generate_flops,
+        lora_train_flops,
+        sequence_flops,
+    )
 
     # prompt 4, response 2: prefill 4 x (2,000 + 4 x 2 x 8 x 4) = 4 x 2,256 = 9,024; decode 2 tokens attending to
     # 5.5: 2 x (2,000 + 4 x 2 x 8 x 5.5) + 2 x 160 = 2 x 2,352 + 320 = 5,024.
