@@ -16,7 +16,7 @@ import torch
 
 from pipeline.artifacts.hashing import tokenizer_hash, weights_hash
 from pipeline.config import LoraConfigSection, ModelConfig
-from pipeline.models.embedded import resolve_model_path
+from pipeline.models.embedded import ModelError, resolve_model_path
 
 
 @dataclass
@@ -210,14 +210,38 @@ def assert_bnb_guarded(model: torch.nn.Module) -> None:
                 raise RuntimeError(f"{name}: 4-bit layer is not guarded against the bf16 CPU repack")
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, chat_template: str = "auto", name: Optional[str] = None):
+    """The tokenizer, left-padding, with the chat template ``model.chat_template`` selects
+    (:mod:`pipeline.models.templates`). Without a pad token it pads with EOS: every pad position is
+    masked out, and scores pool by mask, not by searching for the pad id."""
     from transformers import AutoTokenizer
+
+    from pipeline.models import templates
 
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    templates.apply(tok, chat_template, name or path)
     return tok
+
+
+def _check_family(path: str, name: str, kind: str) -> None:
+    """A :class:`ModelError` naming the model when transformers has no causal-LM (or, for the reward model,
+    sequence-classification) class for its architecture, instead of transformers' error deep in a stage."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    model_type = getattr(AutoConfig.from_pretrained(path), "model_type", None)
+    mapping, what = ((MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "a causal LM class (every stage needs one)") if kind == "causal"
+                     else (MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+                           "a sequence-classification class (the reward stage's model)"))
+    if model_type not in mapping:
+        raise ModelError(f"model.name={name}: transformers has no {what} for model type {model_type!r}; "
+                         "use a decoder-only model (README, Bring your own model)")
 
 
 def load_base(cfg: ModelConfig, kind: str = "causal", device: Optional[torch.device] = None,
@@ -246,7 +270,8 @@ def load_base(cfg: ModelConfig, kind: str = "causal", device: Optional[torch.dev
     if attn:
         kwargs["attn_implementation"] = attn
     print(f"[model] {cfg.name}: {describe_precision(cfg, device)}", flush=True)
-    tok = load_tokenizer(path)
+    tok = load_tokenizer(path, cfg.chat_template, cfg.name)
+    _check_family(path, cfg.name, kind)
     if kind == "causal":
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     elif kind == "seqcls":
