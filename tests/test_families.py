@@ -178,3 +178,21 @@ def test_hub_id_loads_offline_from_the_cache_and_a_missing_one_says_what_to_do(t
                                   "model.name=nobody/nothing"])
     assert r.exit_code != 0 and "internal error" not in r.output
     assert "ModelError: model.name=nobody/nothing" in r.output
+
+
+@pytest.mark.parametrize("config_cls, says", [("T5Config", "has no causal-LM class"),
+                                              ("BertConfig", "is an encoder or encoder-decoder"),
+                                              ("BartConfig", "is an encoder or encoder-decoder")])
+def test_a_model_that_is_not_a_decoder_stops_at_load_in_one_line(config_cls, says, tmp_path, tiny_path):
+    import transformers
+    from transformers import AutoTokenizer
+
+    from pipeline.config import ModelConfig
+    from pipeline.models import loading
+    from pipeline.models.embedded import ModelError
+
+    getattr(transformers, config_cls)().save_pretrained(tmp_path)  # the check reads only the config
+    AutoTokenizer.from_pretrained(tiny_path).save_pretrained(tmp_path)
+    for kind in ("causal", "seqcls"):
+        with pytest.raises(ModelError, match=f"model.name={tmp_path}: .*{says}"):
+            loading.load_base(ModelConfig(name=str(tmp_path)), kind=kind)

@@ -232,16 +232,25 @@ def _check_family(path: str, name: str, kind: str) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
         MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
     )
 
-    model_type = getattr(AutoConfig.from_pretrained(path), "model_type", None)
-    mapping, what = ((MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "a causal LM class (every stage needs one)") if kind == "causal"
-                     else (MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-                           "a sequence-classification class (the reward stage's model)"))
-    if model_type not in mapping:
-        raise ModelError(f"model.name={name}: transformers has no {what} for model type {model_type!r}; "
-                         "use a decoder-only model (README, Bring your own model)")
+    config = AutoConfig.from_pretrained(path)
+    model_type = getattr(config, "model_type", None)
+    needed = [(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "causal-LM class (every stage needs one)")]
+    if kind == "seqcls":
+        needed.append((MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+                       "sequence-classification class (the reward stage's model)"))
+    for mapping, what in needed:
+        if model_type not in mapping:
+            raise ModelError(f"model.name={name}: transformers has no {what} for model type {model_type!r}; "
+                             "use a decoder-only model (README, Bring your own model)")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
+        # BERT, RoBERTa, BART ... have a causal-LM class for use as a decoder, but are encoders (or
+        # encoder-decoders) at heart; peft and bitsandbytes fail on their poolers deep in a stage.
+        raise ModelError(f"model.name={name}: model type {model_type!r} is an encoder or encoder-decoder "
+                         "(BERT-like, T5-like); the stages need a decoder-only model (README, Bring your own model)")
 
 
 def load_base(cfg: ModelConfig, kind: str = "causal", device: Optional[torch.device] = None,
