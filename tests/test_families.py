@@ -46,7 +46,8 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+# "gpt2:unquantized": GPT-2's Conv1D layers stay Conv1D without 4-bit (bitsandbytes turns them into Linear4bit)
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt2:unquantized"])
 def test_every_stage_on_each_family(family, family_dir, tmp_path, one_thread):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -54,9 +55,12 @@ def test_every_stage_on_each_family(family, family_dir, tmp_path, one_thread):
     from pipeline.config import ModelConfig
     from pipeline.models import loading
 
+    family, _, variant = family.partition(":")
     path = family_dir(family)
     run = tmp_path / "run"
-    common = ["--config", CONFIG, "--run-dir", str(run), f"model.name={path}", *FAST]
+    four_bit = variant != "unquantized"
+    common = ["--config", CONFIG, "--run-dir", str(run), f"model.name={path}", *FAST,
+              f"model.load_in_4bit={str(four_bit).lower()}"]
     outputs = {stage: _invoke(stage, *common) for stage in ("sft", "reward", "ppo", "fuse", "eval")}
     for stage in ("sft", "reward", "ppo", "fused", "eval"):
         assert (run / stage / "manifest.json").is_file(), stage
@@ -73,7 +77,11 @@ def test_every_stage_on_each_family(family, family_dir, tmp_path, one_thread):
 
     # the merged export is a plain transformers model: it reproduces the fused adapter on the dequantized base
     merged = AutoModelForCausalLM.from_pretrained(str(run / "fused" / "merged"), dtype=torch.float32).eval()
-    base, _, _ = loading.load_dequantized_base(ModelConfig(name=path))
+    if four_bit:
+        base, _, _ = loading.load_dequantized_base(ModelConfig(name=path))
+    else:
+        base, _, _ = loading.load_base(ModelConfig(name=path, load_in_4bit=False, compute_dtype="float32",
+                                                   device="cpu"))
     fused = PeftModel.from_pretrained(base, str(run / "fused" / "adapter")).eval()
     ids = torch.tensor([[5, 17, 42, 9, 100, 7]])
     with torch.no_grad():

@@ -319,6 +319,12 @@ def lora_config(section: LoraConfigSection, task_type: str = "CAUSAL_LM", model=
     from peft import LoraConfig
 
     targets = section.target_modules
+    from transformers.pytorch_utils import Conv1D
+
+    if model is not None and any(isinstance(m, Conv1D) for m in model.modules()):
+        # GPT-2's unquantized Conv1D stores weight as in x out. peft flips fan_in_fan_out on per layer but
+        # saves the config as given, so adapters made here and ones reloaded would disagree (fuse refuses).
+        extra.setdefault("fan_in_fan_out", True)
     if section.top_layers:
         if model is None:
             raise ValueError("lora.top_layers needs the model (its decoder layers)")
