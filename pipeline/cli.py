@@ -34,10 +34,11 @@ def _user_errors():
     """Exceptions that are the user's to fix: shown as one clear line, not a traceback."""
     from pipeline.artifacts.outputs import ArtifactError
     from pipeline.data.loaders import DataError
+    from pipeline.models.embedded import ModelError
     from pipeline.rl.ppo_state import PPOError
     from pipeline.rl.rollout import PromptTooLongError
 
-    errors = [ConfigError, ArtifactError, DataError, PromptTooLongError, PPOError, FileNotFoundError]
+    errors = [ConfigError, ArtifactError, DataError, ModelError, PromptTooLongError, PPOError, FileNotFoundError]
     try:
         from reward.base import RewardError
 

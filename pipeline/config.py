@@ -42,6 +42,9 @@ class ModelConfig:
     device: str = "auto"
     # Where converted embedded models are cached; default ~/.cache/rlhf-pipeline (or $RLHF_CACHE).
     cache_dir: Optional[str] = None
+    # How conversations become text (pipeline/models/templates.py): "auto" = the tokenizer's own template,
+    # else a plain "User: / Assistant:" one (announced); "chatml"; or a Jinja template, inline or a file path.
+    chat_template: str = "auto"
 
 
 @dataclass
@@ -426,6 +429,7 @@ _LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "con
 # Lists are checked item by item. Relations between keys are checked in ``validate``.
 RULES: dict[str, Rule] = {
     "model.quant_type": _one_of("nf4", "fp4"),
+    "model.chat_template": Rule(lambda v: bool(v.strip()), "auto, chatml, a Jinja template or a file path"),
     "model.compute_dtype": _one_of("auto", "float32", "bfloat16", "float16"),
     "model.attn_implementation": _one_of("auto", "eager", "sdpa", "flash_attention_2"),
     "model.device": Rule(lambda v: re.fullmatch(r"auto|cpu|mps|xpu|cuda(:\d+)?", v) is not None,

@@ -16,28 +16,26 @@ from typing import Optional
 import torch
 
 from pipeline.artifacts.hashing import sha256_file
+from pipeline.models.templates import CHATML_GENERIC
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODELS = ("smollm2-135m-instruct", "tiny-random-llama")
 _MARKER = "rlhf_cache.json"
 _CACHE_FORMAT = 1
 
-# ChatML as SmolLM2 renders it, with {% generation %} markers so trl can mask non-assistant tokens.
-# Rendering is byte-identical to the original template (checked when the cache is built).
-CHATML_TEMPLATE = (
+# ChatML as SmolLM2 renders it: the generic ChatML with generation markers (so trl can mask non-assistant
+# tokens), plus SmolLM2's default system prompt. Rendering is byte-identical to the original template
+# (checked when the cache is built).
+CHATML_TEMPLATE = CHATML_GENERIC.replace(
+    "{% for message in messages %}",
     "{% for message in messages %}"
     "{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{{ '\\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+    "{% endif %}", 1)
+
+
+class ModelError(Exception):
+    """A model name or folder the pipeline cannot use; the message says which and what to do."""
 
 
 def cache_root(cache_dir: Optional[str] = None) -> Path:
@@ -64,9 +62,26 @@ def resolve_model_path(name: str, cache_dir: Optional[str] = None) -> str:
         return str(path.resolve())
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
         raise FileNotFoundError(f"model folder not found: {name}")
-    from huggingface_hub import snapshot_download
+    return _hub_snapshot(name)
 
-    return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+
+def _hub_snapshot(name: str) -> str:
+    """The local snapshot of hub id ``name``: from the Hugging Face cache ($HF_HOME/hub) when it is there
+    (all that ``HF_HUB_OFFLINE=1`` allows), downloaded otherwise. A missing id is a :class:`ModelError`."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+    )
+
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, ValueError) as e:
+        offline = " with HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else ""
+        raise ModelError(f"model.name={name}: not in the Hugging Face cache {constants.HF_HUB_CACHE} and not "
+                         f"downloadable{offline} ({type(e).__name__}); download it once with `hf download {name}` "
+                         "(or point HF_HOME at a cache that holds it), or give a local folder") from None
 
 
 def _cache_valid(target: Path) -> bool:

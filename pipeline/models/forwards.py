@@ -34,8 +34,26 @@ class ForwardOut:
 
 
 def _backbone_and_head(model):
+    """The decoder backbone (returns ``last_hidden_state``) and the LM head of a causal LM, plain or in peft.
+
+    Found through what transformers exposes on every family, not one family's attribute names:
+    ``base_model`` is the module named by ``base_model_prefix`` (``model`` on Llama/Qwen/OPT,
+    ``transformer`` on GPT-2/Falcon, ``gpt_neox`` on Pythia) and ``get_output_embeddings()`` is the
+    vocabulary projection (``lm_head``, ``embed_out``); a sequence classifier has none (None)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model, getattr(inner, "lm_head", None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return inner.base_model, head
+
+
+def score_head(model) -> torch.nn.Module:
+    """The head a sequence classifier puts on its backbone (``score`` on every family transformers
+    builds), plain or in peft: its one child beside ``base_model``. Shapes: (..., H) -> (..., labels)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    heads = [m for name, m in inner.named_children() if name != inner.base_model_prefix]
+    if len(heads) != 1:
+        raise ValueError(f"{type(inner).__name__}: expected one head beside the backbone, found "
+                         f"{[n for n, _ in inner.named_children()]}")
+    return heads[0]  # in peft, its ModulesToSaveWrapper
 
 
 def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,

@@ -133,15 +133,44 @@ def install(model: nn.Module, lora: bool = True) -> dict[str, int]:
     lean functions. Returns counts."""
     counts = {"rmsnorm": 0, "swiglu": 0, "lora": 0}
     for module in model.modules():
-        name = type(module).__name__
         if lora and is_peft_lora_linear(module):
             module.forward = lora_forward(module)
             counts["lora"] += 1
             continue
-        if name in _RMSNORM_CLASSES and hasattr(module, "variance_epsilon"):
+        kind = _lean_kind(module)
+        if kind == "rmsnorm":
             module.forward = _norm_forward(module)
             counts["rmsnorm"] += 1
-        elif name in _MLP_CLASSES and getattr(getattr(module, "config", None), "hidden_act", None) in ("silu", "swish"):
+        elif kind == "swiglu":
             module.forward = _mlp_forward(module)
             counts["swiglu"] += 1
     return counts
+
+
+def _lean_kind(module: nn.Module) -> str | None:
+    """"rmsnorm" or "swiglu" where a lean function computes exactly what the module does, else None."""
+    name = type(module).__name__
+    if name in _RMSNORM_CLASSES and hasattr(module, "variance_epsilon"):
+        return "rmsnorm"
+    if name in _MLP_CLASSES and getattr(getattr(module, "config", None), "hidden_act", None) in ("silu", "swish"):
+        return "swiglu"
+    return None
+
+
+def coverage(model: nn.Module) -> str:
+    """One log line: which norm and MLP classes :func:`install` routes through the lean functions and which
+    run their own (plain) forward, with counts. Other families' norms differ (Gemma scales by ``1 + w``,
+    OLMo 2 multiplies before the cast, GPT-2/NeoX/OPT use LayerNorm and GELU MLPs; Phi-3 fuses gate and up),
+    so they stay plain: exact, only without the memory saving."""
+    lean: dict[str, int] = {}
+    plain: dict[str, int] = {}
+    for module in model.modules():
+        name = type(module).__name__
+        if _lean_kind(module):
+            lean[name] = lean.get(name, 0) + 1
+        elif name.endswith(("Norm", "MLP")):
+            plain[name] = plain.get(name, 0) + 1
+
+    def fmt(d: dict[str, int]) -> str:
+        return ", ".join(f"{k} x{v}" for k, v in sorted(d.items())) or "none"
+    return f"lean kernels on {fmt(lean)}; plain path for {fmt(plain)}"

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.artifacts.hashing import tokenizer_hash, weights_hash
 from pipeline.config import LoraConfigSection, ModelConfig
-from pipeline.models.embedded import resolve_model_path
+from pipeline.models.embedded import ModelError, resolve_model_path
 
 
 @dataclass
@@ -210,14 +210,47 @@ def assert_bnb_guarded(model: torch.nn.Module) -> None:
                 raise RuntimeError(f"{name}: 4-bit layer is not guarded against the bf16 CPU repack")
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, chat_template: str = "auto", name: Optional[str] = None):
+    """The tokenizer, left-padding, with the chat template ``model.chat_template`` selects
+    (:mod:`pipeline.models.templates`). Without a pad token it pads with EOS: every pad position is
+    masked out, and scores pool by mask, not by searching for the pad id."""
     from transformers import AutoTokenizer
+
+    from pipeline.models import templates
 
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    templates.apply(tok, chat_template, name or path)
     return tok
+
+
+def _check_family(path: str, name: str, kind: str) -> None:
+    """A :class:`ModelError` naming the model when transformers has no causal-LM (or, for the reward model,
+    sequence-classification) class for its architecture, instead of transformers' error deep in a stage."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    config = AutoConfig.from_pretrained(path)
+    model_type = getattr(config, "model_type", None)
+    needed = [(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "causal-LM class (every stage needs one)")]
+    if kind == "seqcls":
+        needed.append((MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+                       "sequence-classification class (the reward stage's model)"))
+    for mapping, what in needed:
+        if model_type not in mapping:
+            raise ModelError(f"model.name={name}: transformers has no {what} for model type {model_type!r}; "
+                             "use a decoder-only model (README, Bring your own model)")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
+        # BERT, RoBERTa, BART ... have a causal-LM class for use as a decoder, but are encoders (or
+        # encoder-decoders) at heart; peft and bitsandbytes fail on their poolers deep in a stage.
+        raise ModelError(f"model.name={name}: model type {model_type!r} is an encoder or encoder-decoder "
+                         "(BERT-like, T5-like); the stages need a decoder-only model (README, Bring your own model)")
 
 
 def load_base(cfg: ModelConfig, kind: str = "causal", device: Optional[torch.device] = None,
@@ -246,7 +279,8 @@ def load_base(cfg: ModelConfig, kind: str = "causal", device: Optional[torch.dev
     if attn:
         kwargs["attn_implementation"] = attn
     print(f"[model] {cfg.name}: {describe_precision(cfg, device)}", flush=True)
-    tok = load_tokenizer(path)
+    tok = load_tokenizer(path, cfg.chat_template, cfg.name)
+    _check_family(path, cfg.name, kind)
     if kind == "causal":
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     elif kind == "seqcls":
@@ -280,15 +314,21 @@ def load_base(cfg: ModelConfig, kind: str = "causal", device: Optional[torch.dev
 
 
 def lora_config(section: LoraConfigSection, task_type: str = "CAUSAL_LM", model=None, **extra):
-    """peft LoraConfig for a config section; ``model`` (its config's num_hidden_layers) is needed when
-    ``section.top_layers`` limits the adapter to the top layers."""
+    """peft LoraConfig for a config section; ``model`` is needed when ``section.top_layers`` limits the
+    adapter to the top layers (found by :func:`decoder_layers`)."""
     from peft import LoraConfig
 
     targets = section.target_modules
+    from transformers.pytorch_utils import Conv1D
+
+    if model is not None and any(isinstance(m, Conv1D) for m in model.modules()):
+        # GPT-2's unquantized Conv1D stores weight as in x out. peft flips fan_in_fan_out on per layer but
+        # saves the config as given, so adapters made here and ones reloaded would disagree (fuse refuses).
+        extra.setdefault("fan_in_fan_out", True)
     if section.top_layers:
-        n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-        if n is None:
-            raise ValueError("lora.top_layers needs the model (its config.num_hidden_layers)")
+        if model is None:
+            raise ValueError("lora.top_layers needs the model (its decoder layers)")
+        n = len(decoder_layers(model)[1])
         extra["layers_to_transform"] = list(range(max(n - section.top_layers, 0), n))
         if targets == "all-linear":  # peft takes layers_to_transform only with explicit module names
             targets = _decoder_linear_names(model)
@@ -296,22 +336,51 @@ def lora_config(section: LoraConfigSection, task_type: str = "CAUSAL_LM", model=
                       target_modules=targets, task_type=task_type, **extra)
 
 
+def text_config(model: torch.nn.Module):
+    """The language model's config (``config.get_text_config()``: the text half of a multimodal config)."""
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def hidden_size(model: torch.nn.Module) -> int:
+    """Width of the backbone's final hidden states, from the text config (GPT-2's ``n_embd`` maps to it)."""
+    return int(text_config(model).hidden_size)
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """``(path, layers)``: the decoder's stack of ``num_hidden_layers`` blocks, on any family.
+
+    Found from what transformers exposes, not one family's names: the ModuleList of that length inside
+    ``get_decoder()`` (``model.layers`` on Llama, ``transformer.h`` on GPT-2, ``gpt_neox.layers``,
+    ``model.decoder.layers`` on OPT). ``path`` is its dotted name in ``model`` (plain or peft)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = getattr(text_config(inner), "num_hidden_layers", None)
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    decoder = decoder if isinstance(decoder, torch.nn.Module) else getattr(inner, "base_model", inner)
+    found = [m for m in decoder.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if n is None or len(found) != 1:
+        raise ValueError(f"{type(inner).__name__}: cannot find its {n} decoder layers (one ModuleList of "
+                         "config.num_hidden_layers blocks); set lora.top_layers=0 for this model")
+    path = next(name for name, m in model.named_modules() if m is found[0])
+    return path, found[0]
+
+
+def _linear_classes() -> tuple[type, ...]:
+    """What peft's "all-linear" adapts: torch Linear (bitsandbytes' Linear4bit is one) and GPT-2's Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, Conv1D)
+
+
 def _decoder_linear_names(model: torch.nn.Module) -> list[str]:
-    """Names of the linear modules inside the decoder layers (``layers.<i>.``), e.g. q_proj ... down_proj:
-    what peft's "all-linear" selects there."""
-    import re
-
-    linear = (torch.nn.Linear,)
-    try:
-        import bitsandbytes as bnb
-
-        linear += (bnb.nn.Linear4bit,)
-    except ImportError:
-        pass
+    """Names of the linear modules inside the decoder layers, e.g. q_proj ... down_proj on Llama, c_attn,
+    c_proj, c_fc on GPT-2 (Conv1D), query_key_value ... on NeoX: what peft's "all-linear" selects there."""
+    path, _ = decoder_layers(model)
+    prefix = f"{path}."
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-             if isinstance(m, linear) and re.search(r"(^|\.)layers\.\d+\.", name)}
+             if isinstance(m, _linear_classes()) and name.startswith(prefix)}
     if not names:
-        raise ValueError("lora.top_layers: found no linear modules inside numbered decoder layers")
+        raise ValueError("lora.top_layers: found no linear modules inside the decoder layers")
     return sorted(names)
 
 
@@ -336,6 +405,10 @@ def dense_weight(layer: torch.nn.Module) -> torch.Tensor:
         from bitsandbytes.functional import dequantize_4bit
 
         return dequantize_4bit(weight.data, weight.quant_state).to(torch.float32, copy=True)
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(layer, Conv1D):  # GPT-2's Conv1D keeps its weight as in x out
+        return weight.detach().t().to(torch.float32, copy=True).contiguous()
     return weight.detach().to(torch.float32, copy=True)
 
 
@@ -365,6 +438,12 @@ def load_dequantized_base(cfg: ModelConfig):
     config = nf4.config
     config.__dict__.pop("quantization_config", None)
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # bitsandbytes stores GPT-2's Conv1D layers (weight in x out) as Linear4bit (out x in): back to Conv1D's.
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in plain.named_modules():
+        if isinstance(module, Conv1D) and f"{name}.weight" in state:
+            state[f"{name}.weight"] = state[f"{name}.weight"].t().contiguous()
     missing, unexpected = plain.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
     if missing or unexpected:

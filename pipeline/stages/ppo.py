@@ -118,7 +118,7 @@ def build_policy(cfg: PipelineConfig, run_dir: Path, base_model, base, device) -
     stacking.set_active_adapters(peft_model, policy_adapters)
     for n, p in peft_model.named_parameters():
         p.requires_grad_(f".{POLICY}." in n or f".{VALUE}." in n)
-    pv = PolicyValue(peft_model, base_model.config.hidden_size, policy_adapters, value_adapters, with_value=critic)
+    pv = PolicyValue(peft_model, loading.hidden_size(base_model), policy_adapters, value_adapters, with_value=critic)
     if pv.value_head is not None:
         pv.value_head.to(device)
     peft_model.eval()  # no dropout anywhere, rollouts and PPO epochs alike (DESIGN.md 4.5)
@@ -239,6 +239,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                                          loading.compute_dtype(cfg.model, dev))
     if pc.lean_ops:
         lean_ops.install(peft_model)  # less kept for backward (RMSNorm, SwiGLU), one addmm per LoRA linear
+        if main_proc:
+            print(f"[ppo] {lean_ops.coverage(peft_model)}", flush=True)
     lora_params, trained_layers = throughput.trained_extent(peft_model, shape.layers)
     peak = throughput.measured_peak(loading.compute_dtype(cfg.model, dev), dev)  # MFU's denominator: this machine, this dtype
     if main_proc:

@@ -39,7 +39,7 @@ from pipeline.config import PipelineConfig, to_dict
 from pipeline.data import lengths, loaders
 from pipeline.data.lengths import LengthReport
 from pipeline.evaluation.stats import accuracy_se, spearman
-from pipeline.models import loading
+from pipeline.models import forwards, loading
 from pipeline.models.reward_model import (
     RewardModelScorer,
     encode_conversation,
@@ -199,7 +199,7 @@ def build_reward_model(cfg: PipelineConfig) -> RewardNet:
     peft_model = get_peft_model(model, loading.lora_config(cfg.reward.lora, task_type="SEQ_CLS", model=model))
     restore_fp32_trainables(peft_model)  # LoRA and head weights are float32 masters in bf16 compute too
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
-    return RewardNet(peft_model, tok, base, peft_model.base_model.model.score, named)
+    return RewardNet(peft_model, tok, base, forwards.score_head(peft_model), named)
 
 
 def build_optimizer(named: list[tuple[str, torch.nn.Parameter]], rc) -> torch.optim.AdamW:
