@@ -52,7 +52,7 @@ def test_matmul_params_count_the_logical_weights_of_a_4bit_model(tiny_path):
     per_layer = 2 * cfg.hidden_size ** 2 + 2 * cfg.hidden_size * kv + 3 * cfg.hidden_size * cfg.intermediate_size
     assert count_matmul_params(plain) == cfg.num_hidden_layers * per_layer
     assert count_matmul_params(nf4) == count_matmul_params(plain)  # packed 4-bit bytes are not the count
-    shape = decoder_shape(nf4.config, count_matmul_params(nf4))
+    shape = decoder_shape(nf4)
     assert (shape.layers, shape.width, shape.vocab) == (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size)
 
 

@@ -50,8 +50,8 @@ def file_problems(folder: str | Path, manifest: dict) -> list[str]:
         if size != want["size"]:
             how = "truncated" if size < want["size"] else "longer than written"
             problems.append(f"{path} is {how} ({size} bytes; the manifest says {want['size']})")
-        elif sha256_file(path) != want["sha256"]:
-            problems.append(f"{path} has changed since it was written (sha256 {sha256_file(path)[:12]}, the "
+        elif (digest := sha256_file(path)) != want["sha256"]:
+            problems.append(f"{path} has changed since it was written (sha256 {digest[:12]}, the "
                             f"manifest says {want['sha256'][:12]})")
     return problems
 

@@ -397,6 +397,13 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def logical_shape(weight) -> torch.Size:
+    """A weight's shape as the model uses it: a 4-bit weight's original shape (bitsandbytes keeps it in
+    ``quant_state.shape``), not the shape of its packed bytes."""
+    state = getattr(weight, "quant_state", None)
+    return torch.Size(state.shape) if state is not None else weight.shape
+
+
 def dense_weight(layer: torch.nn.Module) -> torch.Tensor:
     """A new float32 tensor holding a linear layer's weight (callers add to it in place); 4-bit
     weights dequantized exactly as bitsandbytes does."""

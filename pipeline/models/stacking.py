@@ -13,7 +13,7 @@ import torch
 
 from pipeline.artifacts import readers
 from pipeline.artifacts.outputs import ArtifactError
-from pipeline.models.loading import dense_weight, release_free_memory
+from pipeline.models.loading import dense_weight, logical_shape, release_free_memory
 
 
 def set_active_adapters(peft_model, names: list[str]) -> None:
@@ -57,18 +57,13 @@ def dense_weight_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
     layers = {id(m): m for m in _four_bit_layers(model)}
     layers.update({id(m.get_base_layer()): m.get_base_layer() for m in model.modules() if isinstance(m, LoraLayer)})
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(_logical_numel(m.weight) * size for m in layers.values())
+    return sum(logical_shape(m.weight).numel() * size for m in layers.values())
 
 
 def sample_from_merged(model: torch.nn.Module, mode: str, max_gb: float, dtype: torch.dtype) -> bool:
     """Whether sampling should use :func:`merged_linear_weights` (``ppo.rollout_weights``): always for
     "merged", never for "adapters", and for "auto" when the dense copy takes at most ``max_gb``."""
     return mode == "merged" or (mode == "auto" and dense_weight_bytes(model, dtype) <= max_gb * 2**30)
-
-
-def _logical_numel(weight) -> int:
-    state = getattr(weight, "quant_state", None)
-    return int(state.shape.numel()) if state is not None else weight.numel()
 
 
 def _dense_forward(weight: torch.Tensor, bias: Optional[torch.Tensor]):

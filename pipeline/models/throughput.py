@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from pipeline.models import loading
+
 
 @dataclass(frozen=True)
 class DecoderShape:
@@ -37,17 +39,17 @@ class DecoderShape:
         return self.matmul_params / max(1, self.layers)
 
 
-def decoder_shape(config, matmul_params: int) -> DecoderShape:
-    """The shape of a transformers model from its (text) config and a count of its decoder matmul
-    weights (:func:`count_matmul_params`)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return DecoderShape(matmul_params, int(text.num_hidden_layers), int(text.hidden_size), int(text.vocab_size))
+def decoder_shape(model: torch.nn.Module) -> DecoderShape:
+    """The shape of a transformers model (before adapters are added): its text config and the count of
+    its decoder matmul weights (:func:`count_matmul_params`)."""
+    text = loading.text_config(model)
+    return DecoderShape(count_matmul_params(model), int(text.num_hidden_layers), int(text.hidden_size),
+                        int(text.vocab_size))
 
 
 def count_matmul_params(model: torch.nn.Module) -> int:
-    """Logical weights of every 2-D parameter outside the input embeddings and the output head: the
-    decoder's matmuls. A 4-bit weight counts its original shape (bitsandbytes keeps it in
-    ``quant_state.shape``), not its packed bytes."""
+    """Logical weights (:func:`pipeline.models.loading.logical_shape`: a 4-bit weight counts its original
+    shape) of every 2-D parameter outside the input embeddings and the output head: the decoder's matmuls."""
     skip = set()
     for get in ("get_input_embeddings", "get_output_embeddings"):
         module = getattr(model, get, lambda: None)()
@@ -57,10 +59,9 @@ def count_matmul_params(model: torch.nn.Module) -> int:
     for p in model.parameters():
         if id(p) in skip:
             continue
-        state = getattr(p, "quant_state", None)
-        shape = tuple(state.shape) if state is not None else tuple(p.shape)
+        shape = loading.logical_shape(p)
         if len(shape) == 2:
-            total += shape[0] * shape[1]
+            total += shape.numel()
     return total
 
 
@@ -167,16 +168,13 @@ def lora_train_flops(shape: DecoderShape, prompt_tokens: list[int], response_tok
 
 def trained_extent(model: torch.nn.Module, layers: int) -> tuple[int, int]:
     """(trainable parameters, decoder layers the backward passes through): the backward stops below the
-    lowest layer holding a trainable parameter, found as the first integer in its module path
-    (``...layers.3.self_attn...``, ``...h.3.attn...``); all ``layers`` when none names a layer."""
-    count, lowest = 0, layers
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            count += p.numel()
-            index = next((int(part) for part in name.split(".") if part.isdigit()), None)
-            if index is not None:
-                lowest = min(lowest, index)
-    return count, layers - lowest if count else 0
+    lowest decoder layer (:func:`pipeline.models.loading.decoder_layers`) holding a trainable parameter;
+    heads above the layers (a value or score head) add none."""
+    _, stack = loading.decoder_layers(model)
+    layer_of = {id(p): i for i, block in enumerate(stack) for p in block.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lowest = min((layer_of[id(p)] for p in trainable if id(p) in layer_of), default=layers)
+    return sum(p.numel() for p in trainable), layers - lowest
 
 
 def measured_peak(dtype: torch.dtype, device: torch.device) -> float:

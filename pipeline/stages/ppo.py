@@ -219,7 +219,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
 
     # 2. one base, many adapters: policy = base + sft + policy, reference = the same with adapters off
     base_model, tok, base = loading.load_base(cfg.model, device=dev)
-    shape = throughput.decoder_shape(base_model.config, throughput.count_matmul_params(base_model))
+    shape = throughput.decoder_shape(base_model)  # before any adapter: LoRA matrices are not the model's
     prompts, encoded, prompt_lengths = rollout.fit_prompts(tok, prompts, report, pc.max_prompt_length,
                                                            cfg.data.long_rows, "PPO prompts")
     if main_proc:
