@@ -32,8 +32,14 @@ def test_auto_compute_dtype_is_bf16_where_the_cpu_has_bf16_matmuls(monkeypatch):
     assert loading.compute_dtype(ModelConfig(name="x", compute_dtype="float32"), torch.device("cuda")) == torch.float32
     # this machine: the answer follows torch's own CPU capability checks
     monkeypatch.undo()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     want = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     assert loading.cpu_has_fast_bf16() == want
+    # oneDNN capped below its bf16 kernels emulates bf16 (1 GFLOP/s here): auto must not pick it
+    for cap, fast in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", want),
+                      ("AVX512_CORE_AMX", want), ("ALL", want)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert loading.cpu_has_fast_bf16() == fast, cap
 
 
 def test_lora_top_layers_adapts_only_the_top_layers(tiny_model_cfg):

@@ -9,6 +9,7 @@ folders in :mod:`pipeline.models.embedded`; adapters on the loaded base live in
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -46,12 +47,23 @@ def cpu_has_fast_bf16() -> bool:
     0.23-0.33 TFLOP/s measured on 2 cores) and PPO steps 1.8x faster in 0.6x the memory. Without
     them torch emulates bf16 and it is slower than float32.
     """
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap and not _onednn_cap_has_bf16(cap):
+        # oneDNN runs torch's bf16 matmuls; capped below its bf16 ISAs it emulates them: 1.0 GFLOP/s
+        # against 201 in float32 under ONEDNN_MAX_CPU_ISA=AVX2 on an AMX Xeon (`rlhf doctor`, measured).
+        return False
     cpu = getattr(torch, "cpu", None)
     checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     try:
         return any(check() for check in checks if check is not None)
     except RuntimeError:
         return False
+
+
+def _onednn_cap_has_bf16(cap: str) -> bool:
+    """Whether a ``ONEDNN_MAX_CPU_ISA`` value still allows oneDNN's bf16 kernels (AVX512_CORE_BF16 and the
+    ISAs above it: AMX, AVX512_CORE_FP16, AVX10); ``ALL`` and ``DEFAULT`` set no cap."""
+    return cap in ("ALL", "DEFAULT") or any(k in cap for k in ("BF16", "AMX", "FP16", "AVX10"))
 
 
 def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
@@ -73,7 +85,9 @@ def describe_precision(cfg: ModelConfig, device: torch.device) -> str:
         return f"compute dtype {dtype} (auto: CUDA)"
     if dtype == "bfloat16":
         return f"compute dtype {dtype} (auto: this CPU has AMX/AVX512-BF16)"
-    return (f"compute dtype {dtype} (auto: this CPU has no AMX/AVX512-BF16, where bf16 would be emulated and "
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    why = f"ONEDNN_MAX_CPU_ISA={cap} leaves oneDNN no bf16 kernels" if cap else "this CPU has no AMX/AVX512-BF16"
+    return (f"compute dtype {dtype} (auto: {why}, where bf16 would be emulated and "
             "slower; set model.compute_dtype=bfloat16 to force it)")
 
 
