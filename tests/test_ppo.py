@@ -755,8 +755,9 @@ def test_micro_batches_give_the_same_update_as_the_whole_minibatch(new_run, data
     # Adam normalises each update to ~lr (1e-3 in tiny.yaml), so a weight whose gradient is near zero can
     # move either way under bf16 rounding, in each of the two updates taken: in bf16 the adapters agree to
     # two updates (measured: 1.3e-3 on 1 of 512 weights), the policy loss (~0.03, a mean of near-cancelling
-    # terms) to 2e-3 (measured 1.7e-3), with the reward head that reward.seed draws.
-    rel, abs_, w_atol = (1e-4, 1e-5, 1e-6) if precision == "float32" else (5e-2, 2e-3, 1e-3)
+    # terms) to 5e-3 (measured 1.7e-3 between micro-batch shapes; 3.8e-3 once several rows run their shared
+    # prompt start as one 1-row pass, which bf16 rounds differently), with the reward head reward.seed draws.
+    rel, abs_, w_atol = (1e-4, 1e-5, 1e-6) if precision == "float32" else (5e-2, 5e-3, 1e-3)
     ref_rows = _rows(runs[0] / "ppo" / "metrics.jsonl")
     ref_w = load_file(str(runs[0] / "ppo" / "adapter_model.safetensors"))
     moved = max((ref_w[k] - torch.zeros_like(ref_w[k])).abs().max().item() for k in ref_w if "lora_B" in k)

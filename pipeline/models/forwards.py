@@ -64,16 +64,30 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
     The LM head runs only on the T positions that predict response tokens (position P-1+t predicts
     response token t), which saves most of the vocabulary projection for short responses.
     """
-    backbone, lm_head = _backbone_and_head(model)
-    input_ids = torch.cat([query_ids, response_ids], dim=1)
-    attn = torch.cat([query_mask.long(), response_mask.long()], dim=1)
-    # Padding after the stop token keeps attention 0; position ids ignore the left padding.
-    position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)
-    p, t = query_ids.shape[1], response_ids.shape[1]
+    _, lm_head = _backbone_and_head(model)
+    t = response_ids.shape[1]
+    query_mask = query_mask.long()
+    # The longest token prefix every row's query starts with (the chat template's system prompt) runs once,
+    # not once per row; at least the last query token stays in each row, as it predicts response token 0.
+    # One row alone gains nothing from it.
+    lengths = query_mask.sum(dim=1)
+    shared = (common_prefix_length(query_ids, lengths, int(lengths.min()) - 1)
+              if SHARE_PREFIXES and len(lengths) > 1 else 0)
+    p = query_ids.shape[1]
+    width = p - int(lengths.max()) + shared  # the columns of the longest row's shared tokens drop out
+    rest_mask = query_mask[:, width:].clone()
+    # Other rows' shared tokens that sit right of that cut are masked (they come from the prefix now).
+    cols = torch.arange(width, p, device=query_ids.device).unsqueeze(0)
+    rest_mask[cols < (p - lengths + shared).unsqueeze(1)] = 0
+    suffix_ids = torch.cat([query_ids[:, width:], response_ids], dim=1)
+    # Padding after the stop token keeps attention 0; position ids ignore the padding.
+    suffix_mask = torch.cat([rest_mask, response_mask.long()], dim=1)
+    prefix = query_ids[:1, p - int(lengths[0]):p - int(lengths[0]) + shared]
     with loading.compute_context(model):
-        hidden = backbone(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
-                          use_cache=False).last_hidden_state
-        h = hidden[:, p - 1:p - 1 + t]
+        hidden = prefixed_hidden(model, prefix, torch.ones_like(prefix), suffix_ids, suffix_mask,
+                                 torch.zeros(query_ids.shape[0], dtype=torch.long, device=query_ids.device))
+        q = p - width  # query columns left in the suffix; the last one predicts response token 0
+        h = hidden[:, q - 1:q - 1 + t]
         if lm_head.bias is None:
             # lm_head(h) / T == lm_head(h / T): divide the (B, T, H) input, not the (B, T, vocab) logits.
             logits = lm_head(h / temperature)
@@ -91,6 +105,67 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
     return ForwardOut(logprobs=logprobs, entropy=entropy, hidden=h if with_hidden else None)
 
 
+# Prefix sharing: rows that begin with the same tokens (every row's system prompt, a preference pair's
+# prompt) run those tokens once per group and attend to their cached keys and values, exactly as a
+# prompt cache serves them at inference (vLLM's automatic prefix caching; Kwon et al. 2023). With
+# gradients on, the cache is part of the graph: the rows' gradients flow back into the shared pass.
+SHARE_PREFIXES = True
+
+
+def common_prefix_length(ids: torch.Tensor, lengths: torch.Tensor, limit: int) -> int:
+    """How many leading real tokens all rows of left-padded ``ids`` (B, P) share, at most ``limit``;
+    ``lengths`` (B,) counts each row's real tokens. Rows (0, 5, 6, 7) and (4, 5, 6, 8) with lengths
+    (3, 4): real tokens (5, 6, 7) and (4, 5, 6, 8) share none: 0; (5, 6, 7), (5, 6, 8): 2."""
+    if limit <= 0:
+        return 0
+    p = ids.shape[1]
+    starts = (p - lengths).tolist()
+    first = ids[0, starts[0]:starts[0] + limit]
+    n = first.shape[0]
+    for row, st in zip(ids[1:], starts[1:]):
+        other = row[st:st + n]
+        n = min(n, other.shape[0])
+        diff = (first[:n] != other[:n]).nonzero()
+        if len(diff):
+            n = int(diff[0])
+        if n == 0:
+            return 0
+    return n
+
+
+def _plain_cache(cache) -> bool:
+    """Whether every layer of a transformers cache is a plain growing key/value store: sliding-window,
+    static, linear-attention and quantized layers keep something else, and prefix sharing steps aside."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+def prefixed_hidden(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, suffix_ids: torch.Tensor,
+                    suffix_mask: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (B, S, H) of rows made of a shared prefix and their own suffix: row i is
+    ``prefix_ids[group[i]]`` (G, Sp; left-padded, ``prefix_mask`` 1 on real tokens) followed by
+    ``suffix_ids[i]`` (B, S; ``suffix_mask`` 0 on padding anywhere). Each prefix runs once; the rows'
+    suffixes attend to its cached keys and values. Equal to the backbone over the concatenated rows to
+    float round-off. Models whose cache is not a plain key/value store (sliding windows, linear
+    attention) and empty prefixes take that plain path."""
+    backbone, _ = _backbone_and_head(model)
+    full_mask = torch.cat([prefix_mask.long()[group], suffix_mask.long()], dim=1)
+    position_ids = (full_mask.cumsum(dim=1) - 1).clamp(min=0)
+    sp = prefix_ids.shape[1]
+    if sp and SHARE_PREFIXES:
+        cache = backbone(input_ids=prefix_ids, attention_mask=prefix_mask.long(),
+                         position_ids=(prefix_mask.long().cumsum(dim=1) - 1).clamp(min=0),
+                         use_cache=True).past_key_values
+        if _plain_cache(cache):
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, group), layer.values.index_select(0, group)
+            return backbone(input_ids=suffix_ids, attention_mask=full_mask, position_ids=position_ids[:, sp:],
+                            past_key_values=cache, use_cache=True).last_hidden_state
+    ids = torch.cat([prefix_ids[group], suffix_ids], dim=1)
+    return backbone(input_ids=ids, attention_mask=full_mask, position_ids=position_ids,
+                    use_cache=False).last_hidden_state[:, sp:]
+
+
 def mean_pool(hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``hidden`` (B, T, H) over the positions where ``pool_mask`` (B, T) is 1, in float32: (B, H).
 
@@ -98,20 +173,6 @@ def mean_pool(hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
     ((1 + 5) / 2, (2 + 6) / 2) = (3, 4)."""
     m = pool_mask.to(torch.float32).unsqueeze(-1)
     return (hidden.float() * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
-
-
-def response_pooled_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           response_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states averaged over each row's response tokens (``response_mask``), (B, H) float32:
-    what the reward model's score head reads. Rows are left-padded; position ids come from the mask."""
-    return mean_pool(final_hidden(model, input_ids, attention_mask), response_mask)
-
-
-def last_hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   index: torch.Tensor) -> torch.Tensor:
-    """Final hidden state at ``index`` (B,) of each row: what a score head reads. (B, H)."""
-    hidden = final_hidden(model, input_ids, attention_mask)
-    return hidden[torch.arange(hidden.shape[0]), index]
 
 
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -289,8 +289,10 @@ def next_batch(pairs: list, progress: Progress, size: int) -> list:
 
 def pair_scores(net: RewardNet, batch: list, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 scores ``(chosen, rejected)`` of a batch of pairs, both sides in one forward."""
+    # Both sides of a pair share their prompt: it runs once per pair (groups 0..n-1, then 0..n-1 again).
+    groups = list(range(len(batch))) * 2
     feats = pooled_features(net.peft_model, [b[0] for b in batch] + [b[1] for b in batch], net.tok.pad_token_id,
-                            pooling)
+                            pooling, groups)
     scores = net.head(feats).squeeze(-1)  # float32 features, float32 head (restore_fp32_trainables)
     return scores[:len(batch)], scores[len(batch):]
 

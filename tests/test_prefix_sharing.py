@@ -1,0 +1,112 @@
+"""Prefix sharing (pipeline.models.forwards.prefixed_hidden): rows that begin with the same tokens run them
+once. The logprobs, gradients and reward features must equal the plain forward's to float round-off, on
+the NF4 path, with padding on both sides of the rows."""
+import pytest
+import torch
+from helpers import randomize_lora_b
+
+from pipeline.config import LoraConfigSection
+from pipeline.models import forwards, loading
+from pipeline.models.reward_model import pooled_features
+
+
+def test_common_prefix_length_by_hand():
+    # left-padded rows; real tokens (5, 6, 7) and (4, 5, 6, 8) share nothing
+    ids, mask = forwards.left_pad([[5, 6, 7], [4, 5, 6, 8]], 0)
+    assert forwards.common_prefix_length(ids, mask.sum(1), 10) == 0
+    # (5, 6, 7) and (5, 6, 8): 2 tokens, whatever the padding
+    ids, mask = forwards.left_pad([[5, 6, 7], [5, 6, 8, 9, 9]], 0)
+    assert forwards.common_prefix_length(ids, mask.sum(1), 10) == 2
+    assert forwards.common_prefix_length(ids, mask.sum(1), 1) == 1  # the limit caps it
+    assert forwards.common_prefix_length(ids, mask.sum(1), 0) == 0
+    # identical rows share up to the limit
+    ids, mask = forwards.left_pad([[1, 2, 3], [1, 2, 3]], 0)
+    assert forwards.common_prefix_length(ids, mask.sum(1), 2) == 2
+
+
+@pytest.fixture
+def peft_tiny(tiny_model_cfg_both):
+    from peft import get_peft_model
+
+    model, tok, _ = loading.load_base(tiny_model_cfg_both)
+    peft_model = get_peft_model(model, loading.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0), model=model))
+    randomize_lora_b(peft_model, 0.05)
+    return peft_model, tok, tiny_model_cfg_both.compute_dtype
+
+
+def _both_ways(fn):
+    """``fn()`` with prefix sharing off, then on."""
+    out = []
+    for share in (False, True):
+        forwards.SHARE_PREFIXES = share
+        try:
+            out.append(fn())
+        finally:
+            forwards.SHARE_PREFIXES = True
+    return out
+
+
+def test_shared_prefix_logprobs_and_gradients_equal_the_plain_forward(peft_tiny):
+    peft_model, _, dtype = peft_tiny
+    g = torch.Generator().manual_seed(3)
+    system = [7, 8, 9, 10, 11, 12]  # every row's common start, as a chat template's system prompt
+    rows = [system + torch.randint(20, 200, (n,), generator=g).tolist() for n in (5, 2, 7)]
+    rows[2][len(system)] = rows[0][len(system)]  # rows 0 and 2 share one more token; row 1 does not
+    q, qm = forwards.left_pad(rows, 0)
+    r = torch.randint(20, 200, (3, 5), generator=g)
+    rm = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    assert forwards.common_prefix_length(q, qm.sum(1), 100) == len(system)
+
+    def run():
+        peft_model.zero_grad(set_to_none=True)
+        out = forwards.forward_response(peft_model, q, qm, r, rm, 0.7, with_hidden=True)
+        (out.logprobs * rm).sum().backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+        return out.logprobs.detach(), out.hidden.detach().float(), grads
+
+    backbone = peft_model.get_base_model().base_model
+    widths = []
+    hook = backbone.register_forward_hook(lambda m, args, kw, out: widths.append(kw["input_ids"].shape),
+                                          with_kwargs=True)
+    (lp0, h0, g0), (lp1, h1, g1) = _both_ways(run)
+    hook.remove()
+    # plain: one pass over the whole rows; shared: the 6 system tokens once, then 3 rows without them
+    assert widths == [(3, 13 + 5), (1, 6), (3, 13 - 6 + 5)]
+    # float32: the same sums over other matmul shapes; bf16 rounds each shape its own way (2^-8 relative)
+    tol = 1e-5 if dtype == "float32" else 0.15
+    torch.testing.assert_close(lp1 * rm, lp0 * rm, atol=tol, rtol=0)
+    torch.testing.assert_close(h1, h0, atol=tol * 10, rtol=tol)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for k in g0:  # gradients reach the LoRA weights of the shared tokens' pass as well
+        scale = g0[k].abs().max().clamp(min=1e-6)
+        assert ((g1[k] - g0[k]).abs().max() / scale) < (1e-4 if dtype == "float32" else 0.2), k
+
+
+def test_one_row_alone_takes_the_plain_path(peft_tiny):
+    peft_model, _, _ = peft_tiny
+    q, qm = forwards.left_pad([[7, 8, 9, 10]], 0)
+    r, rm = torch.tensor([[30, 31]]), torch.ones(1, 2, dtype=torch.long)
+    with torch.no_grad():
+        a, b = _both_ways(lambda: forwards.forward_response(peft_model, q, qm, r, rm, 1.0).logprobs)
+    assert torch.equal(a, b)  # bit for bit: nothing was shared
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_pair_groups_share_their_prompt_and_score_as_the_plain_forward(peft_tiny, pooling):
+    peft_model, _, dtype = peft_tiny
+    prompt_a, prompt_b = [7, 8, 9, 10, 11], [7, 8, 12, 13]
+    # (ids, response start): chosen rows then rejected rows, pair i = (i, i + 2)
+    encoded = [(prompt_a + [40, 41, 42], 5), (prompt_b + [50], 4),
+               (prompt_a + [60, 61], 5), (prompt_b + [70, 71, 72, 73], 4)]
+
+    def run():
+        return pooled_features(peft_model, encoded, 0, pooling, groups=[0, 1, 0, 1]).detach()
+
+    with torch.no_grad():
+        plain, shared = _both_ways(run)
+        shared_all = pooled_features(peft_model, encoded, 0, pooling)  # one group: the common (7, 8) only
+    tol = 1e-5 if dtype == "float32" else 0.1
+    torch.testing.assert_close(shared, plain, atol=tol, rtol=tol)
+    torch.testing.assert_close(shared_all, plain, atol=tol, rtol=tol)
+    # each row's features are its own: the two sides of a pair differ
+    assert (plain[0] - plain[2]).abs().max() > 1e-3
