@@ -207,3 +207,10 @@ def test_pipeline_end_to_end_through_the_cli(reward_run):
         assert ppo_rows[-1][f"perf/flops_{phase}"] > 0 and 0 < ppo_rows[-1][f"perf/mfu_{phase}"] < 1
     ppo_manifest = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
     assert ppo_manifest["peak_flops_per_s"] > 0 and 0 < ppo_manifest["mean_mfu_train"] < 1
+    # SFT and the reward model report theirs too: per log row and for the whole training loop
+    for stage in ("sft", "reward"):
+        rows = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
+        logged = [r for r in rows if "perf/mfu" in r]
+        assert logged and all(0 < r["perf/mfu"] < 1 and r["perf/tokens_per_s"] > 0 for r in logged), stage
+        manifest = json.loads((run / stage / "manifest.json").read_text())["metrics"]
+        assert manifest["peak_flops_per_s"] > 0 and 0 < manifest["train_mfu"] < 1, stage

@@ -9,12 +9,16 @@ from pipeline.cli import main
 from pipeline.config import ModelConfig
 from pipeline.models import loading
 from pipeline.models.throughput import (
+    TYPICAL_MFU,
     DecoderShape,
     count_matmul_params,
     decoder_shape,
+    estimate_line,
     forward_flops,
+    lm_train_flops_per_token,
     lora_backward_flops,
     mfu,
+    pair_train_flops,
     probe_matmul,
 )
 
@@ -87,3 +91,22 @@ def test_phase_flops_by_hand():
     assert sequence_flops(SHAPE, [4], [2]) == 14624
     # training adds the backward: all 2 layers, 10 LoRA weights: 6 x (2 x 500 x 2 + 384) + 320 + 4 x 10 x 6
     assert lora_train_flops(SHAPE, [4], [2], trained_layers=2, lora_params=10) == 14624 + 14304 + 320 + 240
+
+
+def test_pair_train_flops_by_hand():
+    shape = DecoderShape(matmul_params=1_000, layers=2, width=8, vocab=10)
+    # 6 tokens attending to 5: forward 6 (2,000 + 4 x 2 x 8 x 5) = 13,920; backward 6 (1,000 + 160) + 240 = 7,200
+    assert pair_train_flops(shape, [(2, 1, 3)], 1, 10) == pytest.approx(21_120)
+    assert pair_train_flops(shape, [(2, 1, 3)] * 2, 1, 10) == pytest.approx(42_240)
+
+
+def test_lm_train_flops_per_token_by_hand():
+    shape = DecoderShape(matmul_params=1_000, layers=2, width=8, vocab=10)
+    # forward 2,000 + 4 x 2 x 8 x 2 + 2 x 8 x 10 = 2,288; backward 2 x 500 x 2 + 128 + 160 + 40 = 2,328
+    assert lm_train_flops_per_token(shape, 2, 2, 10) == pytest.approx(4_616)
+
+
+def test_estimate_line_states_the_time_at_typical_and_full_mfu():
+    line = estimate_line("reward", "144 steps", 1.8e14, 2e11)
+    assert "180.0 TFLOP" in line and "200 GFLOP/s" in line
+    assert f"{900 / TYPICAL_MFU / 60:.0f} min" in line and "15 min at 100%" in line

@@ -181,3 +181,48 @@ def measured_peak(dtype: torch.dtype, device: torch.device) -> float:
     """The matmul peak MFU is computed against: measured on CPU (:func:`probe_matmul`), NaN elsewhere
     (a GPU's peak is not probed here)."""
     return probe_matmul(dtype) if device.type == "cpu" else float("nan")
+
+
+def pair_train_flops(shape: DecoderShape, pairs: list[tuple[int, int, int]], trained_layers: int,
+                     lora_params: int) -> float:
+    """One forward and the LoRA backward of a reward model over preference pairs ``(prompt, chosen,
+    rejected)`` token counts, the prompt run once per pair (prefix sharing) and no LM head; each token
+    attends to its row's length (the prompt's tokens to the longer side's). E.g. the shape of
+    :func:`forward_flops`, 1 of 2 layers trained, 10 LoRA weights, one pair (2, 1, 3):
+    6 tokens attending to 5 positions: 6 (2,000 + 4 x 2 x 8 x 5) + 6 (2 x 500 + 4 x 1 x 8 x 5) + 4 x 10 x 6
+    = 13,920 + 6,960 + 240 = 21,120."""
+    total = 0.0
+    for p, c, r in pairs:
+        tokens, attended = p + c + r, p + max(c, r)
+        total += (forward_flops(shape, tokens, attended)
+                  + lora_backward_flops(shape, tokens, attended, trained_layers, lora_params))
+    return total
+
+
+def lm_train_flops_per_token(shape: DecoderShape, attended: float, trained_layers: int, lora_params: int) -> float:
+    """FLOPs per token of a LoRA language-model training step (SFT: logits at every position, as trl's
+    trainer makes them): forward plus LoRA backward, each with the LM head. E.g. the shape of
+    :func:`forward_flops`, 2 layers trained, 10 LoRA weights, 2 attended: (2,000 + 128 + 160) +
+    (2,000 + 128 + 160 + 40) = 4,616."""
+    return (forward_flops(shape, 1, attended, logits=1)
+            + lora_backward_flops(shape, 1, attended, trained_layers, lora_params, logits=1))
+
+
+# What the stages' training loops reached on the embedded model in float32 under AVX2 and in bf16 on AMX
+# (README "Speed"): the a-priori estimate a stage prints before it starts assumes this share of the peak.
+TYPICAL_MFU = 0.45
+
+
+def estimate_line(stage: str, what: str, flops: float, peak_flops_per_s: float) -> str:
+    """One line printed before a long stage: its model FLOPs, this machine's measured peak and the time
+    they imply at :data:`TYPICAL_MFU`. E.g. 1.8e14 FLOPs at 2e11 FLOP/s: 900 s at 100%, 2,000 s at 45%."""
+    if not peak_flops_per_s > 0:
+        return f"[{stage}] {what}: {flops / 1e12:,.0f} TFLOP of model work (no CPU peak probed on this device)"
+    best = flops / peak_flops_per_s
+    return (f"[{stage}] {what}: {flops / 1e12:,.1f} TFLOP of model work; at this machine's measured "
+            f"{peak_flops_per_s / 1e9:,.0f} GFLOP/s matmul peak that is about {_minutes(best / TYPICAL_MFU)} "
+            f"(at the {TYPICAL_MFU:.0%} MFU typical here; {_minutes(best)} at 100%)")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"

@@ -17,6 +17,11 @@ class JsonlMetrics(TrainerCallback):
         self.logger = logger
         self.namespace = namespace
         self.start = time.time()
+        # Set by the stage once it knows them: model FLOPs per trained token and the machine's peak FLOP/s;
+        # each row then carries the window's tokens/s and MFU (perf/*).
+        self.flops_per_token = 0.0
+        self.peak = float("nan")
+        self._last: tuple[float, int] | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # The end-of-training summary (train_loss...) covers only the steps since a resume; the stage logs
@@ -29,7 +34,17 @@ class JsonlMetrics(TrainerCallback):
             if isinstance(v, (int, float)) and k not in ("num_tokens", "eval_num_tokens"):
                 key = k[len("eval_"):] if k.startswith("eval_") else k
                 row[f"{self.namespace}/{'eval_' if k.startswith('eval_') else ''}{key}"] = v
+        seen, now = state.num_input_tokens_seen, time.time()
+        if self.flops_per_token and self._last is not None and seen > self._last[1] and "loss" in logs:
+            tokens, seconds = seen - self._last[1], now - self._last[0]
+            row["perf/tokens_per_s"] = tokens / max(seconds, 1e-9)
+            row["perf/mfu"] = tokens * self.flops_per_token / max(seconds, 1e-9) / self.peak
+        if "loss" in logs:
+            self._last = (now, seen)
         self.logger.log(row, step=state.global_step)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.time(), state.num_input_tokens_seen)
 
 
 class ResumableCheckpoints(TrainerCallback):

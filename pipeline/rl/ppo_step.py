@@ -262,20 +262,36 @@ def sample_rows(step: int, batch: Batch, scored: Scored, n: int) -> list[dict]:
             for i in range(min(n, len(batch.texts)))]
 
 
-def perf_metrics(batch: Batch, pc, shape, trained_layers: int, lora_params: int, times: dict[str, float],
-                 peak_flops_per_s: float, value_adapter: bool) -> dict:
-    """The step's model FLOPs, tokens/s and MFU per phase (:mod:`pipeline.models.throughput`): generate
-    (prefill + decode of the real tokens), train (the reference pass, the old-logprob pass when it is
-    separate, and ``ppo_epochs`` forward + LoRA backward passes; twice where a value adapter runs its own
-    pass). The score phase's FLOPs depend on the reward plugins and are not counted."""
-    prompt = [int(x) for x in batch.query_mask.sum(1).tolist()]
-    response = [int(x) for x in batch.mask.sum(1).tolist()]
+def step_flops(prompt: list[int], response: list[int], shared: int, pc, shape, trained_layers: int,
+               lora_params: int, value_adapter: bool) -> tuple[float, float]:
+    """``(generate, train)`` model FLOPs of one step on rows of ``prompt`` + ``response`` tokens
+    (:mod:`pipeline.models.throughput`): generate is the prefill and decode of the real tokens; train is the
+    reference pass, the old-logprob pass when it is separate, and ``ppo_epochs`` forward + LoRA backward
+    passes (twice where a value adapter runs its own pass). The ``shared`` tokens every prompt starts with
+    run once per micro-batch of each pass (prefix sharing), not once per row."""
     passes = 2 if value_adapter else 1
     separate_old = pc.minibatches > 1 or micro_size(pc) < pc.batch_size // pc.minibatches
+    chunks = -(-len(prompt) // micro_size(pc))
+    own = [p - shared for p in prompt]
     flops_generate = throughput.generate_flops(shape, prompt, response)
-    flops_train = (throughput.sequence_flops(shape, prompt, response) * (1 + passes * separate_old)
-                   + pc.ppo_epochs * passes * throughput.lora_train_flops(shape, prompt, response, trained_layers,
-                                                                          lora_params))
+    forward = throughput.sequence_flops(shape, own, response) + chunks * throughput.forward_flops(shape, shared, shared)
+    train = (throughput.lora_train_flops(shape, own, response, trained_layers, lora_params)
+             + chunks * (throughput.forward_flops(shape, shared, shared)
+                         + throughput.lora_backward_flops(shape, shared, shared, trained_layers, lora_params)))
+    return flops_generate, forward * (1 + passes * separate_old) + pc.ppo_epochs * passes * train
+
+
+def perf_metrics(batch: Batch, pc, shape, trained_layers: int, lora_params: int, times: dict[str, float],
+                 peak_flops_per_s: float, value_adapter: bool) -> dict:
+    """The step's model FLOPs (:func:`step_flops`), tokens/s and MFU per phase. The shared prompt start is
+    counted over the whole batch (micro-batches may share more: the count is a lower bound). The score
+    phase's FLOPs depend on the reward plugins and are not counted."""
+    prompt = [int(x) for x in batch.query_mask.sum(1).tolist()]
+    response = [int(x) for x in batch.mask.sum(1).tolist()]
+    lengths = batch.query_mask.sum(1)
+    shared = forwards.common_prefix_length(batch.query, lengths, int(lengths.min()) - 1) if forwards.SHARE_PREFIXES else 0
+    flops_generate, flops_train = step_flops(prompt, response, shared, pc, shape, trained_layers, lora_params,
+                                             value_adapter)
     return {"perf/flops_generate": flops_generate, "perf/flops_train": flops_train,
             "perf/tokens_per_s_generate": sum(response) / max(times["generate"], 1e-9),
             "perf/tokens_per_s_train": pc.ppo_epochs * (sum(prompt) + sum(response)) / max(times["train"], 1e-9),

@@ -36,7 +36,7 @@ from pipeline.artifacts.outputs import (
 )
 from pipeline.config import PipelineConfig, resolve_auto, substitute_run_dir, to_dict
 from pipeline.data import loaders
-from pipeline.models import lean_ops, loading, stacking, throughput
+from pipeline.models import forwards, lean_ops, loading, stacking, throughput
 from pipeline.models.reward_model import load_reward_scorer
 from pipeline.rl import ppo_math, ppo_step, rollout
 from pipeline.rl.policy_value import POLICY, SFT, VALUE, PolicyValue
@@ -188,6 +188,19 @@ def write_outputs(cfg: PipelineConfig, stage: StageWork, policy: Policy, tok, ba
     stage.publish(keep_checkpoints=True)  # eval reads the checkpoints along the KL curve
 
 
+def estimate_ppo(encoded: list[list[int]], pc, shape, trained_layers: int, lora_params: int, value_adapter: bool,
+                 peak: float) -> str:
+    """The a-priori duration of the run (:func:`pipeline.models.throughput.estimate_line`): ``ppo.steps``
+    steps of ``ppo.batch_size`` rows of the mean prompt length and ``ppo.max_new_tokens`` response tokens."""
+    mean_prompt = round(sum(len(e) for e in encoded) / max(len(encoded), 1))
+    ids, mask = forwards.left_pad(encoded[:256], 0)
+    shared = forwards.common_prefix_length(ids, mask.sum(1), int(mask.sum(1).min()) - 1)
+    rows = pc.batch_size
+    gen, train = ppo_step.step_flops([mean_prompt] * rows, [pc.max_new_tokens] * rows, shared, pc, shape,
+                                     trained_layers, lora_params, value_adapter)
+    return throughput.estimate_line("ppo", f"{pc.steps} steps of {rows} rollouts", pc.steps * (gen + train), peak)
+
+
 def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -244,6 +257,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     lora_params, trained_layers = throughput.trained_extent(peft_model, shape.layers)
     peak = throughput.measured_peak(loading.compute_dtype(cfg.model, dev), dev)  # MFU's denominator: this machine, this dtype
     if main_proc:
+        print(estimate_ppo(encoded, pc, shape, trained_layers, lora_params, policy.value_adapters is not None, peak),
+              flush=True)
         t_params, t_total = loading.count_parameters(pv)
         print(f"[ppo] trainable parameters: {t_params:,} of {t_total:,}; policy adapters {policy.policy_adapters}, "
               f"reference {policy.reference_adapters or 'base (all adapters off)'}, "

@@ -39,7 +39,7 @@ from pipeline.config import PipelineConfig, to_dict
 from pipeline.data import lengths, loaders
 from pipeline.data.lengths import LengthReport
 from pipeline.evaluation.stats import accuracy_se, spearman
-from pipeline.models import forwards, loading
+from pipeline.models import forwards, loading, throughput
 from pipeline.models.reward_model import (
     RewardModelScorer,
     encode_conversation,
@@ -160,6 +160,7 @@ class RewardNet:
     base: Any
     head: torch.nn.Module
     named: list[tuple[str, torch.nn.Parameter]]
+    shape: Any = None  # throughput.DecoderShape of the base, for the FLOP counts
 
 
 @dataclass
@@ -196,10 +197,11 @@ def build_reward_model(cfg: PipelineConfig) -> RewardNet:
     # the same model whatever the caller did with the global RNG before; a resumed run relies on it too).
     torch.manual_seed(cfg.reward.seed)
     model, tok, base = loading.load_base(cfg.model, kind="seqcls", num_labels=1)
+    shape = throughput.decoder_shape(model)  # before the adapter: LoRA matrices are not the model's
     peft_model = get_peft_model(model, loading.lora_config(cfg.reward.lora, task_type="SEQ_CLS", model=model))
     restore_fp32_trainables(peft_model)  # LoRA and head weights are float32 masters in bf16 compute too
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
-    return RewardNet(peft_model, tok, base, forwards.score_head(peft_model), named)
+    return RewardNet(peft_model, tok, base, forwards.score_head(peft_model), named, shape)
 
 
 def build_optimizer(named: list[tuple[str, torch.nn.Parameter]], rc) -> torch.optim.AdamW:
@@ -287,6 +289,59 @@ def next_batch(pairs: list, progress: Progress, size: int) -> list:
     return batch
 
 
+@dataclass
+class Perf:
+    """What MFU is computed from (:mod:`pipeline.models.throughput`): the shape of the base, the trained
+    extent of the adapter, this machine's measured peak; and the model FLOPs and seconds since the last log
+    line and over the whole run (this process's share, after a resume)."""
+    shape: Any
+    lora_params: int
+    trained_layers: int
+    peak: float
+    window_flops: float = 0.0
+    window_tokens: int = 0
+    window_seconds: float = 0.0
+    total_flops: float = 0.0
+    total_tokens: int = 0
+    total_seconds: float = 0.0
+
+    def flops(self, pairs: list) -> tuple[float, int]:
+        """Model FLOPs and tokens of training on ``pairs`` ((chosen ids, start), (rejected ids, start)),
+        each pair's prompt run once (:func:`pipeline.models.throughput.pair_train_flops`)."""
+        counts = [(min(c[1], r[1]), len(c[0]) - min(c[1], r[1]), len(r[0]) - min(c[1], r[1])) for c, r in pairs]
+        return (throughput.pair_train_flops(self.shape, counts, self.trained_layers, self.lora_params),
+                sum(sum(x) for x in counts))
+
+    def add(self, flops: float, tokens: int, seconds: float) -> None:
+        self.window_flops += flops
+        self.window_tokens += tokens
+        self.window_seconds += seconds
+        self.total_flops += flops
+        self.total_tokens += tokens
+        self.total_seconds += seconds
+
+    def take_window(self) -> dict:
+        """``perf/*`` of the log window (tokens/s, MFU), then an empty window."""
+        row = {"perf/tokens_per_s": self.window_tokens / max(self.window_seconds, 1e-9),
+               "perf/mfu": throughput.mfu(self.window_flops, self.window_seconds, self.peak)}
+        self.window_flops, self.window_tokens, self.window_seconds = 0.0, 0, 0.0
+        return row
+
+
+def start_perf(net: RewardNet, pairs: list, cfg: PipelineConfig, steps: int) -> Perf:
+    """The FLOP counter of this run, after printing the a-priori duration of its ``steps`` steps."""
+    rc = cfg.reward
+    lora_params, trained_layers = throughput.trained_extent(net.peft_model, net.shape.layers)
+    device = next(net.peft_model.parameters()).device
+    perf = Perf(net.shape, lora_params, trained_layers,
+                throughput.measured_peak(loading.compute_dtype(cfg.model, device), device))
+    per_pair, _ = perf.flops(pairs)
+    print(throughput.estimate_line("reward", f"{steps} steps of {rc.batch_size * rc.grad_accum} pairs",
+                                   per_pair / max(len(pairs), 1) * steps * rc.batch_size * rc.grad_accum, perf.peak),
+          flush=True)
+    return perf
+
+
 def pair_scores(net: RewardNet, batch: list, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 scores ``(chosen, rejected)`` of a batch of pairs, both sides in one forward."""
     # Both sides of a pair share their prompt: it runs once per pair (groups 0..n-1, then 0..n-1 again).
@@ -298,12 +353,18 @@ def pair_scores(net: RewardNet, batch: list, pooling: str) -> tuple[torch.Tensor
 
 
 def train_step(net: RewardNet, optimizer, pairs: list, progress: Progress, rc, step: int, steps: int,
-               warmup: int) -> torch.Tensor:
+               warmup: int, perf: Perf) -> torch.Tensor:
     """One optimizer step (index ``step`` of ``steps``) over reward.grad_accum batches of pairs with the
-    pairwise loss; records loss, accuracy and margin in ``progress``. Returns the gradient norm."""
+    pairwise loss; records loss, accuracy and margin in ``progress`` and the step's FLOPs and time in
+    ``perf``. Returns the gradient norm."""
+    t0 = time.perf_counter()
+    flops, tokens = 0.0, 0
     set_learning_rate(optimizer, step, steps, warmup, rc.lr_scheduler)
     for _ in range(rc.grad_accum):
-        chosen, rejected = pair_scores(net, next_batch(pairs, progress, rc.batch_size), rc.pooling)
+        batch = next_batch(pairs, progress, rc.batch_size)
+        f, n = perf.flops(batch)
+        flops, tokens = flops + f, tokens + n
+        chosen, rejected = pair_scores(net, batch, rc.pooling)
         loss = pairwise_loss(chosen, rejected, rc.center_rewards_coefficient)
         if not torch.isfinite(loss):
             raise ArtifactError(f"reward step {step + 1}: loss is {loss.item()}; lower reward.learning_rate")
@@ -316,14 +377,16 @@ def train_step(net: RewardNet, optimizer, pairs: list, progress: Progress, rc, s
     optimizer.zero_grad(set_to_none=True)
     loading.release_free_memory()  # the step's freed activations go back to the OS
     progress.losses.append(progress.window["loss"][-1])
+    perf.add(flops, tokens, time.perf_counter() - t0)
     return grad_norm
 
 
 def log_window(logger: MetricsLogger, bar, progress: Progress, step: int, optimizer, grad_norm: torch.Tensor,
-               t_train: float) -> None:
-    """One metrics row for ``step``: the window's means, gradient norm, rate, epoch; empties the window."""
+               t_train: float, perf: Perf) -> None:
+    """One metrics row for ``step``: the window's means, gradient norm, rate, epoch, tokens/s and MFU;
+    empties the window."""
     row = {f"reward/{k}": sum(v) / len(v) for k, v in progress.window.items()}
-    logger.log({"step": step, **row, "reward/grad_norm": float(grad_norm),
+    logger.log({"step": step, **row, **perf.take_window(), "reward/grad_norm": float(grad_norm),
                 "reward/learning_rate": optimizer.param_groups[0]["lr"],
                 "reward/epoch": progress.epoch + progress.cursor / len(progress.order),
                 "time/elapsed": round(time.time() - t_train, 2)}, step=step)
@@ -428,6 +491,7 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
     # 3. the pairs fitted to reward.max_length (the tokenizer came with the model), and the schedule
     pairs = fit_pair_sets(net.tok, cfg, train_rows, train_report, eval_rows, eval_report)
     steps, warmup = schedule(rc, len(pairs.train))
+    perf = start_perf(net, pairs.train, cfg, steps)
 
     # 4. resume: shuffled pair order from reward.seed, or everything a checkpoint saved
     t_train = time.time()
@@ -441,9 +505,9 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
     bar = tqdm(range(start, steps), desc="reward", unit="step", initial=start, total=steps)
     guard.graceful_stop(True)  # SIGINT/SIGTERM from here on: finish the step, save it, stop
     for step in bar:
-        grad_norm = train_step(net, optimizer, pairs.train, progress, rc, step, steps, warmup)
+        grad_norm = train_step(net, optimizer, pairs.train, progress, rc, step, steps, warmup, perf)
         if (step + 1) % rc.logging_steps == 0 or step + 1 == steps:
-            log_window(logger, bar, progress, step + 1, optimizer, grad_norm, t_train)
+            log_window(logger, bar, progress, step + 1, optimizer, grad_norm, t_train, perf)
         guard.end_of_step("reward", step + 1, steps, rc.save_steps,
                           functools.partial(save_checkpoint, stage.checkpoints, step + 1, net.named, optimizer,
                                             progress))
@@ -451,7 +515,11 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
     net.peft_model.eval()
     metrics: dict = {"trainable_params": trainable, "total_params": total, "steps": steps,
                      "train_loss": sum(progress.losses) / len(progress.losses),
-                     "train_seconds": round(time.time() - t_train, 1), **pairs.train_len.metrics("train"),
+                     "train_seconds": round(time.time() - t_train, 1),
+                     # this process's steps (after a resume, those since it)
+                     "train_tokens_per_second": round(perf.total_tokens / max(perf.total_seconds, 1e-9), 1),
+                     "train_mfu": throughput.mfu(perf.total_flops, perf.total_seconds, perf.peak),
+                     "peak_flops_per_s": perf.peak, **pairs.train_len.metrics("train"),
                      **(pairs.eval_len.metrics("eval") if pairs.eval_len else {})}
 
     # 6. held-out accuracy and margin, with the same scorer PPO will use; rank correlation with gold

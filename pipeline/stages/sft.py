@@ -24,7 +24,7 @@ from pipeline.artifacts.outputs import (
 from pipeline.config import PipelineConfig, to_dict
 from pipeline.data import lengths, loaders
 from pipeline.evaluation.stats import mean_se
-from pipeline.models import loading, stacking
+from pipeline.models import loading, stacking, throughput
 from pipeline.models.trainer_utils import (
     JsonlMetrics,
     ReleaseMemory,
@@ -125,6 +125,22 @@ def build_trainer(cfg: PipelineConfig, model, tok, train_rows: list[dict], eval_
     return trainer, fitted
 
 
+def training_flops(cfg: PipelineConfig, trainer, shape) -> tuple[float, float]:
+    """``(model FLOPs per trained token, this machine's measured peak FLOP/s)``, after printing the
+    a-priori duration of training (:func:`pipeline.models.throughput.estimate_line`): LoRA training with
+    logits at every position, each token attending to the mean row length."""
+    lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
+    lora_params, trained_layers = throughput.trained_extent(trainer.model, shape.layers)
+    per_token = throughput.lm_train_flops_per_token(shape, sum(lengths) / max(len(lengths), 1), trained_layers,
+                                                    lora_params)
+    device = next(trainer.model.parameters()).device
+    peak = throughput.measured_peak(loading.compute_dtype(cfg.model, device), device)
+    tokens = sum(lengths) * cfg.sft.epochs if cfg.sft.max_steps <= 0 else (
+        sum(lengths) / max(len(lengths), 1) * cfg.sft.max_steps * cfg.sft.batch_size * cfg.sft.grad_accum)
+    print(throughput.estimate_line("sft", f"training on {tokens:,.0f} tokens", per_token * tokens, peak), flush=True)
+    return per_token, peak
+
+
 def eval_loss(trainer, max_length: int) -> float:
     """Mean token loss on the trainer's eval split (the SFT eval rows)."""
     result = trainer.evaluate()
@@ -223,15 +239,18 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
 
     # 2. model: NF4 base (guarded against the bf16 repack) + a fresh LoRA adapter
     model, tok, base = loading.load_base(cfg.model)
+    shape = throughput.decoder_shape(model)  # before the adapter: LoRA matrices are not the model's
     logger = MetricsLogger(work / "metrics.jsonl", work / "tensorboard" if sc.tensorboard else None,
                            resume_step=resumed_at)
     trainer, fitted = build_trainer(
         cfg, model, tok, train_rows, eval_rows, (train_report, eval_report), work / "trainer",
         loading.lora_config(sc.lora, model=model),
-        [JsonlMetrics(logger, "sft"), ReleaseMemory(), ResumableCheckpoints(stage.checkpoints)], sc.save_steps)
+        [metrics_cb := JsonlMetrics(logger, "sft"), ReleaseMemory(), ResumableCheckpoints(stage.checkpoints)],
+        sc.save_steps)
     eval_prompts, fitted["gold_prompts"] = fit_gold_prompts(tok, eval_rows, eval_report, cfg)
     trainable, total = loading.count_parameters(trainer.model)
     print(f"[sft] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", flush=True)
+    metrics_cb.flops_per_token, metrics_cb.peak = training_flops(cfg, trainer, shape)
 
     # 3. evaluate before training; kept in the work folder, where a resumed run reads it back
     metrics: dict = {"trainable_params": trainable, "total_params": total,
@@ -259,6 +278,9 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     # Non-padding tokens (include_num_input_tokens_seen="non_padding"), so padding-free runs compare fairly.
     metrics["train_tokens"] = int(trainer.state.num_input_tokens_seen)
     metrics["train_tokens_per_second"] = round(metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9), 1)
+    metrics["train_mfu"] = throughput.mfu(metrics["train_tokens"] * metrics_cb.flops_per_token, metrics["train_seconds"],
+                                          metrics_cb.peak)
+    metrics["peak_flops_per_s"] = metrics_cb.peak
 
     # 5. evaluate after training
     after, sft_samples = evaluate_after(trainer, tok, eval_prompts, cfg, "eval" in fitted)
