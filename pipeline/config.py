@@ -45,6 +45,11 @@ class ModelConfig:
     # How conversations become text (pipeline/models/templates.py): "auto" = the tokenizer's own template,
     # else a plain "User: / Assistant:" one (announced); "chatml"; or a Jinja template, inline or a file path.
     chat_template: str = "auto"
+    # The 4-bit weights stay the stored base; when one dense copy of them in the compute dtype fits in this
+    # many GB, they are dequantized once at load and every forward uses that copy (the same values
+    # bitsandbytes makes on each call). Per-call dequantisation took 15% of a PPO update on the embedded
+    # model in float32 (README "Speed"). 0 dequantizes on every call, as QLoRA on a large model must.
+    dequantize_max_gb: float = 1.0
 
 
 @dataclass
@@ -431,6 +436,7 @@ RULES: dict[str, Rule] = {
     "model.quant_type": _one_of("nf4", "fp4"),
     "model.chat_template": Rule(lambda v: bool(v.strip()), "auto, chatml, a Jinja template or a file path"),
     "model.compute_dtype": _one_of("auto", "float32", "bfloat16", "float16"),
+    "model.dequantize_max_gb": _at_least(0, " (0 = dequantize on every call)"),
     "model.attn_implementation": _one_of("auto", "eager", "sdpa", "flash_attention_2"),
     "model.device": Rule(lambda v: re.fullmatch(r"auto|cpu|mps|xpu|cuda(:\d+)?", v) is not None,
                          "auto, cpu, cuda, cuda:N, mps or xpu"),

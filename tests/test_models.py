@@ -1,4 +1,5 @@
 """Model loading: the embedded cache, NF4 on CPU, the bitsandbytes guard, adapters on one base."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -97,11 +98,13 @@ def test_nf4_load_is_guarded_and_quantized(tiny_model_cfg):
     loading.assert_bnb_guarded(model)
 
 
-def test_gradients_reach_layer0_lora_after_an_eval_nograd_forward(tiny_model_cfg_both):
-    """DESIGN.md 8: one eval-mode no-grad forward must not freeze training (bf16 repack trap)."""
+@pytest.mark.parametrize("dequantize_max_gb", [0.0, 1.0])
+def test_gradients_reach_layer0_lora_after_an_eval_nograd_forward(tiny_model_cfg_both, dequantize_max_gb):
+    """DESIGN.md 8: one eval-mode no-grad forward must not freeze training (bf16 repack trap), on
+    bitsandbytes' per-call path and on the weights dequantized once."""
     from peft import get_peft_model
 
-    model, tok, _ = loading.load_base(tiny_model_cfg_both)
+    model, tok, _ = loading.load_base(dataclasses.replace(tiny_model_cfg_both, dequantize_max_gb=dequantize_max_gb))
     model = get_peft_model(model, loading.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)))
     ids = tok("What a lovely day", return_tensors="pt").input_ids
     model.eval()
@@ -115,6 +118,32 @@ def test_gradients_reach_layer0_lora_after_an_eval_nograd_forward(tiny_model_cfg
     grad = _lora_layer0_grad(model)
     assert grad is not None and grad.abs().sum() > 0
     loading.assert_bnb_guarded(model)
+
+
+def test_weights_dequantized_once_compute_what_bitsandbytes_computes_per_call(tiny_model_cfg_both):
+    """model.dequantize_max_gb: the dense copy holds the values bitsandbytes dequantizes on each call, so
+    logits and LoRA gradients are bit for bit those of the per-call path, in float32 and bf16."""
+    from peft import get_peft_model
+
+    out = {}
+    for gb in (0.0, 1.0):
+        torch.manual_seed(0)
+        model, tok, _ = loading.load_base(dataclasses.replace(tiny_model_cfg_both, dequantize_max_gb=gb))
+        dense = [m for m in model.modules() if hasattr(m, "dense_weight")]
+        assert len(dense) == (14 if gb else 0)
+        model = get_peft_model(model, loading.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)))
+        randomize_lora_b(model, 0.05)
+        ids = tok("What a lovely day it is", return_tensors="pt").input_ids
+        with loading.compute_context(model):
+            logits = model(ids).logits
+        logits.float().sum().backward()
+        out[gb] = (logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.equal(out[0.0][0], out[1.0][0])
+    assert out[0.0][1].keys() == out[1.0][1].keys()
+    assert all(torch.equal(out[0.0][1][k], out[1.0][1][k]) for k in out[0.0][1])
+    # a copy over the budget is not made: 14 layers of 64 x 64 or 64 x 128 floats are far over 1 KB
+    model, _, _ = loading.load_base(dataclasses.replace(tiny_model_cfg_both, dequantize_max_gb=1e-6))
+    assert not any(hasattr(m, "dense_weight") for m in model.modules())
 
 
 def test_guard_refuses_a_model_already_repacked(tiny_model_cfg):
@@ -183,7 +212,8 @@ def test_unguarded_model_shows_the_trap_the_guard_prevents(tiny_model_cfg):
     from bitsandbytes.nn.modules import has_avx512bf16
     from peft import get_peft_model
 
-    model, tok, _ = loading.load_base(tiny_model_cfg)
+    # bitsandbytes' per-call path: weights dequantized once never reach its kernels
+    model, tok, _ = loading.load_base(dataclasses.replace(tiny_model_cfg, dequantize_max_gb=0))
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = True
@@ -247,7 +277,8 @@ def test_merged_weights_equal_the_adapter_path_and_leave_the_model_unchanged(tin
         after = pm(input_ids=ids).logits
     assert torch.equal(after, before)
     assert (before - base).abs().max() > 1e-2  # the adapters matter, so the comparisons have teeth
-    assert not any("forward" in vars(m) for m in pm.modules())  # every patched forward was removed
+    # every patched forward was removed; what stays is the load's own (4-bit layers dequantized once)
+    assert all(hasattr(m, "dense_weight") for m in pm.modules() if "forward" in vars(m))
 
 
 def test_dense_weight_bytes_counts_logical_weights(tiny_model_cfg):
@@ -303,10 +334,11 @@ def test_merged_weights_leave_dora_layers_on_their_adapters(tiny_model_cfg):
     randomize_lora_b(pm, 0.3)
     pm.eval()
     ids = torch.randint(5, tok.vocab_size - 1, (2, 9))
+    own = {n: vars(m).get("forward") for n, m in pm.named_modules()}  # the load's (4-bit weights dequantized once)
     with torch.no_grad():
         want = pm(input_ids=ids).logits
         with stacking.merged_linear_weights(pm):
-            patched = [n for n, m in pm.named_modules() if "forward" in vars(m)]
+            patched = [n for n, m in pm.named_modules() if vars(m).get("forward") is not own[n]]
             got = pm(input_ids=ids).logits
         with stacking.active_adapters(pm, None):
             base = pm(input_ids=ids).logits

@@ -319,6 +319,8 @@ def load_base(cfg: ModelConfig, kind: str = "causal", device: Optional[torch.dev
     guard_bnb_cpu(model)
     if not cfg.load_in_4bit:
         model.to(device)
+    else:
+        dense_4bit_compute(model, cfg.dequantize_max_gb)
     _detach_from_file(model)
     _contiguous_head_input(model)
     model.config.use_cache = False
@@ -416,6 +418,43 @@ def logical_shape(weight) -> torch.Size:
     ``quant_state.shape``), not the shape of its packed bytes."""
     state = getattr(weight, "quant_state", None)
     return torch.Size(state.shape) if state is not None else weight.shape
+
+
+def dense_4bit_compute(model: torch.nn.Module, max_gb: float) -> int:
+    """Dequantize every 4-bit linear of ``model`` once, into its compute dtype, and make its forward use that
+    copy: ``x @ W^T + b`` in the compute dtype, the output cast back to the input's dtype, as bitsandbytes'
+    ``Linear4bit`` computes it after dequantizing ``W`` on each call. Only when the copies take at most
+    ``max_gb``; returns their bytes (0: not applied). The packed 4-bit weights stay what is stored,
+    hashed and merged; the copies are plain attributes, outside the state dict, and no gradient flows
+    into them (the base is frozen)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    if not layers:
+        return 0
+    dtypes = [getattr(m, "compute_dtype", None) or torch.float32 for m in layers]
+    size = sum(logical_shape(m.weight).numel() * torch.empty((), dtype=d).element_size() for m, d in zip(layers, dtypes))
+    if size > max_gb * 2**30:
+        return 0
+    from bitsandbytes.functional import dequantize_4bit
+
+    with torch.no_grad():
+        for m, dtype in zip(layers, dtypes):
+            m.dense_weight = dequantize_4bit(m.weight.data, m.weight.quant_state).to(dtype)
+            m.forward = _dense_4bit_forward(m)
+    print(f"[model] 4-bit weights dequantized once for compute: {size / 2**20:,.0f} MB in "
+          f"{str(dtypes[0]).replace('torch.', '')} (model.dequantize_max_gb={max_gb:g})", flush=True)
+    return size
+
+
+def _dense_4bit_forward(module: torch.nn.Module):
+    def forward(x, *args, **kwargs):
+        weight = module.dense_weight
+        bias = None if module.bias is None else module.bias.to(weight.dtype)
+        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+    return forward
 
 
 def dense_weight(layer: torch.nn.Module) -> torch.Tensor:

@@ -39,7 +39,7 @@ from pipeline.config import PipelineConfig, to_dict
 from pipeline.data import lengths, loaders
 from pipeline.data.lengths import LengthReport
 from pipeline.evaluation.stats import accuracy_se, spearman
-from pipeline.models import forwards, loading, throughput
+from pipeline.models import forwards, lean_ops, loading, throughput
 from pipeline.models.reward_model import (
     RewardModelScorer,
     encode_conversation,
@@ -200,6 +200,7 @@ def build_reward_model(cfg: PipelineConfig) -> RewardNet:
     shape = throughput.decoder_shape(model)  # before the adapter: LoRA matrices are not the model's
     peft_model = get_peft_model(model, loading.lora_config(cfg.reward.lora, task_type="SEQ_CLS", model=model))
     restore_fp32_trainables(peft_model)  # LoRA and head weights are float32 masters in bf16 compute too
+    lean_ops.install(peft_model)  # less kept for backward (RMSNorm, SwiGLU), one addmm per LoRA linear
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     return RewardNet(peft_model, tok, base, forwards.score_head(peft_model), named, shape)
 
