@@ -10,7 +10,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 RLHF   := $(BIN)/rlhf
 STAGE  = $(RLHF) $(1) --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
-.PHONY: install reuse sft reward ppo fuse eval pipeline data bench bench-sft bench-reward-memory forgetting-demo test test-faults test-slow clean-runs
+.PHONY: install reuse sft reward ppo fuse eval pipeline data bench bench-sft bench-reward-memory bench-decode forgetting-demo test test-faults test-slow clean-runs
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,10 @@ bench: install
 
 bench-sft: install
 	$(BIN)/python benchmarks/sft_throughput.py
+
+# Sampling against prefill + one decode step x new tokens, measured in the same process.
+bench-decode: install
+	$(BIN)/python benchmarks/decode_bound.py
 
 bench-reward-memory: install
 	$(BIN)/python benchmarks/reward_memory.py
