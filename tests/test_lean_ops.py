@@ -208,3 +208,20 @@ def test_swiglu_gradients_are_autograds_own(dtype):
     out = lean_ops.SwiGLUFn.apply(gate, up)
     assert torch.equal(out, torch.nn.functional.silu(gate) * up)
     assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out, (gate, up), dy), ref))
+
+
+def test_uninstall_gives_back_exactly_the_models_own_forwards(tiny_model_cfg_both):
+    """SFT trains through the lean kernels and evaluates without them: after uninstall the logits are
+    bit for bit those of the model never patched, and forwards set by others (the 4-bit weights
+    dequantized once at load) stay."""
+    ids = torch.randint(5, 200, (2, 10))
+    pm = _tiny_lora(tiny_model_cfg_both)
+    own = {n: vars(m).get("forward") for n, m in pm.named_modules()}
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+        counts = lean_ops.install(pm)
+        assert lean_ops.uninstall(pm) == sum(counts.values()) > 0
+        got = pm(input_ids=ids).logits
+    assert torch.equal(got, want)
+    assert {n: vars(m).get("forward") for n, m in pm.named_modules()} == own
+    assert any(f is not None for f in own.values())  # the load's own patches survived

@@ -134,17 +134,33 @@ def install(model: nn.Module, lora: bool = True) -> dict[str, int]:
     counts = {"rmsnorm": 0, "swiglu": 0, "lora": 0}
     for module in model.modules():
         if lora and is_peft_lora_linear(module):
-            module.forward = lora_forward(module)
+            _set(module, lora_forward(module))
             counts["lora"] += 1
             continue
         kind = _lean_kind(module)
         if kind == "rmsnorm":
-            module.forward = _norm_forward(module)
+            _set(module, _norm_forward(module))
             counts["rmsnorm"] += 1
         elif kind == "swiglu":
-            module.forward = _mlp_forward(module)
+            _set(module, _mlp_forward(module))
             counts["swiglu"] += 1
     return counts
+
+
+def uninstall(model: nn.Module) -> int:
+    """Give every module :func:`install` routed its own forward back (other instance forwards stay);
+    returns how many."""
+    n = 0
+    for module in model.modules():
+        if getattr(vars(module).get("forward"), "lean", False):
+            del module.forward
+            n += 1
+    return n
+
+
+def _set(module: nn.Module, forward) -> None:
+    forward.lean = True
+    module.forward = forward
 
 
 def _lean_kind(module: nn.Module) -> str | None:

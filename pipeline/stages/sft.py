@@ -24,7 +24,7 @@ from pipeline.artifacts.outputs import (
 from pipeline.config import PipelineConfig, to_dict
 from pipeline.data import lengths, loaders
 from pipeline.evaluation.stats import mean_se
-from pipeline.models import loading, stacking, throughput
+from pipeline.models import lean_ops, loading, stacking, throughput
 from pipeline.models.trainer_utils import (
     JsonlMetrics,
     ReleaseMemory,
@@ -269,7 +269,13 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     # cache of bf16 weight copies would outlive the step, and from the second step on the LoRA A
     # weights got no gradient (a test caught it: layer-0 A unchanged after training).
     guard.graceful_stop(True)  # SIGINT/SIGTERM from here on: the Trainer saves the step it finished and stops
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
+    # The lean kernels for training only (-7% time, README "Speed on CPUs without AMX"): the evaluations
+    # before and after run the model's own forwards, as a plain reload of the saved adapter would.
+    lean_ops.install(trainer.model)
+    try:
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
+    finally:
+        lean_ops.uninstall(trainer.model)
     guard.graceful_stop(False)
     if guard.stop_requested() and trainer.state.global_step < trainer.state.max_steps:
         raise guard.StopRequested(guard.stop_requested(), f"after step {trainer.state.global_step}")
