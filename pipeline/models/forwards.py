@@ -112,25 +112,24 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
 SHARE_PREFIXES = True
 
 
+def common_prefix(rows: Sequence[Sequence[int]], limit: int) -> int:
+    """How many leading tokens all ``rows`` share, at most ``limit``. (5, 6, 7) and (5, 6, 8): 2;
+    (5, 6, 7) and (4, 5, 6): 0."""
+    n = max(min([limit, *(len(r) for r in rows)]), 0)
+    first = rows[0]
+    for row in rows[1:]:
+        n = next((k for k in range(n) if first[k] != row[k]), n)
+    return n
+
+
 def common_prefix_length(ids: torch.Tensor, lengths: torch.Tensor, limit: int) -> int:
-    """How many leading real tokens all rows of left-padded ``ids`` (B, P) share, at most ``limit``;
-    ``lengths`` (B,) counts each row's real tokens. Rows (0, 5, 6, 7) and (4, 5, 6, 8) with lengths
-    (3, 4): real tokens (5, 6, 7) and (4, 5, 6, 8) share none: 0; (5, 6, 7), (5, 6, 8): 2."""
+    """:func:`common_prefix` of the real tokens of left-padded ``ids`` (B, P), ``lengths`` (B,) counting
+    each row's. Rows (0, 5, 6, 7) and (4, 5, 6, 8) with lengths (3, 4): (5, 6, 7) and (4, 5, 6, 8) share
+    none: 0; (5, 6, 7), (5, 6, 8): 2."""
     if limit <= 0:
         return 0
     p = ids.shape[1]
-    starts = (p - lengths).tolist()
-    first = ids[0, starts[0]:starts[0] + limit]
-    n = first.shape[0]
-    for row, st in zip(ids[1:], starts[1:]):
-        other = row[st:st + n]
-        n = min(n, other.shape[0])
-        diff = (first[:n] != other[:n]).nonzero()
-        if len(diff):
-            n = int(diff[0])
-        if n == 0:
-            return 0
-    return n
+    return common_prefix([row[p - n:p - n + limit].tolist() for row, n in zip(ids, lengths.tolist())], limit)
 
 
 def _plain_cache(cache) -> bool:
@@ -152,7 +151,8 @@ def prefixed_hidden(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, 
     full_mask = torch.cat([prefix_mask.long()[group], suffix_mask.long()], dim=1)
     position_ids = (full_mask.cumsum(dim=1) - 1).clamp(min=0)
     sp = prefix_ids.shape[1]
-    if sp and SHARE_PREFIXES:
+    # A backbone whose cache proved not plain is remembered, so its prefix pass is not run again for nothing.
+    if sp and SHARE_PREFIXES and vars(backbone).get("_rlhf_prefix_cache", True):
         cache = backbone(input_ids=prefix_ids, attention_mask=prefix_mask.long(),
                          position_ids=(prefix_mask.long().cumsum(dim=1) - 1).clamp(min=0),
                          use_cache=True).past_key_values
@@ -161,6 +161,7 @@ def prefixed_hidden(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, 
                 layer.keys, layer.values = layer.keys.index_select(0, group), layer.values.index_select(0, group)
             return backbone(input_ids=suffix_ids, attention_mask=full_mask, position_ids=position_ids[:, sp:],
                             past_key_values=cache, use_cache=True).last_hidden_state
+        backbone._rlhf_prefix_cache = False
     ids = torch.cat([prefix_ids[group], suffix_ids], dim=1)
     return backbone(input_ids=ids, attention_mask=full_mask, position_ids=position_ids,
                     use_cache=False).last_hidden_state[:, sp:]

@@ -438,11 +438,9 @@ def dense_4bit_compute(model: torch.nn.Module, max_gb: float) -> int:
     size = sum(logical_shape(m.weight).numel() * torch.empty((), dtype=d).element_size() for m, d in zip(layers, dtypes))
     if size > max_gb * 2**30:
         return 0
-    from bitsandbytes.functional import dequantize_4bit
-
     with torch.no_grad():
         for m, dtype in zip(layers, dtypes):
-            m.dense_weight = dequantize_4bit(m.weight.data, m.weight.quant_state).to(dtype)
+            m.dense_weight = dense_weight(m).to(dtype)  # exact: bitsandbytes dequantizes into this dtype
             m.forward = _dense_4bit_forward(m)
     print(f"[model] 4-bit weights dequantized once for compute: {size / 2**20:,.0f} MB in "
           f"{str(dtypes[0]).replace('torch.', '')} (model.dequantize_max_gb={max_gb:g})", flush=True)
@@ -459,8 +457,11 @@ def _dense_4bit_forward(module: torch.nn.Module):
 
 def dense_weight(layer: torch.nn.Module) -> torch.Tensor:
     """A new float32 tensor holding a linear layer's weight (callers add to it in place); 4-bit
-    weights dequantized exactly as bitsandbytes does."""
+    weights dequantized exactly as bitsandbytes does (the copy :func:`dense_4bit_compute` keeps, when it
+    did: it holds that dequantization in its own dtype)."""
     weight = layer.weight
+    if getattr(layer, "dense_weight", None) is not None:
+        return layer.dense_weight.to(torch.float32, copy=True)
     if weight.__class__.__name__ == "Params4bit":
         from bitsandbytes.functional import dequantize_4bit
 

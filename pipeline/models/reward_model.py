@@ -57,13 +57,11 @@ def pooled_features(model, encoded: Sequence[tuple[list[int], int]], pad_id: int
         members[index[g]].append(row)
     prefixes, cut = [], [0] * len(encoded)
     for rows in members:
-        first = encoded[rows[0]][0]
-        n = min(min(encoded[r][1] for r in rows), min(len(encoded[r][0]) for r in rows) - 1)
-        for r in rows[1:]:
-            other = encoded[r][0]
-            n = next((k for k in range(n) if first[k] != other[k]), n)
-        n = max(n, 0) if forwards.SHARE_PREFIXES and len(rows) > 1 else 0  # one row alone gains nothing
-        prefixes.append(first[:n])
+        # shared up to the group's earliest response start, and never a row's last token
+        limit = min(min(encoded[r][1] for r in rows), min(len(encoded[r][0]) for r in rows) - 1)
+        n = (forwards.common_prefix([encoded[r][0] for r in rows], limit)
+             if forwards.SHARE_PREFIXES and len(rows) > 1 else 0)  # one row alone gains nothing
+        prefixes.append(encoded[rows[0]][0][:n])
         for r in rows:
             cut[r] = n
     prefix_ids, prefix_mask = left_pad(prefixes, pad_id) if any(prefixes) else (

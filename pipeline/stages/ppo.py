@@ -193,8 +193,8 @@ def estimate_ppo(encoded: list[list[int]], pc, shape, trained_layers: int, lora_
     """The a-priori duration of the run (:func:`pipeline.models.throughput.estimate_line`): ``ppo.steps``
     steps of ``ppo.batch_size`` rows of the mean prompt length and ``ppo.max_new_tokens`` response tokens."""
     mean_prompt = round(sum(len(e) for e in encoded) / max(len(encoded), 1))
-    ids, mask = forwards.left_pad(encoded[:256], 0)
-    shared = forwards.common_prefix_length(ids, mask.sum(1), int(mask.sum(1).min()) - 1)
+    sample = encoded[:256]
+    shared = forwards.common_prefix(sample, min(len(e) for e in sample) - 1)
     rows = pc.batch_size
     gen, train = ppo_step.step_flops([mean_prompt] * rows, [pc.max_new_tokens] * rows, shared, pc, shape,
                                      trained_layers, lora_params, value_adapter)

@@ -336,10 +336,10 @@ def start_perf(net: RewardNet, pairs: list, cfg: PipelineConfig, steps: int) -> 
     device = next(net.peft_model.parameters()).device
     perf = Perf(net.shape, lora_params, trained_layers,
                 throughput.measured_peak(loading.compute_dtype(cfg.model, device), device))
-    per_pair, _ = perf.flops(pairs)
+    all_pairs, _ = perf.flops(pairs)  # one pass over every pair; the run takes steps x pairs per step
+    per_step = all_pairs / max(len(pairs), 1) * rc.batch_size * rc.grad_accum
     print(throughput.estimate_line("reward", f"{steps} steps of {rc.batch_size * rc.grad_accum} pairs",
-                                   per_pair / max(len(pairs), 1) * steps * rc.batch_size * rc.grad_accum, perf.peak),
-          flush=True)
+                                   per_step * steps, perf.peak), flush=True)
     return perf
 
 
