@@ -47,7 +47,7 @@ from .classifier import ClassifierReward
 from .host import reward_model
 from .normalize import RunningNormalizer
 from .remote import HttpReward
-from .text import KeywordReward, LengthReward, RegexReward, SentimentReward
+from .text import KeywordReward, LengthReward, RegexReward, RepetitionReward, SentimentReward
 
 __all__ = ["BUILTINS", "ENTRY_POINT_GROUP", "Component", "CompositeReward", "RewardResult",
            "build_reward", "known_rewards"]
@@ -59,6 +59,7 @@ BUILTINS: dict[str, Callable[..., RewardFn]] = {
     "length": LengthReward,
     "regex": RegexReward,
     "keyword": KeywordReward,
+    "repetition": RepetitionReward,
     "classifier": ClassifierReward,
     "http": HttpReward,
     "reward_model": reward_model,

@@ -1,4 +1,4 @@
-"""Rule-based built-in rewards on the response text: sentiment, length, regex, keyword."""
+"""Rule-based built-in rewards on the response text: sentiment, length, regex, keyword, repetition."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
-__all__ = ["KeywordReward", "LengthReward", "RegexReward", "SentimentReward"]
+__all__ = ["KeywordReward", "LengthReward", "RegexReward", "RepetitionReward", "SentimentReward", "seq_rep"]
 
 
 def _weights(arg_name: str, value) -> dict[str, float]:
@@ -136,3 +136,34 @@ class KeywordReward:
 
     def __call__(self, prompts, responses, **info) -> list[float]:
         return [sum((w for rx, w in self._rules if rx.search(r)), 0.0) for r in responses]
+
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def seq_rep(text: str, n: int) -> float:
+    """seq-rep-n of Welleck et al. 2019 ("Neural text generation with unlikelihood training", sec. 5):
+    the share of the text's n-grams that repeat an earlier one, ``1 - unique / total``, over lower-cased
+    word and punctuation tokens (each punctuation mark a token). 0 for fewer than n tokens.
+    "go go go go" with n=2: bigrams (go go) x3, unique 1 -> 1 - 1/3 = 0.667."""
+    tokens = _TOKEN.findall(text.lower())
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+class RepetitionReward:
+    """How much of the response repeats itself: seq-rep-n (:func:`seq_rep`), in [0, 1); 0 for text
+    with no repeated n-gram. Weighted negatively it penalises degenerate loops ("great great great",
+    "!!!!!") the way a reader would, without judging what the text says.
+
+    Args:
+        n: n-gram length, default 4 (Welleck et al. 2019 report seq-rep-4).
+    """
+
+    def __init__(self, n: int = 4):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        self.n = n
+
+    def __call__(self, prompts, responses, **info) -> list[float]:
+        return [seq_rep(r, self.n) for r in responses]

@@ -95,6 +95,8 @@ def score(step: int, batch: Batch, reward_fn, monitor_fn, tok, pc, reduce_mean: 
         except Exception as e:
             raise StepFailed(f"step {step + 1}: monitor: {e}", "fix ppo.monitor and run again with --resume.") from e
         monitored = {name: reduce_mean(sum(v) / len(v)) for name, v in mon.components.items()}
+        if len(mon.components) > 1:  # a gold made of weighted parts (configs/overopt.yaml) is watched whole
+            monitored["total"] = reduce_mean(sum(mon.total) / len(mon.total))
     return Scored(result, monitored)
 
 
