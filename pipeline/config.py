@@ -160,6 +160,10 @@ class RewardStageConfig:
     # As sft.save_steps / sft.keep_checkpoints.
     save_steps: int = 20
     keep_checkpoints: int = 2
+    # Reward models trained together on the one base (pipeline/models/ensemble.py): each its own LoRA
+    # adapter and head, seeded reward.seed + member, on its own bootstrap resample of the pairs. 1 = one
+    # reward model, as before. Serve them with {name: reward_model, args: {aggregate: mean|min|uwo}}.
+    ensemble: int = 1
 
 
 @dataclass
@@ -463,6 +467,7 @@ RULES: dict[str, Rule] = {
     "reward.head_learning_rate": _at_least(0, " (0 = reward.learning_rate)"),
     "reward.center_rewards_coefficient": _at_least(0),
     "reward.pooling": _one_of("mean", "last"),
+    "reward.ensemble": _POSITIVE_INT,
     "reward.gold_min_gap": _between(0, 2, note=" (gold is in [-1, 1])"),
     "ppo.reference": _one_of("sft", "base"),
     "ppo.value_model": _one_of("head", "adapter"),

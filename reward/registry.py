@@ -40,7 +40,7 @@ import importlib.metadata
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .base import RewardError, RewardFn, call_reward
 from .classifier import ClassifierReward
@@ -79,11 +79,15 @@ class RewardResult:
         total: per response, ``sum_i weight_i * normalized_i`` (the score PPO uses).
         components: component id -> raw scores, as the reward returned them (for logging).
         weighted: component id -> ``weight * normalized`` scores; they sum to ``total``.
+        details: ``"<component id>/<key>"`` -> per-response values a component reports about its
+            own scores through an optional ``details()`` method (read right after each call), e.g. a
+            reward-model ensemble's members and their disagreement; logged, never added to total.
     """
 
     total: list[float]
     components: dict[str, list[float]]
     weighted: dict[str, list[float]]
+    details: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,13 +135,17 @@ class CompositeReward:
         """Score the batch; ``info`` (prompt_ids, response_ids, tokenizer) goes to each reward."""
         raw: dict[str, list[float]] = {}
         weighted: dict[str, list[float]] = {}
+        details: dict[str, list[float]] = {}
         for c in self.components:
             scores = call_reward(c.id, c.fn, prompts, responses, timeout=c.timeout, **info)
             raw[c.id] = scores
+            report = getattr(c.fn, "details", None)
+            if callable(report):
+                details.update({f"{c.id}/{k}": [float(x) for x in v] for k, v in report().items()})
             shaped = c.normalizer(scores) if c.normalizer is not None else scores
             weighted[c.id] = [c.weight * s for s in shaped]
         total = [math.fsum(column) for column in zip(*weighted.values())]
-        return RewardResult(total=total, components=raw, weighted=weighted)
+        return RewardResult(total=total, components=raw, weighted=weighted, details=details)
 
     def state_dict(self) -> dict:
         """Running-normaliser statistics by component id (for checkpoints)."""

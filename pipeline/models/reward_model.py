@@ -16,7 +16,7 @@ import torch
 
 from pipeline.artifacts.outputs import ArtifactError, is_complete, read_manifest
 from pipeline.config import LoraConfigSection, ModelConfig
-from pipeline.models import forwards, loading, stacking
+from pipeline.models import ensemble, forwards, loading, stacking
 from pipeline.models.forwards import left_pad
 
 REWARD_ADAPTER = "reward"
@@ -85,6 +85,18 @@ def pooled_features(model, encoded: Sequence[tuple[list[int], int]], pad_id: int
     return forwards.mean_pool(hidden, (pos >= starts) & suffix_mask.to(device).bool())
 
 
+def encode_rows(tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                prompt_messages: Optional[Sequence[list[dict]]], max_length: int) -> list[tuple[list[int], int]]:
+    """``(ids, response start)`` of each (conversation, response): the conversation is
+    ``prompt_messages[i]`` when given, else the user turn ``prompts[i]``."""
+    out = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        conv = list(prompt_messages[i]) if prompt_messages is not None else [{"role": "user", "content": p}]
+        ids, start, _ = encode_conversation(tokenizer, conv, r, max_length)
+        out.append((ids, start))
+    return out
+
+
 class RewardModelScorer:
     """A reward plugin (prompts, responses -> scores) backed by a LoRA reward adapter + linear head.
 
@@ -109,12 +121,7 @@ class RewardModelScorer:
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str],
                prompt_messages: Optional[Sequence[list[dict]]] = None) -> list[tuple[list[int], int]]:
-        out = []
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            conv = list(prompt_messages[i]) if prompt_messages is not None else [{"role": "user", "content": p}]
-            ids, start, _ = encode_conversation(self.tokenizer, conv, r, self.max_length)
-            out.append((ids, start))
-        return out
+        return encode_rows(self.tokenizer, prompts, responses, prompt_messages, self.max_length)
 
     @torch.no_grad()
     def score_ids(self, seqs: list[tuple[list[int], int]], progress: Optional[str] = None) -> torch.Tensor:
@@ -145,6 +152,77 @@ class RewardModelScorer:
         return self.score_ids(self.encode(prompts, responses, prompt_messages)).tolist()
 
 
+class EnsembleScorer:
+    """A reward plugin over several reward-model adapters on one base (:mod:`pipeline.models.ensemble`):
+    each member's score standardised by its mean and std on the SFT policy's samples (recorded when it
+    was trained), then combined by ``aggregate`` (mean, min or uwo with ``uwo_lambda``). The trunk below
+    the members' lowest adapted layer runs once per batch for all of them. After each call,
+    :meth:`details` gives each member's standardised scores and the members' disagreement (std), which
+    the hosts log."""
+
+    def __init__(self, model, tokenizer, members: Sequence[tuple[str, torch.Tensor, Optional[torch.Tensor]]],
+                 mean: Sequence[float], std: Sequence[float], aggregate: str = "mean", uwo_lambda: float = 0.1,
+                 batch_size: int = 16, max_length: int = 1024, pooling: str = "mean", labels: Sequence[str] = ()):
+        if aggregate not in ensemble.AGGREGATES:
+            raise ValueError(f"aggregate must be one of {ensemble.AGGREGATES}, got {aggregate!r}")
+        if not (isinstance(uwo_lambda, (int, float)) and uwo_lambda >= 0):
+            raise ValueError(f"uwo_lambda must be a number >= 0, got {uwo_lambda!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.model, self.tokenizer = model, tokenizer
+        device = next(model.parameters()).device
+        self.adapters = [a for a, _, _ in members]
+        self.heads = [(w.detach().to(device, torch.float32).reshape(1, -1),
+                       None if b is None else b.detach().to(device, torch.float32)) for _, w, b in members]
+        self.mean, self.std = list(mean), list(std)
+        self.aggregate, self.uwo_lambda = aggregate, float(uwo_lambda)
+        self.batch_size, self.max_length, self.pooling = batch_size, max_length, pooling
+        self.labels = list(labels) or [f"member{i}" for i in range(len(members))]
+        self.split = ensemble.trunk_split(model, self.adapters)
+        self._details: dict[str, list[float]] = {}
+
+    def encode(self, prompts, responses, prompt_messages=None) -> list[tuple[list[int], int]]:
+        return encode_rows(self.tokenizer, prompts, responses, prompt_messages, self.max_length)
+
+    @torch.no_grad()
+    def member_scores_ids(self, seqs: list[tuple[list[int], int]], progress: Optional[str] = None) -> torch.Tensor:
+        """(members, N) raw scores of encoded rows, in their order (batches formed by length)."""
+        from tqdm.auto import tqdm
+
+        was_training = self.model.training
+        self.model.eval()
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+        scores = torch.empty(len(self.adapters), len(seqs))
+        try:
+            for s in tqdm(range(0, len(seqs), self.batch_size), desc=progress, unit="batch", disable=progress is None):
+                idx = order[s:s + self.batch_size]
+                feats = ensemble.member_features(self.model, [seqs[i] for i in idx], self.tokenizer.pad_token_id,
+                                                 self.pooling, self.adapters, self.split)
+                for m, (h, (w, b)) in enumerate(zip(feats, self.heads)):
+                    v = h @ w.T
+                    scores[m, idx] = (v + b if b is not None else v).squeeze(-1).float().cpu()
+        finally:
+            self.model.train(was_training)
+        return scores
+
+    def standardised(self, raw: torch.Tensor) -> torch.Tensor:
+        return ensemble.standardise(raw, self.mean, self.std)
+
+    def score_ids(self, seqs: list[tuple[list[int], int]], progress: Optional[str] = None) -> torch.Tensor:
+        """(N,) ensemble scores of encoded rows; :meth:`details` then holds the members' part."""
+        z = self.standardised(self.member_scores_ids(seqs, progress))
+        self._details = {**{label: z[m].tolist() for m, label in enumerate(self.labels)},
+                         "disagreement": ensemble.disagreement(z).tolist()}
+        return ensemble.aggregate(z, self.aggregate, self.uwo_lambda)
+
+    def __call__(self, prompts, responses, prompt_messages=None, **info) -> list[float]:
+        return self.score_ids(self.encode(prompts, responses, prompt_messages)).tolist()
+
+    def details(self) -> dict[str, list[float]]:
+        """Per response, from the last call: each member's standardised score and the disagreement."""
+        return dict(self._details)
+
+
 def _head_from_state(state: dict[str, torch.Tensor], where: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     weight = next((v for k, v in state.items() if k.endswith("score.weight")), None)
     if weight is None:
@@ -153,12 +231,17 @@ def _head_from_state(state: dict[str, torch.Tensor], where: str) -> tuple[torch.
     return weight, bias
 
 
-def load_reward_scorer(path: str | Path, host=None, batch_size: int = 16) -> RewardModelScorer:
+def load_reward_scorer(path: str | Path, host=None, batch_size: int = 16, members: Optional[Sequence[int]] = None,
+                       aggregate: str = "mean", uwo_lambda: float = 0.1):
     """Serve a trained reward model (a RUN/reward folder, or a run folder containing reward/).
 
     ``host`` is ``(peft_model, tokenizer, base_info)`` of an already loaded model: when the reward
     model was trained on the same base (weights and tokenizer hashes), its adapter attaches to that
     model and no second base is loaded. Otherwise it loads its own base as its manifest describes.
+
+    An ensemble (``reward.ensemble`` > 1) serves ``members`` (indices; default all) combined by
+    ``aggregate`` (:class:`EnsembleScorer`); one member alone, e.g. one held out from the optimised
+    ensemble to watch, scores raw, exactly as a single reward model does (:class:`RewardModelScorer`).
     """
     from peft import PeftModel
 
@@ -168,6 +251,13 @@ def load_reward_scorer(path: str | Path, host=None, batch_size: int = 16) -> Rew
     manifest = read_manifest(path)
     if manifest.get("stage") != "reward":
         raise ArtifactError(f"{path} is a '{manifest.get('stage')}' output, not a reward model")
+    info = manifest.get("ensemble") or {}
+    chosen = _members(members, int(info.get("members", 1)), path)
+    if aggregate not in ensemble.AGGREGATES:
+        raise ValueError(f"aggregate must be one of {ensemble.AGGREGATES}, got {aggregate!r}")
+    folders = [path if m == 0 else path / ensemble.member_adapter(m) for m in chosen]
+    names = [REWARD_ADAPTER if m == 0 else f"{REWARD_ADAPTER}_m{m}" for m in chosen]
+    model = None
     if host is not None:
         model, tok, base = host
         trained_in = manifest["base"].get("quantization", {}).get("compute_dtype")
@@ -176,27 +266,52 @@ def load_reward_scorer(path: str | Path, host=None, batch_size: int = 16) -> Rew
             # Measured: an fp32-trained reward model read bf16 hidden states with a ~0.12 offset.
             print(f"[reward] note: {path} was trained in {trained_in} and now scores in {used_in}; its scores "
                   "shift with the precision. Train the reward model in the precision PPO uses.", flush=True)
-        if (manifest["base"].get("weights_sha256") == base.weights_sha256
+        if not (manifest["base"].get("weights_sha256") == base.weights_sha256
                 and manifest["base"].get("tokenizer_sha256") == base.tokenizer_sha256
                 and isinstance(model, PeftModel)):
-            if REWARD_ADAPTER not in model.peft_config:
-                state = stacking.attach_adapter(model, path, REWARD_ADAPTER)
-                model._rlhf_reward_head = _head_from_state(state, str(path))
-            return RewardModelScorer(model, tok, *model._rlhf_reward_head, batch_size=batch_size,
-                                     max_length=_max_length(manifest), pooling=_pooling(manifest))
-    mcfg = ModelConfig(**manifest["config"]["model"])
-    base_model, tok, _ = loading.load_base(mcfg)
-    from peft import get_peft_model
+            model = None
+    placeholder = model is None
+    if placeholder:
+        mcfg = ModelConfig(**manifest["config"]["model"])
+        base_model, tok, _ = loading.load_base(mcfg)
+        from peft import get_peft_model
 
-    # A placeholder adapter makes this a PeftModel; the reward adapter then attaches by name.
-    peft_model = get_peft_model(base_model, loading.lora_config(
-        LoraConfigSection(r=1, target_modules=["q_proj"])), adapter_name="unused")
-    state = stacking.attach_adapter(peft_model, path, REWARD_ADAPTER)
-    with warnings.catch_warnings():  # peft notes that the deleted placeholder was the active adapter
-        warnings.simplefilter("ignore", UserWarning)
-        peft_model.delete_adapter("unused")
-    return RewardModelScorer(peft_model, tok, *_head_from_state(state, str(path)), batch_size=batch_size,
-                             max_length=_max_length(manifest), pooling=_pooling(manifest))
+        # A placeholder adapter makes this a PeftModel; the reward adapters then attach by name.
+        model = get_peft_model(base_model, loading.lora_config(
+            LoraConfigSection(r=1, target_modules=["q_proj"])), adapter_name="unused")
+    heads = vars(model).setdefault("_rlhf_reward_heads", {})
+    for folder, name in zip(folders, names):
+        if name not in model.peft_config:
+            heads[name] = _head_from_state(stacking.attach_adapter(model, folder, name), str(folder))
+    if placeholder:
+        with warnings.catch_warnings():  # peft notes that the deleted placeholder was the active adapter
+            warnings.simplefilter("ignore", UserWarning)
+            model.delete_adapter("unused")
+        if model.active_adapter not in model.peft_config:  # peft re-points it only when one adapter is left active
+            model.active_adapter = names[0]
+    kw = {"batch_size": batch_size, "max_length": _max_length(manifest), "pooling": _pooling(manifest)}
+    if len(chosen) == 1:
+        return RewardModelScorer(model, tok, *heads[names[0]], adapter=names[0], **kw)
+    norm = info.get("normalization") or {}
+    mean, std = norm.get("mean"), norm.get("std")
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == int(info["members"])):
+        raise ArtifactError(f"{path}: manifest.json has no per-member normalization for its ensemble")
+    return EnsembleScorer(model, tok, [(n, *heads[n]) for n in names], [mean[m] for m in chosen],
+                          [std[m] for m in chosen], aggregate, uwo_lambda, labels=[f"member{m}" for m in chosen], **kw)
+
+
+def _members(members, k: int, path: Path) -> list[int]:
+    """The member indices to serve: all ``k`` by default; each an int in [0, k), no repeats."""
+    if members is None:
+        return list(range(k))
+    if isinstance(members, int) and not isinstance(members, bool):
+        members = [members]
+    chosen = list(members) if isinstance(members, (list, tuple)) else None
+    if (not chosen or any(isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < k for m in chosen)
+            or len(set(chosen)) != len(chosen)):
+        raise ValueError(f"members must be distinct member indices in [0, {k}) of the reward model at {path} "
+                         f"(it has {k} member{'s' if k > 1 else ''}), got {members!r}")
+    return chosen
 
 
 def _max_length(manifest: dict) -> int:

@@ -249,7 +249,8 @@ def step_metrics(step: int, batch: Batch, scored: Scored, stats: dict, first: di
         "ppo/lr": lr,
         **{f"ppo/{k}": reduce_mean(sum(v) / len(v)) for k, v in stats.items()},
         **{f"ppo/{k}": v for k, v in first.items()},
-        **{f"ppo/score/{name}": reduce_mean(sum(v) / len(v)) for name, v in scored.result.components.items()},
+        **{f"ppo/score/{name}": reduce_mean(sum(v) / len(v))
+           for name, v in {**scored.result.components, **scored.result.details}.items()},
         **{f"ppo/monitor/{name}": v for name, v in scored.monitored.items()},
         **{f"time/{k}": v for k, v in times.items()},
     }

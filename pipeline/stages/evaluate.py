@@ -300,7 +300,7 @@ def _score(samples: Samples, prompts: list[dict], tok, rewards: Rewards, batch_s
         last_user = [m[-1]["content"] for m in msgs]
         proxy = rewards.proxy(last_user, texts, **info)
         samples.proxy.extend(proxy.total)
-        for name, values in proxy.components.items():
+        for name, values in {**proxy.components, **proxy.details}.items():
             samples.proxy_components.setdefault(name, []).extend(values)
         samples.gold.extend(rewards.gold(last_user, texts, **info).total)
 

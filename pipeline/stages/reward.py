@@ -39,8 +39,9 @@ from pipeline.config import PipelineConfig, to_dict
 from pipeline.data import lengths, loaders
 from pipeline.data.lengths import LengthReport
 from pipeline.evaluation.stats import accuracy_se, spearman
-from pipeline.models import forwards, lean_ops, loading, throughput
+from pipeline.models import ensemble, forwards, lean_ops, loading, throughput
 from pipeline.models.reward_model import (
+    EnsembleScorer,
     RewardModelScorer,
     encode_conversation,
     pairwise_loss,
@@ -72,6 +73,12 @@ def pair_metrics(scorer: RewardModelScorer, rows: list[dict], gold: Optional[lis
     n = len(rows)
     texts = [r["chosen"][0]["content"] for r in rows] + [r["rejected"][0]["content"] for r in rows]
     scores = scorer.score_ids(scorer.encode([""] * 2 * n, texts, convs + convs), progress=progress)
+    return metrics_of_scores(torch.as_tensor(scores), gold, gold_min_gap)
+
+
+def metrics_of_scores(scores: torch.Tensor, gold: Optional[list[tuple[float, float]]], gold_min_gap: float) -> dict:
+    """:func:`pair_metrics` from the scores (2n,) of the n chosen then the n rejected responses."""
+    n = scores.shape[0] // 2
     margin = scores[:n] - scores[n:]
     correct = int((margin > 0).sum())
     out = {"accuracy": correct / n, "accuracy_se": accuracy_se(correct, n), "accuracy_n": n,
@@ -154,13 +161,22 @@ class PairSets:
 @dataclass
 class RewardNet:
     """The model being trained: NF4 base + LoRA + linear score ``head`` as one peft SEQ_CLS adapter
-    (``peft_model``), its tokenizer, the base's record for the manifest, and the trainable parameters."""
+    (``peft_model``), its tokenizer, the base's record for the manifest, and the trainable parameters.
+    An ensemble (reward.ensemble > 1) holds one adapter and head per member (``adapters``, ``heads``),
+    each member's trainable parameters (``member_named``), the decoder layer below which the members'
+    forward is shared (``split``) and each member's bootstrap multiplicity of every training pair
+    (``weights``, set once the pairs are known)."""
     peft_model: Any
     tok: Any
     base: Any
     head: torch.nn.Module
     named: list[tuple[str, torch.nn.Parameter]]
     shape: Any = None  # throughput.DecoderShape of the base, for the FLOP counts
+    adapters: list[str] = field(default_factory=lambda: ["default"])
+    heads: list[torch.nn.Module] = field(default_factory=list)
+    member_named: list[list[tuple[str, torch.nn.Parameter]]] = field(default_factory=list)
+    split: int = 0
+    weights: Optional[torch.Tensor] = None  # (members, pairs)
 
 
 @dataclass
@@ -199,10 +215,34 @@ def build_reward_model(cfg: PipelineConfig) -> RewardNet:
     model, tok, base = loading.load_base(cfg.model, kind="seqcls", num_labels=1)
     shape = throughput.decoder_shape(model)  # before the adapter: LoRA matrices are not the model's
     peft_model = get_peft_model(model, loading.lora_config(cfg.reward.lora, task_type="SEQ_CLS", model=model))
+    head = forwards.score_head(peft_model)
+    adapters = [ensemble.member_adapter(m) for m in range(cfg.reward.ensemble)]
+    for m, name in enumerate(adapters[1:], start=1):
+        add_member(peft_model, cfg, name, cfg.reward.seed + m)
     restore_fp32_trainables(peft_model)  # LoRA and head weights are float32 masters in bf16 compute too
     lean_ops.install(peft_model)  # less kept for backward (RMSNorm, SwiGLU), one addmm per LoRA linear
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
-    return RewardNet(peft_model, tok, base, forwards.score_head(peft_model), named, shape)
+    member_named = [[(n, p) for n, p in named if f".{a}." in n] for a in adapters]
+    heads = [head.modules_to_save[a] if hasattr(head, "modules_to_save") else head for a in adapters]
+    return RewardNet(peft_model, tok, base, head, named, shape, adapters, heads, member_named,
+                     ensemble.trunk_split(peft_model, adapters))
+
+
+def add_member(peft_model, cfg: PipelineConfig, name: str, seed: int) -> None:
+    """One more ensemble member: a LoRA adapter of reward.lora and its own score head, both drawn from
+    ``seed`` (the head as transformers initialises one: normal, std initializer_range), trainable."""
+    torch.manual_seed(seed)
+    peft_model.add_adapter(name, loading.lora_config(cfg.reward.lora, task_type="SEQ_CLS",
+                                                     model=peft_model.get_base_model()))
+    head = forwards.score_head(peft_model).modules_to_save[name]
+    std = getattr(loading.text_config(peft_model.get_base_model()), "initializer_range", 0.02)
+    with torch.no_grad():
+        head.weight.normal_(0.0, std)
+        if head.bias is not None:
+            head.bias.zero_()
+    for n, p in peft_model.named_parameters():
+        if f".{name}." in n:
+            p.requires_grad_(True)
 
 
 def build_optimizer(named: list[tuple[str, torch.nn.Parameter]], rc) -> torch.optim.AdamW:
@@ -277,15 +317,15 @@ def set_learning_rate(optimizer, step: int, steps: int, warmup: int, kind: str) 
         g["lr"] = g["initial_lr"] * lr_at(step, steps, warmup, kind)
 
 
-def next_batch(pairs: list, progress: Progress, size: int) -> list:
-    """The next ``size`` pairs in the shuffled order; at the end of an epoch the data generator draws a
-    new order. Advances ``progress``."""
+def next_batch(n_pairs: int, progress: Progress, size: int) -> list[int]:
+    """Indices of the next ``size`` pairs in the shuffled order; at the end of an epoch the data generator
+    draws a new order. Advances ``progress``."""
     batch = []
     while len(batch) < size:
         if progress.cursor == len(progress.order):
-            progress.order = torch.randperm(len(pairs), generator=progress.gen).tolist()
+            progress.order = torch.randperm(n_pairs, generator=progress.gen).tolist()
             progress.cursor, progress.epoch = 0, progress.epoch + 1
-        batch.append(pairs[progress.order[progress.cursor]])
+        batch.append(progress.order[progress.cursor])
         progress.cursor += 1
     return batch
 
@@ -305,10 +345,17 @@ class Perf:
     total_flops: float = 0.0
     total_tokens: int = 0
     total_seconds: float = 0.0
+    members: int = 1
+    split: int = 0
 
     def flops(self, pairs: list) -> tuple[float, int]:
-        """Model FLOPs and tokens of training on ``pairs`` ((chosen ids, start), (rejected ids, start)),
-        each pair's prompt run once (:func:`pipeline.models.throughput.pair_train_flops`)."""
+        """Model FLOPs and tokens of training on ``pairs`` ((chosen ids, start), (rejected ids, start)):
+        one model runs each pair's prompt once (:func:`pipeline.models.throughput.pair_train_flops`); an
+        ensemble runs whole rows, the trunk once (:func:`pipeline.models.throughput.ensemble_train_flops`)."""
+        if self.members > 1:
+            lengths = [len(side[0]) for pair in pairs for side in pair]
+            return (throughput.ensemble_train_flops(self.shape, lengths, self.members, self.split, self.trained_layers,
+                                                    self.lora_params // self.members), sum(lengths))
         counts = [(min(c[1], r[1]), len(c[0]) - min(c[1], r[1]), len(r[0]) - min(c[1], r[1])) for c, r in pairs]
         return (throughput.pair_train_flops(self.shape, counts, self.trained_layers, self.lora_params),
                 sum(sum(x) for x in counts))
@@ -335,7 +382,8 @@ def start_perf(net: RewardNet, pairs: list, cfg: PipelineConfig, steps: int) -> 
     lora_params, trained_layers = throughput.trained_extent(net.peft_model, net.shape.layers)
     device = next(net.peft_model.parameters()).device
     perf = Perf(net.shape, lora_params, trained_layers,
-                throughput.measured_peak(loading.compute_dtype(cfg.model, device), device))
+                throughput.measured_peak(loading.compute_dtype(cfg.model, device), device),
+                members=len(net.adapters), split=net.split)
     all_pairs, _ = perf.flops(pairs)  # one pass over every pair; the run takes steps x pairs per step
     per_step = all_pairs / max(len(pairs), 1) * rc.batch_size * rc.grad_accum
     print(throughput.estimate_line("reward", f"{steps} steps of {rc.batch_size * rc.grad_accum} pairs",
@@ -362,24 +410,58 @@ def train_step(net: RewardNet, optimizer, pairs: list, progress: Progress, rc, s
     flops, tokens = 0.0, 0
     set_learning_rate(optimizer, step, steps, warmup, rc.lr_scheduler)
     for _ in range(rc.grad_accum):
-        batch = next_batch(pairs, progress, rc.batch_size)
+        idx = next_batch(len(pairs), progress, rc.batch_size)
+        batch = [pairs[i] for i in idx]
         f, n = perf.flops(batch)
         flops, tokens = flops + f, tokens + n
-        chosen, rejected = pair_scores(net, batch, rc.pooling)
-        loss = pairwise_loss(chosen, rejected, rc.center_rewards_coefficient)
-        if not torch.isfinite(loss):
-            raise ArtifactError(f"reward step {step + 1}: loss is {loss.item()}; lower reward.learning_rate")
-        (loss / rc.grad_accum).backward()
-        for k, v in (("loss", loss.item()), ("accuracy", (chosen > rejected).float().mean().item()),
-                     ("margin", (chosen - rejected).mean().item())):
-            progress.window.setdefault(k, []).append(v)
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in net.named], 1.0)
+        if len(net.adapters) == 1:
+            chosen, rejected = pair_scores(net, batch, rc.pooling)
+            loss = pairwise_loss(chosen, rejected, rc.center_rewards_coefficient)
+            check_loss(loss, step)
+            (loss / rc.grad_accum).backward()
+            record(progress, "", loss, chosen, rejected)
+        else:
+            ensemble_backward(net, batch, idx, rc, step, progress)
+    groups = net.member_named if len(net.adapters) > 1 else [net.named]  # each member clipped as one model is
+    grad_norm = torch.stack([torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0) for named in groups]).mean()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loading.release_free_memory()  # the step's freed activations go back to the OS
     progress.losses.append(progress.window["loss"][-1])
     perf.add(flops, tokens, time.perf_counter() - t0)
     return grad_norm
+
+
+def check_loss(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise ArtifactError(f"reward step {step + 1}: loss is {loss.item()}; lower reward.learning_rate")
+
+
+def record(progress: Progress, prefix: str, loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+    """The micro-batch's loss, accuracy and margin into the log window, under ``prefix``."""
+    for k, v in (("loss", loss.item()), ("accuracy", (chosen > rejected).float().mean().item()),
+                 ("margin", (chosen - rejected).mean().item())):
+        progress.window.setdefault(prefix + k, []).append(v)
+
+
+def ensemble_backward(net: RewardNet, batch: list, idx: list[int], rc, step: int, progress: Progress) -> None:
+    """Gradients of every member on one micro-batch: the trunk below ``net.split`` runs once, then each
+    member's own layers and head, its loss weighted by its bootstrap multiplicities of these pairs.
+    Logs the members' mean loss, accuracy and margin, and each member's loss (``m<i>/loss``)."""
+    encoded = [b[0] for b in batch] + [b[1] for b in batch]
+    device = next(net.peft_model.parameters()).device
+    ids, mask, pool, last = ensemble.right_padded(encoded, net.tok.pad_token_id, device)
+    trunk = ensemble.run_trunk(net.peft_model, ids, mask, net.split, net.adapters[0])
+    n = len(batch)
+    for m, (adapter, head) in enumerate(zip(net.adapters, net.heads)):
+        hidden = ensemble.member_hidden(net.peft_model, ids, mask, net.split, trunk, adapter)
+        scores = head(ensemble.pool_hidden(hidden, pool, last, rc.pooling)).squeeze(-1)
+        chosen, rejected = scores[:n], scores[n:]
+        loss = ensemble.weighted_pairwise_loss(chosen, rejected, net.weights[m, idx], rc.center_rewards_coefficient)
+        check_loss(loss, step)
+        (loss / rc.grad_accum).backward()
+        record(progress, "", loss, chosen.detach(), rejected.detach())
+        progress.window.setdefault(f"m{m}/loss", []).append(loss.item())
 
 
 def log_window(logger: MetricsLogger, bar, progress: Progress, step: int, optimizer, grad_norm: torch.Tensor,
@@ -395,12 +477,48 @@ def log_window(logger: MetricsLogger, bar, progress: Progress, step: int, optimi
     progress.window = {}
 
 
-def trained_scorer(net: RewardNet, rc) -> RewardModelScorer:
-    """The scorer PPO will use, on the model just trained (its own adapter "default")."""
-    wrapped = getattr(net.head, "modules_to_save", None)
-    head = wrapped["default"] if wrapped is not None else net.head
-    return RewardModelScorer(net.peft_model, net.tok, head.weight, head.bias, adapter="default",
+def trained_scorer(net: RewardNet, rc):
+    """The scorer PPO will use, on the model just trained: its own adapter "default", or for an ensemble
+    all members' mean (standardisation set by :func:`normalise_members`)."""
+    if len(net.adapters) > 1:
+        k = len(net.adapters)
+        return EnsembleScorer(net.peft_model, net.tok, [(a, h.weight, h.bias) for a, h in zip(net.adapters, net.heads)],
+                              [0.0] * k, [1.0] * k, "mean", max_length=rc.max_length, pooling=rc.pooling)
+    return RewardModelScorer(net.peft_model, net.tok, net.heads[0].weight, net.heads[0].bias, adapter="default",
                              max_length=rc.max_length, pooling=rc.pooling)
+
+
+def sft_responses(sft_dir: Path, data_cfg) -> tuple[list[list[dict]], list[str], str]:
+    """``(conversations, responses, source)`` of the SFT policy's own samples (``sft/gold_samples.jsonl``)
+    or, without them, of the data.sft_eval responses."""
+    path = sft_dir / "gold_samples.jsonl"
+    if path.is_file():
+        rows = [r for _, r in loaders.read_rows(str(path)) if r.get("model") == "sft"]
+        if len(rows) >= 3:
+            return [[{"role": "user", "content": r["prompt"]}] for r in rows], [r["response"] for r in rows], str(path)
+    sft_rows, _ = loaders.load_sft(data_cfg.sft_eval, **loaders.loader_options(data_cfg))
+    return [r["messages"][:-1] for r in sft_rows], [r["messages"][-1]["content"] for r in sft_rows], data_cfg.sft_eval
+
+
+def normalise_members(scorer: EnsembleScorer, sft_dir: Path, data_cfg) -> dict:
+    """Each member's mean and std on the SFT policy's responses (Coste et al. 2023 normalise members
+    before combining them), set on ``scorer`` and returned for the manifest."""
+    convs, responses, source = sft_responses(sft_dir, data_cfg)
+    raw = scorer.member_scores_ids(scorer.encode([""] * len(convs), responses, convs), progress="ensemble normalisation")
+    scorer.mean = raw.double().mean(dim=1).tolist()
+    scorer.std = raw.double().std(dim=1, unbiased=False).clamp(min=1e-6).tolist()
+    return {"source": source, "responses": len(responses), "mean": scorer.mean, "std": scorer.std}
+
+
+def member_metrics(scorer: EnsembleScorer, gold: Optional[list[tuple[float, float]]], gold_min_gap: float) -> dict:
+    """Each member's held-out accuracy (``member<i>_eval_*``) from the scores of the last held-out pass."""
+    details = scorer.details()
+    out = {}
+    for label in scorer.labels:
+        for k, v in metrics_of_scores(torch.tensor(details[label]), gold, gold_min_gap).items():
+            if k.startswith("accuracy") and not k.endswith("_n") and not k.endswith("min_gap"):
+                out[f"{label}_eval_{k}"] = v
+    return out
 
 
 def spearman_on_sft_eval(scorer: RewardModelScorer, data_cfg) -> float:
@@ -424,6 +542,8 @@ def held_out_metrics(scorer: RewardModelScorer, pairs: PairSets, cfg: PipelineCo
         held = pair_metrics(scorer, pairs.eval_rows, pairs.gold, cfg.reward.gold_min_gap,
                             progress="reward held-out pairs")
         metrics.update({f"eval_{k}": v for k, v in held.items()})
+        if isinstance(scorer, EnsembleScorer):
+            metrics.update(member_metrics(scorer, pairs.gold, cfg.reward.gold_min_gap))
     on_sft = spearman_on_sft_samples(scorer, sft_dir)
     if on_sft is not None:
         metrics.update(on_sft)
@@ -432,8 +552,10 @@ def held_out_metrics(scorer: RewardModelScorer, pairs: PairSets, cfg: PipelineCo
     return metrics
 
 
-def write_outputs(work: Path, cfg: PipelineConfig, net: RewardNet, pairs: PairSets, metrics: dict) -> None:
-    """Adapter (LoRA + score head), tokenizer, config and manifest (last) into ``work``."""
+def write_outputs(work: Path, cfg: PipelineConfig, net: RewardNet, pairs: PairSets, metrics: dict,
+                  normalization: Optional[dict] = None) -> None:
+    """Adapter (LoRA + score head; an ensemble's member i > 0 in ``member<i>/``), tokenizer, config and
+    manifest (last) into ``work``."""
     net.peft_model.save_pretrained(work)
     net.tok.save_pretrained(work)
     dc = cfg.data
@@ -441,7 +563,10 @@ def write_outputs(work: Path, cfg: PipelineConfig, net: RewardNet, pairs: PairSe
                    data={"train": loaders.manifest_entry(dc.pairs_train, pairs.train_report, dc.split, pairs.train_len),
                          "eval": loaders.manifest_entry(dc.pairs_eval, pairs.eval_report, dc.split, pairs.eval_len)
                          if pairs.eval_report else {"source": dc.pairs_eval}},
-                   extra={"pooling": cfg.reward.pooling})
+                   extra={"pooling": cfg.reward.pooling,
+                          **({"ensemble": {"members": len(net.adapters), "folders": ["."] + net.adapters[1:],
+                                           "trunk_split": net.split, "bootstrap": True,
+                                           "normalization": normalization}} if len(net.adapters) > 1 else {})})
 
 
 def print_summary(metrics: dict, gold_min_gap: float, out: Path) -> None:
@@ -492,6 +617,11 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
     # 3. the pairs fitted to reward.max_length (the tokenizer came with the model), and the schedule
     pairs = fit_pair_sets(net.tok, cfg, train_rows, train_report, eval_rows, eval_report)
     steps, warmup = schedule(rc, len(pairs.train))
+    if len(net.adapters) > 1:  # member m's bootstrap resample of the pairs, as multiplicities (same on resume)
+        net.weights = torch.stack([ensemble.bootstrap_weights(len(pairs.train), rc.seed + m)
+                                   for m in range(len(net.adapters))])
+        print(f"[reward] ensemble of {len(net.adapters)} members (seeds {rc.seed}..{rc.seed + len(net.adapters) - 1}, "
+              f"bootstrap resamples of the pairs); decoder layers below {net.split} run once for all", flush=True)
     perf = start_perf(net, pairs.train, cfg, steps)
 
     # 4. resume: shuffled pair order from reward.seed, or everything a checkpoint saved
@@ -523,14 +653,18 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
                      "peak_flops_per_s": perf.peak, **pairs.train_len.metrics("train"),
                      **(pairs.eval_len.metrics("eval") if pairs.eval_len else {})}
 
-    # 6. held-out accuracy and margin, with the same scorer PPO will use; rank correlation with gold
-    metrics.update(held_out_metrics(trained_scorer(net, rc), pairs, cfg, Path(run_dir) / "sft"))
+    # 6. held-out accuracy and margin, with the same scorer PPO will use; rank correlation with gold.
+    #    An ensemble's members are first standardised on the SFT policy's responses.
+    scorer, normalization = trained_scorer(net, rc), None
+    if len(net.adapters) > 1:
+        normalization = normalise_members(scorer, Path(run_dir) / "sft", cfg.data)
+    metrics.update(held_out_metrics(scorer, pairs, cfg, Path(run_dir) / "sft"))
     metrics["wall_seconds"] = round(time.time() - t0, 1)
     logger.log({"step": steps, **{f"reward/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
     logger.close()
 
     # 7. save: adapter (LoRA + score head) + tokenizer + config + manifest (last), then RUN/reward.work -> RUN/reward
-    write_outputs(work, cfg, net, pairs, metrics)
+    write_outputs(work, cfg, net, pairs, metrics, normalization)
     stage.publish()
     print_summary(metrics, rc.gold_min_gap, out)
     return out

@@ -52,7 +52,7 @@ def run_score(cfg: PipelineConfig, run_dir: str | Path, input_path: str, output_
         result = reward_fn([m[-1]["content"] for m in p], r, prompt_messages=p)
         for i in range(len(p)):
             out_rows.append({"prompt": p[i][-1]["content"], "response": r[i], "score": result.total[i],
-                             "components": {k: v[i] for k, v in result.components.items()}})
+                             "components": {k: v[i] for k, v in {**result.components, **result.details}.items()}})
     text = "".join(json.dumps(row) + "\n" for row in out_rows)
     if output_path == "-":
         sys.stdout.write(text)

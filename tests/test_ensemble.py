@@ -1,0 +1,253 @@
+"""Reward-model ensembles (pipeline/models/ensemble.py, reward.ensemble): the aggregations and losses by
+hand, the shared-trunk forward against separate forwards, and the k-member reward stage end to end
+(members differ, one member alone is today's scorer, the ensemble serves `rlhf score` and PPO)."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.models import ensemble
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "tiny.yaml")
+
+
+# ---------------------------------------------------------------------------------------------
+# Math by hand
+
+
+def test_aggregates_by_hand():
+    # members (rows) x responses (columns)
+    s = torch.tensor([[1.0, 2.0, 0.0],
+                      [3.0, 2.0, 4.0]])
+    assert ensemble.aggregate(s, "mean").tolist() == [2.0, 2.0, 2.0]
+    assert ensemble.aggregate(s, "min").tolist() == [1.0, 2.0, 0.0]
+    # population variance: ((1-2)^2 + (3-2)^2)/2 = 1, 0 (a tie), ((0-2)^2 + (4-2)^2)/2 = 4
+    # uwo, lambda 0.5: 2 - 0.5, 2 - 0, 2 - 2
+    assert ensemble.aggregate(s, "uwo", 0.5).tolist() == [1.5, 2.0, 0.0]
+    assert ensemble.disagreement(s).tolist() == [1.0, 0.0, 2.0]
+    with pytest.raises(ValueError, match="aggregate must be one of"):
+        ensemble.aggregate(s, "max")
+
+
+def test_one_member_every_aggregate_is_that_member():
+    s = torch.tensor([[0.3, -1.2, 5.0]])
+    for how in ensemble.AGGREGATES:
+        assert ensemble.aggregate(s, how, 10.0).tolist() == s[0].tolist()
+    assert ensemble.disagreement(s).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_standardise_by_hand():
+    # member 0: (2 - 2) / 2 = 0, (4 - 2) / 2 = 1; member 1: (1 - 0) / 0.5 = 2, (0 - 0) / 0.5 = 0
+    s = torch.tensor([[2.0, 4.0], [1.0, 0.0]])
+    assert ensemble.standardise(s, [2.0, 0.0], [2.0, 0.5]).tolist() == [[0.0, 1.0], [2.0, 0.0]]
+
+
+def test_weighted_pairwise_loss_by_hand():
+    from pipeline.models.reward_model import pairwise_loss
+
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])
+    # weights (2, 0): only the first pair counts: -log sigmoid(2) = 0.126928
+    got = ensemble.weighted_pairwise_loss(chosen, rejected, torch.tensor([2.0, 0.0]))
+    assert got.item() == pytest.approx(-math.log(1 / (1 + math.exp(-2))), abs=1e-6)
+    # all ones: exactly the unweighted loss, with the centring term too
+    ones = torch.ones(2)
+    assert torch.equal(ensemble.weighted_pairwise_loss(chosen, rejected, ones, 0.1), pairwise_loss(chosen, rejected, 0.1))
+    # no weight at all: 0 and a zero gradient, not NaN
+    c = chosen.clone().requires_grad_(True)
+    zero = ensemble.weighted_pairwise_loss(c, rejected, torch.zeros(2))
+    zero.backward()
+    assert zero.item() == 0.0 and c.grad.abs().sum().item() == 0.0
+
+
+def test_bootstrap_weights_are_a_seeded_resample():
+    w = ensemble.bootstrap_weights(1000, 7)
+    assert w.sum().item() == 1000 and torch.equal(w, ensemble.bootstrap_weights(1000, 7))
+    assert not torch.equal(w, ensemble.bootstrap_weights(1000, 8))
+    # about 1/e of the items are left out of a bootstrap resample (0.368 +- 3 SE of 0.015)
+    assert abs((w == 0).float().mean().item() - math.exp(-1)) < 0.046
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared trunk
+
+
+@pytest.fixture
+def two_member_model(tiny_model_cfg):
+    """The tiny model as a reward model with two members on its top layer (LoRA B random, so they differ)."""
+    from peft import get_peft_model
+
+    from pipeline.config import LoraConfigSection
+    from pipeline.models import loading
+
+    model, tok, _ = loading.load_base(tiny_model_cfg, kind="seqcls", num_labels=1)
+    sec = LoraConfigSection(r=4, alpha=8, dropout=0.0, target_modules="all-linear", top_layers=1)
+    pm = get_peft_model(model, loading.lora_config(sec, task_type="SEQ_CLS", model=model))
+    pm.add_adapter("member1", loading.lora_config(sec, task_type="SEQ_CLS", model=model))
+    gen = torch.Generator().manual_seed(3)
+    for n, p in pm.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(True)
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return pm, tok
+
+
+ROWS = [([1, 5, 6, 7, 8, 9], 2), ([1, 5, 6, 3], 2), ([4, 4, 4, 4, 4, 4, 4, 9], 3)]
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_shared_trunk_equals_separate_forwards(two_member_model, pooling):
+    from pipeline.models import stacking
+    from pipeline.models.reward_model import pooled_features
+
+    pm, tok = two_member_model
+    adapters = ["default", "member1"]
+    assert ensemble.trunk_split(pm, adapters) == 1  # the tiny model's 2 layers, LoRA on the top one
+    from pipeline.models.loading import decoder_layers
+
+    calls = []
+    _, stack = decoder_layers(pm)
+    handle = stack[0].mlp.register_forward_hook(lambda *a: calls.append(1))  # inside the layer: real compute only
+    shared = ensemble.member_features(pm, ROWS, tok.pad_token_id, pooling, adapters)
+    handle.remove()
+    assert len(calls) == 1  # the bottom layer ran once for both members
+    for a, got in zip(adapters, shared):
+        with stacking.active_adapters(pm, [a]):
+            want = pooled_features(pm, ROWS, tok.pad_token_id, pooling)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (shared[0] - shared[1]).abs().max() > 1e-2  # the members really differ
+
+
+def test_shared_trunk_gradients_equal_a_plain_forward(two_member_model):
+    from pipeline.models import stacking
+    from pipeline.models.reward_model import pooled_features
+
+    pm, tok = two_member_model
+    params = [p for n, p in pm.named_parameters() if ".member1." in n and "lora_" in n]
+
+    def grads(features):
+        pm.zero_grad(set_to_none=True)
+        (features ** 2).sum().backward()
+        return [p.grad.clone() for p in params]
+
+    shared = grads(ensemble.member_features(pm, ROWS, tok.pad_token_id, "mean", ["default", "member1"])[1])
+    with stacking.active_adapters(pm, ["member1"]):
+        plain = grads(pooled_features(pm, ROWS, tok.pad_token_id, "mean"))
+    for a, b in zip(shared, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_trunk_runs_with_other_adapters_off(two_member_model):
+    """On a PPO policy's base the policy adapter sits in every layer; the shared trunk must not include it."""
+    from pipeline.config import LoraConfigSection
+    from pipeline.models import loading, stacking
+
+    pm, tok = two_member_model
+    pm.add_adapter("policy", loading.lora_config(LoraConfigSection(r=2, target_modules="all-linear"),
+                                                 task_type="SEQ_CLS"))
+    for n, p in pm.named_parameters():
+        if ".policy." in n and "lora_B" in n:
+            with torch.no_grad():
+                p.normal_(0, 0.5)
+    with stacking.active_adapters(pm, ["policy"]):  # what PPO has active when it scores
+        got = ensemble.member_features(pm, ROWS, tok.pad_token_id, "mean", ["default", "member1"])
+    with stacking.active_adapters(pm, ["member1"]):
+        want = ensemble.member_features(pm, ROWS, tok.pad_token_id, "mean", ["member1"], split=0)[0]
+    torch.testing.assert_close(got[1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_ensemble_flops_by_hand():
+    from pipeline.models.throughput import DecoderShape, ensemble_train_flops
+
+    shape = DecoderShape(matmul_params=1000, layers=2, width=8, vocab=10)
+    # the docstring's example: 9,864 forward + 2 x 3,408 backward
+    assert ensemble_train_flops(shape, [3], 2, 1, 1, 10) == 16680
+
+
+# ---------------------------------------------------------------------------------------------
+# The k-member reward stage
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory):
+    from pipeline.config import load_config
+    from pipeline.stages.reward import run_reward
+
+    run = tmp_path_factory.mktemp("ens")
+    cfg = load_config(CONFIG, ["model.compute_dtype=float32", "reward.ensemble=3", "reward.max_steps=3",
+                               "reward.lora.top_layers=1"])
+    out = run_reward(cfg, run)
+    return run, out
+
+
+def test_members_differ_after_training_and_are_recorded(ensemble_run):
+    from safetensors.torch import load_file
+
+    run, out = ensemble_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    info = manifest["ensemble"]
+    assert info["members"] == 3 and info["folders"] == [".", "member1", "member2"] and info["trunk_split"] == 1
+    assert len(info["normalization"]["mean"]) == 3 and all(s > 0 for s in info["normalization"]["std"])
+    states = [load_file(str(out / f / "adapter_model.safetensors")) for f in info["folders"]]
+    lora = [{k: v for k, v in st.items() if "lora_" in k} for st in states]
+    assert all(st.keys() == lora[0].keys() for st in lora)
+    for i in range(3):
+        for j in range(i + 1, 3):  # every pair of members differs in every LoRA weight matrix
+            assert all(not torch.equal(lora[i][k], lora[j][k]) for k in lora[i])
+    heads = [next(v for k, v in st.items() if k.endswith("score.weight")) for st in states]
+    assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])
+    metrics = manifest["metrics"]
+    for m in range(3):
+        assert 0.0 <= metrics[f"member{m}_eval_accuracy"] <= 1.0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("reward/m2/loss" in r for r in rows)
+
+
+def test_one_member_alone_is_the_single_model_scorer(ensemble_run, tiny_model_cfg):
+    """members: [i] serves member i exactly as a one-model reward model is served (raw, no
+    standardisation); the ensemble path with that one member and unit normalisation agrees to round-off."""
+    from pipeline.models.reward_model import EnsembleScorer, RewardModelScorer, load_reward_scorer
+
+    run, out = ensemble_run
+    prompts, responses = ["Tell me about tea.", "Any tips?"], ["Tea is lovely!", "Go slowly and enjoy it."]
+    single = load_reward_scorer(out, members=[1])
+    assert isinstance(single, RewardModelScorer)
+    want = single(prompts, responses)
+    one = EnsembleScorer(single.model, single.tokenizer, [(single.adapter, single.head_weight, single.head_bias)],
+                         [0.0], [1.0], "mean", max_length=single.max_length, pooling=single.pooling)
+    assert one(prompts, responses) == pytest.approx(want, abs=1e-5)
+    # and all three, min-aggregated: the minimum of the standardised members
+    ens = load_reward_scorer(out, aggregate="min")
+    got = ens(prompts, responses)
+    d = ens.details()
+    assert got == pytest.approx([min(d[f"member{m}"][i] for m in range(3)) for i in range(2)], abs=1e-6)
+    assert d["disagreement"][0] == pytest.approx(torch.tensor([d[f"member{m}"][0] for m in range(3)]).std(
+        unbiased=False).item(), abs=1e-6)
+    with pytest.raises(ValueError, match=r"members must be distinct member indices in \[0, 3\)"):
+        load_reward_scorer(out, members=[3])
+
+
+def test_ensemble_serves_rlhf_score(ensemble_run, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    run, out = ensemble_run
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n"
+                            for p, r in [("Hi?", "Hello, lovely day!"), ("Tips?", "Breathe and smile.")]))
+    spec = json.dumps([{"name": "reward_model", "args": {"path": str(out), "aggregate": "uwo", "uwo_lambda": 0.5}}])
+    res = CliRunner().invoke(main, ["score", "--input", str(rows), "--config", CONFIG, "--run-dir", str(run), "--rewards", spec,
+                                    "model.compute_dtype=float32"])
+    assert res.exit_code == 0, res.output
+    got = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    assert len(got) == 2
+    for row in got:
+        c = row["components"]
+        z = torch.tensor([c[f"reward_model/member{m}"] for m in range(3)])
+        # uwo: mean - 0.5 x population variance of the standardised members
+        assert row["score"] == pytest.approx((z.mean() - 0.5 * z.var(unbiased=False)).item(), abs=1e-5)
+        assert c["reward_model/disagreement"] == pytest.approx(z.std(unbiased=False).item(), abs=1e-5)
