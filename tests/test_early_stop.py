@@ -2,7 +2,12 @@
 import pytest
 
 from pipeline.config import ConfigError, load_config, monitor_ids
-from pipeline.rl.early_stop import history_from_rows, nearest_step, peak_watch, trailing_means
+from pipeline.rl.early_stop import (
+    history_from_rows,
+    nearest_step,
+    peak_watch,
+    trailing_means,
+)
 
 
 def test_trailing_means_average_the_last_window_values():

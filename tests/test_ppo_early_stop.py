@@ -203,11 +203,11 @@ def test_a_monitor_id_the_built_monitors_do_not_log_is_refused_before_the_first_
     pc.early_stop_monitor = "total"  # logged only for a monitor of several components
 
     class OneMonitor:
-        names = ["held_out"]
+        names = ("held_out",)
 
     with pytest.raises(ppo.PPOError, match=r"'total' is not logged by ppo.monitor \(it logs: held_out\)"):
         ppo.check_watched(pc, OneMonitor())
     with pytest.raises(ppo.PPOError, match=r"\(it logs: nothing\)"):
         ppo.check_watched(pc, None)
-    OneMonitor.names = ["held_out", "gold"]
+    OneMonitor.names = ("held_out", "gold")
     ppo.check_watched(pc, OneMonitor())

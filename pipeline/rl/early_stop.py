@@ -12,8 +12,8 @@ Pure Python, no torch: the same numbers in a live run and in one rebuilt from it
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def peak_watch(values: Sequence[float], window: int, patience: int, min_delta: f
     return Watch(smoothed, best_step, best_value, len(values) - best_step >= patience)
 
 
-def nearest_step(steps: Iterable[int], target: int) -> Optional[int]:
+def nearest_step(steps: Iterable[int], target: int) -> int | None:
     """The step in ``steps`` closest to ``target``, the earlier of two as close; None if there are none.
     E.g. steps [2, 4, 6], target 5: 4."""
     return min(steps, key=lambda s: (abs(s - target), s), default=None)
