@@ -239,6 +239,19 @@ class PPOConfig:
     # in-process learned reward; a spec's own `timeout` wins).
     reward_timeout: float = 600.0
     save_every: int = 10
+    # Early stopping on a monitor (pipeline/rl/early_stop.py): a held-out reward that peaks and falls
+    # while the optimised proxy still rises marks over-optimisation (Gao et al. 2022; Coste et al. 2023).
+    # "off"; "mark": log the smoothed monitor and record its peak in the manifest; "stop": also end the
+    # run (saved and published like a full one) once the peak is early_stop_patience steps old.
+    early_stop: str = "off"
+    # The ppo.monitor component watched: its id (or name), or "total" for a multi-component monitor.
+    early_stop_monitor: str = ""
+    # Steps in the trailing mean that smooths the per-step monitor means (one step is a small batch).
+    early_stop_window: int = 5
+    # Steps after the smoothed peak without a new peak before "stop" ends the run.
+    early_stop_patience: int = 10
+    # A smoothed value is a new peak only when it beats the best by more than this (ties keep the earlier).
+    early_stop_min_delta: float = 0.0
     sample_every: int = 5
     samples_to_show: int = 3
     tensorboard: bool = False
@@ -366,6 +379,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+# Choice keys with an "off" value: YAML 1.1 reads a bare off/no/false as false, which means "off" here.
+_OFF_CHOICES = {"ppo.early_stop": "off, mark, stop"}
+
+
 def _apply(obj: Any, updates: dict, prefix: str) -> None:
     hints = typing.get_type_hints(type(obj))
     valid = [f.name for f in dataclasses.fields(obj)]
@@ -374,6 +391,11 @@ def _apply(obj: Any, updates: dict, prefix: str) -> None:
         if key not in valid:
             raise ConfigError(f"unknown key '{full}'; valid keys in '{prefix.rstrip('.') or 'top level'}': "
                               f"{', '.join(valid)}")
+        if full in _OFF_CHOICES and isinstance(value, bool):
+            if value:
+                raise ConfigError(f"{full}: True (YAML reads yes/on/true as a boolean) is not one of "
+                                  f"{_OFF_CHOICES[full]}")
+            value = "off"
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -499,6 +521,10 @@ RULES: dict[str, Rule] = {
     "ppo.missing_eos_penalty": _ANY_NUMBER,
     "ppo.reward_timeout": _at_least(0, " (0 = no timeout)"),
     "ppo.save_every": _at_least(0, " (0 = only the final step)"),
+    "ppo.early_stop": _one_of("off", "mark", "stop"),
+    "ppo.early_stop_window": _POSITIVE_INT,
+    "ppo.early_stop_patience": _POSITIVE_INT,
+    "ppo.early_stop_min_delta": _at_least(0),
     "ppo.sample_every": _at_least(0, " (0 = never)"),
     "ppo.samples_to_show": _COUNT,
     "ppo.seed": _SEED,
@@ -574,6 +600,7 @@ def validate(cfg: PipelineConfig) -> None:
     for key in ("ppo.rewards", "ppo.monitor", "eval.gold"):
         section, name = key.split(".")
         _check_reward_specs(key, getattr(getattr(cfg, section), name), required=key != "ppo.monitor")
+    _validate_early_stop(cfg.ppo)  # after the monitor specs' shape is checked
 
 
 def _check_reward_specs(key: str, specs: list, required: bool) -> None:
@@ -616,6 +643,42 @@ def _validate_algorithm(pc: PPOConfig) -> None:
                               "within each prompt's group")
     if algo != "grpo" and not pc.grpo_scale_std:
         raise ConfigError(f"ppo.grpo_scale_std=false applies to ppo.algorithm=grpo only (this is {algo})")
+
+
+def monitor_ids(specs: list) -> list[str]:
+    """The names ``ppo/monitor/<id>`` is logged under for the ``ppo.monitor`` specs: each spec's ``id``,
+    else its name (a callable's ``__name__``), repeated names numbered ``name_2``, ``name_3``, ...; and
+    ``total`` when there are several (pipeline/rl/ppo_step.py ``score``). The rule is
+    reward/registry.py ``_assign_ids``; config stays free of building rewards (tests check they agree)."""
+    as_dicts = [s if isinstance(s, dict) else {"name": s} for s in specs]
+    explicit = {s["id"] for s in as_dicts if s.get("id") is not None}
+    taken, ids = set(explicit), []
+    for s in as_dicts:
+        cid = s.get("id")
+        if cid is None:
+            name = s.get("name")
+            base = name if isinstance(name, str) else getattr(name, "__name__", type(name).__name__)
+            cid, k = base, 1
+            while cid in taken:
+                k += 1
+                cid = f"{base}_{k}"
+            taken.add(cid)
+        ids.append(cid)
+    return ids + (["total"] if len(specs) > 1 else [])
+
+
+def _validate_early_stop(pc: PPOConfig) -> None:
+    if pc.early_stop == "off":
+        return
+    if not pc.early_stop_monitor:
+        raise ConfigError(f"ppo.early_stop={pc.early_stop} needs ppo.early_stop_monitor: the id of a ppo.monitor "
+                          "component to watch, e.g. ppo.monitor=[{name: sentiment, id: gold}] "
+                          "ppo.early_stop_monitor=gold")
+    valid = monitor_ids(pc.monitor)
+    if pc.early_stop_monitor not in valid:
+        raise ConfigError(f"ppo.early_stop_monitor: '{pc.early_stop_monitor}' is not a ppo.monitor component; "
+                          + (f"valid: {', '.join(map(str, valid))}" if valid else "ppo.monitor is empty, give the reward to watch "
+                             "there"))
 
 
 def resolve_auto(cfg: PipelineConfig) -> PipelineConfig:

@@ -11,7 +11,8 @@ ppo.algorithm changes only the advantage estimator (GAE over the value model, or
 ppo.samples_per_prompt responses per prompt) and where the KL goes; the rest is one loop.
 One step is four phases in pipeline/rl/ppo_step.py (rollout -> score -> advantages -> update); the run's
 state (data position, checkpoints, resume, RNG streams, failure restore) is pipeline/rl/ppo_state.py; the
-math is pipeline/rl/ppo_math.py.
+math is pipeline/rl/ppo_math.py. ppo.early_stop watches one monitor's smoothed peak
+(pipeline/rl/early_stop.py) and may end the run there.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Optional
 import torch
 
 from pipeline.artifacts import guard, hashing, readers
-from pipeline.artifacts.checkpoints import StageWork, load_state
+from pipeline.artifacts.checkpoints import StageWork, load_state, step_name
 from pipeline.artifacts.outputs import (
     ArtifactError,
     MetricsLogger,
@@ -38,7 +39,7 @@ from pipeline.config import PipelineConfig, resolve_auto, substitute_run_dir, to
 from pipeline.data import loaders
 from pipeline.models import forwards, lean_ops, loading, stacking, throughput
 from pipeline.models.reward_model import load_reward_scorer
-from pipeline.rl import ppo_math, ppo_step, rollout
+from pipeline.rl import early_stop, ppo_math, ppo_step, rollout
 from pipeline.rl.policy_value import POLICY, SFT, VALUE, PolicyValue
 from pipeline.rl.ppo_state import (
     Position,
@@ -153,10 +154,80 @@ def build_rewards(pc, run_dir: Path, peft_model, tok, base, consumed: dict):
     return reward_fn, monitor_fn
 
 
+def check_watched(pc, monitor_fn) -> None:
+    """Refuse, before the first step, a ppo.early_stop_monitor that the built monitors do not log
+    (ppo_step.score logs each component by id, and ``total`` for several)."""
+    if pc.early_stop == "off":
+        return
+    names = [] if monitor_fn is None else list(monitor_fn.names)
+    logged = names + (["total"] if len(names) > 1 else [])
+    if pc.early_stop_monitor not in logged:
+        raise PPOError(f"ppo.early_stop_monitor '{pc.early_stop_monitor}' is not logged by ppo.monitor "
+                       f"(it logs: {', '.join(logged) or 'nothing'})")
+
+
+def _watch(pc, history: list[float]) -> early_stop.Watch:
+    """The watch over ``history`` with the ppo.early_stop_* settings."""
+    return early_stop.peak_watch(history, pc.early_stop_window, pc.early_stop_patience, pc.early_stop_min_delta)
+
+
+def monitor_history(pc, metrics_path: Path, start_step: int) -> list[float]:
+    """The watched monitor's means of steps 1..``start_step`` from the run's metrics log, so that a
+    resumed run decides as an uninterrupted one (the logged floats are the ones the live run saw).
+    Empty for a fresh start or with early stopping off."""
+    if pc.early_stop == "off" or start_step == 0:
+        return []
+    rows = ([json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+            if metrics_path.is_file() else [])
+    try:
+        return early_stop.history_from_rows(rows, f"ppo/monitor/{pc.early_stop_monitor}", start_step)
+    except ValueError as e:
+        raise ArtifactError(f"--resume with ppo.early_stop={pc.early_stop}: {metrics_path}: {e}; without it the "
+                            "resumed run cannot decide as an uninterrupted one. Resume with ppo.early_stop=off, "
+                            "or start over with --overwrite") from None
+
+
+def watch_monitor(pc, history: list[float], monitored: dict[str, float]) -> tuple[dict[str, float], bool]:
+    """Append this step's mean of the watched monitor to ``history``. Returns the step's
+    ``ppo/early_stop/*`` log entries and whether the run ends here (ppo.early_stop=stop and the
+    smoothed peak is ppo.early_stop_patience steps old); nothing with early stopping off."""
+    if pc.early_stop == "off":
+        return {}, False
+    history.append(monitored[pc.early_stop_monitor])
+    watch = _watch(pc, history)
+    return ({"ppo/early_stop/smoothed": watch.smoothed[-1], "ppo/early_stop/best_step": watch.best_step},
+            pc.early_stop == "stop" and watch.stop)
+
+
+def early_stop_record(pc, history: list[float], stopped_at: int, checkpoints: list[tuple[int, Path]]) -> Optional[dict]:
+    """The manifest's ``early_stop`` entry (None when off): the settings, the smoothed peak, the saved
+    checkpoint nearest to it (the earlier of two as near) and the step the run ended at."""
+    if pc.early_stop == "off":
+        return None
+    watch = _watch(pc, history)
+    nearest = early_stop.nearest_step([s for s, _ in checkpoints], watch.best_step)
+    return {"mode": pc.early_stop, "monitor": pc.early_stop_monitor, "window": pc.early_stop_window,
+            "patience": pc.early_stop_patience, "min_delta": pc.early_stop_min_delta,
+            "best_step": watch.best_step, "best_value": watch.best_value,
+            "best_checkpoint": None if nearest is None else step_name(nearest), "stopped_at": stopped_at}
+
+
+def early_stop_line(record: dict, steps: int) -> str:
+    """One line on the watched monitor's peak: why the run stopped, or where it peaked in a full run."""
+    peak = (f"ppo/monitor/{record['monitor']} (trailing mean over {record['window']} steps) peaked at step "
+            f"{record['best_step']} ({record['best_value']:.4g})")
+    if record["stopped_at"] < steps:
+        return (f"[ppo] early stop after step {record['stopped_at']} of {steps}: {peak} and no later step beat it "
+                f"by more than {record['min_delta']:g} in {record['stopped_at'] - record['best_step']} steps "
+                f"(ppo.early_stop_patience={record['patience']}); nearest checkpoint {record['best_checkpoint']}")
+    return f"[ppo] early_stop={record['mode']}: {peak}; nearest checkpoint {record['best_checkpoint']}"
+
+
 def write_outputs(cfg: PipelineConfig, stage: StageWork, policy: Policy, tok, base, report, prompt_lengths,
-                  final: Path, peak: float) -> None:
+                  final: Path, peak: float, steps_run: int, early: Optional[dict]) -> None:
     """The policy adapter (stacked on the SFT adapter), the value head (ppo), the tokenizer and the
-    manifest with the headline metrics of the last step, in the work folder; then publish it."""
+    manifest with the headline metrics of the last step (``steps_run`` of them; fewer than ppo.steps
+    when early stopping ended the run, ``early``: its record), in the work folder; then publish it."""
     pc, work = cfg.ppo, stage.work
     stacking.save_adapter(policy.peft_model, POLICY, work)
     tok.save_pretrained(work)
@@ -168,7 +239,7 @@ def write_outputs(cfg: PipelineConfig, stage: StageWork, policy: Policy, tok, ba
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = rows[-1] if rows else {}
     headline = {k: last[k] for k in ("ppo/kl", "ppo/score", "ppo/rlhf_reward", "ppo/kl_coef") if k in last}
-    headline["steps"] = pc.steps
+    headline["steps"] = steps_run
     headline["algorithm"] = pc.algorithm
     headline["mean_step_seconds"] = sum(r["time/step"] for r in rows) / max(1, len(rows))
     for key in ("perf/mfu_generate", "perf/mfu_train", "perf/mfu_step", "perf/tokens_per_s_generate"):
@@ -183,7 +254,8 @@ def write_outputs(cfg: PipelineConfig, stage: StageWork, policy: Policy, tok, ba
                                                            prompt_lengths)},
                    extra={"stacked_on": list(policy.stacked), "reference": pc.reference, "algorithm": pc.algorithm,
                           "samples_per_prompt": pc.samples_per_prompt,
-                          "value_model": pc.value_model if critic else None, "final_checkpoint": str(final.name)},
+                          "value_model": pc.value_model if critic else None, "final_checkpoint": str(final.name),
+                          **({"early_stop": early} if early is not None else {})},
                    with_checkpoints=True)
     stage.publish(keep_checkpoints=True)  # eval reads the checkpoints along the KL curve
 
@@ -242,6 +314,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
 
     # 3. rewards and monitors
     reward_fn, monitor_fn = build_rewards(pc, run_dir, peft_model, tok, base, policy.consumed)
+    check_watched(pc, monitor_fn)
 
     # 4. optimizer, schedule, KL controller, sampling weights, the lean kernels; resume
     trainable = [p for p in pv.parameters() if p.requires_grad]
@@ -283,9 +356,12 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         truncate_jsonl(samples_path, start_step)
     stop_ids = rollout.stop_token_ids(tok, base_model)
     prompts_per_proc = pc.batch_size // pc.samples_per_prompt
+    history = monitor_history(pc, stage.work / "metrics.jsonl", start_step)  # the watched monitor, per step
+    # A run killed after early stopping decided (before its outputs were written) ends where it stopped.
+    stopped_at = start_step if pc.early_stop == "stop" and history and _watch(pc, history).stop else pc.steps
 
-    # 5. the loop: rollout -> score -> advantages -> update, then KL control, log, checkpoint
-    bar = tqdm(range(start_step, pc.steps), desc="ppo", disable=not main_proc, initial=start_step, total=pc.steps)
+    # 5. the loop: rollout -> score -> advantages -> update, then KL control, log, checkpoint, early stop
+    bar = tqdm(range(start_step, stopped_at), desc="ppo", disable=not main_proc, initial=start_step, total=pc.steps)
     guard.graceful_stop(True)  # SIGINT/SIGTERM from here on: finish the step, save it, stop
     for step in bar:
         t_step = time.time()
@@ -312,10 +388,12 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         mean_kl = reduce(batch.kl.sum(1).mean().item())
         kl_ctl.update(mean_kl, pc.batch_size * world)
         times = {"generate": t_generate, "score": t_score, "train": t_train, "step": time.time() - t_step}
+        watched, stop_here = watch_monitor(pc, history, scored.monitored)
         metrics = {**ppo_step.step_metrics(step, batch, scored, stats, first, mean_kl, kl_coef,
                                            scheduler.get_last_lr()[0], times, pc, reduce),
                    **ppo_step.perf_metrics(batch, pc, shape, trained_layers, lora_params, times, peak,
-                                           policy.value_adapters is not None)}
+                                           policy.value_adapters is not None),
+                   **watched}
         if main_proc:
             logger.log(metrics, step=step + 1)
             bar.set_postfix(kl=f"{mean_kl:.3f}", score=f"{metrics['ppo/score']:.3f}",
@@ -326,15 +404,24 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
                     f.writelines(json.dumps(r) + "\n" for r in rows)
                 _print_samples(rows, step + 1)
         loading.release_free_memory()
-        guard.end_of_step("ppo", step + 1, pc.steps, pc.save_every, functools.partial(run.checkpoint, step + 1, position),
+        # the step early stopping ends at is the last one: its checkpoint is the final one below
+        guard.end_of_step("ppo", step + 1, step + 1 if stop_here else pc.steps, pc.save_every,
+                          functools.partial(run.checkpoint, step + 1, position),
                           any_process=functools.partial(_any_process, accelerator))
+        if stop_here:
+            stopped_at = step + 1
+            break
+    bar.close()
     guard.graceful_stop(False)
 
     # 6. final output: policy adapter (stacked on the SFT adapter), value head (ppo), checkpoints, logs, manifest
-    final = run.checkpoint(pc.steps, position)
+    final = run.checkpoint(stopped_at, position)
     if main_proc:
         logger.close()
-        write_outputs(cfg, stage, policy, tok, base, report, prompt_lengths, final, peak)
+        early = early_stop_record(pc, history, stopped_at, stage.checkpoints.all())
+        if early is not None:
+            print(early_stop_line(early, pc.steps), flush=True)
+        write_outputs(cfg, stage, policy, tok, base, report, prompt_lengths, final, peak, stopped_at, early)
         print(f"[ppo] done -> {stage.out}", flush=True)
     accelerator.wait_for_everyone()
     return stage.out
