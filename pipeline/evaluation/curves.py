@@ -316,9 +316,12 @@ def plot_curves(points: list[dict], path: Path, title: str, fits: Optional[dict]
     singles = [p for p in points if p["kind"] in ("base", "sft")]
     fused = [p for p in points if p["kind"] == "fused"]
     best = best_gold(points)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True)
+    watched = watched_keys(points)
+    fig, axes = plt.subplots(1, 3 if watched else 2, figsize=(19.5 if watched else 13, 5.2), constrained_layout=True)
     optimised_by = " / ".join(map(series_title, series)) or "PPO"
     panels = (("proxy", f"proxy reward (optimised by {optimised_by})"), ("gold", "gold reward (held out)"))
+    if watched:
+        plot_watched(axes[2], points, series, colors, watched)
     for ax, (key, label) in zip(axes, panels):
         for s in series:
             fam = sorted(rl_family(points, s), key=lambda p: p["step"])
@@ -379,6 +382,33 @@ def plot_curves(points: list[dict], path: Path, title: str, fits: Optional[dict]
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def watched_keys(points: list[dict]) -> list[str]:
+    """What the RL points carry besides proxy and gold (``monitor/<id>``, ``<component>/disagreement``)."""
+    keys = {k[:-5] for p in points if p["kind"] == "ppo" for k in p if k.endswith("_mean")
+            and (k.startswith("monitor/") or k.endswith("/disagreement_mean"))}
+    return sorted(keys)
+
+
+def plot_watched(ax, points: list[dict], series: list[str], colors: dict, keys: list[str]) -> None:
+    """The third panel: the monitors PPO watched (a held-out ensemble member rises and falls like gold
+    would) and the ensemble's disagreement, along sqrt(KL), from the SFT point on."""
+    styles = ("-o", "--s", "-.^", ":D", "-v", "--P")
+    start = [p for p in points if p["kind"] in ("sft", "base")][-1:]
+    for s in series:
+        fam = start + sorted(rl_family(points, s), key=lambda p: p["step"])
+        for i, key in enumerate(keys):
+            pts = [p for p in fam if f"{key}_mean" in p]
+            if not pts:
+                continue
+            ax.errorbar([p["sqrt_kl"] for p in pts], [p[f"{key}_mean"] for p in pts],
+                        yerr=_nan0([p[f"{key}_se"] for p in pts]), fmt=styles[i % len(styles)], color=colors[s],
+                        capsize=2, lw=1.3, ms=4, label=f"{series_title(s)}: {key}")
+    ax.set_xlabel(X_LABEL)
+    ax.set_title("Watched without gold: monitors, ensemble disagreement")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=7, framealpha=0.85)
 
 
 def json_safe(point: dict) -> dict:

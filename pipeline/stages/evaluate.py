@@ -155,6 +155,7 @@ class Rewards:
 
     proxy: Callable
     gold: Callable
+    watch: Optional[Callable] = None  # ppo.monitor: what PPO watched (e.g. a held-out ensemble member)
 
 
 @dataclass
@@ -303,6 +304,11 @@ def _score(samples: Samples, prompts: list[dict], tok, rewards: Rewards, batch_s
         for name, values in {**proxy.components, **proxy.details}.items():
             samples.proxy_components.setdefault(name, []).extend(values)
         samples.gold.extend(rewards.gold(last_user, texts, **info).total)
+        if rewards.watch is not None:
+            watched = rewards.watch(last_user, texts, **info)
+            parts = {**watched.components, **({"total": watched.total} if len(watched.components) > 1 else {})}
+            for name, values in parts.items():
+                samples.proxy_components.setdefault(f"monitor/{name}", []).extend(values)
 
 
 def _check_adapter_loaded(peft_model, name: str, adapter_dir: Path) -> None:
@@ -465,7 +471,10 @@ def _build_rewards(cfg: PipelineConfig, run_dir: Path, stack: Stack, series: lis
             reward_state = load_state(final_ckpt).get("reward")
     _freeze_normalizers(proxy_fn, reward_state, "proxy")
     _freeze_normalizers(gold_fn, None, "gold")
-    return Rewards(proxy_fn, gold_fn)
+    watch_fn = build_reward([spec if isinstance(spec, dict) else {"name": spec}
+                             for spec in substitute_run_dir(cfg.ppo.monitor, run_dir)],
+                            context=context) if cfg.ppo.monitor else None
+    return Rewards(proxy_fn, gold_fn, watch_fn)
 
 
 def _sampling_plan(cfg: PipelineConfig, stack: Stack, encoded: list[list[int]]) -> SamplingPlan:
@@ -550,8 +559,19 @@ def _model_points(specs: list[ModelSpec], results: dict[str, Samples], forgotten
         s = results[spec.name]
         win = win_rate(s.gold, comparator.gold)  # same (prompt, sample) order: sample j of prompt i vs j of i
         points.append(make_point(spec.kind, spec.name, spec.step, s.kl_k1, s.kl_k3, s.proxy, s.gold, win,
-                                 series=spec.series) | forgetting.columns(forgotten.get(spec.name)))
+                                 series=spec.series) | forgetting.columns(forgotten.get(spec.name))
+                      | watched_columns(s.proxy_components))
     return points
+
+
+def watched_columns(components: dict[str, list[float]]) -> dict:
+    """``<key>_mean`` and ``<key>_se`` of what is drawn along KL besides proxy and gold: the monitors
+    (``monitor/<id>``) and a reward ensemble's disagreement (``<component>/disagreement``)."""
+    out = {}
+    for key, values in components.items():
+        if key.startswith("monitor/") or key.endswith("/disagreement"):
+            out[f"{key}_mean"], out[f"{key}_se"] = mean_se(values)
+    return out
 
 
 def _best_of_n(stack: Stack, plan: SamplingPlan, rewards: Rewards, prompts: list[dict], ec,
