@@ -212,6 +212,32 @@ def test_killed_and_resumed_stage_matches_an_uninterrupted_run(name, reference, 
     print(f"{name}: 1 signal stop and {len(kills)} SIGKILLs, all resumed, artifacts equal")
 
 
+def test_killed_and_resumed_reward_ensemble_matches_an_uninterrupted_run(reference, tmp_path):
+    """reward.ensemble=2 (members sharing the trunk below the top layer): a signal stop and two SIGKILLs,
+    resumed each time, give every member's adapter and head bit for bit, and the same logs."""
+    ref, logs = reference
+    ensemble = ["reward.ensemble=2", "reward.lora.top_layers=1"]
+    want, got = tmp_path / "want", tmp_path / "got"
+    for run in (want, got):
+        run.mkdir()
+        (run / "sft").symlink_to(ref / "sft", target_is_directory=True)
+    code, log = Stage("reward", want, logs)(*ensemble)
+    assert code == 0, log[-3000:]
+    stage = Stage("reward", got, logs)
+    code, log = stage(*ensemble, failpoints="reward:step:1=INT")
+    assert code == 128 + signal.SIGINT and "[reward] stopped by SIGINT after step 1" in log, log[-3000:]
+    for kill in ("reward:checkpoint-written:4", "reward:step:5"):
+        code, log = stage("--resume", *ensemble, failpoints=kill)
+        assert code == -signal.SIGKILL, f"{kill} was not reached:\n{log[-3000:]}"
+    code, log = stage("--resume", *ensemble)
+    assert code == 0, log[-3000:]
+    assert_same_artifacts(got / "reward", want / "reward", "reward")
+    from safetensors.torch import load_file
+
+    member = [load_file(str(d / "reward" / "member1" / "adapter_model.safetensors")) for d in (got, want)]
+    assert member[0].keys() == member[1].keys() and all(torch.equal(member[0][k], member[1][k]) for k in member[0])
+
+
 def test_tampered_checkpoints_are_refused_unexecuted(reference, tmp_path):
     """A crafted pickle where a checkpoint holds optimizer state (SFT: transformers' optimizer.pt) or in place of
     a state file (PPO: state.safetensors, or an older version's trainer_state.pt): --resume names the file,
