@@ -1,0 +1,75 @@
+"""The over-optimisation demo's parts: the repetition reward (seq-rep-n) by hand, the derived pairs
+(random flips, the shared exclamation bias), and reading a peak and its fall off eval points."""
+import pytest
+
+from pipeline.datagen_overopt import derive_pairs, louder
+from pipeline.evaluation.overopt import fall_along
+from reward.registry import build_reward
+from reward.text import seq_rep
+
+
+def test_seq_rep_by_hand():
+    # tokens: go go go go -> bigrams (go go) x3, one unique: 1 - 1/3
+    assert seq_rep("go go go go", 2) == pytest.approx(2 / 3)
+    # "Great!!!!!!": tokens great ! ! ! ! ! ! -> 4-grams: (great ! ! !), (! ! ! !) x3 -> 1 - 2/4
+    assert seq_rep("Great!!!!!!", 4) == 0.5
+    assert seq_rep("A calm walk after dinner helps me think.", 4) == 0.0
+    assert seq_rep("too short", 4) == 0.0
+    # case-insensitive: "Yes yes yes" -> bigrams (yes yes) x2 -> 1 - 1/2
+    assert seq_rep("Yes yes yes", 2) == 0.5
+
+
+def test_gold_of_the_demo_is_sentiment_minus_repetition():
+    gold = build_reward([{"name": "sentiment"}, {"name": "repetition", "weight": -1.0}])
+    fine, loop = "What a lovely idea, enjoy it!", "lovely lovely lovely lovely lovely lovely"
+    r = gold(["p", "p"], [fine, loop])
+    assert r.components["repetition"][0] == 0.0
+    # 6 tokens, 4-grams: 3, all the same -> 1 - 1/3
+    assert r.components["repetition"][1] == pytest.approx(2 / 3)
+    assert r.total[1] == pytest.approx(r.components["sentiment"][1] - 2 / 3)
+    with pytest.raises(Exception, match="n must be a positive integer"):
+        build_reward({"name": "repetition", "args": {"n": 0}})
+
+
+def _pair(c, r, gc, gr):
+    return {"prompt": "p", "chosen": c, "rejected": r, "gold_chosen": gc, "gold_rejected": gr}
+
+
+def test_derived_pairs_flip_the_asked_share_at_random():
+    rows = [_pair(f"a{i}", f"b{i}", 0.9, 0.1) if i % 2 else _pair(f"b{i}", f"a{i}", 0.1, 0.9) for i in range(2000)]
+    out = derive_pairs(rows, 1000, 0.25, seed=3)
+    assert len(out) == 1000
+    assert all(r["gold_chosen"] < r["gold_rejected"] for r in out if r["flipped"])
+    share = sum(r["flipped"] for r in out) / 1000
+    # binomial(1000, 0.25): SE 0.0137; 3 SE either side
+    assert abs(share - 0.25) < 0.042
+    assert out == derive_pairs(rows, 1000, 0.25, seed=3)
+
+
+def test_biased_pairs_always_choose_the_louder_response():
+    assert louder("Wow!!", "Nice!") == 0 and louder("ok", "yes!") == 1 and louder("a!", "b!") == -1
+    rows = [_pair("Fine.", "Great!!", 0.2, 0.6), _pair("Nice!", "ok", 0.1, 0.0), _pair("calm", "quiet", 0.5, 0.4)]
+    out = derive_pairs(rows, 3, 0.0, seed=0, bias=True)
+    by_prompt = {r["chosen"]: r for r in out}
+    assert set(by_prompt) == {"Great!!", "Nice!", "calm"}  # louder wins; a tie keeps gold's order
+    rows = [_pair("Great!!", "Fine.", 0.1, 0.9)]  # gold prefers the quiet one: the bias overrules it
+    out = derive_pairs(rows, 1, 0.0, seed=0, bias=True)
+    assert out[0]["chosen"] == "Great!!" and out[0]["flipped"] and out[0]["noise"] == "bias"
+
+
+def _pt(kind, name, step, kl, gold, se, series="ppo"):
+    return {"kind": kind, "name": name, "step": step, "kl_k1_mean": kl, "gold_mean": gold, "gold_se": se,
+            "series": series if kind == "ppo" else kind}
+
+
+def test_fall_along_a_series_by_hand():
+    points = [_pt("sft", "sft", None, 0.0, 0.5, 0.01), _pt("ppo", "step-2", 2, 1.0, 0.7, 0.02),
+              _pt("ppo", "step-4", 4, 3.0, 0.6, 0.03), _pt("ppo", "step-2", 2, 1.0, 9.9, 0.0, series="other")]
+    f = fall_along(points, "ppo")
+    # peak 0.7 at step-2; last 0.6; fall 0.1 +- sqrt(0.02^2 + 0.03^2) = 0.03606 -> 2.77 SE
+    assert (f.peak_name, f.last_name) == ("step-2", "step-4")
+    assert f.fall == pytest.approx(0.1) and f.fall_se == pytest.approx(0.036056, abs=1e-6)
+    assert f.fall_in_se == pytest.approx(2.773, abs=1e-3)
+    # rising all the way: the peak is the last point, no fall
+    rising = fall_along(points[:2], "ppo")
+    assert rising.fall == 0.0 and rising.peak_name == "step-2"
