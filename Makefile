@@ -10,7 +10,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 RLHF   := $(BIN)/rlhf
 STAGE  = $(RLHF) $(1) --config $(CONFIG) --run-dir $(RUN) $(ARGS)
 
-.PHONY: install reuse sft reward ppo fuse eval pipeline data bench bench-sft bench-reward-memory bench-decode forgetting-demo test test-faults test-slow clean-runs
+.PHONY: install reuse sft reward ppo fuse eval pipeline overopt overopt-compare data bench bench-sft bench-reward-memory bench-decode forgetting-demo test test-faults test-slow clean-runs
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,21 @@ reuse:
 
 data: install
 	$(BIN)/python -m pipeline.datagen --seed 0 --out data
+	$(BIN)/python -m pipeline.datagen_overopt --source data/pairs_train.jsonl --out data/overopt --seed 0
+
+# Over-optimisation you can see (README "Over-optimisation and reward ensembles"): a reward model that is
+# wrong off its data, reward + ppo + eval into runs/overopt, reusing runs/default's SFT adapter.
+overopt: install
+	test -d runs/default/sft || { echo "runs/default/sft not found: run 'make sft' first" >&2; exit 1; }
+	mkdir -p runs/overopt
+	test -e runs/overopt/sft || ln -s $(abspath runs/default/sft) runs/overopt/sft
+	for s in reward ppo eval; do $(RLHF) $$s --config configs/overopt.yaml --run-dir runs/overopt $(ARGS) || exit 1; done
+	$(BIN)/python benchmarks/overopt_report.py runs/overopt
+
+# Single reward model vs ensembles (mean, min, uwo) at the same SFT and budget, one eval plot.
+SEEDS ?= 42
+overopt-compare: install
+	$(BIN)/python benchmarks/overopt_compare.py --run runs/overopt-compare --seeds $(SEEDS) $(ARGS)
 
 # PPO step time and memory against trl 1.12's PPOTrainer (../shared/bench), measured in the same run.
 bench: install
