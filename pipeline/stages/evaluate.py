@@ -471,10 +471,20 @@ def _build_rewards(cfg: PipelineConfig, run_dir: Path, stack: Stack, series: lis
             reward_state = load_state(final_ckpt).get("reward")
     _freeze_normalizers(proxy_fn, reward_state, "proxy")
     _freeze_normalizers(gold_fn, None, "gold")
-    watch_fn = build_reward([spec if isinstance(spec, dict) else {"name": spec}
-                             for spec in substitute_run_dir(cfg.ppo.monitor, run_dir)],
-                            context=context) if cfg.ppo.monitor else None
+    # A monitor that is the gold itself (the default config watches VADER live) is not scored twice; the
+    # parts of a gold made of several are (the demo of configs/overopt.yaml reads them along KL).
+    watched = [spec if isinstance(spec, dict) else {"name": spec}
+               for spec in substitute_run_dir(cfg.ppo.monitor, run_dir)]
+    if len(watched) == 1 and [_same_reward(watched[0])] == [_same_reward(g) for g in cfg.eval.gold]:
+        watched = []
+    watch_fn = build_reward(watched, context=context) if watched else None
     return Rewards(proxy_fn, gold_fn, watch_fn)
+
+
+def _same_reward(spec) -> tuple:
+    """What makes two reward specs score alike: name and args (not id, weight or normalisation)."""
+    spec = spec if isinstance(spec, dict) else {"name": spec}
+    return str(spec.get("name")), repr(sorted((spec.get("args") or {}).items()))
 
 
 def _sampling_plan(cfg: PipelineConfig, stack: Stack, encoded: list[list[int]]) -> SamplingPlan:
