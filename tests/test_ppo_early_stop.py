@@ -30,12 +30,13 @@ STATE = {"calls": 0, "interrupt_at": None}
 
 
 def scripted(prompts, responses):
-    """The monitor: ``SCRIPT[n]`` for every response on its n-th call (0-based); on call number
-    ``interrupt_at`` (1-based) it raises KeyboardInterrupt, as a run killed in that step."""
+    """The monitor: ``SCRIPT[n]`` for every response on its n-th call (0-based), 0 past the script (eval
+    scores the monitors too); on call number ``interrupt_at`` (1-based) it raises KeyboardInterrupt, as a
+    run killed in that step."""
     STATE["calls"] += 1
     if STATE["calls"] == STATE["interrupt_at"]:
         raise KeyboardInterrupt
-    return [SCRIPT[STATE["calls"] - 1]] * len(responses)
+    return [SCRIPT[STATE["calls"] - 1] if STATE["calls"] <= len(SCRIPT) else 0.0] * len(responses)
 
 
 def chars(prompts, responses):
@@ -112,6 +113,8 @@ def test_stop_ends_the_run_at_the_hand_computed_step_and_eval_reads_it(tmp_path)
     assert r.exit_code == 0, r.output
     evaluated = (run / "eval" / "curves.csv").read_text()
     assert all(f"step-{s:06d}" in evaluated for s in (2, 4, 6, 8)) and "step-000010" not in evaluated
+    points = json.loads((run / "eval" / "manifest.json").read_text())["metrics"]["points"]
+    assert all("monitor/held_out_mean" in p for p in points if p["kind"] == "ppo")  # eval watched it too
 
 
 def test_mark_runs_every_step_and_records_the_peak(tmp_path):
