@@ -646,24 +646,15 @@ def _validate_algorithm(pc: PPOConfig) -> None:
 
 
 def monitor_ids(specs: list) -> list[str]:
-    """The names ``ppo/monitor/<id>`` is logged under for the ``ppo.monitor`` specs: each spec's ``id``,
-    else its name (a callable's ``__name__``), repeated names numbered ``name_2``, ``name_3``, ...; and
-    ``total`` when there are several (pipeline/rl/ppo_step.py ``score``). The rule is
-    reward/registry.py ``_assign_ids``; config stays free of building rewards (tests check they agree)."""
-    as_dicts = [s if isinstance(s, dict) else {"name": s} for s in specs]
-    explicit = {s["id"] for s in as_dicts if s.get("id") is not None}
-    taken, ids = set(explicit), []
-    for s in as_dicts:
-        cid = s.get("id")
-        if cid is None:
-            name = s.get("name")
-            base = name if isinstance(name, str) else getattr(name, "__name__", type(name).__name__)
-            cid, k = base, 1
-            while cid in taken:
-                k += 1
-                cid = f"{base}_{k}"
-            taken.add(cid)
-        ids.append(cid)
+    """The names ``ppo/monitor/<id>`` is logged under for the ``ppo.monitor`` specs: the registry's
+    component ids (reward/registry.py ``component_ids``, nothing built), and ``total`` when there are
+    several (pipeline/rl/ppo_step.py ``score``)."""
+    from reward.registry import RewardError, component_ids
+
+    try:
+        ids = component_ids(specs)
+    except RewardError as e:
+        raise ConfigError(f"ppo.monitor: {e}") from None
     return ids + (["total"] if len(specs) > 1 else [])
 
 

@@ -21,12 +21,12 @@ lower gold), ``noise`` says why a row disagrees with gold ("random", "bias" or n
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 from typing import Optional, Sequence
 
 from pipeline.artifacts.outputs import write_jsonl
+from pipeline.data.loaders import read_rows
 
 DEFAULT_PAIRS = 512
 DEFAULT_NOISE = 0.25
@@ -71,11 +71,6 @@ def derive_pairs(rows: Sequence[dict], n_pairs: int, label_noise: float, seed: i
     return out
 
 
-def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def summary(rows: Sequence[dict]) -> dict:
     n = len(rows)
     return {"pairs": n, "agree_with_gold": round(sum(not r["flipped"] for r in rows) / n, 3),
@@ -92,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--label-noise", type=float, default=DEFAULT_NOISE, help="share of labels swapped at random")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    rows = read_jsonl(args.source)
+    rows = [row for _, row in read_rows(args.source)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, bias in (("pairs_train.jsonl", False), ("pairs_train_biased.jsonl", True)):

@@ -50,7 +50,7 @@ from .remote import HttpReward
 from .text import KeywordReward, LengthReward, RegexReward, RepetitionReward, SentimentReward
 
 __all__ = ["BUILTINS", "ENTRY_POINT_GROUP", "Component", "CompositeReward", "RewardResult",
-           "build_reward", "known_rewards"]
+           "build_reward", "component_ids", "known_rewards"]
 
 ENTRY_POINT_GROUP = "rlhf.rewards"
 
@@ -350,6 +350,12 @@ def _component(spec: dict, cid: str, context: dict | None) -> Component:
         normalizer=_normalizer(cid, spec.get("normalize")),
         timeout=None if timeout is None else _number(cid, "timeout", timeout, positive=True),
     )
+
+
+def component_ids(specs: Sequence) -> list[str]:
+    """The component ids :func:`build_reward` gives a list of specs (strings or dicts), without building
+    anything: what a host logs each component under."""
+    return _assign_ids([s if isinstance(s, Mapping) else {"name": s} for s in specs])
 
 
 def _assign_ids(specs: list[dict]) -> list[str]:
