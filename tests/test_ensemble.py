@@ -140,6 +140,31 @@ def test_shared_trunk_gradients_equal_a_plain_forward(two_member_model):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_member_on_a_subset_of_rows_equals_those_rows_of_the_full_pass(two_member_model):
+    """take_rows: a member runs only the rows its resample holds (here rows 0 and 1, so the 8-token row
+    and its padding go); features and gradients equal those rows of the all-rows pass."""
+    pm, tok = two_member_model
+    params = [p for n, p in pm.named_parameters() if ".member1." in n and "lora_" in n]
+    ids, mask, pool, last = ensemble.right_padded(ROWS, tok.pad_token_id, "cpu")
+    split = ensemble.trunk_split(pm, ["default", "member1"])
+    trunk = ensemble.run_trunk(pm, ids, mask, split, "default")
+    rows = torch.tensor([0, 1])
+
+    full = ensemble.pool_hidden(ensemble.member_hidden(pm, ids, mask, split, trunk, "member1"), pool, last, "mean")
+    pm.zero_grad(set_to_none=True)
+    (full[rows] ** 2).sum().backward()
+    want = [p.grad.clone() for p in params]
+    s_ids, s_mask, s_trunk, width = ensemble.take_rows(rows, ids, mask, trunk)
+    assert width == 6 and s_ids.shape == (2, 6)  # the longest kept row, not the batch's 8
+    sub = ensemble.pool_hidden(ensemble.member_hidden(pm, s_ids, s_mask, split, s_trunk, "member1"),
+                               pool[rows, :width], last[rows], "mean")
+    torch.testing.assert_close(sub, full[rows].detach(), rtol=1e-5, atol=1e-5)
+    pm.zero_grad(set_to_none=True)
+    (sub ** 2).sum().backward()
+    for a, b in zip([p.grad for p in params], want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_trunk_runs_with_other_adapters_off(two_member_model):
     """On a PPO policy's base the policy adapter sits in every layer; the shared trunk must not include it."""
     from pipeline.config import LoraConfigSection

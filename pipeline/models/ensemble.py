@@ -169,6 +169,24 @@ def member_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
                         position_ids=_position_ids(attention_mask), use_cache=False).last_hidden_state
 
 
+def take_rows(rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, trunk) -> Optional[tuple]:
+    """``(ids, mask, trunk, width)`` of right-padded rows ``rows`` only, cut to the longest of them
+    (``width`` columns): a member whose bootstrap multiplicity of a pair is 0 need not run its own layers
+    on it (about 1/e of the pairs), and the padding the dropped rows forced goes too. Exact: a right-padded
+    row's hidden states do not depend on other rows or on trailing pad columns. None when the recorded
+    trunk output is neither a tensor nor a tuple led by one (then run every row)."""
+    width = int(mask[rows].sum(dim=1).max().item())
+    if trunk is None:
+        sub = None
+    elif torch.is_tensor(trunk):
+        sub = trunk[rows, :width]
+    elif isinstance(trunk, tuple) and trunk and torch.is_tensor(trunk[0]):
+        sub = (trunk[0][rows, :width], *trunk[1:])
+    else:
+        return None
+    return ids[rows, :width], mask[rows, :width], sub, width
+
+
 def right_padded(encoded: Sequence[tuple[list[int], int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
     """``(ids, mask, pool_mask_mean, last_index)`` of rows ``(ids, response_start)``, right-padded:
     ``pool_mask_mean`` is 1 on each row's response tokens, ``last_index`` its last token."""
