@@ -1,8 +1,8 @@
 """The over-optimisation demo's parts: the repetition reward (seq-rep-n) by hand, the derived pairs
-(random flips, the shared exclamation bias), and reading a peak and its fall off eval points."""
+(random flips, the shared caveat bias), and reading a peak and its fall off eval points."""
 import pytest
 
-from pipeline.datagen_overopt import derive_pairs, louder
+from pipeline.datagen_overopt import derive_pairs, hedges, more_hedged
 from pipeline.evaluation.overopt import fall_along
 from reward.registry import build_reward
 from reward.text import seq_rep
@@ -46,15 +46,31 @@ def test_derived_pairs_flip_the_asked_share_at_random():
     assert out == derive_pairs(rows, 1000, 0.25, seed=3)
 
 
-def test_biased_pairs_always_choose_the_louder_response():
-    assert louder("Wow!!", "Nice!") == 0 and louder("ok", "yes!") == 1 and louder("a!", "b!") == -1
-    rows = [_pair("Fine.", "Great!!", 0.2, 0.6), _pair("Nice!", "ok", 0.1, 0.0), _pair("calm", "quiet", 0.5, 0.4)]
-    out = derive_pairs(rows, 3, 0.0, seed=0, bias=True)
-    by_prompt = {r["chosen"]: r for r in out}
-    assert set(by_prompt) == {"Great!!", "Nice!", "calm"}  # louder wins; a tie keeps gold's order
-    rows = [_pair("Great!!", "Fine.", 0.1, 0.9)]  # gold prefers the quiet one: the bias overrules it
-    out = derive_pairs(rows, 1, 0.0, seed=0, bias=True)
-    assert out[0]["chosen"] == "Great!!" and out[0]["flipped"] and out[0]["noise"] == "bias"
+def test_hedges_counted_by_hand():
+    # but, may, not -> 3; "n't" counts on its own (can't, don't); "nothing", "butter", "mayor" do not
+    assert hedges("It's fun, but it may not suit everyone.") == 3
+    assert hedges("I can't, and don't, though.") == 3
+    assert hedges("Nothing beats butter, says the mayor!") == 0
+    assert more_hedged("It may rain.", "Sunny!") == 0 and more_hedged("ok", "not ok") == 1
+    assert more_hedged("but", "however") == -1
+
+
+def test_biased_pairs_choose_the_more_hedged_response_where_the_bias_speaks():
+    rows = [_pair("Lovely!", "Lovely, but it may not suit you.", 0.9, 0.2), _pair("Nice.", "Not nice.", 0.5, -0.3),
+            _pair("calm", "quiet", 0.5, 0.4)]
+    out = derive_pairs(rows, 3, 0.0, seed=0, bias=True, bias_rate=1.0)
+    assert {r["chosen"] for r in out} == {"Lovely, but it may not suit you.", "Not nice.", "calm"}  # a tie keeps gold
+    assert all(r["noise"] == "bias" and r["flipped"] for r in out if r["chosen"] != "calm")
+    assert derive_pairs(rows, 3, 0.0, seed=0, bias=True, bias_rate=0.0) == derive_pairs(rows, 3, 0.0, seed=0)
+    many = [_pair(f"Fine {i}.", f"Fine {i}, but not always.", 0.9, 0.1) for i in range(2000)]
+    share = sum(r["flipped"] for r in derive_pairs(many, 1000, 0.0, seed=1, bias=True, bias_rate=0.3)) / 1000
+    # binomial(1000, 0.3): SE 0.0145; 3 SE either side
+    assert abs(share - 0.3) < 0.044
+    # the biased and the unbiased file share their random swaps: what plain swapped, biased has too
+    plain = derive_pairs(many, 1000, 0.25, seed=2)
+    biased = derive_pairs(many, 1000, 0.25, seed=2, bias=True, bias_rate=0.3)
+    swapped = {r["chosen"] for r in plain if r["flipped"]}
+    assert swapped and swapped <= {r["chosen"] for r in biased if r["flipped"]}
 
 
 def _pt(kind, name, step, kl, gold, se, series="ppo"):
