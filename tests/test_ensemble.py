@@ -276,3 +276,26 @@ def test_ensemble_serves_rlhf_score(ensemble_run, tmp_path):
         # uwo: mean - 0.5 x population variance of the standardised members
         assert row["score"] == pytest.approx((z.mean() - 0.5 * z.var(unbiased=False)).item(), abs=1e-5)
         assert c["reward_model/disagreement"] == pytest.approx(z.std(unbiased=False).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "min"])
+def test_ensemble_attached_to_a_policy_base_scores_as_served_alone(ensemble_run, tiny_model_cfg, aggregate):
+    """What eval and PPO do: the members attach to the policy's base (host) as more adapters, no second
+    base; every member, its standardisation and the aggregate give the stand-alone scorer's numbers."""
+    from peft import get_peft_model
+
+    from pipeline.config import LoraConfigSection
+    from pipeline.models import loading
+    from pipeline.models.reward_model import load_reward_scorer
+
+    run, out = ensemble_run
+    prompts, responses = ["How are you?", "Tell me about cats."], ["Wonderful, thank you!", "They are awful."]
+    alone = load_reward_scorer(out, members=[0, 2], aggregate=aggregate)
+    base, tok, info = loading.load_base(tiny_model_cfg)
+    policy = get_peft_model(base, loading.lora_config(LoraConfigSection(r=2, target_modules="all-linear")),
+                            adapter_name="policy")
+    shared = load_reward_scorer(out, host=(policy, tok, info), members=[0, 2], aggregate=aggregate)
+    assert shared.model is policy  # attached, not loaded again
+    want, got = alone(prompts, responses), shared(prompts, responses)
+    assert torch.allclose(torch.tensor(want), torch.tensor(got), atol=1e-5)
+    assert shared.details()["member2"] == pytest.approx(alone.details()["member2"], abs=1e-5)
