@@ -189,7 +189,8 @@ def test_ensemble_flops_by_hand():
 
     shape = DecoderShape(matmul_params=1000, layers=2, width=8, vocab=10)
     # the docstring's example: 9,864 forward + 2 x 3,408 backward
-    assert ensemble_train_flops(shape, [3], 2, 1, 1, 10) == 16680
+    assert ensemble_train_flops(shape, [3], [[0], [0]], 1, 1, 10) == 16680
+    assert ensemble_train_flops(shape, [3], [[0], []], 1, 1, 10) == 9984  # the second member's resample skips it
 
 
 # ---------------------------------------------------------------------------------------------

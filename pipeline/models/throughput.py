@@ -166,19 +166,25 @@ def lora_train_flops(shape: DecoderShape, prompt_tokens: list[int], response_tok
                for p, t in zip(prompt_tokens, response_tokens))
 
 
-def ensemble_train_flops(shape: DecoderShape, lengths: list[int], members: int, split: int, trained_layers: int,
-                         lora_params: int) -> float:
-    """Model FLOPs of training ``members`` reward adapters on rows of these ``lengths`` (each attending to
-    its whole row) with the trunk shared (:mod:`pipeline.models.ensemble`): the forward through the
-    ``split`` layers below the lowest adapted one once, through the rest once per member, and each
-    member's LoRA backward (``lora_params`` per member).
+def ensemble_train_flops(shape: DecoderShape, lengths: list[int], member_rows: list[list[int]], split: int,
+                         trained_layers: int, lora_params: int) -> float:
+    """Model FLOPs of training reward adapters with the trunk shared (:mod:`pipeline.models.ensemble`):
+    the forward through the ``split`` layers below the lowest adapted one once over every row (``lengths``,
+    each row attending to itself), then, per member m, the forward through the rest and the LoRA backward
+    (``lora_params`` per member) over only the rows ``member_rows[m]`` (indices into ``lengths``) its
+    bootstrap resample holds.
 
-    E.g. the shape above (2 layers), one row of 3 tokens, 2 members, split 1, 1 trained layer, 10 LoRA
-    weights: forward 3 (2,000 + 4 x 2 x 8 x 3) = 6,576, times (1 + 2 x 1) / 2 = 9,864; backward per member
-    3 (2 x 500 + 4 x 1 x 8 x 3) + 4 x 10 x 3 = 3,408, times 2 = 6,816; total 16,680."""
-    share = (split + members * (shape.layers - split)) / shape.layers
-    return sum(share * forward_flops(shape, t, t)
-               + members * lora_backward_flops(shape, t, t, trained_layers, lora_params) for t in lengths)
+    E.g. the shape above (2 layers), one row of 3 tokens, split 1, 1 trained layer, 10 LoRA weights:
+    the forward of the row is 3 (2,000 + 4 x 2 x 8 x 3) = 6,576, half of it in the trunk (3,288); each
+    member running the row adds the other half, 3,288, and its backward 3 (2 x 500 + 4 x 1 x 8 x 3) +
+    4 x 10 x 3 = 3,408. Two members that both run it: 3,288 + 2 x 6,696 = 16,680; one of them only: 9,984."""
+    forward = [forward_flops(shape, t, t) for t in lengths]
+    top = (shape.layers - split) / shape.layers
+    total = sum(forward) * split / shape.layers
+    for rows in member_rows:
+        total += sum(top * forward[i] + lora_backward_flops(shape, lengths[i], lengths[i], trained_layers, lora_params)
+                     for i in rows)
+    return total
 
 
 def trained_extent(model: torch.nn.Module, layers: int) -> tuple[int, int]:

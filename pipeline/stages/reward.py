@@ -348,13 +348,17 @@ class Perf:
     members: int = 1
     split: int = 0
 
-    def flops(self, pairs: list) -> tuple[float, int]:
+    def flops(self, pairs: list, weights: Optional[torch.Tensor] = None) -> tuple[float, int]:
         """Model FLOPs and tokens of training on ``pairs`` ((chosen ids, start), (rejected ids, start)):
         one model runs each pair's prompt once (:func:`pipeline.models.throughput.pair_train_flops`); an
-        ensemble runs whole rows, the trunk once (:func:`pipeline.models.throughput.ensemble_train_flops`)."""
+        ensemble runs whole rows, the trunk once and each member only the pairs of nonzero bootstrap
+        ``weights`` (members, len(pairs)) (:func:`pipeline.models.throughput.ensemble_train_flops`)."""
         if self.members > 1:
-            lengths = [len(side[0]) for pair in pairs for side in pair]
-            return (throughput.ensemble_train_flops(self.shape, lengths, self.members, self.split, self.trained_layers,
+            lengths = [len(pair[0][0]) for pair in pairs] + [len(pair[1][0]) for pair in pairs]
+            n = len(pairs)
+            member_rows = [[i for i in range(n) if w[i] > 0] for w in weights.tolist()]
+            member_rows = [rows + [i + n for i in rows] for rows in member_rows]
+            return (throughput.ensemble_train_flops(self.shape, lengths, member_rows, self.split, self.trained_layers,
                                                     self.lora_params // self.members), sum(lengths))
         counts = [(min(c[1], r[1]), len(c[0]) - min(c[1], r[1]), len(r[0]) - min(c[1], r[1])) for c, r in pairs]
         return (throughput.pair_train_flops(self.shape, counts, self.trained_layers, self.lora_params),
@@ -384,7 +388,7 @@ def start_perf(net: RewardNet, pairs: list, cfg: PipelineConfig, steps: int) -> 
     perf = Perf(net.shape, lora_params, trained_layers,
                 throughput.measured_peak(loading.compute_dtype(cfg.model, device), device),
                 members=len(net.adapters), split=net.split)
-    all_pairs, _ = perf.flops(pairs)  # one pass over every pair; the run takes steps x pairs per step
+    all_pairs, _ = perf.flops(pairs, net.weights)  # one pass over every pair; the run takes steps x pairs per step
     per_step = all_pairs / max(len(pairs), 1) * rc.batch_size * rc.grad_accum
     print(throughput.estimate_line("reward", f"{steps} steps of {rc.batch_size * rc.grad_accum} pairs",
                                    per_step * steps, perf.peak), flush=True)
@@ -412,7 +416,7 @@ def train_step(net: RewardNet, optimizer, pairs: list, progress: Progress, rc, s
     for _ in range(rc.grad_accum):
         idx = next_batch(len(pairs), progress, rc.batch_size)
         batch = [pairs[i] for i in idx]
-        f, n = perf.flops(batch)
+        f, n = perf.flops(batch, net.weights[:, idx] if len(net.adapters) > 1 else None)
         flops, tokens = flops + f, tokens + n
         if len(net.adapters) == 1:
             chosen, rejected = pair_scores(net, batch, rc.pooling)
