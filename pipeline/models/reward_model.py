@@ -97,6 +97,27 @@ def encode_rows(tokenizer, prompts: Sequence[str], responses: Sequence[str],
     return out
 
 
+@torch.no_grad()
+def score_by_length(model, seqs: list[tuple[list[int], int]], batch_size: int, batch_fn, n_out: int,
+                    progress: Optional[str] = None) -> torch.Tensor:
+    """(n_out, N) scores of encoded rows, in their order, the model in eval mode meanwhile. Batches are
+    formed in order of length, so that a batch is not padded to one long row (a row's score does not
+    depend on its padding); ``batch_fn(rows)`` returns (n_out, len(rows)); ``progress`` names a bar."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    scores = torch.empty(n_out, len(seqs))
+    try:
+        for s in tqdm(range(0, len(seqs), batch_size), desc=progress, unit="batch", disable=progress is None):
+            idx = order[s:s + batch_size]
+            scores[:, idx] = batch_fn([seqs[i] for i in idx]).float().cpu()
+    finally:
+        model.train(was_training)
+    return scores
+
+
 class RewardModelScorer:
     """A reward plugin (prompts, responses -> scores) backed by a LoRA reward adapter + linear head.
 
@@ -123,30 +144,14 @@ class RewardModelScorer:
                prompt_messages: Optional[Sequence[list[dict]]] = None) -> list[tuple[list[int], int]]:
         return encode_rows(self.tokenizer, prompts, responses, prompt_messages, self.max_length)
 
-    @torch.no_grad()
     def score_ids(self, seqs: list[tuple[list[int], int]], progress: Optional[str] = None) -> torch.Tensor:
-        """Scores of encoded rows, in their order. Batches are formed in order of length, so that a batch
-        is not padded to one long row (each row's score does not depend on its padding); ``progress``
-        names a progress bar."""
-        from tqdm.auto import tqdm
+        """(N,) scores of encoded rows, in their order; ``progress`` names a progress bar."""
+        def batch(rows):
+            v = pooled_features(self.model, rows, self.tokenizer.pad_token_id, self.pooling) @ self.head_weight.T
+            return (v + self.head_bias if self.head_bias is not None else v).T
 
-        was_training = self.model.training
-        self.model.eval()
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-        scores = torch.empty(len(seqs))
-        try:
-            with stacking.active_adapters(self.model, [self.adapter]):
-                for s in tqdm(range(0, len(seqs), self.batch_size), desc=progress, unit="batch",
-                              disable=progress is None):
-                    idx = order[s:s + self.batch_size]
-                    h = pooled_features(self.model, [seqs[i] for i in idx], self.tokenizer.pad_token_id, self.pooling)
-                    v = h @ self.head_weight.T
-                    if self.head_bias is not None:
-                        v = v + self.head_bias
-                    scores[idx] = v.squeeze(-1).float().cpu()
-        finally:
-            self.model.train(was_training)
-        return scores
+        with stacking.active_adapters(self.model, [self.adapter]):
+            return score_by_length(self.model, seqs, self.batch_size, batch, 1, progress)[0]
 
     def __call__(self, prompts, responses, prompt_messages=None, **info) -> list[float]:
         return self.score_ids(self.encode(prompts, responses, prompt_messages)).tolist()
@@ -184,26 +189,14 @@ class EnsembleScorer:
     def encode(self, prompts, responses, prompt_messages=None) -> list[tuple[list[int], int]]:
         return encode_rows(self.tokenizer, prompts, responses, prompt_messages, self.max_length)
 
-    @torch.no_grad()
     def member_scores_ids(self, seqs: list[tuple[list[int], int]], progress: Optional[str] = None) -> torch.Tensor:
-        """(members, N) raw scores of encoded rows, in their order (batches formed by length)."""
-        from tqdm.auto import tqdm
+        """(members, N) raw scores of encoded rows, in their order."""
+        def batch(rows):
+            feats = ensemble.member_features(self.model, rows, self.tokenizer.pad_token_id, self.pooling,
+                                             self.adapters, self.split)
+            return torch.cat([h @ w.T + (b if b is not None else 0) for h, (w, b) in zip(feats, self.heads)], dim=1).T
 
-        was_training = self.model.training
-        self.model.eval()
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-        scores = torch.empty(len(self.adapters), len(seqs))
-        try:
-            for s in tqdm(range(0, len(seqs), self.batch_size), desc=progress, unit="batch", disable=progress is None):
-                idx = order[s:s + self.batch_size]
-                feats = ensemble.member_features(self.model, [seqs[i] for i in idx], self.tokenizer.pad_token_id,
-                                                 self.pooling, self.adapters, self.split)
-                for m, (h, (w, b)) in enumerate(zip(feats, self.heads)):
-                    v = h @ w.T
-                    scores[m, idx] = (v + b if b is not None else v).squeeze(-1).float().cpu()
-        finally:
-            self.model.train(was_training)
-        return scores
+        return score_by_length(self.model, seqs, self.batch_size, batch, len(self.adapters), progress)
 
     def standardised(self, raw: torch.Tensor) -> torch.Tensor:
         return ensemble.standardise(raw, self.mean, self.std)
