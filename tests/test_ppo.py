@@ -757,7 +757,10 @@ def test_micro_batches_give_the_same_update_as_the_whole_minibatch(new_run, data
     # two updates (measured: 1.3e-3 on 1 of 512 weights), the policy loss (~0.03, a mean of near-cancelling
     # terms) to 5e-3 (measured 1.7e-3 between micro-batch shapes; 3.8e-3 once several rows run their shared
     # prompt start as one 1-row pass, which bf16 rounds differently), with the reward head reward.seed draws.
-    rel, abs_, w_atol = (1e-4, 1e-5, 1e-6) if precision == "float32" else (5e-2, 5e-3, 1e-3)
+    # float32 adapters: Adam divides by sqrt(v), so a weight whose gradient is near zero carries the sums'
+    # reordering into its update (measured on a 2-core AMD EPYC, AVX512: 1.2e-6 on 1 of 256 weights after two
+    # updates, relative 7e-4); 1e-5 is 1% of one update of ~lr.
+    rel, abs_, w_atol = (1e-4, 1e-5, 1e-5) if precision == "float32" else (5e-2, 5e-3, 1e-3)
     ref_rows = _rows(runs[0] / "ppo" / "metrics.jsonl")
     ref_w = load_file(str(runs[0] / "ppo" / "adapter_model.safetensors"))
     moved = max((ref_w[k] - torch.zeros_like(ref_w[k])).abs().max().item() for k in ref_w if "lora_B" in k)
