@@ -130,7 +130,9 @@ def stage_command(fn):
                 stack.enter_context(weights_only_loads())
                 if stage in _WRITERS and _main_process():
                     stack.enter_context(guard.stage_lock(run_dir, stage))
-                return fn(cfg=cfg, run_dir=run_dir, **kwargs)
+                result = fn(cfg=cfg, run_dir=run_dir, **kwargs)
+            _end_process_group()
+            return result
         except KeyboardInterrupt as e:
             click.echo(_stopped(stage, config_path, run_dir, overrides, e), err=True)
             sys.exit(guard.exit_code(getattr(e, "signal_name", "SIGINT")))
@@ -151,6 +153,18 @@ def stage_command(fn):
                                        f"{_error_log(run_dir, stage)}") from None
 
     return wrapper
+
+
+def _end_process_group() -> None:
+    """Destroy the process group a multi-process stage (``accelerate launch``) set up, once it has finished.
+    Left to interpreter shutdown, gloo's worker threads can outlive it and abort the process ("terminate
+    called without an active exception", SIGABRT: pytorch/pytorch#190489), failing a run that completed.
+    Only on success: after an error another process may still be inside a collective, and destroying the
+    group then can deadlock (pytorch/torchtitan#1342)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class _DropNotice(logging.Filter):
