@@ -286,8 +286,8 @@ def verify(run_dir):
 
 
 @main.command(help="Measure this machine: CPU, instruction sets, the compute dtype model.compute_dtype=auto picks, "
-              "and the matmul throughput (FLOP/s) in float32 and bfloat16 on the threads the stages use: the peak "
-              "MFU is computed against. Nothing is loaded or written unless --json is given.")
+              "and the matmul throughput (FLOP/s) in float32 and bfloat16 on the threads the stages use (and on the GPU, "
+              "where CUDA is present): the peak MFU is computed against. Nothing is loaded or written unless --json is given.")
 @click.option("--seconds", default=0.5, show_default=True, type=click.FloatRange(min=0.05),
               help="How long each dtype's matmul is repeated (the best repeat is kept).")
 @click.option("--size", default=1024, show_default=True, type=click.IntRange(min=16),
@@ -312,10 +312,18 @@ def doctor(seconds, size, json_path):
     for name, flops in peaks.items():
         click.echo(f"matmul {size}x{size} {name}: {flops / 1e9:,.1f} GFLOP/s")
     click.echo(f"bfloat16 / float32: {peaks['bfloat16'] / peaks['float32']:.2f}x")
+    gpu = {}
+    if torch.cuda.is_available():  # what the stages measure MFU against on a GPU (throughput.measured_peak)
+        dev = torch.device("cuda")
+        gpu = {"gpu": torch.cuda.get_device_name(dev), "gpu_matmul_size": throughput.GPU_PROBE_SIZE,
+               "gpu_matmul_flops_per_s": {name: throughput.measured_peak(dtype, dev)
+                                          for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}}
+        for name, flops in gpu["gpu_matmul_flops_per_s"].items():
+            click.echo(f"{gpu['gpu']}: matmul {throughput.GPU_PROBE_SIZE}^2 {name}: {flops / 1e12:,.1f} TFLOP/s")
     if json_path:
         Path(json_path).write_text(json.dumps({**cpu, "torch": torch.__version__, "threads": threads,
                                                "compute_dtype_auto": auto, "matmul_size": size,
-                                               "matmul_flops_per_s": peaks}, indent=1))
+                                               "matmul_flops_per_s": peaks, **gpu}, indent=1))
 
 
 if __name__ == "__main__":

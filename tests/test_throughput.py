@@ -67,6 +67,20 @@ def test_probe_matmul_measures_a_positive_rate():
     assert math.isfinite(rate) and rate > 0
 
 
+def test_measured_peak_probes_cpu_and_leaves_unprobed_devices_nan(monkeypatch):
+    import torch
+
+    from pipeline.models import throughput
+
+    seen = []
+    monkeypatch.setattr(throughput, "probe_matmul", lambda dtype, **kw: seen.append(kw) or 5.0)
+    assert throughput.measured_peak(torch.float32, torch.device("cpu")) == 5.0
+    assert throughput.measured_peak(torch.bfloat16, torch.device("cuda")) == 5.0  # not run: probe faked
+    assert seen[1] == {"size": throughput.GPU_PROBE_SIZE, "device": torch.device("cuda")}
+    assert math.isnan(throughput.measured_peak(torch.float32, torch.device("meta")))
+    assert probe_matmul(torch.float32, size=32, seconds=0.01, device="cpu") > 0
+
+
 def test_doctor_prints_the_machine_and_writes_json(tmp_path):
     out = tmp_path / "doctor.json"
     r = CliRunner().invoke(main, ["doctor", "--seconds", "0.05", "--size", "64", "--json", str(out)])
