@@ -215,17 +215,27 @@ def restore_parameters(named: list[tuple[str, torch.nn.Parameter]], saved: dict[
 
 
 def rng_state() -> dict:
+    """Every RNG a stage draws from: torch's CPU generator, Python's, NumPy's, and each CUDA device's once
+    CUDA is in use (sampling on a GPU draws from the device's generator, not the CPU's)."""
     import numpy as np
 
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`. CUDA generators are restored where the state has them and CUDA is
+    present: on as many devices as both have (a state saved without CUDA leaves them as they are)."""
     import numpy as np
 
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    if state.get("cuda") and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 # ---------------------------------------------------------------------------------------------
