@@ -2,7 +2,8 @@
 
 Both train a LoRA (r=16, all-linear) on the embedded SmolLM2-135M-Instruct in NF4 on CPU for the same
 number of steps on data/sft_train.jsonl, batch 8. Throughput = non-padding tokens seen / training
-seconds (the trainer's own counters). Each variant runs in its own process.
+seconds (the trainer's own counters). Each variant runs in its own process. ``ours-full-head`` is ours
+with trl's LM head over every position, as trl runs it on CPU (trainer_utils.COMPACT_LM_HEAD off).
 
     python benchmarks/sft_throughput.py [--steps 12]
 
@@ -19,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("trl-plain", "ours", "ours-padding-free")
+VARIANTS = ("trl-plain", "ours", "ours-full-head", "ours-padding-free")
 
 
 def plain_trl(steps: int) -> dict:
@@ -52,9 +53,12 @@ def plain_trl(steps: int) -> dict:
     return {"tokens": tokens, "seconds": seconds}
 
 
-def ours(steps: int, padding_free: bool) -> dict:
+def ours(steps: int, padding_free: bool, compact_head: bool = True) -> dict:
     from pipeline.config import load_config
+    from pipeline.models import trainer_utils
     from pipeline.stages.sft import run_sft
+
+    trainer_utils.COMPACT_LM_HEAD = compact_head
 
     overrides = [f"sft.max_steps={steps}", "sft.batch_size=8", "sft.max_length=256", "sft.gold_eval_prompts=0",
                  "data.sft_eval=", f"sft.padding_free={str(padding_free).lower()}", "sft.logging_steps=1000"]
@@ -72,7 +76,8 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        r = plain_trl(a.steps) if a.child == "trl-plain" else ours(a.steps, a.child == "ours-padding-free")
+        r = plain_trl(a.steps) if a.child == "trl-plain" else ours(a.steps, a.child == "ours-padding-free",
+                                                                   a.child != "ours-full-head")
         print(json.dumps(r))
         return
     results = {}

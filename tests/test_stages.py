@@ -214,3 +214,50 @@ def test_pipeline_end_to_end_through_the_cli(reward_run):
         assert logged and all(0 < r["perf/mfu"] < 1 and r["perf/tokens_per_s"] > 0 for r in logged), stage
         manifest = json.loads((run / stage / "manifest.json").read_text())["metrics"]
         assert manifest["peak_flops_per_s"] > 0 and 0 < manifest["train_mfu"] < 1, stage
+
+
+def test_compact_lm_head_gives_the_full_heads_loss_and_gradients_on_fewer_rows(tiny_model_cfg):
+    """SFT's loss through trl's fused LM head, with (pipeline.models.trainer_utils.compact_lm_head) and
+    without the head restricted to labelled positions on CPU: the same loss and LoRA gradients to float
+    round-off, from 2 x 11 = 22 projected rows down to the 2 x 5 = 10 that carry a label."""
+    import trl.trainer.utils as trl_utils
+    from helpers import randomize_lora_b
+    from peft import get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from pipeline.config import LoraConfigSection
+    from pipeline.models.trainer_utils import compact_lm_head
+
+    model, _, _ = loading.load_base(tiny_model_cfg)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    pm = get_peft_model(model, loading.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)))
+    randomize_lora_b(pm, 0.05, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 200, (2, 12), generator=gen)
+    labels = ids.clone()
+    labels[:, :7] = -100  # the prompt: positions 1..6 predict no label; 7..11 (5 per row) do
+    rows, original = [], trl_utils._ChunkedLogProbFunction.apply
+
+    def counting(hidden, *args):
+        rows.append(hidden.shape[0])
+        return original(hidden, *args)
+
+    def loss_and_grads():
+        pm.zero_grad(set_to_none=True)
+        out = pm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+
+    trl_utils._ChunkedLogProbFunction.apply = counting
+    try:
+        full_loss, full_grads = loss_and_grads()
+        with compact_lm_head():
+            loss, grads = loss_and_grads()
+    finally:
+        trl_utils._ChunkedLogProbFunction.apply = original
+    assert rows == [22, 10]
+    assert trl_utils._use_triton(torch.device("cpu")) is False  # the patch is undone
+    assert torch.allclose(loss, full_loss, atol=1e-6) and full_loss > 0
+    assert grads.keys() == full_grads.keys() and len(grads) > 0
+    for name in grads:
+        assert torch.allclose(grads[name], full_grads[name], atol=1e-6, rtol=1e-5), name

@@ -1,6 +1,7 @@
 """Glue for the stages that train through trl (SFT) or next to it (the reward stage's own loop)."""
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -115,3 +116,28 @@ def restore_fp32_trainables(model: torch.nn.Module) -> int:
 def trainer_precision_kwargs(device: torch.device, compute_dtype: torch.dtype) -> dict:
     return {"use_cpu": device.type == "cpu", "bf16": compute_dtype == torch.bfloat16,
             "fp16": compute_dtype == torch.float16}
+
+
+# trl's fused LM head (trl.trainer.utils.add_fused_lm_head, which SFTTrainer installs) projects only the
+# positions that carry a label onto the vocabulary where its Triton kernels run (CUDA, XPU), and every
+# position elsewhere, so that compilers see fixed tile shapes. Eager CPU has no such constraint, and with
+# the loss on assistant turns most positions are prompt: their 49k-way projections were thrown away.
+COMPACT_LM_HEAD = True
+
+
+@contextlib.contextmanager
+def compact_lm_head():
+    """Within the block, trl's fused LM head scores only the labelled positions on CPU too: the same
+    log-probs, loss, entropy and accuracy (positions without a label count zero either way), with the
+    head's matmuls over those rows alone. A no-op when trl no longer decides this where we patch it."""
+    import trl.trainer.utils as trl_utils
+
+    decide = getattr(trl_utils, "_use_triton", None)
+    if not COMPACT_LM_HEAD or decide is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or decide(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = decide

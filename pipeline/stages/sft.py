@@ -29,6 +29,7 @@ from pipeline.models.trainer_utils import (
     JsonlMetrics,
     ReleaseMemory,
     ResumableCheckpoints,
+    compact_lm_head,
     restore_fp32_trainables,
     train_loss,
     trainer_precision_kwargs,
@@ -143,7 +144,8 @@ def training_flops(cfg: PipelineConfig, trainer, shape) -> tuple[float, float]:
 
 def eval_loss(trainer, max_length: int) -> float:
     """Mean token loss on the trainer's eval split (the SFT eval rows)."""
-    result = trainer.evaluate()
+    with compact_lm_head():
+        result = trainer.evaluate()
     if "eval_loss" not in result:
         raise loaders.DataError(f"the SFT eval split has no assistant tokens left within sft.max_length={max_length}; "
                              "raise sft.max_length or check data.sft_eval")
@@ -273,7 +275,8 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     # before and after run the model's own forwards, as a plain reload of the saved adapter would.
     lean_ops.install(trainer.model)
     try:
-        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
+        with compact_lm_head():
+            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
     finally:
         lean_ops.uninstall(trainer.model)
     guard.graceful_stop(False)
