@@ -143,24 +143,25 @@ def test_shared_trunk_gradients_equal_a_plain_forward(two_member_model):
 def test_member_on_a_subset_of_rows_equals_those_rows_of_the_full_pass(two_member_model):
     """take_rows: a member runs only the rows its resample holds (here rows 0 and 1, so the 8-token row
     and its padding go); features and gradients equal those rows of the all-rows pass."""
+    from pipeline.models import forwards
+
     pm, tok = two_member_model
     params = [p for n, p in pm.named_parameters() if ".member1." in n and "lora_" in n]
-    ids, mask, pool, last = ensemble.right_padded(ROWS, tok.pad_token_id, "cpu")
     split = ensemble.trunk_split(pm, ["default", "member1"])
-    trunk = ensemble.run_trunk(pm, ids, mask, split, "default")
+    laid, trunk = ensemble.shared_trunk(pm, ROWS, tok.pad_token_id, split, "default")
+    assert laid.prefix_ids.shape[1] == 0  # these rows share no start
     rows = torch.tensor([0, 1])
 
-    full = ensemble.pool_hidden(ensemble.member_hidden(pm, ids, mask, split, trunk, "member1"), pool, last, "mean")
+    full = forwards.pool_hidden(ensemble.member_hidden(pm, laid, split, trunk, "member1"), laid.pool, laid.last, "mean")
     pm.zero_grad(set_to_none=True)
     (full[rows] ** 2).sum().backward()
     want = [p.grad.clone() for p in params]
-    s_ids, s_mask, s_trunk, width = ensemble.take_rows(rows, ids, mask, trunk)
-    assert width == 6 and s_ids.shape == (2, 6)  # the longest kept row, not the batch's 8
-    sub = ensemble.pool_hidden(ensemble.member_hidden(pm, s_ids, s_mask, split, s_trunk, "member1"),
-                               pool[rows, :width], last[rows], "mean")
-    torch.testing.assert_close(sub, full[rows].detach(), rtol=1e-5, atol=1e-5)
+    sub, s_trunk = ensemble.take_rows(rows, laid, trunk)
+    assert sub.ids.shape == (2, 6) and s_trunk.out.shape[:2] == (2, 6)  # the longest kept row, not the batch's 8
+    got = forwards.pool_hidden(ensemble.member_hidden(pm, sub, split, s_trunk, "member1"), sub.pool, sub.last, "mean")
+    torch.testing.assert_close(got, full[rows].detach(), rtol=1e-5, atol=1e-5)
     pm.zero_grad(set_to_none=True)
-    (sub ** 2).sum().backward()
+    (got ** 2).sum().backward()
     for a, b in zip([p.grad for p in params], want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
