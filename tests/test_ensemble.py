@@ -143,30 +143,148 @@ def test_shared_trunk_gradients_equal_a_plain_forward(two_member_model):
 def test_member_on_a_subset_of_rows_equals_those_rows_of_the_full_pass(two_member_model):
     """take_rows: a member runs only the rows its resample holds (here rows 0 and 1, so the 8-token row
     and its padding go); features and gradients equal those rows of the all-rows pass."""
+    from pipeline.models import forwards
+
     pm, tok = two_member_model
     params = [p for n, p in pm.named_parameters() if ".member1." in n and "lora_" in n]
-    ids, mask, pool, last = ensemble.right_padded(ROWS, tok.pad_token_id, "cpu")
     split = ensemble.trunk_split(pm, ["default", "member1"])
-    trunk = ensemble.run_trunk(pm, ids, mask, split, "default")
+    laid, trunk = ensemble.shared_trunk(pm, ROWS, tok.pad_token_id, split, "default")
+    assert laid.prefix_ids.shape[1] == 0  # these rows share no start
     rows = torch.tensor([0, 1])
 
-    full = ensemble.pool_hidden(ensemble.member_hidden(pm, ids, mask, split, trunk, "member1"), pool, last, "mean")
+    full = forwards.pool_hidden(ensemble.member_hidden(pm, laid, split, trunk, "member1"), laid.pool, laid.last, "mean")
     pm.zero_grad(set_to_none=True)
     (full[rows] ** 2).sum().backward()
     want = [p.grad.clone() for p in params]
-    s_ids, s_mask, s_trunk, width = ensemble.take_rows(rows, ids, mask, trunk)
-    assert width == 6 and s_ids.shape == (2, 6)  # the longest kept row, not the batch's 8
-    sub = ensemble.pool_hidden(ensemble.member_hidden(pm, s_ids, s_mask, split, s_trunk, "member1"),
-                               pool[rows, :width], last[rows], "mean")
-    torch.testing.assert_close(sub, full[rows].detach(), rtol=1e-5, atol=1e-5)
+    sub, s_trunk = ensemble.take_rows(rows, laid, trunk)
+    assert sub.ids.shape == (2, 6) and s_trunk.out.shape[:2] == (2, 6)  # the longest kept row, not the batch's 8
+    got = forwards.pool_hidden(ensemble.member_hidden(pm, sub, split, s_trunk, "member1"), sub.pool, sub.last, "mean")
+    torch.testing.assert_close(got, full[rows].detach(), rtol=1e-5, atol=1e-5)
     pm.zero_grad(set_to_none=True)
-    (sub ** 2).sum().backward()
+    (got ** 2).sum().backward()
     for a, b in zip([p.grad for p in params], want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_trunk_runs_with_other_adapters_off(two_member_model):
-    """On a PPO policy's base the policy adapter sits in every layer; the shared trunk must not include it."""
+# Rows that share a start: a system prompt (one group), and preference pairs (group i: rows i and i + 3)
+# whose prompts differ in length, so the prefixes are left-padded; the rows' own rests differ in length.
+SYSTEM = [1, 7, 8, 9, 10]
+SYSTEM_ROWS = [(SYSTEM + [5, 6, 7, 8, 9], 7), (SYSTEM + [5, 6, 3], 6), (SYSTEM + [4, 4, 4, 4, 4, 4, 9], 8),
+               (SYSTEM + [11], 5)]
+PROMPTS = [[1, 7, 8, 9, 10, 11], [1, 7, 12, 13], [1, 20, 21, 22, 23]]
+PAIR_ROWS = ([(PROMPTS[0] + [40, 41, 42], 6), (PROMPTS[1] + [50], 4), (PROMPTS[2] + [30, 31, 32, 33, 34], 5)]
+             + [(PROMPTS[0] + [60, 61], 6), (PROMPTS[1] + [70, 71, 72, 73], 4), (PROMPTS[2] + [36], 5)])
+PAIR_GROUPS = [0, 1, 2, 0, 1, 2]
+SHARED = {"system": (SYSTEM_ROWS, None), "pairs": (PAIR_ROWS, PAIR_GROUPS)}
+TOL = {"rtol": 1e-5, "atol": 2e-5}  # float32: the same sums over other matmul shapes
+
+
+def _plain_features(pm, encoded, pooling, adapter):
+    """The reference: whole rows through the full model with only ``adapter`` active, nothing shared."""
+    from pipeline.models import forwards, stacking
+    from pipeline.models.reward_model import pooled_features
+
+    forwards.SHARE_PREFIXES = False
+    try:
+        with stacking.active_adapters(pm, [adapter]):
+            return pooled_features(pm, encoded, 0, pooling)
+    finally:
+        forwards.SHARE_PREFIXES = True
+
+
+@pytest.mark.parametrize("case", sorted(SHARED))
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_shared_prefixes_give_every_member_the_plain_features(two_member_model, case, pooling):
+    """The start a group's rows share runs once in the trunk and once in each member's own layers; every
+    member's features equal a plain full forward's."""
+    from pipeline.models.loading import decoder_layers
+
+    pm, _ = two_member_model
+    encoded, groups = SHARED[case]
+    adapters = ["default", "member1"]
+    _, stack = decoder_layers(pm)
+    shapes = {0: [], 1: []}
+    hooks = [stack[i].mlp.register_forward_hook(lambda m, a, o, i=i: shapes[i].append(tuple(a[0].shape[:2])))
+             for i in (0, 1)]
+    got = ensemble.member_features(pm, encoded, 0, pooling, adapters, groups=groups)
+    for h in hooks:
+        h.remove()
+    laid, _ = ensemble.shared_trunk(pm, encoded, 0, 1, "default", groups)
+    g, sp = laid.prefix_ids.shape
+    assert sp == {"system": 5, "pairs": 6}[case] and g == {"system": 1, "pairs": 3}[case]
+    # the trunk (layer 0) and each member's layer 1 run the prefixes once, then the rows' own columns
+    assert shapes[0] == [(g, sp), tuple(laid.ids.shape)]
+    assert shapes[1] == [(g, sp), tuple(laid.ids.shape)] * 2
+    for a, features in zip(adapters, got):
+        torch.testing.assert_close(features, _plain_features(pm, encoded, pooling, a), **TOL)
+    assert (got[0] - got[1]).abs().max() > 1e-2  # the members really differ
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_shared_prefixes_without_a_trunk_are_each_members_prefixed_forward(two_member_model, pooling):
+    """split 0 (nothing below the members is shared): each member is the single model's prefix-shared
+    forward with only its adapter active."""
+    pm, _ = two_member_model
+    got = ensemble.member_features(pm, PAIR_ROWS, 0, pooling, ["default", "member1"], split=0, groups=PAIR_GROUPS)
+    for a, features in zip(["default", "member1"], got):
+        torch.testing.assert_close(features, _plain_features(pm, PAIR_ROWS, pooling, a), **TOL)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_shared_prefix_gradients_on_a_members_resample_equal_the_plain_forward(two_member_model, pooling):
+    """The training path (reward.ensemble_backward): pairs share their prompt; member 1 keeps pairs 1 and 2
+    only (take_rows), so pair 0's longer prompt and its left padding go. Features and the gradients of
+    member 1's LoRA weights, which reach it through the prompts' cached keys and values too, equal a plain
+    full forward of those rows."""
+    from pipeline.models import forwards
+
+    pm, _ = two_member_model
+    params = [p for n, p in pm.named_parameters() if ".member1." in n and "lora_" in n]
+    laid, trunk = ensemble.shared_trunk(pm, PAIR_ROWS, 0, 1, "default", PAIR_GROUPS)
+    rows = torch.tensor([1, 2, 4, 5])  # pairs 1 and 2, chosen then rejected
+    sub, s_trunk = ensemble.take_rows(rows, laid, trunk)
+    assert laid.prefix_ids.shape[1] == 6 and sub.prefix_ids.shape == (2, 5)  # prompts of 4 and 5 tokens
+    assert sub.group.tolist() == [0, 1, 0, 1] and s_trunk.prefix.shape[:2] == (2, 5)
+
+    def grads(features):
+        # a score head's direction: the squared norm of one token's features is fixed by the final RMSNorm
+        # (about zero gradient for "last" pooling)
+        pm.zero_grad(set_to_none=True)
+        ((features @ torch.linspace(-1, 1, features.shape[1])) ** 2).sum().backward()
+        return [p.grad.clone() for p in params]
+
+    got = forwards.pool_hidden(ensemble.member_hidden(pm, sub, 1, s_trunk, "member1"), sub.pool, sub.last, pooling)
+    want = _plain_features(pm, [PAIR_ROWS[i] for i in rows], pooling, "member1")
+    torch.testing.assert_close(got, want, **TOL)
+    for a, b in zip(grads(got), grads(want)):
+        # round-off measured up to 2e-6 of each weight's largest gradient (the single model's prefix path: 3e-6)
+        assert (a - b).abs().max() <= 2e-5 * b.abs().max()
+
+
+def test_prefixes_fall_back_to_whole_rows(two_member_model, monkeypatch):
+    """Nothing to share (one row; sharing off) or a cache the trunk cannot serve (sliding windows, linear
+    attention): the rows run whole, with the plain features."""
+    from pipeline.models import forwards
+
+    pm, _ = two_member_model
+    adapters = ["default", "member1"]
+    one = ensemble.member_features(pm, SYSTEM_ROWS[:1], 0, "mean", adapters)
+    assert ensemble.shared_trunk(pm, SYSTEM_ROWS[:1], 0, 1, "default")[0].prefix_ids.shape == (1, 0)
+    torch.testing.assert_close(one[1], _plain_features(pm, SYSTEM_ROWS[:1], "mean", "member1"), **TOL)
+    monkeypatch.setattr(forwards, "SHARE_PREFIXES", False)
+    assert ensemble.shared_trunk(pm, SYSTEM_ROWS, 0, 1, "default")[0].prefix_ids.shape == (1, 0)
+    monkeypatch.setattr(forwards, "SHARE_PREFIXES", True)
+    monkeypatch.setattr(forwards, "_plain_cache", lambda cache: False)
+    laid, trunk = ensemble.shared_trunk(pm, SYSTEM_ROWS, 0, 1, "default")
+    assert laid.prefix_ids.shape[1] == 0 and trunk.prefix is None
+    got = ensemble.member_features(pm, SYSTEM_ROWS, 0, "last", adapters)
+    torch.testing.assert_close(got[1], _plain_features(pm, SYSTEM_ROWS, "last", "member1"), **TOL)
+
+
+@pytest.mark.parametrize("rows", [ROWS, SYSTEM_ROWS], ids=["unshared", "system"])
+def test_trunk_runs_with_other_adapters_off(two_member_model, rows):
+    """On a PPO policy's base the policy adapter sits in every layer; the shared trunk (and its prefix
+    pass) must not include it."""
     from pipeline.config import LoraConfigSection
     from pipeline.models import loading, stacking
 
@@ -178,9 +296,9 @@ def test_trunk_runs_with_other_adapters_off(two_member_model):
             with torch.no_grad():
                 p.normal_(0, 0.5)
     with stacking.active_adapters(pm, ["policy"]):  # what PPO has active when it scores
-        got = ensemble.member_features(pm, ROWS, tok.pad_token_id, "mean", ["default", "member1"])
+        got = ensemble.member_features(pm, rows, tok.pad_token_id, "mean", ["default", "member1"])
     with stacking.active_adapters(pm, ["member1"]):
-        want = ensemble.member_features(pm, ROWS, tok.pad_token_id, "mean", ["member1"], split=0)[0]
+        want = ensemble.member_features(pm, rows, tok.pad_token_id, "mean", ["member1"], split=0)[0]
     torch.testing.assert_close(got[1], want, rtol=1e-5, atol=1e-5)
 
 

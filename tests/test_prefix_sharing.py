@@ -24,6 +24,23 @@ def test_common_prefix_length_by_hand():
     assert forwards.common_prefix_length(ids, mask.sum(1), 2) == 2
 
 
+def test_prefixed_rows_by_hand():
+    # one group: (5, 6) shared (the second row's response starts at 2); the rests right-padded with 0
+    rows = forwards.prefixed_rows([([5, 6, 7, 8], 3), ([5, 6, 9], 2)], 0, "cpu")
+    assert rows.prefix_ids.tolist() == [[5, 6]] and rows.group.tolist() == [0, 0]
+    assert rows.ids.tolist() == [[7, 8], [9, 0]] and rows.mask.tolist() == [[1, 1], [1, 0]]
+    assert rows.pool.tolist() == [[False, True], [True, False]] and rows.last.tolist() == [1, 0]
+    assert rows.full_mask().tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    # groups (0, 1, 0): rows 0 and 2 share (5, 6, 7), never a row's last token; row 1 alone shares nothing,
+    # so its prefix is all padding (left-padded)
+    rows = forwards.prefixed_rows([([5, 6, 7, 8], 3), ([4, 4], 1), ([5, 6, 7, 9, 9], 4)], 0, "cpu", [0, 1, 0])
+    assert rows.prefix_ids.tolist() == [[5, 6, 7], [0, 0, 0]] and rows.prefix_mask.tolist() == [[1, 1, 1], [0, 0, 0]]
+    assert rows.group.tolist() == [0, 1, 0] and rows.ids.tolist() == [[8, 0], [4, 4], [9, 9]]
+    assert rows.pool.tolist() == [[True, False], [False, True], [False, True]]
+    # sharing off: whole rows
+    assert forwards.prefixed_rows([([5, 6, 7, 8], 3), ([5, 6, 9], 2)], 0, "cpu", share=False).prefix_ids.shape == (1, 0)
+
+
 @pytest.fixture
 def peft_tiny(tiny_model_cfg_both):
     from peft import get_peft_model

@@ -6,7 +6,9 @@ Members differ by seed (LoRA and head initialisation) and by a bootstrap resampl
 masks, Osband et al. 2016): with ``reward.lora.top_layers`` the decoder layers below the lowest adapted
 one are the same for every member, so one forward through them serves all (:func:`run_trunk`), and
 each member then runs only its own top layers (:func:`member_hidden`). Drawing a separate batch per
-member would forfeit that.
+member would forfeit that. Rows that begin alike (every row's system prompt; a pair's prompt) run that
+start once per group, in the trunk and in each member's layers, and the rows attend to its cached keys
+and values (prefix sharing, as :func:`pipeline.models.forwards.prefixed_hidden`; :func:`shared_trunk`).
 
 Aggregations (Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization"), over member
 scores each standardised on the SFT policy's samples first (so no member's scale dominates):
@@ -16,7 +18,8 @@ weighted optimisation). Disagreement is the members' standard deviation per resp
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -108,18 +111,33 @@ class _TrunkDone(Exception):
     """Raised by the capture hook: the layers above the trunk are not needed in the shared pass."""
 
 
+@dataclass
+class Trunk:
+    """What the layers below ``split`` computed, once for every member, as decoder layer ``split - 1``
+    returned it (a tensor (.., H), or a tuple on some families): ``out`` on the rows' own columns
+    (:attr:`forwards.PrefixedRows.ids`, (B, S, H)); when the rows share prefixes, ``prefix`` on those
+    (G, Sp, H) and ``kv``, the prefixes' (keys, values) in each layer below ``split``, each
+    (G, heads, Sp, head_dim)."""
+    out: Any
+    prefix: Optional[torch.Tensor] = None
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
 def _position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
-@torch.no_grad()
-def run_trunk(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, split: int, adapter: str):
-    """The output of decoder layer ``split - 1`` (whatever that layer returns: a tensor, or a tuple on
-    some families) for these rows, computed once without gradients, with only ``adapter`` (a member, none
-    of whose weights sit below ``split``) active: other adapters on the base, a policy's, stay out. None
-    when ``split`` is 0. Nothing below ``split`` trains, so no gradient is lost."""
-    if split <= 0:
-        return None
+def _new_cache(backbone):
+    """An empty cache of the backbone's layer types, filled in place by each pass it is given to (the
+    trunk's capture hook stops a pass early, and what the layers below wrote stays)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=backbone.config)
+
+
+def _capture(model, split: int, adapter: str, **inputs):
+    """The output of decoder layer ``split - 1`` of the backbone on ``inputs``, only ``adapter`` active;
+    the layers above do not run."""
     backbone, _ = forwards._backbone_and_head(model)
     _, stack = loading.decoder_layers(model)
     captured = {}
@@ -131,13 +149,70 @@ def run_trunk(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, spli
     handle = stack[split - 1].register_forward_hook(hook)
     try:
         with stacking.active_adapters(model, [adapter]), loading.compute_context(model):
-            backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask),
-                     use_cache=False)
+            backbone(**inputs)
     except _TrunkDone:
         pass
     finally:
         handle.remove()
     return captured["out"]
+
+
+def _shares(rows: forwards.PrefixedRows) -> bool:
+    return rows.prefix_ids.shape[1] > 0
+
+
+@torch.no_grad()
+def run_trunk(model, rows: forwards.PrefixedRows, split: int, adapter: str) -> Optional[Trunk]:
+    """The layers below ``split`` on ``rows``, computed once without gradients, with only ``adapter`` (a
+    member, none of whose weights sit below ``split``) active: other adapters on the base, a policy's,
+    stay out. Nothing below ``split`` trains, so no gradient is lost. None when ``split`` is 0, and when
+    the rows share prefixes the trunk cannot serve (:func:`_prefixed_trunk`)."""
+    if split <= 0:
+        return None
+    if _shares(rows):
+        return _prefixed_trunk(model, rows, split, adapter)
+    return Trunk(_capture(model, split, adapter, input_ids=rows.ids, attention_mask=rows.mask,
+                          position_ids=_position_ids(rows.mask), use_cache=False))
+
+
+def _prefixed_trunk(model, rows: forwards.PrefixedRows, split: int, adapter: str) -> Optional[Trunk]:
+    """:func:`run_trunk` of rows sharing prefixes: each prefix runs once, and the rows' own columns attend
+    to its cached keys and values, as in :func:`forwards.prefixed_hidden`. None, the backbone marked so
+    that :func:`shared_trunk` lays rows out unshared from then on, when the model's cache is not a plain
+    key/value store (sliding windows, linear attention) or the layer returns no plain tensor (a tuple:
+    the members could not replay the prefix's part alone)."""
+    backbone, _ = forwards._backbone_and_head(model)
+    cache = _new_cache(backbone)
+    if forwards._plain_cache(cache):
+        prefix = _capture(model, split, adapter, input_ids=rows.prefix_ids, attention_mask=rows.prefix_mask,
+                          position_ids=_position_ids(rows.prefix_mask), past_key_values=cache, use_cache=True)
+        below = cache.layers[:split]
+        if torch.is_tensor(prefix) and all(layer.is_initialized for layer in below):
+            kv = [(layer.keys, layer.values) for layer in below]
+            forwards.select_cache_rows(below, rows.group)
+            full = rows.full_mask()
+            out = _capture(model, split, adapter, input_ids=rows.ids, attention_mask=full,
+                           position_ids=_position_ids(full)[:, rows.prefix_ids.shape[1]:], past_key_values=cache,
+                           use_cache=True)
+            return Trunk(out, prefix, kv)
+    backbone._rlhf_trunk_prefix = False
+    return None
+
+
+def shared_trunk(model, encoded: Sequence[tuple[list[int], int]], pad_id: int, split: int, adapter: str,
+                 groups: Optional[Sequence] = None) -> tuple[forwards.PrefixedRows, Optional[Trunk]]:
+    """Rows ``(ids, response_start)`` laid out for the members (:func:`forwards.prefixed_rows`: prefixes
+    shared by ``groups`` where the model can, else none) and their trunk below ``split``
+    (:func:`run_trunk`; None when ``split`` is 0)."""
+    device = next(model.parameters()).device
+    backbone, _ = forwards._backbone_and_head(model)
+    share = forwards.SHARE_PREFIXES and vars(backbone).get("_rlhf_trunk_prefix", True)
+    rows = forwards.prefixed_rows(encoded, pad_id, device, groups, share)
+    trunk = run_trunk(model, rows, split, adapter)
+    if trunk is None and split > 0:  # the trunk could not serve the prefixes
+        rows = forwards.prefixed_rows(encoded, pad_id, device, groups, share=False)
+        trunk = run_trunk(model, rows, split, adapter)
+    return rows, trunk
 
 
 @contextlib.contextmanager
@@ -157,65 +232,86 @@ def _replayed(stack: torch.nn.ModuleList, split: int, output) -> Iterator[None]:
                 layer.forward = fwd
 
 
-def member_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, split: int, trunk,
+def member_hidden(model, rows: forwards.PrefixedRows, split: int, trunk: Optional[Trunk],
                   adapter: str) -> torch.Tensor:
-    """Final hidden states (B, T, H) of the rows with only ``adapter`` active, the layers below ``split``
-    replayed from ``trunk`` (:func:`run_trunk`); equal to a full forward with that adapter."""
+    """Final hidden states (B, S, H) of the rows' own columns (``rows.ids``) with only ``adapter``
+    active, the layers below ``split`` replayed from ``trunk`` (:func:`run_trunk`); equal to a full
+    forward of the whole rows with that adapter to float round-off. With ``split`` 0 this is
+    :func:`forwards.prefixed_hidden`."""
     backbone, _ = forwards._backbone_and_head(model)
-    _, stack = loading.decoder_layers(model) if split else (None, None)
-    replay = _replayed(stack, split, trunk) if split else contextlib.nullcontext()
-    with stacking.active_adapters(model, [adapter]), replay, loading.compute_context(model):
-        return backbone(input_ids=input_ids, attention_mask=attention_mask,
-                        position_ids=_position_ids(attention_mask), use_cache=False).last_hidden_state
+    with stacking.active_adapters(model, [adapter]), loading.compute_context(model):
+        if split <= 0:
+            return forwards.prefixed_hidden(model, rows.prefix_ids, rows.prefix_mask, rows.ids, rows.mask, rows.group)
+        _, stack = loading.decoder_layers(model)
+        if _shares(rows):
+            return _prefixed_member(backbone, stack, rows, split, trunk)
+        with _replayed(stack, split, trunk.out):
+            return backbone(input_ids=rows.ids, attention_mask=rows.mask, position_ids=_position_ids(rows.mask),
+                            use_cache=False).last_hidden_state
 
 
-def take_rows(rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, trunk) -> Optional[tuple]:
-    """``(ids, mask, trunk, width)`` of right-padded rows ``rows`` only, cut to the longest of them
-    (``width`` columns): a member whose bootstrap multiplicity of a pair is 0 need not run its own layers
-    on it (about 1/e of the pairs), and the padding the dropped rows forced goes too. Exact: a right-padded
-    row's hidden states do not depend on other rows or on trailing pad columns. None when the recorded
-    trunk output is neither a tensor nor a tuple led by one (then run every row)."""
-    width = int(mask[rows].sum(dim=1).max().item())
+def _prefixed_member(backbone, stack: torch.nn.ModuleList, rows: forwards.PrefixedRows, split: int,
+                     trunk: Trunk) -> torch.Tensor:
+    """:func:`member_hidden` of rows sharing prefixes: the member's own layers run each prefix once (G
+    rows), and every row of its group attends to their keys and values; with gradients on, the cache is
+    part of the graph."""
+    cache = _new_cache(backbone)
+    # The replayed layers write no keys, so the prefix pass sees an empty cache, as a first pass must.
+    with _replayed(stack, split, trunk.prefix):
+        backbone(input_ids=rows.prefix_ids, attention_mask=rows.prefix_mask,
+                 position_ids=_position_ids(rows.prefix_mask), past_key_values=cache, use_cache=True)
+    forwards.select_cache_rows(cache.layers[split:], rows.group)
+    for layer, (keys, values) in zip(cache.layers, trunk.kv):
+        # Replayed layers never read these; the masks of the rows' pass start after their length (layer 0's).
+        layer.update(keys, values)
+    full = rows.full_mask()
+    with _replayed(stack, split, trunk.out):
+        return backbone(input_ids=rows.ids, attention_mask=full,
+                        position_ids=_position_ids(full)[:, rows.prefix_ids.shape[1]:], past_key_values=cache,
+                        use_cache=True).last_hidden_state
+
+
+def _batch_rows(out, rows: torch.Tensor, width: int):
+    """Rows ``rows`` of a recorded layer output, its first ``width`` columns; None when it is neither a
+    tensor nor a tuple led by one."""
+    if torch.is_tensor(out):
+        return out[rows, :width]
+    if isinstance(out, tuple) and out and torch.is_tensor(out[0]):
+        return (out[0][rows, :width], *out[1:])
+    return None
+
+
+def take_rows(rows: torch.Tensor, laid: forwards.PrefixedRows,
+              trunk: Optional[Trunk]) -> Optional[tuple[forwards.PrefixedRows, Optional[Trunk]]]:
+    """Rows ``rows`` of ``laid`` only, with their groups' prefixes and their part of ``trunk``, the rows'
+    own columns cut to the longest of them and the prefixes' left padding to the longest kept prefix: a
+    member whose bootstrap multiplicity of a pair is 0 need not run its own layers on it (about 1/e of the
+    pairs), and the padding the dropped rows forced goes too. Exact: a row's hidden states do not depend
+    on other rows or on padding. None when the recorded trunk output is neither a tensor nor a tuple led
+    by one (then run every row)."""
+    width = int(laid.mask[rows].sum(dim=1).max().item())
+    kept, group = torch.unique(laid.group[rows], return_inverse=True)
+    prefix_mask = laid.prefix_mask[kept]
+    start = prefix_mask.shape[1] - int(prefix_mask.sum(dim=1).max().item())
+    sub = forwards.PrefixedRows(laid.prefix_ids[kept, start:], prefix_mask[:, start:], laid.ids[rows, :width],
+                                laid.mask[rows, :width], group, laid.pool[rows, :width], laid.last[rows])
     if trunk is None:
-        sub = None
-    elif torch.is_tensor(trunk):
-        sub = trunk[rows, :width]
-    elif isinstance(trunk, tuple) and trunk and torch.is_tensor(trunk[0]):
-        sub = (trunk[0][rows, :width], *trunk[1:])
-    else:
+        return sub, None
+    out = _batch_rows(trunk.out, rows, width)
+    if out is None:
         return None
-    return ids[rows, :width], mask[rows, :width], sub, width
-
-
-def right_padded(encoded: Sequence[tuple[list[int], int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """``(ids, mask, pool_mask_mean, last_index)`` of rows ``(ids, response_start)``, right-padded:
-    ``pool_mask_mean`` is 1 on each row's response tokens, ``last_index`` its last token."""
-    width = max(len(ids) for ids, _ in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, (x, _) in enumerate(encoded):
-        ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, :len(x)] = 1
-    pos = torch.arange(width).unsqueeze(0)
-    starts = torch.tensor([s for _, s in encoded]).unsqueeze(1)
-    pool = (pos >= starts) & mask.bool()
-    last = torch.tensor([len(x) - 1 for x, _ in encoded])
-    return ids.to(device), mask.to(device), pool.to(device), last.to(device)
-
-
-def pool_hidden(hidden: torch.Tensor, pool: torch.Tensor, last: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(B, H) float32 features: mean over the response tokens, or the last token's."""
-    if pooling == "last":
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
-    return forwards.mean_pool(hidden, pool)
+    if trunk.prefix is None:
+        return sub, Trunk(out)
+    return sub, Trunk(out, trunk.prefix[kept, start:], [(k[kept, :, start:], v[kept, :, start:]) for k, v in trunk.kv])
 
 
 def member_features(model, encoded: Sequence[tuple[list[int], int]], pad_id: int, pooling: str,
-                    adapters: Sequence[str], split: Optional[int] = None) -> list[torch.Tensor]:
+                    adapters: Sequence[str], split: Optional[int] = None,
+                    groups: Optional[Sequence] = None) -> list[torch.Tensor]:
     """(B, H) float32 features of rows ``(ids, response_start)`` under each of ``adapters``, the trunk
-    below ``split`` (default: :func:`trunk_split`) run once for all of them."""
-    device = next(model.parameters()).device
+    below ``split`` (default: :func:`trunk_split`) run once for all of them, and the start the rows of
+    each of ``groups`` share (default: all rows one group, e.g. their system prompt) once per group."""
     split = trunk_split(model, adapters) if split is None else split
-    ids, mask, pool, last = right_padded(encoded, pad_id, device)
-    trunk = run_trunk(model, ids, mask, split, adapters[0])
-    return [pool_hidden(member_hidden(model, ids, mask, split, trunk, a), pool, last, pooling) for a in adapters]
+    rows, trunk = shared_trunk(model, encoded, pad_id, split, adapters[0], groups)
+    return [forwards.pool_hidden(member_hidden(model, rows, split, trunk, a), rows.pool, rows.last, pooling)
+            for a in adapters]

@@ -132,6 +132,71 @@ def common_prefix_length(ids: torch.Tensor, lengths: torch.Tensor, limit: int) -
     return common_prefix([row[p - n:p - n + limit].tolist() for row, n in zip(ids, lengths.tolist())], limit)
 
 
+@dataclass
+class PrefixedRows:
+    """Rows laid out for prefix sharing (:func:`prefixed_rows`): row i is ``prefix_ids[group[i]]`` followed
+    by ``ids[i]``.
+
+    ``prefix_ids``, ``prefix_mask``: (G, Sp) each group's shared start, left-padded (Sp 0: none shared);
+    ``ids``, ``mask``: (B, S) each row's own rest, right-padded (its tokens start at column 0);
+    ``group``: (B,) each row's group; ``pool``: (B, S) bool, True on the row's response tokens;
+    ``last``: (B,) the column of its last token."""
+    prefix_ids: torch.Tensor
+    prefix_mask: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    group: torch.Tensor
+    pool: torch.Tensor
+    last: torch.Tensor
+
+    def full_mask(self) -> torch.Tensor:
+        """(B, Sp + S) attention mask of the whole rows, prefix columns first."""
+        return torch.cat([self.prefix_mask.long()[self.group], self.mask.long()], dim=1)
+
+
+def prefixed_rows(encoded: Sequence[tuple[Sequence[int], int]], pad_id: int, device,
+                  groups: Optional[Sequence] = None, share: Optional[bool] = None) -> PrefixedRows:
+    """Rows ``(ids, response_start)`` split into the start their group shares and their own rest. Rows
+    with the same ``groups`` entry (default: all rows one group) share the tokens they all begin with, up
+    to the group's earliest response start and never a row's last token, so every pooled position is a
+    row's own. One-row groups, and every row when ``share`` is False (default: :data:`SHARE_PREFIXES`),
+    share nothing. E.g. rows (5, 6, 7, 8) and (5, 6, 9), responses from 3 and 2, one group: prefix (5, 6);
+    rests (7, 8) and (9,)."""
+    share = SHARE_PREFIXES if share is None else share
+    groups = list(groups) if groups is not None else [0] * len(encoded)
+    index = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+    members: list[list[int]] = [[] for _ in index]
+    for row, g in enumerate(groups):
+        members[index[g]].append(row)
+    prefixes, cut = [], [0] * len(encoded)
+    for rows in members:
+        limit = min(min(encoded[r][1] for r in rows), min(len(encoded[r][0]) for r in rows) - 1)
+        n = common_prefix([encoded[r][0] for r in rows], limit) if share and len(rows) > 1 else 0
+        prefixes.append(list(encoded[rows[0]][0][:n]))
+        for r in rows:
+            cut[r] = n
+    prefix_ids, prefix_mask = left_pad(prefixes, pad_id)
+    suffixes = [list(ids[c:]) for (ids, _), c in zip(encoded, cut)]
+    width = max(len(x) for x in suffixes)
+    ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(suffixes), width), dtype=torch.long)
+    for i, x in enumerate(suffixes):
+        ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, :len(x)] = 1
+    starts = torch.tensor([s - c for (_, s), c in zip(encoded, cut)]).unsqueeze(1)
+    pool = (torch.arange(width).unsqueeze(0) >= starts) & mask.bool()
+    last = torch.tensor([len(x) - 1 for x in suffixes])
+    group = torch.tensor([index[g] for g in groups], dtype=torch.long)
+    return PrefixedRows(*(t.to(device) for t in (prefix_ids, prefix_mask, ids, mask, group, pool, last)))
+
+
+def select_cache_rows(layers, index: torch.Tensor) -> None:
+    """Each cache layer's keys and values (G, heads, Sp, head_dim) at batch rows ``index`` (B,): a group's
+    prefix then serves each of its rows."""
+    for layer in layers:
+        layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+
+
 def _plain_cache(cache) -> bool:
     """Whether every layer of a transformers cache is a plain growing key/value store: sliding-window,
     static, linear-attention and quantized layers keep something else, and prefix sharing steps aside."""
@@ -157,8 +222,7 @@ def prefixed_hidden(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, 
                          position_ids=(prefix_mask.long().cumsum(dim=1) - 1).clamp(min=0),
                          use_cache=True).past_key_values
         if _plain_cache(cache):
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys.index_select(0, group), layer.values.index_select(0, group)
+            select_cache_rows(cache.layers, group)
             return backbone(input_ids=suffix_ids, attention_mask=full_mask, position_ids=position_ids[:, sp:],
                             past_key_values=cache, use_cache=True).last_hidden_state
         backbone._rlhf_prefix_cache = False
@@ -174,6 +238,14 @@ def mean_pool(hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
     ((1 + 5) / 2, (2 + 6) / 2) = (3, 4)."""
     m = pool_mask.to(torch.float32).unsqueeze(-1)
     return (hidden.float() * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+def pool_hidden(hidden: torch.Tensor, pool: torch.Tensor, last: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, H) float32 features of ``hidden`` (B, T, H): the mean over the positions ``pool`` (B, T) marks
+    (the response tokens), or with ``pooling`` "last" the positions ``last`` (B,)."""
+    if pooling == "last":
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+    return mean_pool(hidden, pool)
 
 
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ import torch
 from pipeline.artifacts.outputs import ArtifactError, is_complete, read_manifest
 from pipeline.config import LoraConfigSection, ModelConfig
 from pipeline.models import ensemble, forwards, loading, stacking
-from pipeline.models.forwards import left_pad
 
 REWARD_ADAPTER = "reward"
 
@@ -45,44 +44,15 @@ def pooled_features(model, encoded: Sequence[tuple[list[int], int]], pad_id: int
     """(B, H) float32 features the score head reads for rows ``(ids, response_start)``.
 
     Rows with the same ``groups`` entry (default: all rows one group) run the tokens they all begin with
-    once (:func:`pipeline.models.forwards.prefixed_hidden`): the two sides of a preference pair share
-    their prompt, every row its system prompt. The shared part stops before the earliest response start
-    of its group, so every pooled position is a row's own; the features equal the plain forward's to
-    float round-off."""
+    once (:func:`pipeline.models.forwards.prefixed_rows`, :func:`pipeline.models.forwards.prefixed_hidden`):
+    the two sides of a preference pair share their prompt, every row its system prompt. The shared part
+    stops before the earliest response start of its group, so every pooled position is a row's own; the
+    features equal the plain forward's to float round-off."""
     device = next(model.parameters()).device
-    groups = list(groups) if groups is not None else [0] * len(encoded)
-    index = {g: i for i, g in enumerate(dict.fromkeys(groups))}
-    members: list[list[int]] = [[] for _ in index]
-    for row, g in enumerate(groups):
-        members[index[g]].append(row)
-    prefixes, cut = [], [0] * len(encoded)
-    for rows in members:
-        # shared up to the group's earliest response start, and never a row's last token
-        limit = min(min(encoded[r][1] for r in rows), min(len(encoded[r][0]) for r in rows) - 1)
-        n = (forwards.common_prefix([encoded[r][0] for r in rows], limit)
-             if forwards.SHARE_PREFIXES and len(rows) > 1 else 0)  # one row alone gains nothing
-        prefixes.append(encoded[rows[0]][0][:n])
-        for r in rows:
-            cut[r] = n
-    prefix_ids, prefix_mask = left_pad(prefixes, pad_id) if any(prefixes) else (
-        torch.zeros((len(prefixes), 0), dtype=torch.long), torch.zeros((len(prefixes), 0), dtype=torch.long))
-    suffixes = [ids[c:] for (ids, _), c in zip(encoded, cut)]
-    width = max(len(x) for x in suffixes)
-    suffix_ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long)
-    suffix_mask = torch.zeros((len(suffixes), width), dtype=torch.long)
-    for i, x in enumerate(suffixes):  # right-padded: a row's own tokens start at column 0
-        suffix_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        suffix_mask[i, :len(x)] = 1
-    group = torch.tensor([index[g] for g in groups], dtype=torch.long, device=device)
+    rows = forwards.prefixed_rows(encoded, pad_id, device, groups)
     with loading.compute_context(model):
-        hidden = forwards.prefixed_hidden(model, prefix_ids.to(device), prefix_mask.to(device),
-                                          suffix_ids.to(device), suffix_mask.to(device), group)
-    if pooling == "last":
-        last = torch.tensor([len(x) - 1 for x in suffixes], device=device)
-        return hidden[torch.arange(hidden.shape[0], device=device), last].float()
-    pos = torch.arange(width, device=device).unsqueeze(0)
-    starts = torch.tensor([s - c for (_, s), c in zip(encoded, cut)], device=device).unsqueeze(1)
-    return forwards.mean_pool(hidden, (pos >= starts) & suffix_mask.to(device).bool())
+        hidden = forwards.prefixed_hidden(model, rows.prefix_ids, rows.prefix_mask, rows.ids, rows.mask, rows.group)
+    return forwards.pool_hidden(hidden, rows.pool, rows.last, pooling)
 
 
 def encode_rows(tokenizer, prompts: Sequence[str], responses: Sequence[str],

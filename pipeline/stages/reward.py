@@ -451,25 +451,23 @@ def record(progress: Progress, prefix: str, loss: torch.Tensor, chosen: torch.Te
 def ensemble_backward(net: RewardNet, batch: list, idx: list[int], rc, step: int, progress: Progress) -> None:
     """Gradients of every member on one micro-batch: the trunk below ``net.split`` runs once, then each
     member's own layers and head on only the pairs its bootstrap resample holds, its loss weighted by
-    their multiplicities (:func:`ensemble.take_rows`). Logs the members' mean loss, accuracy and margin
-    on their own resamples, and each member's loss (``m<i>/loss``)."""
+    their multiplicities (:func:`ensemble.take_rows`). Both sides of a pair share their prompt: it runs
+    once per pair, in the trunk and in each member's layers (:func:`ensemble.shared_trunk`). Logs the
+    members' mean loss, accuracy and margin on their own resamples, and each member's loss (``m<i>/loss``)."""
     encoded = [b[0] for b in batch] + [b[1] for b in batch]
-    device = next(net.peft_model.parameters()).device
-    ids, mask, pool, last = ensemble.right_padded(encoded, net.tok.pad_token_id, device)
-    trunk = ensemble.run_trunk(net.peft_model, ids, mask, net.split, net.adapters[0])
+    laid, trunk = ensemble.shared_trunk(net.peft_model, encoded, net.tok.pad_token_id, net.split, net.adapters[0],
+                                        groups=list(range(len(batch))) * 2)
     for m, (adapter, head) in enumerate(zip(net.adapters, net.heads)):
         weights = net.weights[m, idx]
         keep = torch.nonzero(weights > 0).squeeze(1)
         if keep.numel() == 0:  # this member's resample holds none of these pairs
             continue
-        rows = torch.cat([keep, keep + len(batch)])
-        cut = ensemble.take_rows(rows, ids, mask, trunk)
+        cut = ensemble.take_rows(torch.cat([keep, keep + len(batch)]), laid, trunk)
         if cut is None:
-            rows, cut = torch.arange(2 * len(batch)), (ids, mask, trunk, ids.shape[1])
-            keep = torch.arange(len(batch))
-        m_ids, m_mask, m_trunk, width = cut
-        hidden = ensemble.member_hidden(net.peft_model, m_ids, m_mask, net.split, m_trunk, adapter)
-        scores = head(ensemble.pool_hidden(hidden, pool[rows, :width], last[rows], rc.pooling)).squeeze(-1)
+            cut, keep = (laid, trunk), torch.arange(len(batch))
+        rows, m_trunk = cut
+        hidden = ensemble.member_hidden(net.peft_model, rows, net.split, m_trunk, adapter)
+        scores = head(forwards.pool_hidden(hidden, rows.pool, rows.last, rc.pooling)).squeeze(-1)
         chosen, rejected = scores[:len(keep)], scores[len(keep):]
         loss = ensemble.weighted_pairwise_loss(chosen, rejected, weights[keep], rc.center_rewards_coefficient)
         check_loss(loss, step)
