@@ -303,12 +303,14 @@ def test_trunk_runs_with_other_adapters_off(two_member_model, rows):
 
 
 def test_ensemble_flops_by_hand():
-    from pipeline.models.throughput import DecoderShape, ensemble_train_flops
+    from pipeline.models.throughput import DecoderShape, ensemble_train_flops, pair_train_flops
 
     shape = DecoderShape(matmul_params=1000, layers=2, width=8, vocab=10)
-    # the docstring's example: 9,864 forward + 2 x 3,408 backward
-    assert ensemble_train_flops(shape, [3], [[0], [0]], 1, 1, 10) == 16680
-    assert ensemble_train_flops(shape, [3], [[0], []], 1, 1, 10) == 9984  # the second member's resample skips it
+    # the docstring's example: trunk 6,960 + 2 x (6,960 + 7,200)
+    assert ensemble_train_flops(shape, [(2, 1, 3)], [[0], [0]], 1, 1, 10) == 35280
+    # the second member's resample skips it: one member's count is the single model's
+    assert ensemble_train_flops(shape, [(2, 1, 3)], [[0], []], 1, 1, 10) == 21120
+    assert pair_train_flops(shape, [(2, 1, 3)], 1, 10) == 21120
 
 
 # ---------------------------------------------------------------------------------------------

@@ -171,24 +171,27 @@ def lora_train_flops(shape: DecoderShape, prompt_tokens: list[int], response_tok
                for p, t in zip(prompt_tokens, response_tokens))
 
 
-def ensemble_train_flops(shape: DecoderShape, lengths: list[int], member_rows: list[list[int]], split: int,
-                         trained_layers: int, lora_params: int) -> float:
-    """Model FLOPs of training reward adapters with the trunk shared (:mod:`pipeline.models.ensemble`):
-    the forward through the ``split`` layers below the lowest adapted one once over every row (``lengths``,
-    each row attending to itself), then, per member m, the forward through the rest and the LoRA backward
-    (``lora_params`` per member) over only the rows ``member_rows[m]`` (indices into ``lengths``) its
-    bootstrap resample holds.
+def ensemble_train_flops(shape: DecoderShape, pairs: list[tuple[int, int, int]], member_pairs: list[list[int]],
+                         split: int, trained_layers: int, lora_params: int) -> float:
+    """Model FLOPs of training reward adapters with the trunk shared (:mod:`pipeline.models.ensemble`) on
+    preference pairs ``(prompt, chosen, rejected)`` token counts, each pair's prompt run once (prefix
+    sharing, as :func:`pair_train_flops`): the forward through the ``split`` layers below the lowest
+    adapted one once over every pair, then, per member m, the forward through the rest and the LoRA
+    backward (``lora_params`` per member) over only the pairs ``member_pairs[m]`` its bootstrap
+    resample holds. One member running every pair costs what :func:`pair_train_flops` counts.
 
-    E.g. the shape above (2 layers), one row of 3 tokens, split 1, 1 trained layer, 10 LoRA weights:
-    the forward of the row is 3 (2,000 + 4 x 2 x 8 x 3) = 6,576, half of it in the trunk (3,288); each
-    member running the row adds the other half, 3,288, and its backward 3 (2 x 500 + 4 x 1 x 8 x 3) +
-    4 x 10 x 3 = 3,408. Two members that both run it: 3,288 + 2 x 6,696 = 16,680; one of them only: 9,984."""
-    forward = [forward_flops(shape, t, t) for t in lengths]
+    E.g. the shape of :func:`forward_flops` (2 layers), one pair (2, 1, 3), split 1, 1 trained layer,
+    10 LoRA weights: its forward is 13,920 and its backward 7,200 (:func:`pair_train_flops`); the trunk
+    runs half the forward once, 6,960, and each member running the pair the other half and the backward,
+    6,960 + 7,200 = 14,160. Two members that both run it: 6,960 + 2 x 14,160 = 35,280; one of them only:
+    21,120, the single model's count."""
+    forward = [forward_flops(shape, p + c + r, p + max(c, r)) for p, c, r in pairs]
+    backward = [lora_backward_flops(shape, p + c + r, p + max(c, r), trained_layers, lora_params)
+                for p, c, r in pairs]
     top = (shape.layers - split) / shape.layers
     total = sum(forward) * split / shape.layers
-    for rows in member_rows:
-        total += sum(top * forward[i] + lora_backward_flops(shape, lengths[i], lengths[i], trained_layers, lora_params)
-                     for i in rows)
+    for chosen in member_pairs:
+        total += sum(top * forward[i] + backward[i] for i in chosen)
     return total
 
 

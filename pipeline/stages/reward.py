@@ -350,19 +350,16 @@ class Perf:
 
     def flops(self, pairs: list, weights: Optional[torch.Tensor] = None) -> tuple[float, int]:
         """Model FLOPs and tokens of training on ``pairs`` ((chosen ids, start), (rejected ids, start)):
-        one model runs each pair's prompt once (:func:`pipeline.models.throughput.pair_train_flops`); an
-        ensemble runs whole rows, the trunk once and each member only the pairs of nonzero bootstrap
-        ``weights`` (members, len(pairs)) (:func:`pipeline.models.throughput.ensemble_train_flops`)."""
-        if self.members > 1:
-            lengths = [len(pair[0][0]) for pair in pairs] + [len(pair[1][0]) for pair in pairs]
-            n = len(pairs)
-            member_rows = [[i for i in range(n) if w[i] > 0] for w in weights.tolist()]
-            member_rows = [rows + [i + n for i in rows] for rows in member_rows]
-            return (throughput.ensemble_train_flops(self.shape, lengths, member_rows, self.split, self.trained_layers,
-                                                    self.lora_params // self.members), sum(lengths))
+        each pair's prompt runs once (:func:`pipeline.models.throughput.pair_train_flops`); an ensemble
+        runs the trunk once and each member only the pairs of nonzero bootstrap ``weights`` (members,
+        len(pairs)) (:func:`pipeline.models.throughput.ensemble_train_flops`)."""
         counts = [(min(c[1], r[1]), len(c[0]) - min(c[1], r[1]), len(r[0]) - min(c[1], r[1])) for c, r in pairs]
-        return (throughput.pair_train_flops(self.shape, counts, self.trained_layers, self.lora_params),
-                sum(sum(x) for x in counts))
+        tokens = sum(sum(x) for x in counts)
+        if self.members > 1:
+            member_pairs = [[i for i, w in enumerate(row) if w > 0] for row in weights.tolist()]
+            return (throughput.ensemble_train_flops(self.shape, counts, member_pairs, self.split, self.trained_layers,
+                                                    self.lora_params // self.members), tokens)
+        return throughput.pair_train_flops(self.shape, counts, self.trained_layers, self.lora_params), tokens
 
     def add(self, flops: float, tokens: int, seconds: float) -> None:
         self.window_flops += flops
