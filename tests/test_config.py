@@ -81,7 +81,7 @@ def test_shipped_rloo_and_grpo_configs_spend_the_default_episode_budget():
     for name, kl in (("rloo", ("k1", "reward")), ("grpo", ("k3", "loss"))):
         pc = load_config(REPO / "configs" / f"{name}.yaml").ppo
         assert pc.algorithm == name and pc.samples_per_prompt == 4
-        assert pc.steps * pc.batch_size == default.steps * default.batch_size == 30 * 32
+        assert pc.steps * pc.batch_size == default.steps * default.batch_size == 20 * 32
         assert (pc.kl_estimator, pc.kl_in) == kl
         # everything else is the default run's, so the curves differ by the estimator alone
         assert pc.learning_rate == default.learning_rate and pc.kl_coef == default.kl_coef
