@@ -436,3 +436,12 @@ def test_exact_cat_fusion_of_a_checkpoint_is_recognised():
     assert exact_copy_of(cat, "d" * 64, ckpts) is None  # another SFT adapter
     assert exact_copy_of({**cat, "adapters": {"sft": {"sha256": "a" * 64}, "ppo": {"sha256": "e" * 64}}},
                          "a" * 64, ckpts) is None  # a PPO adapter this eval has no checkpoint of
+
+
+def test_eval_phase_seconds_by_hand():
+    from pipeline.stages.evaluate import phase_seconds
+
+    got = phase_seconds([{"generate": 3, "kl": 1, "score": 2}, {"generate": 5, "kl": 1, "score": 2}],
+                        {"generate": 4, "kl": 0.0, "score": 1}, 2.0, 25.0)
+    # the docstring's example: 8 + 2 + 4 + 5 + 2 = 21 of 25 accounted for
+    assert got == {"generate": 8, "kl": 2, "score": 4, "best_of_n": 5, "forgetting": 2, "other": 4, "total": 25}

@@ -195,6 +195,10 @@ def test_pipeline_end_to_end_through_the_cli(reward_run):
     rows = (run / "eval" / "curves.csv").read_text().splitlines()
     assert rows[0].startswith("kind,") and len(rows) > 4
     assert "Gao et al. 2022 fits" in (run / "eval" / "summary.txt").read_text()
+    # where the eval's time went: every phase measured, and together they are its wall time
+    seconds = json.loads((run / "eval" / "manifest.json").read_text())["metrics"]["seconds"]
+    assert seconds["generate"] > 0 and seconds["kl"] > 0 and seconds["score"] > 0 and seconds["total"] > 0
+    assert abs(sum(v for k, v in seconds.items() if k != "total") - seconds["total"]) < 0.5
     ppo_rows = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in ppo_rows] == [1, 2, 3]
     assert ppo_rows[0]["ppo/kl"] == 0.0 and ppo_rows[0]["ppo/first_ratio"] == 1.0

@@ -129,6 +129,9 @@ class Samples:
     proxy: list[float] = field(default_factory=list)
     proxy_components: dict[str, list[float]] = field(default_factory=dict)
     gold: list[float] = field(default_factory=list)
+    # wall seconds of this model's phases: "generate" (sampling), "kl" (policy and reference logprobs),
+    # "score" (proxy, gold and monitors); the eval manifest sums them, with the forgetting check's
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -207,6 +210,7 @@ class Evaluation:
     forgetting: ForgettingRun
     consumed: dict[str, dict]  # every adapter read, for the manifest
     comparator: str  # the model win rates are taken against: "SFT" or "base"
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase (:func:`phase_seconds`)
 
 
 class _FrozenNormalizer:
@@ -266,6 +270,7 @@ def _sample(stack: Stack, plan: SamplingPlan, adapters: Optional[list[str]], k: 
     merged = plan.merged and gated is None
     weights = stacking.merged_linear_weights if merged else lambda model: contextlib.nullcontext()
     gated = gated or contextlib.nullcontext
+    t0 = time.time()
     with stacking.active_adapters(peft_model, adapters), gated(), weights(peft_model):
         for b, s in enumerate(tqdm(range(0, len(rows), batch_size), desc=desc, leave=False)):
             chunk = rows[s:s + batch_size]
@@ -273,6 +278,8 @@ def _sample(stack: Stack, plan: SamplingPlan, adapters: Optional[list[str]], k: 
             response, mask, ended = rollout.generate(peft_model, tok, query, query_mask, plan.max_new_tokens,
                                                      temperature, plan.stop_ids, generator_seed=seed + b)
             batches.append((chunk, query, query_mask, response, mask, ended))
+    out.seconds["generate"] = time.time() - t0
+    t0 = time.time()
     for chunk, query, query_mask, response, mask, ended in batches:
         if with_kl:
             q, qm, r, m = (t.to(device) for t in (query, query_mask, response, mask))
@@ -288,11 +295,13 @@ def _sample(stack: Stack, plan: SamplingPlan, adapters: Optional[list[str]], k: 
         out.texts.extend(rollout.decode_responses(tok, response, mask))
         out.response_ids.extend(row[msk.bool()].tolist() for row, msk in zip(response, mask))
         out.ended.extend(bool(e) for e in ended)
+    out.seconds["kl"] = time.time() - t0 if with_kl else 0.0
     return out
 
 
 def _score(samples: Samples, prompts: list[dict], tok, rewards: Rewards, batch_size: int) -> None:
     """Fill ``samples.proxy`` (and its components) and ``samples.gold``, ``batch_size`` responses a call."""
+    t0 = time.time()
     for s in range(0, len(samples.texts), batch_size):
         idx = samples.prompt_index[s:s + batch_size]
         msgs = [prompts[i]["prompt"] for i in idx]
@@ -309,6 +318,7 @@ def _score(samples: Samples, prompts: list[dict], tok, rewards: Rewards, batch_s
             parts = {**watched.components, **({"total": watched.total} if len(watched.components) > 1 else {})}
             for name, values in parts.items():
                 samples.proxy_components.setdefault(f"monitor/{name}", []).extend(values)
+    samples.seconds["score"] = time.time() - t0
 
 
 def _check_adapter_loaded(peft_model, name: str, adapter_dir: Path) -> None:
@@ -585,11 +595,12 @@ def watched_columns(components: dict[str, list[float]]) -> dict:
 
 
 def _best_of_n(stack: Stack, plan: SamplingPlan, rewards: Rewards, prompts: list[dict], ec,
-               comparator: Samples) -> tuple[list[dict], list[dict]]:
+               comparator: Samples) -> tuple[list[dict], list[dict], dict[str, float]]:
     """Best-of-n for every n in ``eval.best_of_n`` from one pool of ``max(n)`` samples per prompt of the
-    starting model: ``(points, samples.jsonl rows)``; nothing when ``eval.best_of_n`` is empty."""
+    starting model: ``(points, samples.jsonl rows, the pool's phase seconds)``; nothing when
+    ``eval.best_of_n`` is empty."""
     if not ec.best_of_n:
-        return [], []
+        return [], [], {}
     m = max(ec.best_of_n)
     pool = _sample(stack, plan, stack.start, m, _seed(ec.seed, "best-of-n pool"), desc="sample best-of-n",
                    with_kl=False)
@@ -601,7 +612,22 @@ def _best_of_n(stack: Stack, plan: SamplingPlan, rewards: Rewards, prompts: list
                   "prompt": prompts[i]["prompt"][-1]["content"], "response": pool.texts[r],
                   "proxy": pool.proxy[r], "gold": pool.gold[r], "kl": b.kl}
                  for i, g, r in b.picks if g == 0][:_SAMPLES_TO_SAVE]
-    return points, rows
+    return points, rows, pool.seconds
+
+
+def phase_seconds(per_model: list[dict[str, float]], best_of_n: dict[str, float], forgetting_s: float,
+                  total: float) -> dict[str, float]:
+    """Where an eval's wall time went, in seconds: each phase summed over the models (``per_model``,
+    :attr:`Samples.seconds`), best-of-n's pool on its own, the forgetting check, and the rest of
+    ``total`` (loading, fitting, writing). E.g. two models with generate 3 and 5, kl 1 and 1, score 2 and 2,
+    a pool of generate 4 + score 1, forgetting 2, total 25: generate 8, kl 2, score 4, best_of_n 5,
+    forgetting 2, other 25 - 21 = 4."""
+    phases = {k: round(sum(m.get(k, 0.0) for m in per_model), 1) for k in ("generate", "kl", "score")}
+    phases["best_of_n"] = round(sum(best_of_n.values()), 1)
+    phases["forgetting"] = round(forgetting_s, 1)
+    phases["other"] = round(total - sum(phases.values()), 1)
+    phases["total"] = round(total, 1)
+    return phases
 
 
 def _sample_rows(ev: Evaluation) -> list[dict]:
@@ -667,6 +693,7 @@ def _metrics(cfg: PipelineConfig, ev: Evaluation, fits: dict) -> dict:
                **ev.prompt_lengths.metrics("prompts"),
                "temperature": pc.temperature, "reference": pc.reference}
     probe = ev.forgetting.probe
+    metrics["seconds"] = ev.seconds
     if probe is not None:
         metrics["forgetting"] = {"source": ec.forgetting, "passages": probe.text.passages,
                                  "tokens": probe.text.tokens, "truncated": probe.text.truncated,
@@ -718,6 +745,7 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     run_dir = Path(run_dir)
     out = run_dir / "eval"
     _check_request(ec, out, overwrite)
+    t_start = time.time()
 
     # 1. inputs, each read before any model loads so a bad path fails fast
     prompts, report = _load_eval_prompts(cfg)
@@ -759,11 +787,15 @@ def run_eval(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) 
     points = _model_points(specs, results, forgetting_run.models, comparator)
 
     # 7. best-of-n from the starting (SFT) model: one pool, disjoint groups of n per prompt
-    bon_points, bon_rows = _best_of_n(stack, plan, rewards, prompts, ec, comparator)
+    bon_points, bon_rows, bon_seconds = _best_of_n(stack, plan, rewards, prompts, ec, comparator)
+    seconds = phase_seconds([r.seconds for r in results.values()], bon_seconds, forgetting_run.seconds,
+                            time.time() - t_start)
+    print("[eval] time: " + ", ".join(f"{k} {v:,.0f} s" for k, v in seconds.items()), flush=True)
 
     # 8. outputs in RUN/eval, written atomically
     ev = Evaluation(run_dir, prompts, report, prompt_lengths, series, specs, results, points + bon_points,
-                    bon_rows, duplicates, forgetting_run, consumed, comparator="SFT" if stack.has_sft else "base")
+                    bon_rows, duplicates, forgetting_run, consumed, comparator="SFT" if stack.has_sft else "base",
+                    seconds=seconds)
     summary = _write_outputs(out, overwrite, cfg, ev, stack.base, rewards)
     sys.stdout.write("\n" + summary)
     print(f"[eval] done -> {out}", flush=True)
