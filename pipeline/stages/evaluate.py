@@ -268,6 +268,9 @@ def _sample(stack: Stack, plan: SamplingPlan, adapters: Optional[list[str]], k: 
     out = Samples()
     batches = []
     merged = plan.merged and gated is None
+    # The model that is its own reference (the SFT model, with reference sft) has KL 0 by definition:
+    # both forwards would be the same computation.
+    same_as_reference = gated is None and list(adapters or []) == list(reference or [])
     weights = stacking.merged_linear_weights if merged else lambda model: contextlib.nullcontext()
     gated = gated or contextlib.nullcontext
     t0 = time.time()
@@ -281,7 +284,10 @@ def _sample(stack: Stack, plan: SamplingPlan, adapters: Optional[list[str]], k: 
     out.seconds["generate"] = time.time() - t0
     t0 = time.time()
     for chunk, query, query_mask, response, mask, ended in batches:
-        if with_kl:
+        if with_kl and same_as_reference:
+            out.kl_k1.extend([0.0] * len(chunk))
+            out.kl_k3.extend([0.0] * len(chunk))
+        elif with_kl:
             q, qm, r, m = (t.to(device) for t in (query, query_mask, response, mask))
             with torch.no_grad():
                 with stacking.active_adapters(peft_model, adapters), gated():
