@@ -118,9 +118,24 @@ def test_lm_train_flops_per_token_by_hand():
     shape = DecoderShape(matmul_params=1_000, layers=2, width=8, vocab=10)
     # forward 2,000 + 4 x 2 x 8 x 2 + 2 x 8 x 10 = 2,288; backward 2 x 500 x 2 + 128 + 160 + 40 = 2,328
     assert lm_train_flops_per_token(shape, 2, 2, 10) == pytest.approx(4_616)
+    assert lm_train_flops_per_token(shape, 2, 2, 10, logit_share=0.5) == pytest.approx(4_456)
 
 
 def test_estimate_line_states_the_time_at_typical_and_full_mfu():
     line = estimate_line("reward", "144 steps", 1.8e14, 2e11)
     assert "180.0 TFLOP" in line and "200 GFLOP/s" in line
     assert f"{900 / TYPICAL_MFU / 60:.0f} min" in line and "15 min at 100%" in line
+
+
+def test_logit_share_counts_labelled_tokens_where_the_head_is_compact(monkeypatch):
+    import torch
+    from datasets import Dataset
+
+    from pipeline.models import trainer_utils
+
+    ds = Dataset.from_list([{"input_ids": [1, 2, 3, 4], "assistant_masks": [0, 0, 0, 1]},
+                            {"input_ids": [1, 2, 3, 4, 5, 6], "assistant_masks": [0, 0, 0, 1, 1, 1]}])
+    assert trainer_utils.logit_share(ds, torch.device("cpu")) == pytest.approx(0.4)  # the docstring's 4 / 10
+    assert trainer_utils.logit_share(ds.remove_columns("assistant_masks"), torch.device("cpu")) == 1.0
+    monkeypatch.setattr(trainer_utils, "COMPACT_LM_HEAD", False)
+    assert trainer_utils.logit_share(ds, torch.device("cpu")) == 1.0

@@ -237,13 +237,16 @@ def pair_train_flops(shape: DecoderShape, pairs: list[tuple[int, int, int]], tra
     return total
 
 
-def lm_train_flops_per_token(shape: DecoderShape, attended: float, trained_layers: int, lora_params: int) -> float:
-    """FLOPs per token of a LoRA language-model training step (SFT: logits at every position, as trl's
-    trainer makes them): forward plus LoRA backward, each with the LM head. E.g. the shape of
-    :func:`forward_flops`, 2 layers trained, 10 LoRA weights, 2 attended: (2,000 + 128 + 160) +
-    (2,000 + 128 + 160 + 40) = 4,616."""
-    return (forward_flops(shape, 1, attended, logits=1)
-            + lora_backward_flops(shape, 1, attended, trained_layers, lora_params, logits=1))
+def lm_train_flops_per_token(shape: DecoderShape, attended: float, trained_layers: int, lora_params: int,
+                             logit_share: float = 1.0) -> float:
+    """FLOPs per token of a LoRA language-model training step (SFT): forward plus LoRA backward, each
+    with the LM head on ``logit_share`` of the positions (1: every position, as trl's trainer computes
+    logits off its Triton devices; the labelled share with :func:`trainer_utils.compact_lm_head`). E.g.
+    the shape of :func:`forward_flops`, 2 layers trained, 10 LoRA weights, 2 attended: (2,000 + 128 +
+    160) + (2,000 + 128 + 160 + 40) = 4,616; with logits on half the positions 4,616 - 160 = 4,456."""
+    head = 2 * 2.0 * shape.width * shape.vocab  # the projection forward, and its input gradient
+    return (forward_flops(shape, 1, attended) + lora_backward_flops(shape, 1, attended, trained_layers, lora_params)
+            + logit_share * head)
 
 
 # What the stages' training loops reached on the embedded model in float32 under AVX2 and in bf16 on AMX

@@ -141,3 +141,17 @@ def compact_lm_head():
         yield
     finally:
         trl_utils._use_triton = decide
+
+
+def logit_share(dataset, device: torch.device) -> float:
+    """The share of a trl-tokenized ``dataset``'s tokens whose logits SFT computes: those that carry a
+    label (``assistant_masks`` with assistant-only loss, ``completion_mask`` with completion-only loss)
+    where the LM head is compact (:func:`compact_lm_head` on CPU; trl's own on CUDA and XPU), else all.
+    E.g. rows of 4 and 6 tokens with 1 and 3 labelled: 4 / 10 = 0.4."""
+    if not (device.type in ("cuda", "xpu") or (device.type == "cpu" and COMPACT_LM_HEAD)):
+        return 1.0
+    total = sum(len(x) for x in dataset["input_ids"])
+    for key in ("assistant_masks", "completion_mask"):
+        if key in dataset.column_names:
+            return sum(sum(m) for m in dataset[key]) / max(total, 1)
+    return 1.0

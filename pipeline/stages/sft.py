@@ -30,6 +30,7 @@ from pipeline.models.trainer_utils import (
     ReleaseMemory,
     ResumableCheckpoints,
     compact_lm_head,
+    logit_share,
     restore_fp32_trainables,
     train_loss,
     trainer_precision_kwargs,
@@ -129,12 +130,13 @@ def build_trainer(cfg: PipelineConfig, model, tok, train_rows: list[dict], eval_
 def training_flops(cfg: PipelineConfig, trainer, shape) -> tuple[float, float]:
     """``(model FLOPs per trained token, this machine's measured peak FLOP/s)``, after printing the
     a-priori duration of training (:func:`pipeline.models.throughput.estimate_line`): LoRA training with
-    logits at every position, each token attending to the mean row length."""
+    logits where they are computed (:func:`trainer_utils.logit_share`), each token attending to the mean
+    row length."""
     lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
     lora_params, trained_layers = throughput.trained_extent(trainer.model, shape.layers)
-    per_token = throughput.lm_train_flops_per_token(shape, sum(lengths) / max(len(lengths), 1), trained_layers,
-                                                    lora_params)
     device = next(trainer.model.parameters()).device
+    per_token = throughput.lm_train_flops_per_token(shape, sum(lengths) / max(len(lengths), 1), trained_layers,
+                                                    lora_params, logit_share(trainer.train_dataset, device))
     peak = throughput.measured_peak(loading.compute_dtype(cfg.model, device), device)
     tokens = sum(lengths) * cfg.sft.epochs if cfg.sft.max_steps <= 0 else (
         sum(lengths) / max(len(lengths), 1) * cfg.sft.max_steps * cfg.sft.batch_size * cfg.sft.grad_accum)
