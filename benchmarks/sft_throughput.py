@@ -66,7 +66,7 @@ def ours(steps: int, padding_free: bool, compact_head: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = run_sft(cfg, tmp)
         metrics = json.loads((out / "manifest.json").read_text())["metrics"]
-    return {"tokens": metrics["train_tokens"], "seconds": metrics["train_seconds"]}
+    return {"tokens": metrics["train_tokens"], "seconds": metrics["train_seconds"], "mfu": metrics["train_mfu"]}
 
 
 def main() -> None:
@@ -90,8 +90,9 @@ def main() -> None:
         r = json.loads(p.stdout.strip().splitlines()[-1])
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
         results[name] = r
+        mfu = f" mfu={r['mfu']:.3f}" if "mfu" in r else ""
         print(f"RESULT name={name} tokens_per_s={r['tokens_per_s']:.1f} seconds={r['seconds']:.1f} "
-              f"tokens={r['tokens']:.0f}", flush=True)
+              f"tokens={r['tokens']:.0f}{mfu}", flush=True)
     if "trl-plain" in results:
         base = results["trl-plain"]["tokens_per_s"]
         for name, r in results.items():
