@@ -265,3 +265,12 @@ def test_compact_lm_head_gives_the_full_heads_loss_and_gradients_on_fewer_rows(t
     assert grads.keys() == full_grads.keys() and len(grads) > 0
     for name in grads:
         assert torch.allclose(grads[name], full_grads[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_sft_runs_without_eval_rows(tmp_path, threads):
+    """`data.sft_eval=` (no eval file) with no gold check: the gold prompts' fitting got no load report
+    and crashed (the SFT throughput benchmark runs so)."""
+    _invoke("sft", "--config", CONFIG, "--run-dir", str(tmp_path / "run"), "data.sft_eval=", "sft.gold_eval_prompts=0",
+            "model.compute_dtype=float32")
+    metrics = json.loads((tmp_path / "run" / "sft" / "manifest.json").read_text())["metrics"]
+    assert "eval_loss_after" not in metrics and metrics["train_tokens"] > 0

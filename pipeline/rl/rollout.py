@@ -43,9 +43,11 @@ def encode_prompts(tokenizer, prompts: Sequence[list[dict]], max_prompt_length: 
 def fit_prompts(tokenizer, rows: list[dict], report, max_prompt_length: int, long_rows: str,
                 what: str) -> tuple[list[dict], list[list[int]], "lengths.LengthReport"]:
     """Prompt rows (``{"prompt": messages}``, as loaded with ``report``) encoded and fitted to
-    ``max_prompt_length`` by ``data.long_rows``: ``(kept rows, their ids, LengthReport)``."""
+    ``max_prompt_length`` by ``data.long_rows``: ``(kept rows, their ids, LengthReport)``. ``report`` None
+    (rows not read from a file: none, or built in code) names rows by their 1-based index."""
+    row_name = report.row_name if report is not None else (lambda i: f"row {i + 1}")
     kept, ids, fitted = lengths.fit_prompt_ids([prompt_ids(tokenizer, r["prompt"]) for r in rows], max_prompt_length,
-                                               long_rows, what, "ppo.max_prompt_length", report.row_name)
+                                               long_rows, what, "ppo.max_prompt_length", row_name)
     return [rows[i] for i in kept], ids, fitted
 
 
