@@ -129,8 +129,9 @@ class Samples:
     proxy: list[float] = field(default_factory=list)
     proxy_components: dict[str, list[float]] = field(default_factory=dict)
     gold: list[float] = field(default_factory=list)
-    # wall seconds of this model's phases: "generate" (sampling), "kl" (policy and reference logprobs),
-    # "score" (proxy, gold and monitors); the eval manifest sums them, with the forgetting check's
+    # wall seconds of this model's phases: "generate" (sampling), "kl" (policy and reference logprobs, and
+    # decoding the texts, done in the same pass), "score" (proxy, gold and monitors); the eval manifest sums
+    # them, with the forgetting check's
     seconds: dict[str, float] = field(default_factory=dict)
 
 
