@@ -274,7 +274,7 @@ def test_prefixes_fall_back_to_whole_rows(two_member_model, monkeypatch):
     monkeypatch.setattr(forwards, "SHARE_PREFIXES", False)
     assert ensemble.shared_trunk(pm, SYSTEM_ROWS, 0, 1, "default")[0].prefix_ids.shape == (1, 0)
     monkeypatch.setattr(forwards, "SHARE_PREFIXES", True)
-    monkeypatch.setattr(forwards, "_plain_cache", lambda cache: False)
+    monkeypatch.setattr(forwards, "plain_cache", lambda cache: False)
     laid, trunk = ensemble.shared_trunk(pm, SYSTEM_ROWS, 0, 1, "default")
     assert laid.prefix_ids.shape[1] == 0 and trunk.prefix is None
     got = ensemble.member_features(pm, SYSTEM_ROWS, 0, "last", adapters)

@@ -345,3 +345,31 @@ def test_merged_weights_leave_dora_layers_on_their_adapters(tiny_model_cfg):
     assert not any("q_proj" in n or "v_proj" in n for n in patched) and patched  # other 4-bit layers merged
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
     assert (want - base).abs().max() > 1e-3
+
+
+def test_sampler_logprobs_equal_a_forward_over_the_sampled_rows(tiny_model_cfg):
+    """Eval takes the model's side of its KL from the sampler (float32): the logprob it keeps for each
+    drawn token must be what forward_response gives over the same rows, through the adapters and from
+    merged weights alike, with left padding, and 0 past each row's stop token."""
+    from pipeline.models import forwards
+    from pipeline.rl import rollout
+
+    pm, _ = _two_adapter_model(tiny_model_cfg)
+    _, tok, _ = loading.load_base(tiny_model_cfg)
+    query, query_mask = forwards.left_pad([[7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]], tok.pad_token_id)
+    stop = [int(i) for i in torch.randint(5, tok.vocab_size - 1, (20,))]  # some rows stop early
+    draws = {}
+    for merge in (False, True):
+        weights = stacking.merged_linear_weights(pm) if merge else torch.no_grad()
+        with weights:
+            drawn = draws[merge] = rollout.sample(pm, tok, query, query_mask, 12, 0.7, stop, generator_seed=5,
+                                                  with_logprobs=True)
+        with torch.no_grad():
+            want = forwards.forward_response(pm, query, query_mask, drawn.response, drawn.mask.float(), 0.7).logprobs
+        assert drawn.logprobs.shape == drawn.response.shape
+        torch.testing.assert_close(drawn.logprobs, want * drawn.mask, atol=2e-5, rtol=0)
+        assert (drawn.logprobs[~drawn.mask.bool()] == 0).all()
+        assert drawn.logprobs[drawn.mask.bool()].lt(-1e-3).any()  # real draws, not all-certain tokens
+    # keeping the logprobs does not change what is drawn: the plain call gives the same tokens from the seed
+    resp, mask, _ = rollout.generate(pm, tok, query, query_mask, 12, 0.7, stop, generator_seed=5)
+    assert torch.equal(resp, draws[False].response) and torch.equal(mask, draws[False].mask)

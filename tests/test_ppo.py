@@ -734,7 +734,7 @@ def test_monitor_is_logged_but_never_optimised(new_run, data_overrides):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-# 10. Speed paths: micro-batches, Gumbel-max sampling -------------------------------------------
+# 10. Speed paths: micro-batches, temperature sampling -------------------------------------------
 
 def test_micro_batches_give_the_same_update_as_the_whole_minibatch(new_run, data_overrides, precision):
     """Gradient accumulation over micro-batches weighted by token share == one masked mean over the
@@ -778,10 +778,12 @@ def test_micro_batches_give_the_same_update_as_the_whole_minibatch(new_run, data
             if precision == "float32":
                 torch.testing.assert_close(w[k], ref_w[k], atol=w_atol, rtol=rel)
             else:
-                # Each of the two Adam updates moves a weight by ~lr (w_atol) either way, so a weight whose
-                # gradient rounds across zero may differ by both; the typical weight agrees to a tenth of one.
+                # Each of the two Adam updates moves a weight by at most ~lr (w_atol) either way (|m/sqrt(v)|
+                # <= 1.0014 at Adam's second step), so a weight whose gradient rounds across zero in both can
+                # end at +2 lr in one run and -2 lr in the other (measured 2.5e-3 on 1 of 512 weights, after the
+                # sampler's random stream changed); the typical weight agrees to a tenth of one update.
                 diff = (w[k] - ref_w[k]).abs()
-                assert diff.max().item() <= 2 * w_atol + 1e-4, k
+                assert diff.max().item() <= 4 * w_atol + 1e-4, k
                 assert diff.median().item() <= w_atol / 10, k
 
 
@@ -807,20 +809,32 @@ def test_every_forward_of_a_step_sees_the_same_number_of_rows(monkeypatch, new_r
     assert sizes and set(sizes) == {rows}, sizes
 
 
-def test_gumbel_max_sampler_samples_softmax_over_temperature():
+def test_temperature_sampler_samples_softmax_over_temperature():
     # logits (0, 1, 2, 3) at T = 0.5: softmax(0, 2, 4, 6) = e^(0,2,4,6) / (1 + 7.389 + 54.598 + 403.429)
     # = (0.00214, 0.01587, 0.11731, 0.86468)
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(40000, 1)
     torch.manual_seed(0)
-    picks = rollout.GumbelMaxSampler(0.5)(None, logits).argmax(-1)
+    picks = rollout.TemperatureSampler(0.5)(None, logits).argmax(-1)
     freq = torch.bincount(picks, minlength=4).float() / picks.numel()
     expected = torch.tensor([0.00214, 0.01587, 0.11731, 0.86468])
     # binomial standard error at n=40000 is at most 0.0025; 0.006 is > 2.4 sigma for every entry
     assert (freq - expected).abs().max() < 0.006, freq
     # T = 2: softmax(0, 0.5, 1, 1.5) = (0.1015, 0.1674, 0.2760, 0.4551)
-    picks = rollout.GumbelMaxSampler(2.0)(None, logits).argmax(-1)
+    sampler = rollout.TemperatureSampler(2.0, record=True)
+    out = sampler(None, logits)
+    picks = out.argmax(-1)
     freq = torch.bincount(picks, minlength=4).float() / picks.numel()
     assert (freq - torch.tensor([0.1015, 0.1674, 0.2760, 0.4551])).abs().max() < 0.01, freq
+    # the output is 0 at the draw and -inf elsewhere; the kept logprob is log softmax(l / 2) at the draw:
+    # Z = 1 + e^0.5 + e^1 + e^1.5 = 1 + 1.6487 + 2.7183 + 4.4817 = 9.8487, log Z = 2.2873, so the logprobs
+    # are (0, 0.5, 1, 1.5) - 2.2873 = (-2.2873, -1.7873, -1.2873, -0.7873)
+    assert torch.equal(out.gather(-1, picks[:, None]).squeeze(-1), torch.zeros(40000))
+    assert torch.isinf(out).sum() == 3 * 40000
+    want = torch.tensor([-2.2873, -1.7873, -1.2873, -0.7873])[picks]
+    torch.testing.assert_close(sampler.logprobs, want[:, None], atol=1e-4, rtol=0)
+    # a token of probability 0 (logit -inf) is never drawn, at any temperature
+    masked = torch.tensor([[0.0, -math.inf, 0.0, -math.inf]]).repeat(10000, 1)
+    assert set(rollout.TemperatureSampler(0.3)(None, masked).argmax(-1).tolist()) == {0, 2}
 
 
 def test_generate_samples_the_models_distribution(stack):

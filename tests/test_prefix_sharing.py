@@ -127,3 +127,37 @@ def test_pair_groups_share_their_prompt_and_score_as_the_plain_forward(peft_tiny
     torch.testing.assert_close(shared_all, plain, atol=tol, rtol=tol)
     # each row's features are its own: the two sides of a pair differ
     assert (plain[0] - plain[2]).abs().max() > 1e-3
+
+
+def test_generation_runs_the_shared_system_prompt_once_and_samples_as_the_plain_prefill(peft_tiny):
+    """rollout.sample prefills the common start of the prompts once (rollout.shared_prefix_prefill); the
+    tokens drawn from a seed and their logprobs are the plain prefill's (float32: to round-off)."""
+    from pipeline.rl import rollout
+
+    peft_model, tok, dtype = peft_tiny
+    system = [7, 8, 9, 10, 11, 12]
+    q, qm = forwards.left_pad([system + [30, 31, 32, 33], system + [40], system + [50, 51]], tok.pad_token_id)
+    ids, mask, cache = rollout.shared_prefix_prefill(peft_model, q, qm, tok.pad_token_id)
+    # the shared start, then each row's rest left-padded: padding sits between the two
+    assert ids[:, :6].tolist() == [system] * 3 and cache.get_seq_length() == 6
+    pad = tok.pad_token_id
+    assert ids[:, 6:].tolist() == [[30, 31, 32, 33], [pad, pad, pad, 40], [pad, pad, 50, 51]]
+    assert mask.tolist() == [[1] * 10, [1] * 6 + [0, 0, 0, 1], [1] * 6 + [0, 0, 1, 1]]
+
+    backbone = forwards.backbone(peft_model)
+    widths = []
+    hook = backbone.register_forward_hook(lambda m, args, kw, out: widths.append(tuple(kw["input_ids"].shape)),
+                                          with_kwargs=True)
+    plain, shared = _both_ways(lambda: rollout.sample(peft_model, tok, q, qm, 6, 0.8, [-1], generator_seed=11,
+                                                      with_logprobs=True))
+    hook.remove()
+    # plain: prefill (3, 10), then 5 one-token steps; shared: (1, 6) once, the rests (3, 4), then the steps
+    assert widths[0] == (3, 10) and widths[6:8] == [(1, 6), (3, 4)], widths
+    if dtype == "float32":
+        assert torch.equal(shared.response, plain.response)
+        torch.testing.assert_close(shared.logprobs, plain.logprobs, atol=2e-5, rtol=0)
+    # one row alone, or rows sharing nothing, take the plain path
+    one = rollout.shared_prefix_prefill(peft_model, q[:1], qm[:1], tok.pad_token_id)
+    assert one[2] is None and torch.equal(one[0], q[:1])
+    q2, qm2 = forwards.left_pad([[5, 6], [7, 8]], tok.pad_token_id)
+    assert rollout.shared_prefix_prefill(peft_model, q2, qm2, tok.pad_token_id)[2] is None

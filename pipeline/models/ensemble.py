@@ -183,7 +183,7 @@ def _prefixed_trunk(model, rows: forwards.PrefixedRows, split: int, adapter: str
     the members could not replay the prefix's part alone)."""
     backbone, _ = forwards._backbone_and_head(model)
     cache = _new_cache(backbone)
-    if forwards._plain_cache(cache):
+    if forwards.plain_cache(cache):
         prefix = _capture(model, split, adapter, input_ids=rows.prefix_ids, attention_mask=rows.prefix_mask,
                           position_ids=_position_ids(rows.prefix_mask), past_key_values=cache, use_cache=True)
         below = cache.layers[:split]

@@ -45,6 +45,11 @@ def _backbone_and_head(model):
     return inner.base_model, head
 
 
+def backbone(model) -> torch.nn.Module:
+    """The decoder backbone of a causal LM, plain or in peft (returns ``last_hidden_state``)."""
+    return _backbone_and_head(model)[0]
+
+
 def score_head(model) -> torch.nn.Module:
     """The head a sequence classifier puts on its backbone (``score`` on every family transformers
     builds), plain or in peft: its one child beside ``base_model``. Shapes: (..., H) -> (..., labels)."""
@@ -197,7 +202,7 @@ def select_cache_rows(layers, index: torch.Tensor) -> None:
         layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
 
 
-def _plain_cache(cache) -> bool:
+def plain_cache(cache) -> bool:
     """Whether every layer of a transformers cache is a plain growing key/value store: sliding-window,
     static, linear-attention and quantized layers keep something else, and prefix sharing steps aside."""
     layers = getattr(cache, "layers", None)
@@ -221,7 +226,7 @@ def prefixed_hidden(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, 
         cache = backbone(input_ids=prefix_ids, attention_mask=prefix_mask.long(),
                          position_ids=(prefix_mask.long().cumsum(dim=1) - 1).clamp(min=0),
                          use_cache=True).past_key_values
-        if _plain_cache(cache):
+        if plain_cache(cache):
             select_cache_rows(cache.layers, group)
             return backbone(input_ids=suffix_ids, attention_mask=full_mask, position_ids=position_ids[:, sp:],
                             past_key_values=cache, use_cache=True).last_hidden_state
