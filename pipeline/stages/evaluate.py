@@ -14,11 +14,12 @@ series must have started from this eval's SFT adapter (same content hash) on the
 of them share the reference, the proxy, the gold and the best-of-n baseline, and compare at equal KL.
 
 For each model, ``eval.samples_per_prompt`` responses per eval prompt are sampled at the PPO training
-temperature (through :func:`pipeline.rl.rollout.generate`, top_k=0, top_p=1) and each sequence gets:
+temperature (through :func:`pipeline.rl.rollout.sample`, top_k=0, top_p=1) and each sequence gets:
 
 - its KL to the PPO reference (``ppo.reference``: "sft" = SFT adapter only, "base" = no adapters):
   the sum over response tokens of k1 = logp - logp_ref, and of k3, both from logits / temperature
-  exactly as PPO computes them; reported as the mean over sequences (and k1's standard error);
+  exactly as PPO computes them (the model's own from the sampler in float32, see :func:`_sample`);
+  reported as the mean over sequences (and k1's standard error);
 - the proxy reward (``ppo.rewards``, what PPO optimised) and the gold reward (``eval.gold``);
 - a gold win against the SFT model's response to the same prompt (sample j vs sample j; ties count
   half), summarised as a win rate with a 95% Wilson interval.
@@ -95,6 +96,9 @@ from pipeline.rl.policy_value import POLICY, SFT
 __all__ = ["run_eval"]
 
 _SAMPLES_TO_SAVE = 4  # responses per model in samples.jsonl (sample 0 of the first prompts)
+# Rows per log-prob forward, whatever eval.batch_size samples at once: its (rows, T, vocab) float32
+# logits are 200 MB at 32 rows x 32 tokens on a 49k vocabulary, 0.8 GB at 128.
+_LOGPROB_ROWS = 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +177,7 @@ class SamplingPlan:
     stop_ids: list[int]
     batch_size: int
     merged: bool  # sample from dense merged weights (ppo.rollout_weights)
+    float32: bool = False  # the model computes in float32: the sampler's logprobs serve the KL
 
 
 @dataclass
@@ -255,8 +260,10 @@ def _sample(stack: Stack, plan: SamplingPlan, adapters: Optional[list[str]], k: 
     with per-sequence KL to ``stack.reference`` unless ``with_kl`` is False.
 
     With ``plan.merged`` the responses are sampled from dense weights with the adapters merged in (as PPO's
-    rollouts are, ``ppo.rollout_weights``; 2x faster on CPU); the KL is always computed through the
-    adapters themselves, so it is the KL of the model as trained. ``gated`` (a learned fusion's
+    rollouts are, ``ppo.rollout_weights``; 2x faster on CPU). The reference's side of the KL is always a
+    forward through its adapters. The model's side is the sampler's own logprobs when the model computes
+    in float32 (equal to a forward through the adapters to round-off, ~1e-5 per token; tested), and
+    such a forward otherwise: in bf16 merged weights round differently from the adapters. ``gated`` (a learned fusion's
     context factory, pipeline/fusion/gating.py) wraps the model's sampling and logprobs, never the reference's;
     its weights depend on the input, so it samples through the adapters.
     """
@@ -274,29 +281,38 @@ def _sample(stack: Stack, plan: SamplingPlan, adapters: Optional[list[str]], k: 
     same_as_reference = gated is None and list(adapters or []) == list(reference or [])
     weights = stacking.merged_linear_weights if merged else lambda model: contextlib.nullcontext()
     gated = gated or contextlib.nullcontext
+    # In float32 the sampler's own logprobs are the model's to round-off (merged or not), so the model's
+    # side of the KL costs no forward; in bf16/fp16, merged weights round differently from the adapters
+    # by more than that, and the model is run again through its adapters.
+    keep_logprobs = with_kl and not same_as_reference and plan.float32
     t0 = time.time()
     with stacking.active_adapters(peft_model, adapters), gated(), weights(peft_model):
         for b, s in enumerate(tqdm(range(0, len(rows), batch_size), desc=desc, leave=False)):
             chunk = rows[s:s + batch_size]
             query, query_mask = forwards.left_pad([encoded[i] for i, _ in chunk], tok.pad_token_id)
-            response, mask, ended = rollout.generate(peft_model, tok, query, query_mask, plan.max_new_tokens,
-                                                     temperature, plan.stop_ids, generator_seed=seed + b)
-            batches.append((chunk, query, query_mask, response, mask, ended))
+            drawn = rollout.sample(peft_model, tok, query, query_mask, plan.max_new_tokens, temperature,
+                                   plan.stop_ids, generator_seed=seed + b, with_logprobs=keep_logprobs)
+            batches.append((chunk, query, query_mask, drawn))
     out.seconds["generate"] = time.time() - t0
     t0 = time.time()
-    for chunk, query, query_mask, response, mask, ended in batches:
+    for chunk, query, query_mask, drawn in batches:
+        response, mask, ended = drawn.response, drawn.mask, drawn.ended
         if with_kl and same_as_reference:
             out.kl_k1.extend([0.0] * len(chunk))
             out.kl_k3.extend([0.0] * len(chunk))
         elif with_kl:
-            q, qm, r, m = (t.to(device) for t in (query, query_mask, response, mask))
-            with torch.no_grad():
-                with stacking.active_adapters(peft_model, adapters), gated():
-                    logp = forwards.forward_response(peft_model, q, qm, r, m, temperature).logprobs
-                with stacking.active_adapters(peft_model, reference):
-                    ref = forwards.forward_response(peft_model, q, qm, r, m, temperature).logprobs
-            out.kl_k1.extend(sequence_kl(logp, ref, m, "k1").tolist())
-            out.kl_k3.extend(sequence_kl(logp, ref, m, "k3").tolist())
+            for c in range(0, len(chunk), _LOGPROB_ROWS):
+                q, qm, r, m = (t[c:c + _LOGPROB_ROWS].to(device) for t in (query, query_mask, response, mask))
+                with torch.no_grad():
+                    if drawn.logprobs is not None:
+                        logp = drawn.logprobs[c:c + _LOGPROB_ROWS].to(device)
+                    else:
+                        with stacking.active_adapters(peft_model, adapters), gated():
+                            logp = forwards.forward_response(peft_model, q, qm, r, m, temperature).logprobs
+                    with stacking.active_adapters(peft_model, reference):
+                        ref = forwards.forward_response(peft_model, q, qm, r, m, temperature).logprobs
+                out.kl_k1.extend(sequence_kl(logp, ref, m, "k1").tolist())
+                out.kl_k3.extend(sequence_kl(logp, ref, m, "k3").tolist())
         out.prompt_index.extend(i for i, _ in chunk)
         out.sample_index.extend(j for _, j in chunk)
         out.texts.extend(rollout.decode_responses(tok, response, mask))
@@ -509,10 +525,10 @@ def _sampling_plan(cfg: PipelineConfig, stack: Stack, encoded: list[list[int]]) 
     pc, ec = cfg.ppo, cfg.eval
     stop_ids = rollout.stop_token_ids(stack.tok, stack.base_model)
     device = next(stack.peft_model.parameters()).device
-    merged = stacking.sample_from_merged(stack.peft_model, pc.rollout_weights, pc.rollout_merge_max_gb,
-                                         loading.compute_dtype(cfg.model, device))
+    dtype = loading.compute_dtype(cfg.model, device)
+    merged = stacking.sample_from_merged(stack.peft_model, pc.rollout_weights, pc.rollout_merge_max_gb, dtype)
     return SamplingPlan(encoded, ec.samples_per_prompt, pc.temperature, ec.max_new_tokens, stop_ids,
-                        ec.batch_size, merged)
+                        ec.batch_size, merged, float32=dtype == torch.float32)
 
 
 def _checkpoint_specs(stack: Stack, series: list[Series]) -> tuple[list[ModelSpec], dict[str, dict]]:
