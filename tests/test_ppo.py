@@ -837,6 +837,43 @@ def test_temperature_sampler_samples_softmax_over_temperature():
     assert set(rollout.TemperatureSampler(0.3)(None, masked).argmax(-1).tolist()) == {0, 2}
 
 
+def test_inverse_cdf_by_hand_and_against_one_cumulative_sum():
+    # w = (1, 0, 3, 4), blocks of 2: block sums (1, 7), cumulative (1, 8), total 8.
+    # u = 0.5: target 4 -> block 1 (1 <= 4 < 8), remainder 3 of 7, inside cumulative (3, 7) -> offset 1: token 3
+    # u = 0.1: target 0.8 -> block 0, inside cumulative (1, 1) -> offset 0: token 0
+    # u = 0.2: target 1.6 -> block 1, remainder 0.6 of 7 -> offset 0 (0 <= 0.6 < 3): token 2 (token 1 has w 0)
+    w = torch.tensor([[1.0, 0.0, 3.0, 4.0]]).repeat(3, 1)
+    pick, total = rollout.inverse_cdf(w, torch.tensor([[0.5], [0.1], [0.2]], dtype=torch.float64), block=2)
+    assert pick.squeeze(-1).tolist() == [3, 0, 2]
+    assert total.squeeze(-1).tolist() == [8.0, 8.0, 8.0]
+    # u at the top of [0, 1) with zero weight at the end (and a ragged last block): never an index of weight 0
+    w = torch.tensor([[0.0, 2.0, 0.0, 0.0, 0.0]])
+    for block in (1, 2, 3, 4, 8):
+        pick, _ = rollout.inverse_cdf(w, torch.tensor([[1.0 - 1e-16]], dtype=torch.float64), block=block)
+        assert pick.item() == 1, block
+    # any block size draws what the first index past u x total on one float64 cumulative sum draws
+    g = torch.Generator().manual_seed(0)
+    for v in (5, 256, 1000, 49152):
+        w = torch.randn(64, v, generator=g).mul(3).exp()
+        w[w < 0.05] = 0.0
+        u = torch.rand(64, 1, generator=g, dtype=torch.float64)
+        cdf = w.double().cumsum(-1)
+        want = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+        for block in (7, 256):
+            pick, total = rollout.inverse_cdf(w, u, block=block)
+            assert torch.equal(pick, want), (v, block)
+            torch.testing.assert_close(total, cdf[:, -1:], rtol=1e-6, atol=0)
+
+
+def test_temperature_sampler_keeps_one_buffer_and_leaves_scores_alone():
+    scores = torch.tensor([[0.0, 1.0, 2.0]])
+    sampler = rollout.TemperatureSampler(1.0)
+    first = sampler(None, scores)
+    second = sampler(None, scores)
+    assert first.data_ptr() == second.data_ptr()  # no fresh (rows x vocabulary) tensor per decode step
+    assert torch.equal(scores, torch.tensor([[0.0, 1.0, 2.0]]))
+
+
 def test_generate_samples_the_models_distribution(stack):
     """First sampled token over many rows vs the model's own softmax(logits / T) for that prompt."""
     s = stack

@@ -69,15 +69,19 @@ class TemperatureSampler:
     """A logits processor that turns greedy decoding into sampling from softmax(logits / T): it returns
     0 at the drawn token and -inf elsewhere, so the greedy argmax picks it.
 
-    Inverse-CDF sampling, one uniform per row: the row's unnormalised probabilities exp(l / T - max)
-    are summed in float64 and the draw is the first token whose cumulative sum exceeds u x total
-    (tokens of probability 0 are never drawn). ``torch.multinomial``, which ``generate(do_sample=True)``
-    uses, spent 7.3 ms per decode step on 8 x 49152 probabilities on a 2-core CPU; the Gumbel-max trick
-    that replaced it (argmax(l / T - log(-log U)), a uniform and two logs per vocabulary entry) spent
-    ~110 ms per step on 128 x 49152, 16% of sampling (torch.profiler, AMD EPYC under the AVX2 caps); this
-    takes one exp and one cumulative sum per entry. Noise is drawn from the global torch RNG, so
-    ``torch.manual_seed`` makes sampling reproducible.
+    Inverse-CDF sampling, one uniform per row, in two levels: the row's unnormalised probabilities
+    w = exp((l - max) / T) are summed in blocks of :data:`CDF_BLOCK` tokens, the block is found on the
+    float64 cumulative sum of the block sums, and the token on the float64 cumulative sum inside that
+    block (:func:`inverse_cdf`); tokens of probability 0 are never drawn. ``torch.multinomial``, which
+    ``generate(do_sample=True)`` uses, spent 7.3 ms per decode step on 8 x 49152 probabilities on a
+    2-core CPU; the Gumbel-max trick (a uniform and two logs per vocabulary entry) ~110 ms per step on
+    128 x 49152; a float64 cumulative sum over the whole vocabulary ~100 ms (torch.profiler, AMD EPYC
+    under the AVX2 caps). This makes a handful of float32 passes over the vocabulary, all into one
+    buffer the sampler keeps: on CPU a fresh (rows x vocabulary) tensor per decode step is page-faulted
+    in again each time. Noise is drawn from the global torch RNG, so ``torch.manual_seed`` makes
+    sampling reproducible.
 
+    The returned tensor is that buffer: valid until the next call. ``scores`` is not modified.
     With ``record``, it also keeps per step the log-probability under softmax(logits / T) of the token it
     drew: ``logprobs`` (B, steps).
     """
@@ -86,21 +90,71 @@ class TemperatureSampler:
         self.temperature = temperature
         self.record = record
         self.steps: list[torch.Tensor] = []
+        self._buf: Optional[torch.Tensor] = None
 
     def __call__(self, input_ids: Optional[torch.Tensor], scores: torch.Tensor) -> torch.Tensor:
-        scaled = scores.float() / self.temperature
-        top = scaled.amax(dim=-1, keepdim=True)
-        weights = (scaled - top).exp_()
-        cdf = weights.cumsum(dim=-1, dtype=torch.float64)
-        u = torch.rand((scores.shape[0], 1), dtype=torch.float64, device=scores.device) * cdf[:, -1:]
-        pick = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)
+        if self._buf is None or self._buf.shape != scores.shape or self._buf.device != scores.device:
+            self._buf = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+        w = self._buf
+        top = scores.amax(dim=-1, keepdim=True).float()
+        torch.sub(scores, top, out=w)
+        w.mul_(1.0 / self.temperature).exp_()
+        u = torch.rand((scores.shape[0], 1), dtype=torch.float64, device=scores.device)
+        pick, total = inverse_cdf(w, u)
         if self.record:
-            self.steps.append((scaled.gather(-1, pick) - top - cdf[:, -1:].log().float()).squeeze(-1))
-        return torch.full_like(scaled, -math.inf).scatter_(-1, pick, 0.0)
+            # log w[pick] = (l - max) / T at the draw, to exp/log round-off (~1e-7); w[pick] > 0 (drawn)
+            self.steps.append((w.gather(-1, pick).log() - total.log().float()).squeeze(-1))
+        return w.fill_(-math.inf).scatter_(-1, pick, 0.0)
 
     @property
     def logprobs(self) -> torch.Tensor:
         return torch.stack(self.steps, dim=1) if self.steps else torch.zeros((0, 0))
+
+
+# Tokens per block of the two-level inverse CDF: 192 blocks on a 49k vocabulary, so both cumulative sums
+# are short; any size gives the same distribution.
+CDF_BLOCK = 256
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor, block: int = CDF_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first index whose cumulative weight exceeds ``u`` x the row's total, per row, without a
+    cumulative sum over the whole row.
+
+    Args:
+        weights: ``(B, V)`` float32, >= 0, each row with a positive total.
+        u: ``(B, 1)`` float64 uniforms in [0, 1).
+    Returns:
+        ``(pick (B, 1) long, total (B, 1) float64)``: the drawn index, P(pick = v) = w_v / sum(w), and the
+        row's total. An index of weight 0 is never returned, even where rounding puts ``u`` x total at
+        or past the last cumulative sum.
+
+    Blocks of ``block`` entries are summed (float32 sums, float64 cumulative sum across blocks); the block
+    holding ``u`` x total is found, and the index inside it on that block's float64 cumulative sum, with the
+    remainder rescaled to that sum (it and the block's float32 sum differ by float32 round-off). E.g.
+    w = (1, 0, 3, 4), block 2, u = 0.5: block sums (1, 7), cumulative (1, 8), target 4 -> block 1 (1 <= 4 < 8);
+    remainder 3 of 7, inside cumulative (3, 7) -> index 1 of the block (3 <= 3 < 7): token 3.
+    """
+    b, v = weights.shape
+    full = v // block
+    parts = [weights[:, :full * block].view(b, full, block).sum(-1)] if full else []
+    if v > full * block:
+        parts.append(weights[:, full * block:].sum(-1, keepdim=True))
+    sums = torch.cat(parts, dim=1).double() if len(parts) > 1 else parts[0].double()
+    cdf = sums.cumsum(-1)
+    total = cdf[:, -1:]
+    target = u * total
+    # the first block whose cumulative sum passes the target, at most the last block with any weight
+    blk = torch.minimum(torch.searchsorted(cdf, target, right=True), (cdf < total).sum(-1, keepdim=True))
+    start = blk * block
+    idx = (start + torch.arange(block, device=weights.device)).clamp_(max=v - 1)
+    inner = weights.gather(-1, idx).double()
+    inner[(start + torch.arange(block, device=weights.device)) >= v] = 0.0
+    inner = inner.cumsum(-1)
+    inner_total = inner[:, -1:]
+    before = torch.where(blk > 0, cdf.gather(-1, (blk - 1).clamp(min=0)), torch.zeros_like(target))
+    rest = (target - before) / sums.gather(-1, blk) * inner_total
+    at = torch.minimum(torch.searchsorted(inner, rest, right=True), (inner < inner_total).sum(-1, keepdim=True))
+    return start + at, total
 
 
 @dataclass
@@ -140,7 +194,8 @@ def sample(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, 
     sampler = TemperatureSampler(temperature, record=with_logprobs)
     # A per-call seed samples reproducibly without disturbing the caller's global RNG stream.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
-                               enabled=generator_seed is not None), loading.compute_context(model):
+                               enabled=generator_seed is not None), loading.compute_context(model), \
+            loading.decode_attention(model):
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
         ids, mask, cache = shared_prefix_prefill(model, query_ids.to(device), query_mask.to(device),
