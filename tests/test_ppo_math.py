@@ -93,6 +93,19 @@ def test_logprobs_bf16_path_matches_float32():
     torch.testing.assert_close(out, expected)
 
 
+def test_logprobs_without_a_graph_equal_the_graph_path_bit_for_bit():
+    # no graph: one row at a time (no (B, T, V) log-softmax tensor); with a graph: one call
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 13, (3, 5), generator=g)
+    for dtype in (torch.float32, torch.float64):
+        logits = torch.randn(3, 5, 13, generator=g, dtype=dtype)
+        with torch.no_grad():
+            rowwise = logprobs_from_logits(logits, tokens, temperature=0.7)
+        graph = logprobs_from_logits(logits.clone().requires_grad_(True), tokens, temperature=0.7)
+        assert rowwise.dtype == dtype and graph.requires_grad
+        assert torch.equal(rowwise, graph.detach())
+
+
 def test_logprobs_rejects_nonpositive_temperature():
     with pytest.raises(ValueError):
         logprobs_from_logits(torch.zeros(1, 1, 2), torch.zeros(1, 1, dtype=torch.long), temperature=0.0)

@@ -481,7 +481,7 @@ def _start_forgetting(stack: Stack, passages: Optional[list[str]], ec) -> Forget
         return ForgettingRun()
     t0 = time.time()
     probe = forgetting.ForgettingProbe(stack.peft_model, forgetting.encode_passages(
-        stack.tok, passages, ec.forgetting, ec.forgetting_max_tokens, ec.batch_size))
+        stack.tok, passages, ec.forgetting, ec.forgetting_max_tokens, min(ec.batch_size, forgetting.BATCH)))
     print(f"[eval] forgetting check on {ec.forgetting}: {probe.text.passages} passages, {probe.text.tokens} "
           f"scored tokens ({probe.text.truncated} cut to eval.forgetting_max_tokens)", flush=True)
     return ForgettingRun(probe, seconds=time.time() - t0)
