@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 
 import torch
 
 from pipeline.config import LoraConfigSection, PipelineConfig
 from pipeline.data import loaders
+from pipeline.evaluation.stats import mean_se
 from pipeline.models import forwards, loading, stacking, throughput
 from pipeline.rl import rollout
 
@@ -70,10 +70,6 @@ VARIANTS = {  # name: (sampler, share prefixes, rows per call, sdpa while decodi
 }
 
 
-def _mean_se(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan"))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
@@ -92,7 +88,7 @@ def main() -> None:
     print(f"{throughput.cpu_description()['cpu']}, {torch.get_num_threads()} threads, "
           f"{loading.describe_precision(cfg.model, torch.device('cpu'))}; {len(rows)} rows, prompts of "
           f"{min(map(len, encoded))}-{max(map(len, encoded))} tokens", flush=True)
-    real_sampler = rollout.TemperatureSampler
+    real_sampler, real_share = rollout.TemperatureSampler, forwards.SHARE_PREFIXES
     decode_attn = vars(model).get("_rlhf_decode_attn")
     if decode_attn is None:
         print("note: this load does not switch attention while decoding (model.attn_implementation is not "
@@ -112,13 +108,12 @@ def main() -> None:
                         times[name].append(time.perf_counter() - t)
                         print(f"repeat {rep}: {name} {times[name][-1]:.2f} s", flush=True)
     finally:
-        rollout.TemperatureSampler, forwards.SHARE_PREFIXES = real_sampler, True
+        rollout.TemperatureSampler, forwards.SHARE_PREFIXES = real_sampler, real_share
         model._rlhf_decode_attn = decode_attn
-    base, _ = _mean_se(times["before"])
     for name, xs in times.items():
-        m, se = _mean_se(xs)
+        m, se = mean_se(xs)
         ratios = [x / y for x, y in zip(xs, times["before"])]
-        r, r_se = _mean_se(ratios)
+        r, r_se = mean_se(ratios)
         print(f"RESULT variant={name} seconds={m:.2f}±{se:.2f} vs_before={r:.3f}±{r_se:.3f}")
 
 
