@@ -63,6 +63,17 @@ def _both_ways(fn):
     return out
 
 
+def _backbone_widths(model, fn):
+    """``(the input_ids shape of every backbone call fn() makes, fn())``."""
+    widths = []
+    hook = forwards.backbone(model).register_forward_hook(
+        lambda m, args, kw, out: widths.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    try:
+        return widths, fn()
+    finally:
+        hook.remove()
+
+
 def test_shared_prefix_logprobs_and_gradients_equal_the_plain_forward(peft_tiny):
     peft_model, _, dtype = peft_tiny
     g = torch.Generator().manual_seed(3)
@@ -95,6 +106,36 @@ def test_shared_prefix_logprobs_and_gradients_equal_the_plain_forward(peft_tiny)
     torch.testing.assert_close(h1, h0, atol=tol * 10, rtol=tol)
     assert g0.keys() == g1.keys() and len(g0) > 0
     for k in g0:  # gradients reach the LoRA weights of the shared tokens' pass as well
+        scale = g0[k].abs().max().clamp(min=1e-6)
+        assert ((g1[k] - g0[k]).abs().max() / scale) < (1e-4 if dtype == "float32" else 0.2), k
+
+
+def test_repeated_prompts_run_once_and_score_as_the_plain_forward(peft_tiny):
+    """forward_response over rows that repeat prompts (eval's KL over 4 samples per prompt) runs each
+    distinct prompt once; logprobs and gradients equal the plain forward's (float32: to round-off)."""
+    peft_model, _, dtype = peft_tiny
+    g = torch.Generator().manual_seed(4)
+    system = [7, 8, 9, 10, 11, 12]
+    a, b = system + [40, 41, 42, 43, 44], system + [50, 51]
+    q, qm = forwards.left_pad([a, b, a, b, a], 0)
+    r = torch.randint(20, 200, (5, 4), generator=g)
+    rm = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+
+    def run():
+        peft_model.zero_grad(set_to_none=True)
+        out = forwards.forward_response(peft_model, q, qm, r, rm, 0.7)
+        (out.logprobs * rm).sum().backward()
+        return out.logprobs.detach(), {n: p.grad.clone() for n, p in peft_model.named_parameters()
+                                       if p.grad is not None}
+
+    widths, ((lp0, g0), (lp1, g1)) = _backbone_widths(peft_model, lambda: _both_ways(run))
+    # plain: the whole rows; shared: the system prompt once, the 2 distinct rests but their last token,
+    # then every row's last prompt token and its response
+    assert widths == [(5, 11 + 4), (1, 6), (2, 4), (5, 1 + 4)], widths
+    tol = 1e-5 if dtype == "float32" else 0.15
+    torch.testing.assert_close(lp1 * rm, lp0 * rm, atol=tol, rtol=0)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for k in g0:
         scale = g0[k].abs().max().clamp(min=1e-6)
         assert ((g1[k] - g0[k]).abs().max() / scale) < (1e-4 if dtype == "float32" else 0.2), k
 
@@ -144,13 +185,8 @@ def test_generation_runs_the_shared_system_prompt_once_and_samples_as_the_plain_
     assert ids[:, 6:].tolist() == [[30, 31, 32, 33], [pad, pad, pad, 40], [pad, pad, 50, 51]]
     assert mask.tolist() == [[1] * 10, [1] * 6 + [0, 0, 0, 1], [1] * 6 + [0, 0, 1, 1]]
 
-    backbone = forwards.backbone(peft_model)
-    widths = []
-    hook = backbone.register_forward_hook(lambda m, args, kw, out: widths.append(tuple(kw["input_ids"].shape)),
-                                          with_kwargs=True)
-    plain, shared = _both_ways(lambda: rollout.sample(peft_model, tok, q, qm, 6, 0.8, [-1], generator_seed=11,
-                                                      with_logprobs=True))
-    hook.remove()
+    widths, (plain, shared) = _backbone_widths(peft_model, lambda: _both_ways(
+        lambda: rollout.sample(peft_model, tok, q, qm, 6, 0.8, [-1], generator_seed=11, with_logprobs=True)))
     # plain: prefill (3, 10), then 5 one-token steps; shared: (1, 6) once, the rests (3, 4), then the steps
     assert widths[0] == (3, 10) and widths[6:8] == [(1, 6), (3, 4)], widths
     if dtype == "float32":
@@ -161,3 +197,35 @@ def test_generation_runs_the_shared_system_prompt_once_and_samples_as_the_plain_
     assert one[2] is None and torch.equal(one[0], q[:1])
     q2, qm2 = forwards.left_pad([[5, 6], [7, 8]], tok.pad_token_id)
     assert rollout.shared_prefix_prefill(peft_model, q2, qm2, tok.pad_token_id)[2] is None
+
+
+def test_generation_prefills_each_repeated_prompt_once_and_samples_as_the_plain_prefill(peft_tiny):
+    """Rows that repeat a prompt (eval's samples per prompt, best-of-n's pool) prefill it once: the shared
+    start for all, each distinct rest but its last token once, then every row's last token; tokens drawn
+    from a seed and their logprobs are the plain prefill's (float32: to round-off)."""
+    from pipeline.rl import rollout
+
+    peft_model, tok, dtype = peft_tiny
+    system = [7, 8, 9, 10, 11, 12]
+    a, b = system + [30, 31, 32, 33], system + [50, 51]
+    q, qm = forwards.left_pad([a, b, a, a, b], tok.pad_token_id)
+    ids, mask, cache = rollout.shared_prefix_prefill(peft_model, q, qm, tok.pad_token_id)
+    pad = tok.pad_token_id
+    assert ids[:, :6].tolist() == [system] * 5
+    assert ids[:, 6:].tolist() == [[30, 31, 32, 33], [pad, pad, 50, 51]] + [[30, 31, 32, 33]] * 2 + [[pad, pad, 50, 51]]
+    assert mask[1].tolist() == [1] * 6 + [0, 0, 1, 1]
+    # cached: the system prompt and three of the four rest columns; generate runs the last one
+    assert cache.get_seq_length() == 9
+
+    widths, (plain, shared) = _backbone_widths(peft_model, lambda: _both_ways(
+        lambda: rollout.sample(peft_model, tok, q, qm, 6, 0.8, [-1], generator_seed=5, with_logprobs=True)))
+    # plain: prefill (5, 10), then 5 steps; shared: the start (1, 6), 2 distinct rests (2, 3), every row's
+    # last prompt token (5, 1), then the steps
+    assert widths[0] == (5, 10) and widths[6:9] == [(1, 6), (2, 3), (5, 1)], widths
+    if dtype == "float32":
+        assert torch.equal(shared.response, plain.response)
+        torch.testing.assert_close(shared.logprobs, plain.logprobs, atol=2e-5, rtol=0)
+    # one prompt repeated: all but its last token cached once
+    q1, qm1 = forwards.left_pad([a, a, a], tok.pad_token_id)
+    ids1, _, cache1 = rollout.shared_prefix_prefill(peft_model, q1, qm1, tok.pad_token_id)
+    assert torch.equal(ids1, q1) and cache1.get_seq_length() == 9

@@ -216,40 +216,9 @@ def sample(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, 
 
 
 def shared_prefix_prefill(model, query_ids: torch.Tensor, query_mask: torch.Tensor, pad_id: int):
-    """Run the tokens every row's prompt starts with (the chat template's system prompt) once, for
-    ``generate`` to continue from: ``(ids, mask, cache)``, where ``ids`` (B, S + R) is that shared start
-    followed by each row's rest left-padded (so padding sits between the two; position ids count real
-    tokens, so a row's logits do not depend on it) and ``cache`` holds the start's keys and values for
-    every row. ``(query_ids, query_mask, None)`` where nothing is shared, for one row, and for models
-    whose cache is not a plain key/value store.
-
-    The prompt cache of an inference server (vLLM's automatic prefix caching; Kwon et al. 2023), here
-    within one batch: on the embedded default ~33 of a prompt's ~45 tokens are the system prompt, and
-    the prefill of 32 rows ran 32 times over it. Logits equal the plain prefill's to float round-off.
-    """
-    real = query_mask.long().sum(dim=1)
-    backbone = forwards.backbone(model)
-    if (query_ids.shape[0] < 2 or not forwards.SHARE_PREFIXES
-            or not vars(backbone).get("_rlhf_prefix_cache", True)):
-        return query_ids, query_mask, None
-    shared = forwards.common_prefix_length(query_ids, real, int(real.min()) - 1)
-    if shared == 0:
-        return query_ids, query_mask, None
-    p, b = query_ids.shape[1], query_ids.shape[0]
-    start = p - int(real[0])
-    prefix = query_ids[:1, start:start + shared]
-    ones = torch.ones_like(prefix)
-    cache = backbone(input_ids=prefix, attention_mask=ones, position_ids=torch.arange(shared, device=prefix.device)
-                     .unsqueeze(0), use_cache=True).past_key_values
-    if not forwards.plain_cache(cache):
-        backbone._rlhf_prefix_cache = False  # not tried again for this model
-        return query_ids, query_mask, None
-    forwards.select_cache_rows(cache.layers, torch.zeros(b, dtype=torch.long, device=prefix.device))
-    rest, rest_mask = left_pad([row[p - n + shared:].tolist() for row, n in zip(query_ids, real.tolist())],
-                               pad_id)
-    ids = torch.cat([prefix.expand(b, -1), rest.to(query_ids.device)], dim=1)
-    mask = torch.cat([ones.expand(b, -1), rest_mask.to(query_mask.device)], dim=1).to(query_mask.dtype)
-    return ids, mask, cache
+    """:func:`pipeline.models.forwards.prefill_prompts` for ``generate`` to continue from: the system
+    prompt every row starts with, and each distinct prompt however many rows sample it, run once."""
+    return forwards.prefill_prompts(model, query_ids, query_mask, pad_id)
 
 
 def generate(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
