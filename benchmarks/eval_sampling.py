@@ -10,7 +10,9 @@ process, variants alternating:
   (``rollout.shared_prefix_prefill``);
 - ``+rows128``: one call of 128 rows (``eval.batch_size: 128``);
 - ``+buffer``: today's ``rollout.TemperatureSampler`` (two-level inverse CDF into one kept buffer);
-- ``+sdpa``: sdpa attention while decoding (``loading.decode_attention``), today's code.
+- ``+sdpa``: sdpa attention while decoding (``loading.decode_attention``);
+- ``+per-prompt``: each distinct prompt's rest prefilled once for its 4 rows, not once per row
+  (``rollout.shared_prefix_prefill``), today's code.
 
 The embedded model, compute dtype ``auto``, a random LoRA policy (r 8) merged into dense weights as
 eval samples (``ppo.rollout_weights: auto``). Prints each variant's mean with its standard error over
@@ -60,13 +62,36 @@ class OneCumsumSampler:
         return torch.full_like(scaled, -math.inf).scatter_(-1, pick, 0.0)
 
 
-VARIANTS = {  # name: (sampler, share prefixes, rows per call, sdpa while decoding)
-    "before": (GumbelMaxSampler, False, 32, False),
-    "+sampler": (OneCumsumSampler, False, 32, False),
-    "+shared": (OneCumsumSampler, True, 32, False),
-    "+rows128": (OneCumsumSampler, True, 128, False),
-    "+buffer": (rollout.TemperatureSampler, True, 128, False),
-    "+sdpa": (rollout.TemperatureSampler, True, 128, True),
+def system_prompt_prefill(model, query_ids, query_mask, pad_id):
+    """The prefill before 2026-12-05 evening: only the start all rows share (the system prompt) runs once;
+    every row then prefills its own rest, however many rows repeat its prompt."""
+    real = query_mask.long().sum(dim=1)
+    backbone = forwards.backbone(model)
+    if query_ids.shape[0] < 2 or not forwards.SHARE_PREFIXES:
+        return query_ids, query_mask, None
+    shared = forwards.common_prefix_length(query_ids, real, int(real.min()) - 1)
+    if shared == 0:
+        return query_ids, query_mask, None
+    p, b = query_ids.shape[1], query_ids.shape[0]
+    prefix = query_ids[:1, p - int(real[0]):p - int(real[0]) + shared]
+    cache = backbone(input_ids=prefix, attention_mask=torch.ones_like(prefix),
+                     position_ids=torch.arange(shared).unsqueeze(0), use_cache=True).past_key_values
+    forwards.select_cache_rows(cache.layers, torch.zeros(b, dtype=torch.long))
+    rest, rest_mask = forwards.left_pad([row[p - n + shared:].tolist() for row, n in zip(query_ids, real.tolist())],
+                                        pad_id)
+    return (torch.cat([prefix.expand(b, -1), rest], dim=1),
+            torch.cat([torch.ones((b, shared), dtype=torch.long), rest_mask], dim=1), cache)
+
+
+PREFILL = rollout.shared_prefix_prefill
+VARIANTS = {  # name: (sampler, share prefixes, rows per call, sdpa while decoding, prefill)
+    "before": (GumbelMaxSampler, False, 32, False, system_prompt_prefill),
+    "+sampler": (OneCumsumSampler, False, 32, False, system_prompt_prefill),
+    "+shared": (OneCumsumSampler, True, 32, False, system_prompt_prefill),
+    "+rows128": (OneCumsumSampler, True, 128, False, system_prompt_prefill),
+    "+buffer": (rollout.TemperatureSampler, True, 128, False, system_prompt_prefill),
+    "+sdpa": (rollout.TemperatureSampler, True, 128, True, system_prompt_prefill),
+    "+per-prompt": (rollout.TemperatureSampler, True, 128, True, PREFILL),
 }
 
 
@@ -97,8 +122,9 @@ def main() -> None:
     try:
         with torch.no_grad(), stacking.merged_linear_weights(pm):
             for rep in range(args.repeats + 1):  # the first round warms up
-                for name, (sampler, share, per_call, sdpa) in VARIANTS.items():
+                for name, (sampler, share, per_call, sdpa, prefill) in VARIANTS.items():
                     rollout.TemperatureSampler, forwards.SHARE_PREFIXES = sampler, share
+                    rollout.shared_prefix_prefill = prefill
                     model._rlhf_decode_attn = decode_attn if sdpa else None
                     t = time.perf_counter()
                     for b, s in enumerate(range(0, len(rows), per_call)):
@@ -109,6 +135,7 @@ def main() -> None:
                         print(f"repeat {rep}: {name} {times[name][-1]:.2f} s", flush=True)
     finally:
         rollout.TemperatureSampler, forwards.SHARE_PREFIXES = real_sampler, real_share
+        rollout.shared_prefix_prefill = PREFILL
         model._rlhf_decode_attn = decode_attn
     for name, xs in times.items():
         m, se = mean_se(xs)
