@@ -31,12 +31,14 @@ def test_prefixed_rows_by_hand():
     assert rows.ids.tolist() == [[7, 8], [9, 0]] and rows.mask.tolist() == [[1, 1], [1, 0]]
     assert rows.pool.tolist() == [[False, True], [True, False]] and rows.last.tolist() == [1, 0]
     assert rows.full_mask().tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
-    # groups (0, 1, 0): rows 0 and 2 share (5, 6, 7), never a row's last token; row 1 alone shares nothing,
-    # so its prefix is all padding (left-padded)
+    # groups (0, 1, 0): rows 0 and 2 share (5, 6, 7), never a row's last token; row 1, alone in its group,
+    # has its prompt (4) as its prefix (left-padded)
     rows = forwards.prefixed_rows([([5, 6, 7, 8], 3), ([4, 4], 1), ([5, 6, 7, 9, 9], 4)], 0, "cpu", [0, 1, 0])
-    assert rows.prefix_ids.tolist() == [[5, 6, 7], [0, 0, 0]] and rows.prefix_mask.tolist() == [[1, 1, 1], [0, 0, 0]]
-    assert rows.group.tolist() == [0, 1, 0] and rows.ids.tolist() == [[8, 0], [4, 4], [9, 9]]
-    assert rows.pool.tolist() == [[True, False], [False, True], [False, True]]
+    assert rows.prefix_ids.tolist() == [[5, 6, 7], [0, 0, 4]] and rows.prefix_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert rows.group.tolist() == [0, 1, 0] and rows.ids.tolist() == [[8, 0], [4, 0], [9, 9]]
+    assert rows.pool.tolist() == [[True, False], [True, False], [False, True]]
+    # one row alone: nothing shared
+    assert forwards.prefixed_rows([([5, 6, 7], 2)], 0, "cpu").prefix_ids.shape == (1, 0)
     # sharing off: whole rows
     assert forwards.prefixed_rows([([5, 6, 7, 8], 3), ([5, 6, 9], 2)], 0, "cpu", share=False).prefix_ids.shape == (1, 0)
 
@@ -170,6 +172,34 @@ def test_pair_groups_share_their_prompt_and_score_as_the_plain_forward(peft_tiny
     assert (plain[0] - plain[2]).abs().max() > 1e-3
 
 
+def test_pairs_run_their_shared_system_start_once_and_train_as_the_plain_forward(peft_tiny):
+    """A batch of preference pairs: every pair's prompt once, and the start the prompts share (the system
+    prompt) once for all pairs, not once per pair; features and LoRA gradients equal the plain forward's."""
+    peft_model, _, dtype = peft_tiny
+    system = [7, 8, 9]
+    prompt_a, prompt_b, prompt_c = system + [10, 11], system + [12], system + [13, 14, 15]
+    # (ids, response start): chosen rows then rejected rows, pair i = (i, i + 3)
+    encoded = [(prompt_a + [40, 41], 5), (prompt_b + [50, 51, 52], 4), (prompt_c + [60], 6),
+               (prompt_a + [70], 5), (prompt_b + [80, 81], 4), (prompt_c + [90, 91, 92, 93], 6)]
+
+    def run():
+        peft_model.zero_grad(set_to_none=True)
+        feats = pooled_features(peft_model, encoded, 0, "mean", groups=[0, 1, 2, 0, 1, 2])
+        (feats * torch.linspace(-1, 1, feats.shape[1])).sum().backward()
+        return feats.detach(), {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+
+    widths, ((f0, g0), (f1, g1)) = _backbone_widths(peft_model, lambda: _both_ways(run))
+    # plain: prompts (padded to 6) + rests (padded to 4) in one pass; shared: the system start (1, 3), the
+    # three prompts' rests (3, 3), then the 6 rows' own tokens
+    assert widths == [(6, 6 + 4), (1, 3), (3, 3), (6, 4)], widths
+    tol = 1e-5 if dtype == "float32" else 0.1
+    torch.testing.assert_close(f1, f0, atol=tol, rtol=tol)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for k in g0:  # the system start's pass is trained through as well
+        scale = g0[k].abs().max().clamp(min=1e-6)
+        assert ((g1[k] - g0[k]).abs().max() / scale) < (1e-4 if dtype == "float32" else 0.2), k
+
+
 def test_generation_runs_the_shared_system_prompt_once_and_samples_as_the_plain_prefill(peft_tiny):
     """rollout.sample prefills the common start of the prompts once (rollout.shared_prefix_prefill); the
     tokens drawn from a seed and their logprobs are the plain prefill's (float32: to round-off)."""
@@ -229,3 +259,27 @@ def test_generation_prefills_each_repeated_prompt_once_and_samples_as_the_plain_
     q1, qm1 = forwards.left_pad([a, a, a], tok.pad_token_id)
     ids1, _, cache1 = rollout.shared_prefix_prefill(peft_model, q1, qm1, tok.pad_token_id)
     assert torch.equal(ids1, q1) and cache1.get_seq_length() == 9
+
+
+def test_scoring_runs_each_prompt_once_per_batch_and_scores_as_the_plain_forward(peft_tiny):
+    """The reward scorer puts rows of one prompt side by side (eval's samples of a prompt, the two sides of
+    a held-out pair) and runs the prompt once; scores equal the plain forward's, in the rows' order."""
+    from pipeline.models.reward_model import RewardModelScorer
+
+    peft_model, tok, dtype = peft_tiny
+    head = torch.linspace(-1, 1, peft_model.config.hidden_size)
+    scorer = RewardModelScorer(peft_model, tok, head, adapter="default", batch_size=4)
+    system = [7, 8, 9]
+    a, b = system + [10, 11], system + [12]
+    # (ids, response start), prompts interleaved and of mixed lengths: a b a b a
+    seqs = [(a + [40, 41], 5), (b + [50, 51, 52, 53], 4), (a + [60], 5), (b + [70], 4), (a + [80, 81, 82], 5)]
+    widths, (plain, shared) = _backbone_widths(peft_model, lambda: _both_ways(lambda: scorer.score_ids(seqs)))
+    tol = 1e-5 if dtype == "float32" else 0.1
+    torch.testing.assert_close(shared, plain, atol=tol, rtol=tol)
+    assert len(set(plain.tolist())) == 5
+    # prompts by their longest row (8 both; ties by tokens: a = (7, 8, 9, 10, 11) before b = (7, 8, 9, 12)),
+    # rows by length within: a's (6, 7, 8), b's (5, 8); batches of 4: a's three and b's shorter row, then b's
+    # longer row alone. Plain: whole rows (4, 8), (1, 8). Shared: the system start once, the two prompts'
+    # rests, the rows' own tokens; the row alone, whole.
+    assert widths[:2] == [(4, 8), (1, 8)], widths
+    assert widths[2:] == [(1, 3), (2, 2), (4, 3), (1, 8)], widths

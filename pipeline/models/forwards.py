@@ -155,8 +155,8 @@ def prefixed_rows(encoded: Sequence[tuple[Sequence[int], int]], pad_id: int, dev
     """Rows ``(ids, response_start)`` split into the start their group shares and their own rest. Rows
     with the same ``groups`` entry (default: all rows one group) share the tokens they all begin with, up
     to the group's earliest response start and never a row's last token, so every pooled position is a
-    row's own. One-row groups, and every row when ``share`` is False (default: :data:`SHARE_PREFIXES`),
-    share nothing. E.g. rows (5, 6, 7, 8) and (5, 6, 9), responses from 3 and 2, one group: prefix (5, 6);
+    row's own (a one-row group: its tokens before its response). One row alone, and every row when
+    ``share`` is False (default: :data:`SHARE_PREFIXES`), share nothing. E.g. rows (5, 6, 7, 8) and (5, 6, 9), responses from 3 and 2, one group: prefix (5, 6);
     rests (7, 8) and (9,)."""
     share = SHARE_PREFIXES if share is None else share
     groups = list(groups) if groups is not None else [0] * len(encoded)
@@ -167,7 +167,9 @@ def prefixed_rows(encoded: Sequence[tuple[Sequence[int], int]], pad_id: int, dev
     prefixes, cut = [], [0] * len(encoded)
     for rows in members:
         limit = min(min(encoded[r][1] for r in rows), min(len(encoded[r][0]) for r in rows) - 1)
-        n = common_prefix([encoded[r][0] for r in rows], limit) if share and len(rows) > 1 else 0
+        # a group of one row has its prompt as its prefix too when there are other rows: the start the
+        # groups' prefixes share (the system prompt) then runs once for all of them (prefixed_hidden)
+        n = common_prefix([encoded[r][0] for r in rows], limit) if share and len(encoded) > 1 else 0
         prefixes.append(list(encoded[rows[0]][0][:n]))
         for r in rows:
             cut[r] = n
@@ -215,35 +217,55 @@ def prefill_prompts(model, query_ids: torch.Tensor, query_mask: torch.Tensor, pa
     shared = common_prefix_length(uq_ids, real, int(real.min()) - 1) if u > 1 else int(real[0]) - 1
     if shared == 0 and u == b:
         return query_ids, query_mask, None
-    start = p - int(real[0])
-    prefix = uq_ids[:1, start:start + shared]
-    rest, rest_mask = left_pad([row[p - n + shared:].tolist() for row, n in zip(uq_ids, real.tolist())],
-                               pad_id)
-    rest, rest_mask = rest.to(query_ids.device), rest_mask.to(query_ids.device)
-    ones = torch.ones((u, shared), dtype=torch.long, device=query_ids.device)
+    prefix, rest, rest_mask = split_shared(uq_ids, uq_mask, shared, pad_id)
+    # every distinct rest but its last column (a left-padded row's last token sits there), where rows repeat
+    run = rest[:, :-1] if u < b else rest[:, :0]
+    built = cache_prefixes(net, prefix, run, rest_mask[:, :run.shape[1]])
+    if built is None:
+        return query_ids, query_mask, None
+    cache = built[1]
+    select_cache_rows(cache.layers, inverse.to(query_ids.device))
+    ids = torch.cat([prefix.expand(b, -1), rest[inverse]], dim=1)
+    ones = torch.ones((b, shared), dtype=rest_mask.dtype, device=rest_mask.device)
+    mask = torch.cat([ones, rest_mask[inverse]], dim=1).to(query_mask.dtype)
+    return ids, mask, cache
+
+
+def split_shared(ids: torch.Tensor, mask: torch.Tensor, shared: int, pad_id: int):
+    """Left-padded rows ``ids`` (U, P) (``mask`` 1 on real tokens) whose first ``shared`` real tokens are
+    the same in every row, split into those tokens (1, shared) and each row's rest, left-padded again:
+    ``(top, rest (U, R), rest_mask (U, R))``. Rows (0, 5, 6, 7) and (5, 6, 8, 9), shared 2: top (5, 6),
+    rests (0, 7) and (8, 9)."""
+    p = ids.shape[1]
+    real = mask.long().sum(dim=1).tolist()
+    top = ids[:1, p - real[0]:p - real[0] + shared]
+    rest, rest_mask = left_pad([row[p - n + shared:].tolist() for row, n in zip(ids, real)], pad_id)
+    return top, rest.to(ids.device), rest_mask.to(ids.device)
+
+
+def cache_prefixes(net, top: torch.Tensor, rest: torch.Tensor, rest_mask: torch.Tensor):
+    """Keys and values of U rows that all start with ``top`` (1, s), then their own ``rest`` (U, R),
+    left-padded (``rest_mask``): the top runs once, and each rest once on top of it. ``(mask (U, s + R),
+    cache)``, the mask the rows' continuation attends with; None where there is nothing to run, or the
+    backbone's cache is not a plain key/value store (then marked, so that it is not tried again)."""
+    u, s = rest.shape[0], top.shape[1]
+    ones = torch.ones((u, s), dtype=torch.long, device=rest.device)
+    mask = torch.cat([ones, rest_mask.long()], dim=1)
     cache = None
-    if shared:
-        cache = net(input_ids=prefix, attention_mask=ones[:1],
-                    position_ids=torch.arange(shared, device=prefix.device).unsqueeze(0), use_cache=True).past_key_values
+    if s:
+        cache = net(input_ids=top, attention_mask=ones[:1],
+                    position_ids=torch.arange(s, device=top.device).unsqueeze(0), use_cache=True).past_key_values
         if not plain_cache(cache):
-            net._rlhf_prefix_cache = False  # not tried again for this model
-            return query_ids, query_mask, None
-        select_cache_rows(cache.layers, torch.zeros(u, dtype=torch.long, device=prefix.device))
-    if u < b and rest.shape[1] > 1:
-        # every distinct rest but its last column (a left-padded row's last token sits there)
-        mask = torch.cat([ones, rest_mask[:, :-1]], dim=1)
-        cache = net(input_ids=rest[:, :-1], attention_mask=mask,
-                    position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0)[:, shared:],
+            net._rlhf_prefix_cache = False
+            return None
+        select_cache_rows(cache.layers, torch.zeros(u, dtype=torch.long, device=top.device))
+    if rest.shape[1]:
+        cache = net(input_ids=rest, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0)[:, s:],
                     past_key_values=cache, use_cache=True).past_key_values
         if not plain_cache(cache):
             net._rlhf_prefix_cache = False
-            return query_ids, query_mask, None
-    if cache is None:
-        return query_ids, query_mask, None
-    select_cache_rows(cache.layers, inverse.to(query_ids.device))
-    ids = torch.cat([prefix.expand(b, -1), rest[inverse]], dim=1)
-    mask = torch.cat([ones[:1].expand(b, -1), rest_mask[inverse]], dim=1).to(query_mask.dtype)
-    return ids, mask, cache
+            return None
+    return (mask, cache) if cache is not None else None
 
 
 def select_cache_rows(layers, index: torch.Tensor) -> None:
@@ -265,23 +287,30 @@ def prefixed_hidden(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, 
     """Final hidden states (B, S, H) of rows made of a shared prefix and their own suffix: row i is
     ``prefix_ids[group[i]]`` (G, Sp; left-padded, ``prefix_mask`` 1 on real tokens) followed by
     ``suffix_ids[i]`` (B, S; ``suffix_mask`` 0 on padding anywhere). Each prefix runs once; the rows'
-    suffixes attend to its cached keys and values. Equal to the backbone over the concatenated rows to
+    suffixes attend to its cached keys and values. The start all prefixes share runs once for all of
+    them (a batch of preference pairs: every pair's prompt once, and the system prompt they all begin
+    with once, not once per pair). Equal to the backbone over the concatenated rows to
     float round-off. Models whose cache is not a plain key/value store (sliding windows, linear
     attention) and empty prefixes take that plain path."""
     backbone, _ = _backbone_and_head(model)
-    full_mask = torch.cat([prefix_mask.long()[group], suffix_mask.long()], dim=1)
-    position_ids = (full_mask.cumsum(dim=1) - 1).clamp(min=0)
-    sp = prefix_ids.shape[1]
+    g, sp = prefix_ids.shape
     # A backbone whose cache proved not plain is remembered, so its prefix pass is not run again for nothing.
     if sp and SHARE_PREFIXES and vars(backbone).get("_rlhf_prefix_cache", True):
-        cache = backbone(input_ids=prefix_ids, attention_mask=prefix_mask.long(),
-                         position_ids=(prefix_mask.long().cumsum(dim=1) - 1).clamp(min=0),
-                         use_cache=True).past_key_values
-        if plain_cache(cache):
+        # The groups' prefixes share a start of their own (every row's system prompt): it runs once, then
+        # each group's rest (its prompt) once on top of it, then the rows.
+        real = prefix_mask.long().sum(dim=1)
+        shared = common_prefix_length(prefix_ids, real, int(real.min())) if g > 1 else int(real[0])
+        top, rest, rest_mask = split_shared(prefix_ids, prefix_mask, shared, 0)
+        built = cache_prefixes(backbone, top, rest, rest_mask)
+        if built is not None:
+            mask, cache = built
             select_cache_rows(cache.layers, group)
-            return backbone(input_ids=suffix_ids, attention_mask=full_mask, position_ids=position_ids[:, sp:],
+            full_mask = torch.cat([mask[group], suffix_mask.long()], dim=1)
+            position_ids = (full_mask.cumsum(dim=1) - 1).clamp(min=0)[:, mask.shape[1]:]
+            return backbone(input_ids=suffix_ids, attention_mask=full_mask, position_ids=position_ids,
                             past_key_values=cache, use_cache=True).last_hidden_state
-        backbone._rlhf_prefix_cache = False
+    full_mask = torch.cat([prefix_mask.long()[group], suffix_mask.long()], dim=1)
+    position_ids = (full_mask.cumsum(dim=1) - 1).clamp(min=0)
     ids = torch.cat([prefix_ids[group], suffix_ids], dim=1)
     return backbone(input_ids=ids, attention_mask=full_mask, position_ids=position_ids,
                     use_cache=False).last_hidden_state[:, sp:]

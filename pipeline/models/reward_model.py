@@ -69,20 +69,30 @@ def encode_rows(tokenizer, prompts: Sequence[str], responses: Sequence[str],
 
 @torch.no_grad()
 def score_by_length(model, seqs: list[tuple[list[int], int]], batch_size: int, batch_fn, n_out: int,
-                    progress: Optional[str] = None) -> torch.Tensor:
+                    progress: Optional[str] = None, by_prompt: bool = False) -> torch.Tensor:
     """(n_out, N) scores of encoded rows, in their order, the model in eval mode meanwhile. Batches are
     formed in order of length, so that a batch is not padded to one long row (a row's score does not
-    depend on its padding); ``batch_fn(rows)`` returns (n_out, len(rows)); ``progress`` names a bar."""
+    depend on its padding); ``batch_fn(rows, groups)`` returns (n_out, len(rows)); ``progress`` names a
+    bar. With ``by_prompt``, rows of the same prompt (the tokens before their response: eval's samples of
+    a prompt, the two sides of a held-out pair) sit side by side, ordered by their prompt's longest row,
+    and ``groups`` names each row's prompt, for the batch to run it once; else ``groups`` is None."""
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    prompt = [tuple(ids[:start]) if by_prompt else () for ids, start in seqs]
+    longest: dict[tuple, int] = {}
+    for (ids, _), key in zip(seqs, prompt):
+        longest[key] = max(longest.get(key, 0), len(ids))
+    key_id = {key: i for i, key in enumerate(sorted(longest, key=lambda k: (longest[k], k)))}
+    order = sorted(range(len(seqs)), key=lambda i: (key_id[prompt[i]], len(seqs[i][0])) if by_prompt
+                   else len(seqs[i][0]))
     scores = torch.empty(n_out, len(seqs))
     try:
         for s in tqdm(range(0, len(seqs), batch_size), desc=progress, unit="batch", disable=progress is None):
             idx = order[s:s + batch_size]
-            scores[:, idx] = batch_fn([seqs[i] for i in idx]).float().cpu()
+            groups = [key_id[prompt[i]] for i in idx] if by_prompt else None
+            scores[:, idx] = batch_fn([seqs[i] for i in idx], groups).float().cpu()
     finally:
         model.train(was_training)
     return scores
@@ -116,12 +126,12 @@ class RewardModelScorer:
 
     def score_ids(self, seqs: list[tuple[list[int], int]], progress: Optional[str] = None) -> torch.Tensor:
         """(N,) scores of encoded rows, in their order; ``progress`` names a progress bar."""
-        def batch(rows):
-            v = pooled_features(self.model, rows, self.tokenizer.pad_token_id, self.pooling) @ self.head_weight.T
+        def batch(rows, groups):
+            v = pooled_features(self.model, rows, self.tokenizer.pad_token_id, self.pooling, groups) @ self.head_weight.T
             return (v + self.head_bias if self.head_bias is not None else v).T
 
         with stacking.active_adapters(self.model, [self.adapter]):
-            return score_by_length(self.model, seqs, self.batch_size, batch, 1, progress)[0]
+            return score_by_length(self.model, seqs, self.batch_size, batch, 1, progress, by_prompt=True)[0]
 
     def __call__(self, prompts, responses, prompt_messages=None, **info) -> list[float]:
         return self.score_ids(self.encode(prompts, responses, prompt_messages)).tolist()
@@ -161,7 +171,9 @@ class EnsembleScorer:
 
     def member_scores_ids(self, seqs: list[tuple[list[int], int]], progress: Optional[str] = None) -> torch.Tensor:
         """(members, N) raw scores of encoded rows, in their order."""
-        def batch(rows):
+        # One group (the system prompt every row starts with): the members' layers run a group's prefix
+        # once per group, so one per prompt would repeat the system prompt in every one of them.
+        def batch(rows, groups):
             feats = ensemble.member_features(self.model, rows, self.tokenizer.pad_token_id, self.pooling,
                                              self.adapters, self.split)
             return torch.cat([h @ w.T + (b if b is not None else 0) for h, (w, b) in zip(feats, self.heads)], dim=1).T
