@@ -131,6 +131,30 @@ def test_zero_b_adapter_is_the_base_and_a_random_adapter_moves_away(tiny_nf4):
     assert f"{moved['nll'] - base['nll']:+8.4f}" in table.splitlines()[-1]
 
 
+def test_kept_base_logprobs_and_the_base_own_hidden_states_change_nothing(tiny_nf4, monkeypatch):
+    """The base's log-probabilities kept across models (under BASE_LOGPROBS_MAX_BYTES) and the base's own
+    measurement from its kept hidden states give what recomputing them gives, exactly; the base then
+    runs no forward."""
+    from pipeline.models import forwards
+
+    peft, _, _, text, probe = tiny_nf4
+    assert probe.base_logprobs is not None and len(probe.base_logprobs) == len(text.batches)
+    calls = []
+    hook = forwards.backbone(peft).register_forward_hook(lambda *a: calls.append(1))
+    try:
+        kept = [probe.measure(adapters=a) for a in (None, ["random"])]
+        assert len(calls) == len(text.batches)  # the random adapter's batches; none for the base
+        monkeypatch.setattr(forgetting, "BASE_LOGPROBS_MAX_BYTES", 0)
+        fresh_probe = forgetting.ForgettingProbe(peft, text, chunk=7)
+        assert fresh_probe.base_logprobs is None
+        # the zero adapter (B = 0) is the base, computed by a forward
+        fresh = [fresh_probe.measure(adapters=a) for a in (["zero"], ["random"])]
+    finally:
+        hook.remove()
+    for k, f in zip(kept, fresh):
+        assert k["nll_sums"] == f["nll_sums"] and k["kl_sums"] == f["kl_sums"]
+
+
 def test_a_full_model_is_measured_against_its_snapshot(tiny_nf4):
     """A plain model whose head trains (a full fine-tune): the probe keeps the base's head."""
     from pipeline.config import ModelConfig
