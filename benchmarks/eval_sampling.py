@@ -66,20 +66,16 @@ def system_prompt_prefill(model, query_ids, query_mask, pad_id):
     """The prefill before 2026-12-05 evening: only the start all rows share (the system prompt) runs once;
     every row then prefills its own rest, however many rows repeat its prompt."""
     real = query_mask.long().sum(dim=1)
-    backbone = forwards.backbone(model)
     if query_ids.shape[0] < 2 or not forwards.SHARE_PREFIXES:
         return query_ids, query_mask, None
     shared = forwards.common_prefix_length(query_ids, real, int(real.min()) - 1)
     if shared == 0:
         return query_ids, query_mask, None
-    p, b = query_ids.shape[1], query_ids.shape[0]
-    prefix = query_ids[:1, p - int(real[0]):p - int(real[0]) + shared]
-    cache = backbone(input_ids=prefix, attention_mask=torch.ones_like(prefix),
-                     position_ids=torch.arange(shared).unsqueeze(0), use_cache=True).past_key_values
-    forwards.select_cache_rows(cache.layers, torch.zeros(b, dtype=torch.long))
-    rest, rest_mask = forwards.left_pad([row[p - n + shared:].tolist() for row, n in zip(query_ids, real.tolist())],
-                                        pad_id)
-    return (torch.cat([prefix.expand(b, -1), rest], dim=1),
+    top, rest, rest_mask = forwards.split_shared(query_ids, query_mask, shared, pad_id)
+    # the system prompt alone cached; every row's rest is left for generate's prefill
+    _, cache = forwards.cache_prefixes(forwards.backbone(model), top, rest[:, :0], rest_mask[:, :0])
+    b = query_ids.shape[0]
+    return (torch.cat([top.expand(b, -1), rest], dim=1),
             torch.cat([torch.ones((b, shared), dtype=torch.long), rest_mask], dim=1), cache)
 
 

@@ -80,13 +80,13 @@ def score_by_length(model, seqs: list[tuple[list[int], int]], batch_size: int, b
 
     was_training = model.training
     model.eval()
+    # without by_prompt every row has the one key (), and the order is by length alone
     prompt = [tuple(ids[:start]) if by_prompt else () for ids, start in seqs]
     longest: dict[tuple, int] = {}
     for (ids, _), key in zip(seqs, prompt):
         longest[key] = max(longest.get(key, 0), len(ids))
     key_id = {key: i for i, key in enumerate(sorted(longest, key=lambda k: (longest[k], k)))}
-    order = sorted(range(len(seqs)), key=lambda i: (key_id[prompt[i]], len(seqs[i][0])) if by_prompt
-                   else len(seqs[i][0]))
+    order = sorted(range(len(seqs)), key=lambda i: (key_id[prompt[i]], len(seqs[i][0])))
     scores = torch.empty(n_out, len(seqs))
     try:
         for s in tqdm(range(0, len(seqs), batch_size), desc=progress, unit="batch", disable=progress is None):
