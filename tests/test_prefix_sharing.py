@@ -37,6 +37,14 @@ def test_prefixed_rows_by_hand():
     assert rows.prefix_ids.tolist() == [[5, 6, 7], [0, 0, 4]] and rows.prefix_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert rows.group.tolist() == [0, 1, 0] and rows.ids.tolist() == [[8, 0], [4, 0], [9, 9]]
     assert rows.pool.tolist() == [[True, False], [True, False], [False, True]]
+    # groups (0, 1, 2, 0): rows 1 and 2, each alone in its group, make one group sharing (5) (their prompts
+    # (5, 4) and (5, 3) differ after it), so no pass runs a prompt for one row; it comes after the groups
+    # of several rows
+    rows = forwards.prefixed_rows([([5, 6, 7, 8], 3), ([5, 4, 1], 2), ([5, 3, 2], 2), ([5, 6, 7, 9], 3)], 0,
+                                  "cpu", [0, 1, 2, 0])
+    assert rows.prefix_ids.tolist() == [[5, 6, 7], [0, 0, 5]] and rows.group.tolist() == [0, 1, 1, 0]
+    assert rows.ids.tolist() == [[8, 0], [4, 1], [3, 2], [9, 0]]
+    assert rows.pool.tolist() == [[True, False], [False, True], [False, True], [True, False]]
     # one row alone: nothing shared
     assert forwards.prefixed_rows([([5, 6, 7], 2)], 0, "cpu").prefix_ids.shape == (1, 0)
     # sharing off: whole rows
@@ -259,6 +267,33 @@ def test_generation_prefills_each_repeated_prompt_once_and_samples_as_the_plain_
     q1, qm1 = forwards.left_pad([a, a, a], tok.pad_token_id)
     ids1, _, cache1 = rollout.shared_prefix_prefill(peft_model, q1, qm1, tok.pad_token_id)
     assert torch.equal(ids1, q1) and cache1.get_seq_length() == 9
+
+
+def test_decoding_drops_finished_rows_and_draws_what_generate_draws(peft_tiny):
+    """After the shared prefill, sampling runs its own decode loop (rollout.decode): rows that have stopped
+    leave the batch, and the tokens drawn from a seed, and their logprobs, are generate's (the plain
+    prefill's path; float32: to round-off)."""
+    from pipeline.rl import rollout
+
+    peft_model, tok, dtype = peft_tiny
+    g = torch.Generator().manual_seed(4)
+    system = [7, 8, 9, 10, 11, 12]
+    q, qm = forwards.left_pad([system + torch.randint(20, 200, (n,), generator=g).tolist()
+                               for n in (3, 1, 4, 2, 5, 2, 3, 1, 4, 2, 1, 3)], tok.pad_token_id)
+    stop = torch.randperm(tok.vocab_size, generator=g)[:tok.vocab_size // 8].tolist()  # ~1 in 8 draws stops
+    widths, (plain, shared) = _backbone_widths(peft_model, lambda: _both_ways(
+        lambda: rollout.sample(peft_model, tok, q, qm, 10, 0.8, stop, generator_seed=2, with_logprobs=True)))
+    # plain: generate's prefill (12, P) and a step of all 12 rows per token; shared: the system prompt
+    # (1, 6), the rests, then the steps, fewer rows once some have stopped
+    steps = plain.response.shape[1]
+    shared_steps = [w[0] for w in widths[steps:] if w[1] == 1]
+    assert widths[steps] == (1, 6) and len(shared_steps) == steps - 1, widths
+    assert max(shared_steps) <= 12 and min(shared_steps) < 12 and shared_steps == sorted(shared_steps, reverse=True)
+    assert 0 < int(plain.ended.sum()) < 12  # rows stop at different steps
+    if dtype == "float32":
+        assert torch.equal(shared.response, plain.response) and torch.equal(shared.ended, plain.ended)
+        torch.testing.assert_close(shared.logprobs, plain.logprobs, atol=2e-5, rtol=0)
+        assert (shared.logprobs[~shared.mask.bool()] == 0).all()
 
 
 def test_scoring_runs_each_prompt_once_per_batch_and_scores_as_the_plain_forward(peft_tiny):

@@ -164,15 +164,21 @@ def prefixed_rows(encoded: Sequence[tuple[Sequence[int], int]], pad_id: int, dev
     members: list[list[int]] = [[] for _ in index]
     for row, g in enumerate(groups):
         members[index[g]].append(row)
-    prefixes, cut = [], [0] * len(encoded)
-    for rows in members:
+    # Rows alone in their group make one group: a prefix of one row's own would cost a pass over it for
+    # that row alone (PPO's batches, one sample of each prompt, would run every prompt in a pass of its
+    # own), while together they share what they all begin with (the system prompt) at no extra pass.
+    singles = [rows for rows in members if len(rows) == 1]
+    if len(singles) > 1:
+        members = [rows for rows in members if len(rows) > 1] + [[r for rows in singles for r in rows]]
+    group, prefixes, cut = [0] * len(encoded), [], [0] * len(encoded)
+    for g, rows in enumerate(members):
         limit = min(min(encoded[r][1] for r in rows), min(len(encoded[r][0]) for r in rows) - 1)
         # a group of one row has its prompt as its prefix too when there are other rows: the start the
         # groups' prefixes share (the system prompt) then runs once for all of them (prefixed_hidden)
         n = common_prefix([encoded[r][0] for r in rows], limit) if share and len(encoded) > 1 else 0
         prefixes.append(list(encoded[rows[0]][0][:n]))
         for r in rows:
-            cut[r] = n
+            cut[r], group[r] = n, g
     prefix_ids, prefix_mask = left_pad(prefixes, pad_id)
     suffixes = [list(ids[c:]) for (ids, _), c in zip(encoded, cut)]
     width = max(len(x) for x in suffixes)
@@ -184,7 +190,7 @@ def prefixed_rows(encoded: Sequence[tuple[Sequence[int], int]], pad_id: int, dev
     starts = torch.tensor([s - c for (_, s), c in zip(encoded, cut)]).unsqueeze(1)
     pool = (torch.arange(width).unsqueeze(0) >= starts) & mask.bool()
     last = torch.tensor([len(x) - 1 for x in suffixes])
-    group = torch.tensor([index[g] for g in groups], dtype=torch.long)
+    group = torch.tensor(group, dtype=torch.long)
     return PrefixedRows(*(t.to(device) for t in (prefix_ids, prefix_mask, ids, mask, group, pool, last)))
 
 
