@@ -93,18 +93,27 @@ class TemperatureSampler:
         self._buf: Optional[torch.Tensor] = None
 
     def __call__(self, input_ids: Optional[torch.Tensor], scores: torch.Tensor) -> torch.Tensor:
-        if self._buf is None or self._buf.shape != scores.shape or self._buf.device != scores.device:
-            self._buf = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
-        w = self._buf
+        u = torch.rand((scores.shape[0], 1), dtype=torch.float64, device=scores.device)
+        pick, logprob = self.draw(scores, u)
+        if logprob is not None:
+            self.steps.append(logprob)
+        return self._buf[:scores.shape[0]].fill_(-math.inf).scatter_(-1, pick, 0.0)
+
+    def draw(self, scores: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The token drawn from softmax(``scores`` / T) (B, V) with uniforms ``u`` (B, 1) float64: ``(pick
+        (B, 1), its log-probability (B,) with ``record``, else None)``."""
+        b, v = scores.shape
+        # rows of the buffer kept when a batch shrinks (a decode batch drops its finished rows)
+        if self._buf is None or self._buf.shape[0] < b or self._buf.shape[1] != v or self._buf.device != scores.device:
+            self._buf = torch.empty((b, v), dtype=torch.float32, device=scores.device)
+        w = self._buf[:b]
         top = scores.amax(dim=-1, keepdim=True).float()
         torch.sub(scores, top, out=w)
         w.mul_(1.0 / self.temperature).exp_()
-        u = torch.rand((scores.shape[0], 1), dtype=torch.float64, device=scores.device)
         pick, total = inverse_cdf(w, u)
-        if self.record:
-            # log w[pick] = (l - max) / T at the draw, to exp/log round-off (~1e-7); w[pick] > 0 (drawn)
-            self.steps.append((w.gather(-1, pick).log() - total.log().float()).squeeze(-1))
-        return w.fill_(-math.inf).scatter_(-1, pick, 0.0)
+        # log w[pick] = (l - max) / T at the draw, to exp/log round-off (~1e-7); w[pick] > 0 (drawn)
+        logprob = (w.gather(-1, pick).log() - total.log().float()).squeeze(-1) if self.record else None
+        return pick, logprob
 
     @property
     def logprobs(self) -> torch.Tensor:
@@ -200,19 +209,89 @@ def sample(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, 
             torch.manual_seed(generator_seed)
         ids, mask, cache = shared_prefix_prefill(model, query_ids.to(device), query_mask.to(device),
                                                  tokenizer.pad_token_id)
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, generation_config=gen_cfg,
-                             logits_processor=LogitsProcessorList([sampler]))
-    response = out[:, ids.shape[1]:].cpu()
+        steps = None
+        if cache is not None:
+            # a plain key/value cache (prefill_prompts gives no other): rows can leave the batch
+            response, steps = decode(model, ids, mask, cache, max_new_tokens, sampler, stop_ids, tokenizer.pad_token_id)
+        else:
+            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, generation_config=gen_cfg,
+                                 logits_processor=LogitsProcessorList([sampler]))
+            response = out[:, ids.shape[1]:]
+    response = response.cpu()
     if response.shape[1] == 0:
         response = torch.full((query_ids.shape[0], 1), tokenizer.pad_token_id, dtype=torch.long)
     response, mask, ended = ppo_math.first_stop_truncate(response, stop_ids, tokenizer.pad_token_id)
     logprobs = None
     if with_logprobs:
         logprobs = torch.zeros(response.shape, dtype=torch.float32)
-        steps = sampler.logprobs.cpu()
+        steps = (steps if steps is not None else sampler.logprobs).cpu()
         logprobs[:, :steps.shape[1]] = steps[:, :response.shape[1]]
         logprobs = logprobs * mask
     return Sampled(response, mask, ended, logprobs)
+
+
+# A decode batch drops its finished rows, and their rows of the cache, once they are at least this share of
+# it: each drop copies the whole cache (index_select per layer), and a dropped row saves its share of every
+# later step. Sampling 128 eval rows from the default's SFT adapter (mean response 26 of 32 tokens): 0.85x
+# generate's time with the same tokens, at 8-9 drops per batch (float32, AMD EPYC under the AVX2 caps;
+# 1/25 and 1/4 measured 0.87x and 0.91x).
+DROP_FINISHED = 1 / 16
+
+
+def decode(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new_tokens: int, sampler: "TemperatureSampler",
+           stop_ids: list[int], pad_id: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``generate``'s sampling loop over left-padded ``ids`` (B, P) (``mask``), continuing from ``cache``, a
+    plain key/value cache of their first columns (:func:`pipeline.models.forwards.prefill_prompts`), with
+    ``sampler`` drawing each token: ``(response (B, steps), logprobs (B, steps) with sampler.record, else
+    None)``, tokens after a row's stop token ``pad_id``. Unlike ``generate``, rows that have stopped leave
+    the batch (:data:`DROP_FINISHED`): the rest run without them. Every step draws one uniform for each of
+    the B rows, finished or not, as ``generate`` does, so the tokens drawn from a seed are ``generate``'s
+    (to float round-off in the forwards over fewer rows)."""
+    b, p = ids.shape
+    device = ids.device
+    cached = cache.get_seq_length()
+    attention = torch.ones((b, p + max_new_tokens), dtype=mask.dtype, device=device)
+    attention[:, :p] = mask
+    position = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    # only the last column's logits are needed, where the family's forward can skip the others
+    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    logits = model(input_ids=ids[:, cached:], attention_mask=attention[:, :p], position_ids=position[:, cached:],
+                   past_key_values=cache, use_cache=True, **keep).logits[:, -1]
+    position = position[:, -1:] + 1
+    response = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device) if sampler.record else None
+    rows = torch.arange(b, device=device)  # each batch row's row of the output
+    live = torch.ones(b, dtype=torch.bool, device=device)
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    steps = 0
+    for t in range(max_new_tokens):
+        u = torch.rand((b, 1), dtype=torch.float64, device=device)[rows]
+        pick, logprob = sampler.draw(logits.float(), u)  # float32 logits, as generate gives its processors
+        pick = pick.squeeze(1).masked_fill(~live, pad_id)
+        response[rows, t] = pick
+        if logprob is not None:
+            logprobs[rows, t] = logprob
+        live &= ~torch.isin(pick, stop)
+        steps, left = t + 1, int(live.sum())
+        if left == 0 or steps == max_new_tokens:
+            break
+        if len(live) - left >= DROP_FINISHED * len(live):
+            kept = live.nonzero().squeeze(1)
+            forwards.select_cache_rows(cache.layers, kept)
+            rows, live, attention, position, pick = (x[kept] for x in (rows, live, attention, position, pick))
+        logits = model(input_ids=pick.unsqueeze(1), attention_mask=attention[:, :p + steps], position_ids=position,
+                       past_key_values=cache, use_cache=True, **keep).logits[:, -1]
+        position = position + 1
+    return response[:, :steps], logprobs[:, :steps] if logprobs is not None else None
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM under ``model`` (plain or in peft) takes ``logits_to_keep`` (most families of
+    transformers 4.50 on; ``generate`` checks its signature the same way)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def shared_prefix_prefill(model, query_ids: torch.Tensor, query_mask: torch.Tensor, pad_id: int):
