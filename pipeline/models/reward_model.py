@@ -98,6 +98,12 @@ def score_by_length(model, seqs: list[tuple[list[int], int]], batch_size: int, b
     return scores
 
 
+# Rows per scoring forward (no gradients, so activations are small): eval's 128 samples of a model scored
+# in 8.11 +- 0.24 s in batches of 32 against 9.25 +- 0.63 s in batches of 16, the same scores to 4e-5
+# (float32, AMD EPYC under the AVX2 caps); 64 measured 7.82 +- 0.20 s, inside noise of 32.
+SCORE_BATCH = 32
+
+
 class RewardModelScorer:
     """A reward plugin (prompts, responses -> scores) backed by a LoRA reward adapter + linear head.
 
@@ -107,7 +113,7 @@ class RewardModelScorer:
     """
 
     def __init__(self, model, tokenizer, head_weight: torch.Tensor, head_bias: Optional[torch.Tensor] = None,
-                 adapter: str = REWARD_ADAPTER, batch_size: int = 16, max_length: int = 1024, pooling: str = "mean"):
+                 adapter: str = REWARD_ADAPTER, batch_size: int = SCORE_BATCH, max_length: int = 1024, pooling: str = "mean"):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.model = model
@@ -147,7 +153,7 @@ class EnsembleScorer:
 
     def __init__(self, model, tokenizer, members: Sequence[tuple[str, torch.Tensor, Optional[torch.Tensor]]],
                  mean: Sequence[float], std: Sequence[float], aggregate: str = "mean", uwo_lambda: float = 0.1,
-                 batch_size: int = 16, max_length: int = 1024, pooling: str = "mean", labels: Sequence[str] = ()):
+                 batch_size: int = SCORE_BATCH, max_length: int = 1024, pooling: str = "mean", labels: Sequence[str] = ()):
         if aggregate not in ensemble.AGGREGATES:
             raise ValueError(f"aggregate must be one of {ensemble.AGGREGATES}, got {aggregate!r}")
         if not (isinstance(uwo_lambda, (int, float)) and uwo_lambda >= 0):
@@ -206,7 +212,7 @@ def _head_from_state(state: dict[str, torch.Tensor], where: str) -> tuple[torch.
     return weight, bias
 
 
-def load_reward_scorer(path: str | Path, host=None, batch_size: int = 16, members: Optional[Sequence[int]] = None,
+def load_reward_scorer(path: str | Path, host=None, batch_size: int = SCORE_BATCH, members: Optional[Sequence[int]] = None,
                        aggregate: str = "mean", uwo_lambda: float = 0.1):
     """Serve a trained reward model (a RUN/reward folder, or a run folder containing reward/).
 
