@@ -401,3 +401,27 @@ def test_sampling_attention_is_sdpa_on_cpu_and_draws_what_eager_draws(tiny_model
     model, _, _ = loading.load_base(cfg)
     with loading.decode_attention(model):
         assert model.config._attn_implementation == "eager"
+
+
+def test_eval_kl_with_a_merged_reference_equals_the_adapter_path(tiny_model_cfg):
+    """In float32 eval takes the model's side of the KL from the sampler and runs the reference from merged
+    weights (pipeline/stages/evaluate.py _sample); the per-sequence KL equals the one computed through the
+    adapters, on the same drawn tokens, to round-off."""
+    from pipeline.rl import rollout
+    from pipeline.stages import evaluate
+
+    pm, _ = _two_adapter_model(tiny_model_cfg)
+    _, tok, _ = loading.load_base(tiny_model_cfg)
+    encoded = [[7, 8, 9, 10, 11], [7, 8, 9, 12], [7, 8, 13, 14, 15, 16]]
+    stack = evaluate.Stack(None, pm, tok, None, {}, {}, reference=["one"], start=["one"])
+    out = {}
+    for merged in (False, True):
+        plan = evaluate.SamplingPlan(encoded, 2, 0.7, 8, rollout.stop_token_ids(tok, pm), 6, merged=merged,
+                                     float32=True)
+        out[merged] = evaluate._sample(stack, plan, ["one", "two"], 2, seed=3, desc="test")
+    assert out[True].response_ids == out[False].response_ids
+    kl = {m: torch.tensor(s.kl_k1) for m, s in out.items()}
+    assert kl[False].abs().max() > 1e-2  # the two adapters differ: a KL to compare
+    torch.testing.assert_close(kl[True], kl[False], atol=1e-4, rtol=0)
+    # k3 sums exp(log-ratio) terms, large where the adapters disagree: round-off relative to its size
+    torch.testing.assert_close(torch.tensor(out[True].kl_k3), torch.tensor(out[False].kl_k3), atol=1e-4, rtol=1e-4)
