@@ -209,12 +209,16 @@ def test_shared_prefixes_give_every_member_the_plain_features(two_member_model, 
     got = ensemble.member_features(pm, encoded, 0, pooling, adapters, groups=groups)
     for h in hooks:
         h.remove()
-    laid, _ = ensemble.shared_trunk(pm, encoded, 0, 1, "default", groups)
+    laid, trunk = ensemble.shared_trunk(pm, encoded, 0, 1, "default", groups)
     g, sp = laid.prefix_ids.shape
     assert sp == {"system": 5, "pairs": 6}[case] and g == {"system": 1, "pairs": 3}[case]
-    # the trunk (layer 0) and each member's layer 1 run the prefixes once, then the rows' own columns
-    assert shapes[0] == [(g, sp), tuple(laid.ids.shape)]
-    assert shapes[1] == [(g, sp), tuple(laid.ids.shape)] * 2
+    # the trunk (layer 0) and each member's layer 1 run the start all prefixes share once (one group: all
+    # of it; the pairs' prompts: their first token), each group's rest once (the pairs' prompts after that
+    # token, left-padded to 5), then the rows' own columns
+    levels = {"system": [(1, 5)], "pairs": [(1, 1), (3, 5)]}[case]
+    assert trunk.top_length == levels[0][1]
+    assert shapes[0] == levels + [tuple(laid.ids.shape)]
+    assert shapes[1] == (levels + [tuple(laid.ids.shape)]) * 2
     for a, features in zip(adapters, got):
         torch.testing.assert_close(features, _plain_features(pm, encoded, pooling, a), **TOL)
     assert (got[0] - got[1]).abs().max() > 1e-2  # the members really differ
@@ -244,7 +248,9 @@ def test_shared_prefix_gradients_on_a_members_resample_equal_the_plain_forward(t
     rows = torch.tensor([1, 2, 4, 5])  # pairs 1 and 2, chosen then rejected
     sub, s_trunk = ensemble.take_rows(rows, laid, trunk)
     assert laid.prefix_ids.shape[1] == 6 and sub.prefix_ids.shape == (2, 5)  # prompts of 4 and 5 tokens
-    assert sub.group.tolist() == [0, 1, 0, 1] and s_trunk.prefix.shape[:2] == (2, 5)
+    # the top (the prompts' first token) stays; the rests lose pair 0's longer one and its padding: 4 columns
+    assert sub.group.tolist() == [0, 1, 0, 1] and s_trunk.top_length == 1 and s_trunk.prefix.shape[:2] == (2, 4)
+    assert s_trunk.kv[0][0].shape[2] == 5 and trunk.kv[0][0].shape[2] == 6
 
     def grads(features):
         # a score head's direction: the squared norm of one token's features is fixed by the final RMSNorm

@@ -6,9 +6,10 @@ Members differ by seed (LoRA and head initialisation) and by a bootstrap resampl
 masks, Osband et al. 2016): with ``reward.lora.top_layers`` the decoder layers below the lowest adapted
 one are the same for every member, so one forward through them serves all (:func:`run_trunk`), and
 each member then runs only its own top layers (:func:`member_hidden`). Drawing a separate batch per
-member would forfeit that. Rows that begin alike (every row's system prompt; a pair's prompt) run that
-start once per group, in the trunk and in each member's layers, and the rows attend to its cached keys
-and values (prefix sharing, as :func:`pipeline.models.forwards.prefixed_hidden`; :func:`shared_trunk`).
+member would forfeit that. Rows that begin alike (a pair's prompt, a prompt's samples) run that start
+once per group, and the start all groups share (the system prompt) once per batch, in the trunk and in
+each member's layers; the rows attend to their cached keys and values (prefix sharing, as
+:func:`pipeline.models.forwards.prefixed_hidden`; :func:`shared_trunk`, :func:`prefix_levels`).
 
 Aggregations (Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization"), over member
 scores each standardised on the SFT policy's samples first (so no member's scale dominates):
@@ -115,12 +116,33 @@ class _TrunkDone(Exception):
 class Trunk:
     """What the layers below ``split`` computed, once for every member, as decoder layer ``split - 1``
     returned it (a tensor (.., H), or a tuple on some families): ``out`` on the rows' own columns
-    (:attr:`forwards.PrefixedRows.ids`, (B, S, H)); when the rows share prefixes, ``prefix`` on those
-    (G, Sp, H) and ``kv``, the prefixes' (keys, values) in each layer below ``split``, each
-    (G, heads, Sp, head_dim)."""
+    (:attr:`forwards.PrefixedRows.ids`, (B, S, H)). When the rows share prefixes, these run in two levels
+    (:func:`prefix_levels`): ``top`` on the start every group's prefix shares (1, s, H; None where s is 0),
+    ``prefix`` on each group's rest (G, R, H; None where R is 0), and ``kv``, the prefixes' (keys, values)
+    in each layer below ``split``, each (G, heads, s + R, head_dim), the top's columns first."""
     out: Any
     prefix: Optional[torch.Tensor] = None
     kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    top: Optional[torch.Tensor] = None
+
+    @property
+    def top_length(self) -> int:
+        return self.top.shape[1] if self.top is not None else 0
+
+
+def prefix_levels(rows: forwards.PrefixedRows, top: Optional[int] = None):
+    """The groups' prefixes (``rows.prefix_ids``, (G, Sp) left-padded) as the start they all share and
+    each group's rest: ``(top (1, s), rest (G, R), rest_mask (G, R), mask (G, s + R))``, ``mask`` the
+    prefixes' columns as their cache holds them (the top, then each rest left-padded). ``top`` fixes s
+    (a subset of the groups may share more than the set they were run with); default: all they share,
+    the whole prefix for one group. Prefixes (1, 7, 8) and (1, 9): top (1,), rests (7, 8) and (0, 9)."""
+    real = rows.prefix_mask.long().sum(dim=1)
+    if top is None:
+        g = rows.prefix_ids.shape[0]
+        top = forwards.common_prefix_length(rows.prefix_ids, real, int(real.min())) if g > 1 else int(real[0])
+    head, rest, rest_mask = forwards.split_shared(rows.prefix_ids, rows.prefix_mask, top, 0)
+    ones = torch.ones((rest.shape[0], top), dtype=torch.long, device=rest.device)
+    return head, rest, rest_mask, torch.cat([ones, rest_mask.long()], dim=1)
 
 
 def _position_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -176,25 +198,34 @@ def run_trunk(model, rows: forwards.PrefixedRows, split: int, adapter: str) -> O
 
 
 def _prefixed_trunk(model, rows: forwards.PrefixedRows, split: int, adapter: str) -> Optional[Trunk]:
-    """:func:`run_trunk` of rows sharing prefixes: each prefix runs once, and the rows' own columns attend
-    to its cached keys and values, as in :func:`forwards.prefixed_hidden`. None, the backbone marked so
+    """:func:`run_trunk` of rows sharing prefixes: the start all the groups' prefixes share (the system
+    prompt) runs once, each group's rest (its prompt) once on top of it, and the rows' own columns attend
+    to their cached keys and values, as in :func:`forwards.prefixed_hidden`. None, the backbone marked so
     that :func:`shared_trunk` lays rows out unshared from then on, when the model's cache is not a plain
     key/value store (sliding windows, linear attention) or the layer returns no plain tensor (a tuple:
     the members could not replay the prefix's part alone)."""
     backbone, _ = forwards._backbone_and_head(model)
     cache = _new_cache(backbone)
+    top, rest, rest_mask, mask = prefix_levels(rows)
+    s, g = top.shape[1], rest.shape[0]
+    outs = {}
     if forwards.plain_cache(cache):
-        prefix = _capture(model, split, adapter, input_ids=rows.prefix_ids, attention_mask=rows.prefix_mask,
-                          position_ids=_position_ids(rows.prefix_mask), past_key_values=cache, use_cache=True)
+        if s:
+            outs["top"] = _capture(model, split, adapter, input_ids=top, attention_mask=mask[:1, :s],
+                                   position_ids=_position_ids(mask[:1, :s]), past_key_values=cache, use_cache=True)
+            forwards.select_cache_rows(cache.layers[:split], torch.zeros(g, dtype=torch.long, device=top.device))
+        if rest.shape[1]:
+            outs["prefix"] = _capture(model, split, adapter, input_ids=rest, attention_mask=mask,
+                                      position_ids=_position_ids(mask)[:, s:], past_key_values=cache, use_cache=True)
         below = cache.layers[:split]
-        if torch.is_tensor(prefix) and all(layer.is_initialized for layer in below):
+        if all(torch.is_tensor(v) for v in outs.values()) and all(layer.is_initialized for layer in below):
             kv = [(layer.keys, layer.values) for layer in below]
             forwards.select_cache_rows(below, rows.group)
-            full = rows.full_mask()
+            full = torch.cat([mask[rows.group], rows.mask.long()], dim=1)
             out = _capture(model, split, adapter, input_ids=rows.ids, attention_mask=full,
-                           position_ids=_position_ids(full)[:, rows.prefix_ids.shape[1]:], past_key_values=cache,
+                           position_ids=_position_ids(full)[:, mask.shape[1]:], past_key_values=cache,
                            use_cache=True)
-            return Trunk(out, prefix, kv)
+            return Trunk(out, outs.get("prefix"), kv, outs.get("top"))
     backbone._rlhf_trunk_prefix = False
     return None
 
@@ -252,23 +283,33 @@ def member_hidden(model, rows: forwards.PrefixedRows, split: int, trunk: Optiona
 
 def _prefixed_member(backbone, stack: torch.nn.ModuleList, rows: forwards.PrefixedRows, split: int,
                      trunk: Trunk) -> torch.Tensor:
-    """:func:`member_hidden` of rows sharing prefixes: the member's own layers run each prefix once (G
-    rows), and every row of its group attends to their keys and values; with gradients on, the cache is
-    part of the graph."""
+    """:func:`member_hidden` of rows sharing prefixes: the member's own layers run the trunk's two levels
+    (the top once, each group's rest once), and every row of a group attends to their keys and values;
+    with gradients on, the cache is part of the graph."""
     cache = _new_cache(backbone)
-    # The replayed layers write no keys, so the prefix pass sees an empty cache, as a first pass must.
-    with _replayed(stack, split, trunk.prefix):
-        backbone(input_ids=rows.prefix_ids, attention_mask=rows.prefix_mask,
-                 position_ids=_position_ids(rows.prefix_mask), past_key_values=cache, use_cache=True)
+    top, rest, _, mask = prefix_levels(rows, trunk.top_length)
+    s, g = top.shape[1], rest.shape[0]
+    below = cache.layers[:split]
+    # The replayed layers write no keys, so the first pass sees an empty cache, as it must; before each
+    # later pass they get the trunk's, which they never read: the pass's masks start after their length.
+    if s:
+        with _replayed(stack, split, trunk.top):
+            backbone(input_ids=top, attention_mask=mask[:1, :s], position_ids=_position_ids(mask[:1, :s]),
+                     past_key_values=cache, use_cache=True)
+        forwards.select_cache_rows(cache.layers[split:], torch.zeros(g, dtype=torch.long, device=top.device))
+        for layer, (keys, values) in zip(below, trunk.kv):
+            layer.update(keys[:, :, :s], values[:, :, :s])
+    if rest.shape[1]:
+        with _replayed(stack, split, trunk.prefix):
+            backbone(input_ids=rest, attention_mask=mask, position_ids=_position_ids(mask)[:, s:],
+                     past_key_values=cache, use_cache=True)
+        for layer, (keys, values) in zip(below, trunk.kv):
+            layer.update(keys[:, :, s:], values[:, :, s:])
     forwards.select_cache_rows(cache.layers[split:], rows.group)
-    for layer, (keys, values) in zip(cache.layers, trunk.kv):
-        # Replayed layers never read these; the masks of the rows' pass start after their length (layer 0's).
-        layer.update(keys, values)
-    full = rows.full_mask()
+    full = torch.cat([mask[rows.group], rows.mask.long()], dim=1)
     with _replayed(stack, split, trunk.out):
-        return backbone(input_ids=rows.ids, attention_mask=full,
-                        position_ids=_position_ids(full)[:, rows.prefix_ids.shape[1]:], past_key_values=cache,
-                        use_cache=True).last_hidden_state
+        return backbone(input_ids=rows.ids, attention_mask=full, position_ids=_position_ids(full)[:, mask.shape[1]:],
+                        past_key_values=cache, use_cache=True).last_hidden_state
 
 
 def _batch_rows(out, rows: torch.Tensor, width: int):
@@ -300,9 +341,14 @@ def take_rows(rows: torch.Tensor, laid: forwards.PrefixedRows,
     out = _batch_rows(trunk.out, rows, width)
     if out is None:
         return None
-    if trunk.prefix is None:
+    if not trunk.kv:
         return sub, Trunk(out)
-    return sub, Trunk(out, trunk.prefix[kept, start:], [(k[kept, :, start:], v[kept, :, start:]) for k, v in trunk.kv])
+    # the prefixes' left padding that went is the rests' (the top has none): their first ``start`` columns
+    s = trunk.top_length
+    kv = [(torch.cat([k[kept, :, :s], k[kept, :, s + start:]], dim=2),
+           torch.cat([v[kept, :, :s], v[kept, :, s + start:]], dim=2)) for k, v in trunk.kv]
+    prefix = trunk.prefix[kept, start:] if trunk.prefix is not None else None
+    return sub, Trunk(out, prefix, kv, trunk.top)
 
 
 def member_features(model, encoded: Sequence[tuple[list[int], int]], pad_id: int, pooling: str,

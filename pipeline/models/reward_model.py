@@ -177,14 +177,15 @@ class EnsembleScorer:
 
     def member_scores_ids(self, seqs: list[tuple[list[int], int]], progress: Optional[str] = None) -> torch.Tensor:
         """(members, N) raw scores of encoded rows, in their order."""
-        # One group (the system prompt every row starts with): the members' layers run a group's prefix
-        # once per group, so one per prompt would repeat the system prompt in every one of them.
+        # Rows of one prompt side by side: the trunk and each member's layers run the system prompt once
+        # per batch and each prompt once (ensemble.prefix_levels).
         def batch(rows, groups):
             feats = ensemble.member_features(self.model, rows, self.tokenizer.pad_token_id, self.pooling,
-                                             self.adapters, self.split)
+                                             self.adapters, self.split, groups)
             return torch.cat([h @ w.T + (b if b is not None else 0) for h, (w, b) in zip(feats, self.heads)], dim=1).T
 
-        return score_by_length(self.model, seqs, self.batch_size, batch, len(self.adapters), progress)
+        return score_by_length(self.model, seqs, self.batch_size, batch, len(self.adapters), progress,
+                               by_prompt=True)
 
     def standardised(self, raw: torch.Tensor) -> torch.Tensor:
         return ensemble.standardise(raw, self.mean, self.std)
