@@ -9,7 +9,8 @@ each member then runs only its own top layers (:func:`member_hidden`). Drawing a
 member would forfeit that. Rows that begin alike (a pair's prompt, a prompt's samples) run that start
 once per group, and the start all groups share (the system prompt) once per batch, in the trunk and in
 each member's layers; the rows attend to their cached keys and values (prefix sharing, as
-:func:`pipeline.models.forwards.prefixed_hidden`; :func:`shared_trunk`, :func:`prefix_levels`).
+:func:`pipeline.models.forwards.prefixed_hidden` and :func:`~pipeline.models.forwards.prefix_levels`;
+:func:`shared_trunk`).
 
 Aggregations (Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization"), over member
 scores each standardised on the SFT policy's samples first (so no member's scale dominates):
@@ -117,7 +118,7 @@ class Trunk:
     """What the layers below ``split`` computed, once for every member, as decoder layer ``split - 1``
     returned it (a tensor (.., H), or a tuple on some families): ``out`` on the rows' own columns
     (:attr:`forwards.PrefixedRows.ids`, (B, S, H)). When the rows share prefixes, these run in two levels
-    (:func:`prefix_levels`): ``top`` on the start every group's prefix shares (1, s, H; None where s is 0),
+    (:func:`forwards.prefix_levels`): ``top`` on the start every group's prefix shares (1, s, H; None where s is 0),
     ``prefix`` on each group's rest (G, R, H; None where R is 0), and ``kv``, the prefixes' (keys, values)
     in each layer below ``split``, each (G, heads, s + R, head_dim), the top's columns first."""
     out: Any
@@ -128,21 +129,6 @@ class Trunk:
     @property
     def top_length(self) -> int:
         return self.top.shape[1] if self.top is not None else 0
-
-
-def prefix_levels(rows: forwards.PrefixedRows, top: Optional[int] = None):
-    """The groups' prefixes (``rows.prefix_ids``, (G, Sp) left-padded) as the start they all share and
-    each group's rest: ``(top (1, s), rest (G, R), rest_mask (G, R), mask (G, s + R))``, ``mask`` the
-    prefixes' columns as their cache holds them (the top, then each rest left-padded). ``top`` fixes s
-    (a subset of the groups may share more than the set they were run with); default: all they share,
-    the whole prefix for one group. Prefixes (1, 7, 8) and (1, 9): top (1,), rests (7, 8) and (0, 9)."""
-    real = rows.prefix_mask.long().sum(dim=1)
-    if top is None:
-        g = rows.prefix_ids.shape[0]
-        top = forwards.common_prefix_length(rows.prefix_ids, real, int(real.min())) if g > 1 else int(real[0])
-    head, rest, rest_mask = forwards.split_shared(rows.prefix_ids, rows.prefix_mask, top, 0)
-    ones = torch.ones((rest.shape[0], top), dtype=torch.long, device=rest.device)
-    return head, rest, rest_mask, torch.cat([ones, rest_mask.long()], dim=1)
 
 
 def _position_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -206,7 +192,7 @@ def _prefixed_trunk(model, rows: forwards.PrefixedRows, split: int, adapter: str
     the members could not replay the prefix's part alone)."""
     backbone, _ = forwards._backbone_and_head(model)
     cache = _new_cache(backbone)
-    top, rest, rest_mask, mask = prefix_levels(rows)
+    top, rest, _, mask = forwards.prefix_levels(rows.prefix_ids, rows.prefix_mask)
     s, g = top.shape[1], rest.shape[0]
     outs = {}
     if forwards.plain_cache(cache):
@@ -287,7 +273,7 @@ def _prefixed_member(backbone, stack: torch.nn.ModuleList, rows: forwards.Prefix
     (the top once, each group's rest once), and every row of a group attends to their keys and values;
     with gradients on, the cache is part of the graph."""
     cache = _new_cache(backbone)
-    top, rest, _, mask = prefix_levels(rows, trunk.top_length)
+    top, rest, _, mask = forwards.prefix_levels(rows.prefix_ids, rows.prefix_mask, trunk.top_length)
     s, g = top.shape[1], rest.shape[0]
     below = cache.layers[:split]
     # The replayed layers write no keys, so the first pass sees an empty cache, as it must; before each

@@ -249,6 +249,21 @@ def split_shared(ids: torch.Tensor, mask: torch.Tensor, shared: int, pad_id: int
     return top, rest.to(ids.device), rest_mask.to(ids.device)
 
 
+def prefix_levels(prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, top: Optional[int] = None):
+    """Groups' prefixes (G, Sp), left-padded, as the start they all share and each group's rest: ``(top
+    (1, s), rest (G, R), rest_mask (G, R), mask (G, s + R))``, ``mask`` the prefixes' columns as their cache
+    holds them (the top, then each rest left-padded). ``top`` fixes s (a subset of the groups may share
+    more than the set they were run with); default: all they share, the whole prefix for one group.
+    Prefixes (1, 7, 8) and (1, 9): top (1,), rests (7, 8) and (0, 9)."""
+    real = prefix_mask.long().sum(dim=1)
+    if top is None:
+        g = prefix_ids.shape[0]
+        top = common_prefix_length(prefix_ids, real, int(real.min())) if g > 1 else int(real[0])
+    head, rest, rest_mask = split_shared(prefix_ids, prefix_mask, top, 0)
+    ones = torch.ones((rest.shape[0], top), dtype=torch.long, device=rest.device)
+    return head, rest, rest_mask, torch.cat([ones, rest_mask.long()], dim=1)
+
+
 def cache_prefixes(net, top: torch.Tensor, rest: torch.Tensor, rest_mask: torch.Tensor):
     """Keys and values of U rows that all start with ``top`` (1, s), then their own ``rest`` (U, R),
     left-padded (``rest_mask``): the top runs once, and each rest once on top of it. ``(mask (U, s + R),
@@ -299,14 +314,12 @@ def prefixed_hidden(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, 
     float round-off. Models whose cache is not a plain key/value store (sliding windows, linear
     attention) and empty prefixes take that plain path."""
     backbone, _ = _backbone_and_head(model)
-    g, sp = prefix_ids.shape
+    sp = prefix_ids.shape[1]
     # A backbone whose cache proved not plain is remembered, so its prefix pass is not run again for nothing.
     if sp and SHARE_PREFIXES and vars(backbone).get("_rlhf_prefix_cache", True):
         # The groups' prefixes share a start of their own (every row's system prompt): it runs once, then
         # each group's rest (its prompt) once on top of it, then the rows.
-        real = prefix_mask.long().sum(dim=1)
-        shared = common_prefix_length(prefix_ids, real, int(real.min())) if g > 1 else int(real[0])
-        top, rest, rest_mask = split_shared(prefix_ids, prefix_mask, shared, 0)
+        top, rest, rest_mask, _ = prefix_levels(prefix_ids, prefix_mask)
         built = cache_prefixes(backbone, top, rest, rest_mask)
         if built is not None:
             mask, cache = built

@@ -178,7 +178,7 @@ class EnsembleScorer:
     def member_scores_ids(self, seqs: list[tuple[list[int], int]], progress: Optional[str] = None) -> torch.Tensor:
         """(members, N) raw scores of encoded rows, in their order."""
         # Rows of one prompt side by side: the trunk and each member's layers run the system prompt once
-        # per batch and each prompt once (ensemble.prefix_levels).
+        # per batch and each prompt once (forwards.prefix_levels).
         def batch(rows, groups):
             feats = ensemble.member_features(self.model, rows, self.tokenizer.pad_token_id, self.pooling,
                                              self.adapters, self.split, groups)

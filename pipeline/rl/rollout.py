@@ -209,10 +209,10 @@ def sample(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, 
             torch.manual_seed(generator_seed)
         ids, mask, cache = shared_prefix_prefill(model, query_ids.to(device), query_mask.to(device),
                                                  tokenizer.pad_token_id)
-        steps = None
+        drawn_logprobs = None
         if cache is not None:
             # a plain key/value cache (prefill_prompts gives no other): rows can leave the batch
-            response, steps = decode(model, ids, mask, cache, max_new_tokens, sampler, stop_ids, tokenizer.pad_token_id)
+            response, drawn_logprobs = decode(model, ids, mask, cache, max_new_tokens, sampler, stop_ids, tokenizer.pad_token_id)
         else:
             out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, generation_config=gen_cfg,
                                  logits_processor=LogitsProcessorList([sampler]))
@@ -224,7 +224,7 @@ def sample(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, 
     logprobs = None
     if with_logprobs:
         logprobs = torch.zeros(response.shape, dtype=torch.float32)
-        steps = (steps if steps is not None else sampler.logprobs).cpu()
+        steps = (drawn_logprobs if drawn_logprobs is not None else sampler.logprobs).cpu()
         logprobs[:, :steps.shape[1]] = steps[:, :response.shape[1]]
         logprobs = logprobs * mask
     return Sampled(response, mask, ended, logprobs)
@@ -254,9 +254,9 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new_tokens: 
     attention[:, :p] = mask
     position = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
     # only the last column's logits are needed, where the family's forward can skip the others
-    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     logits = model(input_ids=ids[:, cached:], attention_mask=attention[:, :p], position_ids=position[:, cached:],
-                   past_key_values=cache, use_cache=True, **keep).logits[:, -1]
+                   past_key_values=cache, use_cache=True, **last_only).logits[:, -1]
     position = position[:, -1:] + 1
     response = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device) if sampler.record else None
@@ -280,7 +280,7 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new_tokens: 
             forwards.select_cache_rows(cache.layers, kept)
             rows, live, attention, position, pick = (x[kept] for x in (rows, live, attention, position, pick))
         logits = model(input_ids=pick.unsqueeze(1), attention_mask=attention[:, :p + steps], position_ids=position,
-                       past_key_values=cache, use_cache=True, **keep).logits[:, -1]
+                       past_key_values=cache, use_cache=True, **last_only).logits[:, -1]
         position = position + 1
     return response[:, :steps], logprobs[:, :steps] if logprobs is not None else None
 

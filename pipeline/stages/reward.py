@@ -450,7 +450,7 @@ def ensemble_backward(net: RewardNet, batch: list, idx: list[int], rc, step: int
     member's own layers and head on only the pairs its bootstrap resample holds, its loss weighted by
     their multiplicities (:func:`ensemble.take_rows`). Both sides of a pair share their prompt: it runs
     once per pair, and the system prompt the pairs share once per batch, in the trunk and in each
-    member's layers (:func:`ensemble.shared_trunk`, :func:`ensemble.prefix_levels`). Logs the
+    member's layers (:func:`ensemble.shared_trunk`, :func:`forwards.prefix_levels`). Logs the
     members' mean loss, accuracy and margin on their own resamples, and each member's loss (``m<i>/loss``)."""
     encoded = [b[0] for b in batch] + [b[1] for b in batch]
     laid, trunk = ensemble.shared_trunk(net.peft_model, encoded, net.tok.pad_token_id, net.split, net.adapters[0],
