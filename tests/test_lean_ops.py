@@ -225,3 +225,81 @@ def test_uninstall_gives_back_exactly_the_models_own_forwards(tiny_model_cfg_bot
     assert torch.equal(got, want)
     assert {n: vars(m).get("forward") for n, m in pm.named_modules()} == own
     assert any(f is not None for f in own.values())  # the load's own patches survived
+
+
+def test_lora_dropout_keeps_each_input_with_one_minus_p_and_rescales():
+    # Same layer as test_lora_forward_by_hand with dropout p = 0.5 on the LoRA input: a kept x_j
+    # counts 1 / (1 - p) = 2 times, a dropped one 0. x = (1, 3): mask (1, 0) gives A(x * m) / (1 - p) =
+    # 1 * 2 = 2 and y = (1, 3) + 0.5 * (2 * 2, -1 * 2) = (3, 2); mask (0, 1): A = 3 * 2 = 6, y = (7, 0);
+    # mask (1, 1): y = (5, 1) x 2 - base = (9, -1); mask (0, 0): y = base = (1, 3).
+    from peft import LoraConfig, get_peft_model
+
+    lin = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        lin[0].weight.copy_(torch.eye(2))
+    pm = get_peft_model(lin, LoraConfig(r=1, lora_alpha=0.5, target_modules=["0"], lora_dropout=0.5))
+    layer = pm.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(torch.tensor([[1.0, 1.0]]))
+        layer.lora_B["default"].weight.copy_(torch.tensor([[2.0], [-1.0]]))
+    lean_ops.install(pm)
+    by_mask = {(1, 0): (3.0, 2.0), (0, 1): (7.0, 0.0), (1, 1): (9.0, -1.0), (0, 0): (1.0, 3.0)}
+    x = torch.tensor([[1.0, 3.0]]).expand(4000, 2)
+    pm.train()
+    torch.manual_seed(0)
+    y = pm(x)
+    torch.manual_seed(0)
+    keep = torch.rand(x.shape) >= 0.5  # the draw dropout_input makes
+    expected = torch.tensor([by_mask[tuple(int(k) for k in row)] for row in keep.tolist()])
+    torch.testing.assert_close(y, expected)
+    # Each input kept independently with probability 1 - p: every mask about a quarter of 4000 rows
+    # (binomial SE sqrt(4000 * 0.25 * 0.75) = 27, so 5 SE is +-137).
+    counts = {m: sum(tuple(int(k) for k in row) == m for row in keep.tolist()) for m in by_mask}
+    assert all(abs(c - 1000) < 137 for c in counts.values()), counts
+    # Gradients flow through the kept inputs only: dA = s * (B . dy) * x * m / (1 - p) summed over rows.
+    y.sum().backward()
+    ga = 0.5 * 1.0 * (x * keep).sum(0) * 2
+    torch.testing.assert_close(layer.lora_A["default"].weight.grad[0], ga)
+    pm.eval()
+    torch.testing.assert_close(pm(x[:1]), torch.tensor([[5.0, 1.0]]))  # no dropout in eval
+
+
+def test_lora_dropout_matches_peft_given_the_same_mask(tiny_model_cfg):
+    """On the tiny model with LoRA dropout 0.1, the lean forward's logits and LoRA gradients equal peft's
+    own forward when peft's dropout modules apply the masks the lean path drew (to float round-off)."""
+    from peft import get_peft_model
+
+    model, _, _ = loading.load_base(tiny_model_cfg)
+    torch.manual_seed(0)
+    pm = get_peft_model(model, loading.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.1)))
+    randomize_lora_b(pm, 0.1)
+    pm.train()
+    ids = torch.randint(5, 200, (2, 10), generator=torch.Generator().manual_seed(1))
+    masks: list[torch.Tensor] = []
+    real_rand = torch.rand
+
+    def recording_rand(*a, **k):
+        out = real_rand(*a, **k)
+        masks.append(out >= 0.1)
+        return out
+    lean_ops.install(pm)
+    torch.rand = recording_rand
+    try:
+        lean = pm(input_ids=ids).logits
+    finally:
+        torch.rand = real_rand
+    lean.logsumexp(-1).sum().backward()
+    g_lean = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+    pm.zero_grad()
+    lean_ops.uninstall(pm)
+    assert len(masks) == 14  # 2 layers x 7 linears, in forward order
+    replay = iter(masks)
+    for module in pm.modules():
+        if lean_ops.is_peft_lora_linear(module):
+            module.lora_dropout["default"].forward = lambda x: x * next(replay) / 0.9
+    plain = pm(input_ids=ids).logits
+    plain.logsumexp(-1).sum().backward()
+    torch.testing.assert_close(lean, plain, atol=1e-5, rtol=1e-5)
+    for n, p in pm.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(g_lean[n], p.grad, atol=1e-5, rtol=1e-4)

@@ -114,12 +114,32 @@ def lora_forward(module):
         result = module.base_layer(x)
         out_features = result.shape[-1]
         for n in names:
-            a = module.lora_A[n](module.lora_dropout[n](x))
+            dropped, keep_share = dropout_input(module.lora_dropout[n], x)
+            a = module.lora_A[n](dropped)
             flat = torch.addmm(result.reshape(-1, out_features), a.reshape(-1, a.shape[-1]),
-                               module.lora_B[n].weight.t(), alpha=module.scaling[n])
+                               module.lora_B[n].weight.t(), alpha=module.scaling[n] / keep_share)
             result = flat.view(result.shape)
         return result
     return forward
+
+
+def dropout_input(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(x * keep, 1 - p)``: inverted dropout (Srivastava et al. 2014) with the ``1 / (1 - p)`` rescale
+    left to the caller, who folds it into the LoRA addmm's ``alpha``. Shapes: x ``(..., in)`` -> same.
+
+    Each element is kept independently with probability ``1 - p``, as ``nn.Dropout`` keeps it, but the
+    mask is ``rand >= p`` (one uniform per element, a bool kept for backward) instead of aten's
+    ``bernoulli_`` + ``div_`` + a float mask: 0.7 ms against 1.4 ms on 352 x 576 floats on a 2-core
+    EPYC, where the SFT adapter's 210 dropouts (p = 0.05) were 14% of a step's profile (README).
+    The draws differ from aten's, so a seed gives other masks than peft's, with the same distribution.
+    Identity (and ``1.0``) in eval mode, at p = 0, and for any module other than ``nn.Dropout``
+    (whose own forward then runs)."""
+    if not isinstance(dropout, nn.Dropout):
+        return dropout(x), 1.0
+    if not dropout.training or dropout.p == 0:
+        return x, 1.0
+    keep = torch.rand(x.shape, device=x.device) >= dropout.p
+    return x * keep, 1.0 - dropout.p
 
 
 def is_peft_lora_linear(module: nn.Module) -> bool:
