@@ -888,4 +888,13 @@ def test_generate_samples_the_models_distribution(stack):
     top = probs.topk(5).indices
     # standard error sqrt(p(1-p)/3000) <= 0.0092
     assert (freq[top] - probs[top]).abs().max() < 0.03, (freq[top], probs[top])
-    assert (freq - probs).abs().sum() / 2 < 0.1  # total variation over the whole vocabulary
+    # Total variation over the whole vocabulary, against what n exact draws from probs show: with ~125
+    # tokens above 1e-3, sampling alone gives TV ~0.088 (sd 0.005 over draws), so a fixed bound of 0.1
+    # passed or failed with the trained adapter's luck. A temperature off by 20% moves the true TV by
+    # 0.11; bf16 logits of a 3000-row forward round differently from the 1-row one (~0.02 measured).
+    tv = (freq - probs).abs().sum() / 2
+    g = torch.Generator().manual_seed(0)
+    null = torch.stack([(torch.bincount(torch.multinomial(probs, n, replacement=True, generator=g),
+                                        minlength=probs.numel()).float() / n - probs).abs().sum() / 2
+                        for _ in range(20)])
+    assert tv - null.mean() < 0.04, (tv, null.mean())
