@@ -4,6 +4,12 @@ Both train a LoRA (r=16, all-linear) on the embedded SmolLM2-135M-Instruct in NF
 number of steps on data/sft_train.jsonl, batch 8. Throughput = non-padding tokens seen / training
 seconds (the trainer's own counters). Each variant runs in its own process. ``ours-full-head`` is ours
 with trl's LM head over every position, as trl runs it on CPU (trainer_utils.COMPACT_LM_HEAD off).
+``trl-plain`` keeps trl's defaults: on a quantized base SFTTrainer casts the LoRA weights to bf16 and
+``bf16`` defaults to on, which is emulated (about 40x slower than float32) on a CPU without
+AVX512-BF16/AMX; trl also turns gradient checkpointing on by default. ``trl-fp32`` is the script as
+someone who knows this writes it for a small model in float32 (``bf16=False``, LoRA weights cast back
+to float32, no gradient checkpointing, which we do not use either): the fair baseline on such a CPU.
+Both use our default LoRA (r=16, alpha=32, dropout 0), so the ratio is not a dropout setting's.
 
     python benchmarks/sft_throughput.py [--steps 12]
 
@@ -20,11 +26,11 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("trl-plain", "ours", "ours-full-head", "ours-padding-free")
+VARIANTS = ("trl-plain", "trl-fp32", "ours", "ours-full-head", "ours-padding-free")
 
 
-def plain_trl(steps: int) -> dict:
-    """What a user writes with trl alone (the baseline)."""
+def plain_trl(steps: int, fp32: bool = False) -> dict:
+    """What a user writes with trl alone (the baseline); ``fp32``: written for float32 (module docstring)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -41,12 +47,17 @@ def plain_trl(steps: int) -> dict:
     rows = [json.loads(line) for line in (REPO / "data" / "sft_train.jsonl").read_text().splitlines()]
     ds = Dataset.from_list([{"messages": r["messages"]} for r in rows])
     with tempfile.TemporaryDirectory() as tmp:
+        fp32_args = {"bf16": False, "gradient_checkpointing": False} if fp32 else {}
         args = SFTConfig(output_dir=tmp, per_device_train_batch_size=8, max_steps=steps, learning_rate=2e-4,
                          max_length=256, logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True,
-                         seed=42, include_num_input_tokens_seen="non_padding")
+                         seed=42, include_num_input_tokens_seen="non_padding", **fp32_args)
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                             peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                             peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+        if fp32:  # undo SFTTrainer's bf16 cast of a quantized model's adapters; the optimizer is built in train()
+            for param in trainer.model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
         out = trainer.train()
         seconds = out.metrics["train_runtime"]
         tokens = trainer.state.num_input_tokens_seen
@@ -76,8 +87,10 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        r = plain_trl(a.steps) if a.child == "trl-plain" else ours(a.steps, a.child == "ours-padding-free",
-                                                                   a.child != "ours-full-head")
+        if a.child.startswith("trl-"):
+            r = plain_trl(a.steps, fp32=a.child == "trl-fp32")
+        else:
+            r = ours(a.steps, a.child == "ours-padding-free", a.child != "ours-full-head")
         print(json.dumps(r))
         return
     results = {}
@@ -93,11 +106,13 @@ def main() -> None:
         mfu = f" mfu={r['mfu']:.3f}" if "mfu" in r else ""
         print(f"RESULT name={name} tokens_per_s={r['tokens_per_s']:.1f} seconds={r['seconds']:.1f} "
               f"tokens={r['tokens']:.0f}{mfu}", flush=True)
-    if "trl-plain" in results:
-        base = results["trl-plain"]["tokens_per_s"]
-        for name, r in results.items():
-            if name != "trl-plain":
-                print(f"RATIO name={name} tokens_per_s_vs_trl_plain={r['tokens_per_s'] / base:.3f}", flush=True)
+    for baseline in ("trl-plain", "trl-fp32"):
+        if baseline in results:
+            base = results[baseline]["tokens_per_s"]
+            for name, r in results.items():
+                if not name.startswith("trl-"):
+                    print(f"RATIO name={name} tokens_per_s_vs_{baseline.replace('-', '_')}="
+                          f"{r['tokens_per_s'] / base:.3f}", flush=True)
 
 
 if __name__ == "__main__":
