@@ -98,20 +98,27 @@ def test_installed_norm_and_mlp_give_the_same_logits_and_lora_gradients(tiny_mod
     assert s1 < s0  # less kept for backward
 
 
-def test_lora_forward_by_hand():
-    # base W = I (2x2), A = (1, 1) (r = 1), B = (2, -1)^T, scaling = alpha / r = 0.5; x = (1, 3):
-    # base(x) = (1, 3); A x = 4; s * B (A x) = 0.5 * (8, -4) = (4, -2); y = (5, 1).
-    # dy = (1, 1): dB = s * (A x) * dy = (2, 2); dA = s * (B . dy) * x = 0.5 * 1 * (1, 3) = (0.5, 1.5)
+def _hand_lora_layer(dropout: float):
+    """``(peft model, its LoRA layer)``: base W = I (2x2), A = (1, 1) (r = 1), B = (2, -1)^T, scaling
+    alpha / r = 0.5, LoRA dropout ``dropout``; not yet lean."""
     from peft import LoraConfig, get_peft_model
 
     lin = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False))
     with torch.no_grad():
         lin[0].weight.copy_(torch.eye(2))
-    pm = get_peft_model(lin, LoraConfig(r=1, lora_alpha=0.5, target_modules=["0"], lora_dropout=0.0))
+    pm = get_peft_model(lin, LoraConfig(r=1, lora_alpha=0.5, target_modules=["0"], lora_dropout=dropout))
     layer = pm.base_model.model[0]
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(torch.tensor([[1.0, 1.0]]))
         layer.lora_B["default"].weight.copy_(torch.tensor([[2.0], [-1.0]]))
+    return pm, layer
+
+
+def test_lora_forward_by_hand():
+    # base W = I (2x2), A = (1, 1) (r = 1), B = (2, -1)^T, scaling = alpha / r = 0.5; x = (1, 3):
+    # base(x) = (1, 3); A x = 4; s * B (A x) = 0.5 * (8, -4) = (4, -2); y = (5, 1).
+    # dy = (1, 1): dB = s * (A x) * dy = (2, 2); dA = s * (B . dy) * x = 0.5 * 1 * (1, 3) = (0.5, 1.5)
+    pm, layer = _hand_lora_layer(0.0)
     assert lean_ops.install(pm)["lora"] == 1
     y = pm(torch.tensor([[1.0, 3.0]]))
     torch.testing.assert_close(y, torch.tensor([[5.0, 1.0]]))
@@ -232,16 +239,7 @@ def test_lora_dropout_keeps_each_input_with_one_minus_p_and_rescales():
     # counts 1 / (1 - p) = 2 times, a dropped one 0. x = (1, 3): mask (1, 0) gives A(x * m) / (1 - p) =
     # 1 * 2 = 2 and y = (1, 3) + 0.5 * (2 * 2, -1 * 2) = (3, 2); mask (0, 1): A = 3 * 2 = 6, y = (7, 0);
     # mask (1, 1): y = (5, 1) x 2 - base = (9, -1); mask (0, 0): y = base = (1, 3).
-    from peft import LoraConfig, get_peft_model
-
-    lin = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False))
-    with torch.no_grad():
-        lin[0].weight.copy_(torch.eye(2))
-    pm = get_peft_model(lin, LoraConfig(r=1, lora_alpha=0.5, target_modules=["0"], lora_dropout=0.5))
-    layer = pm.base_model.model[0]
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(torch.tensor([[1.0, 1.0]]))
-        layer.lora_B["default"].weight.copy_(torch.tensor([[2.0], [-1.0]]))
+    pm, layer = _hand_lora_layer(0.5)
     lean_ops.install(pm)
     by_mask = {(1, 0): (3.0, 2.0), (0, 1): (7.0, 0.0), (1, 1): (9.0, -1.0), (0, 0): (1.0, 3.0)}
     x = torch.tensor([[1.0, 3.0]]).expand(4000, 2)
@@ -264,7 +262,7 @@ def test_lora_dropout_keeps_each_input_with_one_minus_p_and_rescales():
     torch.testing.assert_close(pm(x[:1]), torch.tensor([[5.0, 1.0]]))  # no dropout in eval
 
 
-def test_lora_dropout_matches_peft_given_the_same_mask(tiny_model_cfg):
+def test_lora_dropout_matches_peft_given_the_same_mask(tiny_model_cfg, monkeypatch):
     """On the tiny model with LoRA dropout 0.1, the lean forward's logits and LoRA gradients equal peft's
     own forward when peft's dropout modules apply the masks the lean path drew (to float round-off)."""
     from peft import get_peft_model
@@ -283,11 +281,9 @@ def test_lora_dropout_matches_peft_given_the_same_mask(tiny_model_cfg):
         masks.append(out >= 0.1)
         return out
     lean_ops.install(pm)
-    torch.rand = recording_rand
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "rand", recording_rand)
         lean = pm(input_ids=ids).logits
-    finally:
-        torch.rand = real_rand
     lean.logsumexp(-1).sum().backward()
     g_lean = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
     pm.zero_grad()
