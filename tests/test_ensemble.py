@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.models import ensemble
+from pipeline.models import ensemble, trunk
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny.yaml")
@@ -105,7 +105,7 @@ def test_shared_trunk_equals_separate_forwards(two_member_model, pooling):
 
     pm, tok = two_member_model
     adapters = ["default", "member1"]
-    assert ensemble.trunk_split(pm, adapters) == 1  # the tiny model's 2 layers, LoRA on the top one
+    assert trunk.trunk_split(pm, adapters) == 1  # the tiny model's 2 layers, LoRA on the top one
     from pipeline.models.loading import decoder_layers
 
     calls = []
@@ -147,18 +147,18 @@ def test_member_on_a_subset_of_rows_equals_those_rows_of_the_full_pass(two_membe
 
     pm, tok = two_member_model
     params = [p for n, p in pm.named_parameters() if ".member1." in n and "lora_" in n]
-    split = ensemble.trunk_split(pm, ["default", "member1"])
-    laid, trunk = ensemble.shared_trunk(pm, ROWS, tok.pad_token_id, split, "default")
+    split = trunk.trunk_split(pm, ["default", "member1"])
+    laid, tr = trunk.shared_trunk(pm, ROWS, tok.pad_token_id, split, "default")
     assert laid.prefix_ids.shape[1] == 0  # these rows share no start
     rows = torch.tensor([0, 1])
 
-    full = forwards.pool_hidden(ensemble.member_hidden(pm, laid, split, trunk, "member1"), laid.pool, laid.last, "mean")
+    full = forwards.pool_hidden(trunk.member_hidden(pm, laid, split, tr, "member1"), laid.pool, laid.last, "mean")
     pm.zero_grad(set_to_none=True)
     (full[rows] ** 2).sum().backward()
     want = [p.grad.clone() for p in params]
-    sub, s_trunk = ensemble.take_rows(rows, laid, trunk)
+    sub, s_trunk = trunk.take_rows(rows, laid, tr)
     assert sub.ids.shape == (2, 6) and s_trunk.out.shape[:2] == (2, 6)  # the longest kept row, not the batch's 8
-    got = forwards.pool_hidden(ensemble.member_hidden(pm, sub, split, s_trunk, "member1"), sub.pool, sub.last, "mean")
+    got = forwards.pool_hidden(trunk.member_hidden(pm, sub, split, s_trunk, "member1"), sub.pool, sub.last, "mean")
     torch.testing.assert_close(got, full[rows].detach(), rtol=1e-5, atol=1e-5)
     pm.zero_grad(set_to_none=True)
     (got ** 2).sum().backward()
@@ -209,14 +209,14 @@ def test_shared_prefixes_give_every_member_the_plain_features(two_member_model, 
     got = ensemble.member_features(pm, encoded, 0, pooling, adapters, groups=groups)
     for h in hooks:
         h.remove()
-    laid, trunk = ensemble.shared_trunk(pm, encoded, 0, 1, "default", groups)
+    laid, tr = trunk.shared_trunk(pm, encoded, 0, 1, "default", groups)
     g, sp = laid.prefix_ids.shape
     assert sp == {"system": 5, "pairs": 6}[case] and g == {"system": 1, "pairs": 3}[case]
     # the trunk (layer 0) and each member's layer 1 run the start all prefixes share once (one group: all
     # of it; the pairs' prompts: their first token), each group's rest once (the pairs' prompts after that
     # token, left-padded to 5), then the rows' own columns
     levels = {"system": [(1, 5)], "pairs": [(1, 1), (3, 5)]}[case]
-    assert trunk.top_length == levels[0][1]
+    assert tr.top_length == levels[0][1]
     assert shapes[0] == levels + [tuple(laid.ids.shape)]
     assert shapes[1] == (levels + [tuple(laid.ids.shape)]) * 2
     for a, features in zip(adapters, got):
@@ -244,13 +244,13 @@ def test_shared_prefix_gradients_on_a_members_resample_equal_the_plain_forward(t
 
     pm, _ = two_member_model
     params = [p for n, p in pm.named_parameters() if ".member1." in n and "lora_" in n]
-    laid, trunk = ensemble.shared_trunk(pm, PAIR_ROWS, 0, 1, "default", PAIR_GROUPS)
+    laid, tr = trunk.shared_trunk(pm, PAIR_ROWS, 0, 1, "default", PAIR_GROUPS)
     rows = torch.tensor([1, 2, 4, 5])  # pairs 1 and 2, chosen then rejected
-    sub, s_trunk = ensemble.take_rows(rows, laid, trunk)
+    sub, s_trunk = trunk.take_rows(rows, laid, tr)
     assert laid.prefix_ids.shape[1] == 6 and sub.prefix_ids.shape == (2, 5)  # prompts of 4 and 5 tokens
     # the top (the prompts' first token) stays; the rests lose pair 0's longer one and its padding: 4 columns
     assert sub.group.tolist() == [0, 1, 0, 1] and s_trunk.top_length == 1 and s_trunk.prefix.shape[:2] == (2, 4)
-    assert s_trunk.kv[0][0].shape[2] == 5 and trunk.kv[0][0].shape[2] == 6
+    assert s_trunk.kv[0][0].shape[2] == 5 and tr.kv[0][0].shape[2] == 6
 
     def grads(features):
         # a score head's direction: the squared norm of one token's features is fixed by the final RMSNorm
@@ -259,7 +259,7 @@ def test_shared_prefix_gradients_on_a_members_resample_equal_the_plain_forward(t
         ((features @ torch.linspace(-1, 1, features.shape[1])) ** 2).sum().backward()
         return [p.grad.clone() for p in params]
 
-    got = forwards.pool_hidden(ensemble.member_hidden(pm, sub, 1, s_trunk, "member1"), sub.pool, sub.last, pooling)
+    got = forwards.pool_hidden(trunk.member_hidden(pm, sub, 1, s_trunk, "member1"), sub.pool, sub.last, pooling)
     want = _plain_features(pm, [PAIR_ROWS[i] for i in rows], pooling, "member1")
     torch.testing.assert_close(got, want, **TOL)
     for a, b in zip(grads(got), grads(want)):
@@ -275,14 +275,14 @@ def test_prefixes_fall_back_to_whole_rows(two_member_model, monkeypatch):
     pm, _ = two_member_model
     adapters = ["default", "member1"]
     one = ensemble.member_features(pm, SYSTEM_ROWS[:1], 0, "mean", adapters)
-    assert ensemble.shared_trunk(pm, SYSTEM_ROWS[:1], 0, 1, "default")[0].prefix_ids.shape == (1, 0)
+    assert trunk.shared_trunk(pm, SYSTEM_ROWS[:1], 0, 1, "default")[0].prefix_ids.shape == (1, 0)
     torch.testing.assert_close(one[1], _plain_features(pm, SYSTEM_ROWS[:1], "mean", "member1"), **TOL)
     monkeypatch.setattr(forwards, "SHARE_PREFIXES", False)
-    assert ensemble.shared_trunk(pm, SYSTEM_ROWS, 0, 1, "default")[0].prefix_ids.shape == (1, 0)
+    assert trunk.shared_trunk(pm, SYSTEM_ROWS, 0, 1, "default")[0].prefix_ids.shape == (1, 0)
     monkeypatch.setattr(forwards, "SHARE_PREFIXES", True)
     monkeypatch.setattr(forwards, "plain_cache", lambda cache: False)
-    laid, trunk = ensemble.shared_trunk(pm, SYSTEM_ROWS, 0, 1, "default")
-    assert laid.prefix_ids.shape[1] == 0 and trunk.prefix is None
+    laid, tr = trunk.shared_trunk(pm, SYSTEM_ROWS, 0, 1, "default")
+    assert laid.prefix_ids.shape[1] == 0 and tr.prefix is None
     got = ensemble.member_features(pm, SYSTEM_ROWS, 0, "last", adapters)
     torch.testing.assert_close(got[1], _plain_features(pm, SYSTEM_ROWS, "last", "member1"), **TOL)
 

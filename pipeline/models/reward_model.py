@@ -16,7 +16,7 @@ import torch
 
 from pipeline.artifacts.outputs import ArtifactError, is_complete, read_manifest
 from pipeline.config import LoraConfigSection, ModelConfig
-from pipeline.models import ensemble, forwards, loading, stacking
+from pipeline.models import ensemble, forwards, loading, stacking, trunk
 
 REWARD_ADAPTER = "reward"
 
@@ -169,7 +169,7 @@ class EnsembleScorer:
         self.aggregate, self.uwo_lambda = aggregate, float(uwo_lambda)
         self.batch_size, self.max_length, self.pooling = batch_size, max_length, pooling
         self.labels = list(labels) or [f"member{i}" for i in range(len(members))]
-        self.split = ensemble.trunk_split(model, self.adapters)
+        self.split = trunk.trunk_split(model, self.adapters)
         self._details: dict[str, list[float]] = {}
 
     def encode(self, prompts, responses, prompt_messages=None) -> list[tuple[list[int], int]]:

@@ -39,7 +39,7 @@ from pipeline.config import PipelineConfig, to_dict
 from pipeline.data import lengths, loaders
 from pipeline.data.lengths import LengthReport
 from pipeline.evaluation.stats import accuracy_se, spearman
-from pipeline.models import ensemble, forwards, lean_ops, loading, throughput
+from pipeline.models import ensemble, forwards, lean_ops, loading, throughput, trunk
 from pipeline.models.reward_model import (
     EnsembleScorer,
     RewardModelScorer,
@@ -225,7 +225,7 @@ def build_reward_model(cfg: PipelineConfig) -> RewardNet:
     member_named = [[(n, p) for n, p in named if f".{a}." in n] for a in adapters]
     heads = [head.modules_to_save[a] if hasattr(head, "modules_to_save") else head for a in adapters]
     return RewardNet(peft_model, tok, base, head, named, shape, adapters, heads, member_named,
-                     ensemble.trunk_split(peft_model, adapters))
+                     trunk.trunk_split(peft_model, adapters))
 
 
 def add_member(peft_model, cfg: PipelineConfig, name: str, seed: int) -> None:
@@ -448,23 +448,23 @@ def record(progress: Progress, prefix: str, loss: torch.Tensor, chosen: torch.Te
 def ensemble_backward(net: RewardNet, batch: list, idx: list[int], rc, step: int, progress: Progress) -> None:
     """Gradients of every member on one micro-batch: the trunk below ``net.split`` runs once, then each
     member's own layers and head on only the pairs its bootstrap resample holds, its loss weighted by
-    their multiplicities (:func:`ensemble.take_rows`). Both sides of a pair share their prompt: it runs
+    their multiplicities (:func:`trunk.take_rows`). Both sides of a pair share their prompt: it runs
     once per pair, and the system prompt the pairs share once per batch, in the trunk and in each
-    member's layers (:func:`ensemble.shared_trunk`, :func:`forwards.prefix_levels`). Logs the
+    member's layers (:func:`trunk.shared_trunk`, :func:`forwards.prefix_levels`). Logs the
     members' mean loss, accuracy and margin on their own resamples, and each member's loss (``m<i>/loss``)."""
     encoded = [b[0] for b in batch] + [b[1] for b in batch]
-    laid, trunk = ensemble.shared_trunk(net.peft_model, encoded, net.tok.pad_token_id, net.split, net.adapters[0],
-                                        groups=list(range(len(batch))) * 2)
+    laid, shared = trunk.shared_trunk(net.peft_model, encoded, net.tok.pad_token_id, net.split, net.adapters[0],
+                                         groups=list(range(len(batch))) * 2)
     for m, (adapter, head) in enumerate(zip(net.adapters, net.heads)):
         weights = net.weights[m, idx]
         keep = torch.nonzero(weights > 0).squeeze(1)
         if keep.numel() == 0:  # this member's resample holds none of these pairs
             continue
-        cut = ensemble.take_rows(torch.cat([keep, keep + len(batch)]), laid, trunk)
+        cut = trunk.take_rows(torch.cat([keep, keep + len(batch)]), laid, shared)
         if cut is None:
-            cut, keep = (laid, trunk), torch.arange(len(batch))
+            cut, keep = (laid, shared), torch.arange(len(batch))
         rows, m_trunk = cut
-        hidden = ensemble.member_hidden(net.peft_model, rows, net.split, m_trunk, adapter)
+        hidden = trunk.member_hidden(net.peft_model, rows, net.split, m_trunk, adapter)
         scores = head(forwards.pool_hidden(hidden, rows.pool, rows.last, rc.pooling)).squeeze(-1)
         chosen, rejected = scores[:len(keep)], scores[len(keep):]
         loss = ensemble.weighted_pairwise_loss(chosen, rejected, weights[keep], rc.center_rewards_coefficient)

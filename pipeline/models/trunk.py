@@ -1,0 +1,272 @@
+"""The shared trunk: decoder layers that no trained adapter touches run once, and every pass that
+differs only above them (reward-ensemble members, PPO's reference, old and training passes) replays
+their output and runs its own top layers.
+
+With LoRA on the top layers only (``lora.top_layers``), the layers below the lowest adapted one compute
+the same for every adapter set that has no weights there: the members of a reward ensemble, and in
+PPO the reference (the SFT adapter or the bare base) and the policy on top of it. Nothing below the
+split trains, so the trunk runs without gradients and no gradient is lost. Rows that begin alike (a
+pair's prompt, every row's system prompt) run that start once per group, in the trunk and above it;
+the rows attend to their cached keys and values (prefix sharing, as
+:func:`pipeline.models.forwards.prefixed_hidden` and :func:`~pipeline.models.forwards.prefix_levels`).
+
+``adapter`` arguments name what is active: one adapter, a stack of them (PPO's ``["sft", "policy"]``),
+or None for the base with every adapter off (:func:`pipeline.models.stacking.active_adapters`).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+
+from pipeline.models import forwards, loading, stacking
+
+Adapters = Union[str, Sequence[str], None]
+
+
+def _names(adapter: Adapters) -> Optional[list[str]]:
+    return [adapter] if isinstance(adapter, str) else (list(adapter) if adapter else None)
+
+
+def trunk_split(model, adapters: Sequence[str]) -> int:
+    """Index of the lowest decoder layer that holds a LoRA weight of any of ``adapters``: every layer
+    below it computes the same for all of them. 0 (nothing shared) when the layers cannot be found."""
+    try:
+        _, stack = loading.decoder_layers(model)
+    except ValueError:
+        return 0
+    tags = [f".{a}." for a in adapters]
+    for i, layer in enumerate(stack):
+        if any(".lora_" in n and any(t in n for t in tags) for n, _ in layer.named_parameters()):
+            return i
+    return len(stack)
+
+
+class _TrunkDone(Exception):
+    """Raised by the capture hook: the layers above the trunk are not needed in the shared pass."""
+
+
+@dataclass
+class Trunk:
+    """What the layers below ``split`` computed, once for every member, as decoder layer ``split - 1``
+    returned it (a tensor (.., H), or a tuple on some families): ``out`` on the rows' own columns
+    (:attr:`forwards.PrefixedRows.ids`, (B, S, H)). When the rows share prefixes, these run in two levels
+    (:func:`forwards.prefix_levels`): ``top`` on the start every group's prefix shares (1, s, H; None where s is 0),
+    ``prefix`` on each group's rest (G, R, H; None where R is 0), and ``kv``, the prefixes' (keys, values)
+    in each layer below ``split``, each (G, heads, s + R, head_dim), the top's columns first."""
+    out: Any
+    prefix: Optional[torch.Tensor] = None
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    top: Optional[torch.Tensor] = None
+
+    @property
+    def top_length(self) -> int:
+        return self.top.shape[1] if self.top is not None else 0
+
+
+def _position_ids(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def _new_cache(backbone):
+    """An empty cache of the backbone's layer types, filled in place by each pass it is given to (the
+    trunk's capture hook stops a pass early, and what the layers below wrote stays)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=backbone.config)
+
+
+def _capture(model, split: int, adapter: Adapters, **inputs):
+    """The output of decoder layer ``split - 1`` of the backbone on ``inputs``, only ``adapter`` active;
+    the layers above do not run."""
+    backbone, _ = forwards._backbone_and_head(model)
+    _, stack = loading.decoder_layers(model)
+    captured = {}
+
+    def hook(module, args, output):
+        captured["out"] = output
+        raise _TrunkDone
+
+    handle = stack[split - 1].register_forward_hook(hook)
+    try:
+        with stacking.active_adapters(model, _names(adapter)), loading.compute_context(model):
+            backbone(**inputs)
+    except _TrunkDone:
+        pass
+    finally:
+        handle.remove()
+    return captured["out"]
+
+
+def _shares(rows: forwards.PrefixedRows) -> bool:
+    return rows.prefix_ids.shape[1] > 0
+
+
+@torch.no_grad()
+def run_trunk(model, rows: forwards.PrefixedRows, split: int, adapter: Adapters) -> Optional[Trunk]:
+    """The layers below ``split`` on ``rows``, computed once without gradients, with only ``adapter`` (a
+    member, none of whose weights sit below ``split``) active: other adapters on the base, a policy's,
+    stay out. Nothing below ``split`` trains, so no gradient is lost. None when ``split`` is 0, and when
+    the rows share prefixes the trunk cannot serve (:func:`_prefixed_trunk`)."""
+    if split <= 0:
+        return None
+    if _shares(rows):
+        return _prefixed_trunk(model, rows, split, adapter)
+    return Trunk(_capture(model, split, adapter, input_ids=rows.ids, attention_mask=rows.mask,
+                          position_ids=_position_ids(rows.mask), use_cache=False))
+
+
+def _prefixed_trunk(model, rows: forwards.PrefixedRows, split: int, adapter: Adapters) -> Optional[Trunk]:
+    """:func:`run_trunk` of rows sharing prefixes: the start all the groups' prefixes share (the system
+    prompt) runs once, each group's rest (its prompt) once on top of it, and the rows' own columns attend
+    to their cached keys and values, as in :func:`forwards.prefixed_hidden`. None, the backbone marked so
+    that :func:`shared_trunk` lays rows out unshared from then on, when the model's cache is not a plain
+    key/value store (sliding windows, linear attention) or the layer returns no plain tensor (a tuple:
+    the members could not replay the prefix's part alone)."""
+    backbone, _ = forwards._backbone_and_head(model)
+    cache = _new_cache(backbone)
+    top, rest, _, mask = forwards.prefix_levels(rows.prefix_ids, rows.prefix_mask)
+    s, g = top.shape[1], rest.shape[0]
+    outs = {}
+    if forwards.plain_cache(cache):
+        if s:
+            outs["top"] = _capture(model, split, adapter, input_ids=top, attention_mask=mask[:1, :s],
+                                   position_ids=_position_ids(mask[:1, :s]), past_key_values=cache, use_cache=True)
+            forwards.select_cache_rows(cache.layers[:split], torch.zeros(g, dtype=torch.long, device=top.device))
+        if rest.shape[1]:
+            outs["prefix"] = _capture(model, split, adapter, input_ids=rest, attention_mask=mask,
+                                      position_ids=_position_ids(mask)[:, s:], past_key_values=cache, use_cache=True)
+        below = cache.layers[:split]
+        if all(torch.is_tensor(v) for v in outs.values()) and all(layer.is_initialized for layer in below):
+            kv = [(layer.keys, layer.values) for layer in below]
+            forwards.select_cache_rows(below, rows.group)
+            full = torch.cat([mask[rows.group], rows.mask.long()], dim=1)
+            out = _capture(model, split, adapter, input_ids=rows.ids, attention_mask=full,
+                           position_ids=_position_ids(full)[:, mask.shape[1]:], past_key_values=cache,
+                           use_cache=True)
+            return Trunk(out, outs.get("prefix"), kv, outs.get("top"))
+    backbone._rlhf_trunk_prefix = False
+    return None
+
+
+def shared_trunk(model, encoded: Sequence[tuple[list[int], int]], pad_id: int, split: int, adapter: Adapters,
+                 groups: Optional[Sequence] = None) -> tuple[forwards.PrefixedRows, Optional[Trunk]]:
+    """Rows ``(ids, response_start)`` laid out for the members (:func:`forwards.prefixed_rows`: prefixes
+    shared by ``groups`` where the model can, else none) and their trunk below ``split``
+    (:func:`run_trunk`; None when ``split`` is 0)."""
+    device = next(model.parameters()).device
+    backbone, _ = forwards._backbone_and_head(model)
+    share = forwards.SHARE_PREFIXES and vars(backbone).get("_rlhf_trunk_prefix", True)
+    rows = forwards.prefixed_rows(encoded, pad_id, device, groups, share)
+    trunk = run_trunk(model, rows, split, adapter)
+    if trunk is None and split > 0:  # the trunk could not serve the prefixes
+        rows = forwards.prefixed_rows(encoded, pad_id, device, groups, share=False)
+        trunk = run_trunk(model, rows, split, adapter)
+    return rows, trunk
+
+
+@contextlib.contextmanager
+def _replayed(stack: torch.nn.ModuleList, split: int, output) -> Iterator[None]:
+    """Layers ``0..split-1`` return the trunk's recorded ``output`` instead of computing: the layer at
+    ``split`` then reads the shared hidden states, and the model builds masks and positions as usual."""
+    saved = [vars(layer).get("forward") for layer in stack[:split]]
+    for layer in stack[:split]:
+        layer.forward = lambda *args, **kwargs: output
+    try:
+        yield
+    finally:
+        for layer, fwd in zip(stack[:split], saved):
+            if fwd is None:
+                del layer.forward
+            else:
+                layer.forward = fwd
+
+
+def member_hidden(model, rows: forwards.PrefixedRows, split: int, trunk: Optional[Trunk],
+                  adapter: Adapters) -> torch.Tensor:
+    """Final hidden states (B, S, H) of the rows' own columns (``rows.ids``) with only ``adapter``
+    active, the layers below ``split`` replayed from ``trunk`` (:func:`run_trunk`); equal to a full
+    forward of the whole rows with that adapter to float round-off. With ``split`` 0 this is
+    :func:`forwards.prefixed_hidden`."""
+    backbone, _ = forwards._backbone_and_head(model)
+    with stacking.active_adapters(model, _names(adapter)), loading.compute_context(model):
+        if split <= 0:
+            return forwards.prefixed_hidden(model, rows.prefix_ids, rows.prefix_mask, rows.ids, rows.mask, rows.group)
+        _, stack = loading.decoder_layers(model)
+        if _shares(rows):
+            return _prefixed_member(backbone, stack, rows, split, trunk)
+        with _replayed(stack, split, trunk.out):
+            return backbone(input_ids=rows.ids, attention_mask=rows.mask, position_ids=_position_ids(rows.mask),
+                            use_cache=False).last_hidden_state
+
+
+def _prefixed_member(backbone, stack: torch.nn.ModuleList, rows: forwards.PrefixedRows, split: int,
+                     trunk: Trunk) -> torch.Tensor:
+    """:func:`member_hidden` of rows sharing prefixes: the member's own layers run the trunk's two levels
+    (the top once, each group's rest once), and every row of a group attends to their keys and values;
+    with gradients on, the cache is part of the graph."""
+    cache = _new_cache(backbone)
+    top, rest, _, mask = forwards.prefix_levels(rows.prefix_ids, rows.prefix_mask, trunk.top_length)
+    s, g = top.shape[1], rest.shape[0]
+    below = cache.layers[:split]
+    # The replayed layers write no keys, so the first pass sees an empty cache, as it must; before each
+    # later pass they get the trunk's, which they never read: the pass's masks start after their length.
+    if s:
+        with _replayed(stack, split, trunk.top):
+            backbone(input_ids=top, attention_mask=mask[:1, :s], position_ids=_position_ids(mask[:1, :s]),
+                     past_key_values=cache, use_cache=True)
+        forwards.select_cache_rows(cache.layers[split:], torch.zeros(g, dtype=torch.long, device=top.device))
+        for layer, (keys, values) in zip(below, trunk.kv):
+            layer.update(keys[:, :, :s], values[:, :, :s])
+    if rest.shape[1]:
+        with _replayed(stack, split, trunk.prefix):
+            backbone(input_ids=rest, attention_mask=mask, position_ids=_position_ids(mask)[:, s:],
+                     past_key_values=cache, use_cache=True)
+        for layer, (keys, values) in zip(below, trunk.kv):
+            layer.update(keys[:, :, s:], values[:, :, s:])
+    forwards.select_cache_rows(cache.layers[split:], rows.group)
+    full = torch.cat([mask[rows.group], rows.mask.long()], dim=1)
+    with _replayed(stack, split, trunk.out):
+        return backbone(input_ids=rows.ids, attention_mask=full, position_ids=_position_ids(full)[:, mask.shape[1]:],
+                        past_key_values=cache, use_cache=True).last_hidden_state
+
+
+def _batch_rows(out, rows: torch.Tensor, width: int):
+    """Rows ``rows`` of a recorded layer output, its first ``width`` columns; None when it is neither a
+    tensor nor a tuple led by one."""
+    if torch.is_tensor(out):
+        return out[rows, :width]
+    if isinstance(out, tuple) and out and torch.is_tensor(out[0]):
+        return (out[0][rows, :width], *out[1:])
+    return None
+
+
+def take_rows(rows: torch.Tensor, laid: forwards.PrefixedRows,
+              trunk: Optional[Trunk]) -> Optional[tuple[forwards.PrefixedRows, Optional[Trunk]]]:
+    """Rows ``rows`` of ``laid`` only, with their groups' prefixes and their part of ``trunk``, the rows'
+    own columns cut to the longest of them and the prefixes' left padding to the longest kept prefix: a
+    member whose bootstrap multiplicity of a pair is 0 need not run its own layers on it (about 1/e of the
+    pairs), and the padding the dropped rows forced goes too. Exact: a row's hidden states do not depend
+    on other rows or on padding. None when the recorded trunk output is neither a tensor nor a tuple led
+    by one (then run every row)."""
+    width = int(laid.mask[rows].sum(dim=1).max().item())
+    kept, group = torch.unique(laid.group[rows], return_inverse=True)
+    prefix_mask = laid.prefix_mask[kept]
+    start = prefix_mask.shape[1] - int(prefix_mask.sum(dim=1).max().item())
+    sub = forwards.PrefixedRows(laid.prefix_ids[kept, start:], prefix_mask[:, start:], laid.ids[rows, :width],
+                                laid.mask[rows, :width], group, laid.pool[rows, :width], laid.last[rows])
+    if trunk is None:
+        return sub, None
+    out = _batch_rows(trunk.out, rows, width)
+    if out is None:
+        return None
+    if not trunk.kv:
+        return sub, Trunk(out)
+    # the prefixes' left padding that went is the rests' (the top has none): their first ``start`` columns
+    s = trunk.top_length
+    kv = [(torch.cat([k[kept, :, :s], k[kept, :, s + start:]], dim=2),
+           torch.cat([v[kept, :, :s], v[kept, :, s + start:]], dim=2)) for k, v in trunk.kv]
+    prefix = trunk.prefix[kept, start:] if trunk.prefix is not None else None
+    return sub, Trunk(out, prefix, kv, trunk.top)
