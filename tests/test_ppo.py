@@ -172,7 +172,9 @@ RESUME_OVERRIDES = (_reward_spec(f"{{name: '{REWARDS_MODULE}:flaky', weight: 0.5
                     "ppo.steps=4", "ppo.save_every=2")
 # tiny.yaml samples 4 episodes per step: the critic-free estimators take 2 prompts x 2 responses.
 ALGORITHMS = {"ppo": (), "rloo": ("ppo.algorithm=rloo", "ppo.samples_per_prompt=2"),
-              "grpo": ("ppo.algorithm=grpo", "ppo.samples_per_prompt=2")}
+              "grpo": ("ppo.algorithm=grpo", "ppo.samples_per_prompt=2"),
+              # the policy's LoRA on the top layer only: the layer below runs once per step (shared trunk)
+              "ppo+trunk": ("ppo.lora.top_layers=1",)}
 
 
 @pytest.fixture(scope="module")
@@ -454,7 +456,7 @@ def test_same_seed_gives_the_same_run_whatever_the_global_rng(new_run, data_over
 
 
 @pytest.mark.parametrize("algorithm,kind", [("ppo", "error"), ("ppo", "interrupt"), ("rloo", "error"),
-                                            ("grpo", "interrupt")])
+                                            ("grpo", "interrupt"), ("ppo+trunk", "interrupt")])
 def test_resume_matches_an_uninterrupted_run(algorithm, kind, reference_run, new_run, data_overrides, rewards_mod):
     """'error': the reward raises at step 3, the run saves a checkpoint and stops with a message.
     'interrupt': the run dies at step 4 (KeyboardInterrupt, no chance to save): the latest regular
@@ -488,7 +490,7 @@ def test_resume_matches_an_uninterrupted_run(algorithm, kind, reference_run, new
     # Bit-identical on CPU (one thread, same process): data position, RNG, optimizer, scheduler, KL
     # controller and reward normaliser all come back from the checkpoint.
     for w, g in zip(want[2:], got[2:]):
-        assert g.keys() == w.keys() and ("ppo/value_loss" in w) == (algorithm == "ppo")
+        assert g.keys() == w.keys() and ("ppo/value_loss" in w) == algorithm.startswith("ppo")
         for k in [k for k in COMPARED if k in w]:
             assert g[k] == w[k], (g["step"], k, g[k], w[k])
         for k in w:  # every other logged number too (timings aside)
@@ -500,7 +502,7 @@ def test_resume_matches_an_uninterrupted_run(algorithm, kind, reference_run, new
     a = load_file(str(run_a / "ppo" / "adapter_model.safetensors"))
     b = load_file(str(run / "ppo" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    if algorithm == "ppo":
+    if algorithm.startswith("ppo"):
         assert torch.equal(load_file(str(run_a / "ppo" / ppo.VALUE_HEAD_FILE))["weight"],
                            load_file(str(run / "ppo" / ppo.VALUE_HEAD_FILE))["weight"])
     else:
@@ -785,6 +787,40 @@ def test_micro_batches_give_the_same_update_as_the_whole_minibatch(new_run, data
                 diff = (w[k] - ref_w[k]).abs()
                 assert diff.max().item() <= 4 * w_atol + 1e-4, k
                 assert diff.median().item() <= w_atol / 10, k
+
+
+def test_shared_trunk_gives_the_same_run_as_every_layer_each_pass(monkeypatch, new_run, data_overrides, precision):
+    """With the policy's LoRA on the top layer only, the layer below runs once per step and the reference,
+    old and training passes replay it (pipeline.models.trunk): the same metrics and adapter as the run in
+    which every pass runs every layer, to float round-off (tolerances as in the micro-batch test above:
+    bf16 rounds the two layouts' matmuls differently, so there one step is compared)."""
+    from safetensors.torch import load_file
+
+    from pipeline.models import trunk
+
+    steps = 2 if precision == "float32" else 1
+    runs, calls = {}, []
+    real = trunk.response_forward
+    monkeypatch.setattr(trunk, "response_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for share in (False, True):
+        monkeypatch.setattr(trunk, "SHARE_TRUNK", share)
+        run = new_run()
+        r = _ppo(run, data_overrides, f"ppo.steps={steps}", "ppo.minibatches=2", "ppo.lora.top_layers=1")
+        assert r.exit_code == 0, r.output
+        assert ("shared trunk" in r.output) == share and bool(calls) == share
+        runs[share] = run
+    rel, abs_, w_atol = (1e-4, 1e-5, 1e-5) if precision == "float32" else (5e-2, 5e-3, 1e-3)
+    plain, shared = (_rows(runs[s] / "ppo" / "metrics.jsonl") for s in (False, True))
+    assert plain[0]["ppo/kl"] == 0.0 and shared[0]["ppo/kl"] == 0.0
+    for a, b in zip(plain, shared):
+        for k in ("ppo/kl", "ppo/score", "ppo/policy_loss", "ppo/value_loss", "ppo/ratio_mean"):
+            assert b[k] == pytest.approx(a[k], rel=rel, abs=abs_), (a["step"], k)
+        # the trunk's forward is counted once per step: fewer model FLOPs for the same work
+        assert b["perf/flops_train"] < a["perf/flops_train"]
+    w_plain, w_shared = (load_file(str(runs[s] / "ppo" / "adapter_model.safetensors")) for s in (False, True))
+    assert all(".layers.0." not in k for k in w_shared)  # the bottom layer holds no policy weight
+    for k in w_plain:
+        torch.testing.assert_close(w_shared[k], w_plain[k], atol=4 * w_atol, rtol=rel)
 
 
 @pytest.mark.parametrize("overrides,rows", [(("ppo.micro_batch_size=1",), 1),

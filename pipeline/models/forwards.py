@@ -69,7 +69,7 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
     The LM head runs only on the T positions that predict response tokens (position P-1+t predicts
     response token t), which saves most of the vocabulary projection for short responses.
     """
-    net, lm_head = _backbone_and_head(model)
+    net = backbone(model)
     t = response_ids.shape[1]
     with loading.compute_context(model):
         # The system prompt every row starts with, and each prompt the rows repeat (eval's samples per
@@ -83,7 +83,16 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
                      position_ids=position_ids[:, c:], past_key_values=cache,
                      use_cache=cache is not None).last_hidden_state
         q = ids.shape[1] - c  # query columns left in the pass; the last one predicts response token 0
-        h = hidden[:, q - 1:q - 1 + t]
+    return response_outputs(model, hidden[:, q - 1:q - 1 + t], response_ids, temperature, with_entropy,
+                            with_hidden)
+
+
+def response_outputs(model, h: torch.Tensor, response_ids: torch.Tensor, temperature: float,
+                     with_entropy: bool = False, with_hidden: bool = False) -> ForwardOut:
+    """Logprobs (B, T) of ``response_ids`` (B, T) from ``h`` (B, T, H), the final hidden states that
+    predict them, through the LM head with logits / temperature (and entropies, ``h`` when asked)."""
+    _, lm_head = _backbone_and_head(model)
+    with loading.compute_context(model):
         if lm_head.bias is None:
             # lm_head(h) / T == lm_head(h / T): divide the (B, T, H) input, not the (B, T, vocab) logits.
             logits = lm_head(h / temperature)

@@ -25,6 +25,10 @@ from pipeline.models import forwards, loading, stacking
 
 Adapters = Union[str, Sequence[str], None]
 
+# PPO replays the trunk wherever its LoRA leaves the lower layers out (ppo.lora.top_layers); off, every
+# pass runs every layer (benchmarks/ppo_step.py compares the two).
+SHARE_TRUNK = True
+
 
 def _names(adapter: Adapters) -> Optional[list[str]]:
     return [adapter] if isinstance(adapter, str) else (list(adapter) if adapter else None)
@@ -270,3 +274,77 @@ def take_rows(rows: torch.Tensor, laid: forwards.PrefixedRows,
            torch.cat([v[kept, :, :s], v[kept, :, s + start:]], dim=2)) for k, v in trunk.kv]
     prefix = trunk.prefix[kept, start:] if trunk.prefix is not None else None
     return sub, Trunk(out, prefix, kv, trunk.top)
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses over a shared trunk (PPO)
+
+
+@dataclass
+class SharedRows:
+    """Rows of prompt + response laid out for the trunk (:func:`response_trunk`): ``laid`` (own columns
+    from the prompt's last token, which predicts the first response token), ``trunk`` (below ``split``)."""
+    laid: forwards.PrefixedRows
+    trunk: Trunk
+    split: int
+
+    def take(self, rows: torch.Tensor) -> Optional["SharedRows"]:
+        """Rows ``rows`` only (:func:`take_rows`); None where the trunk's output cannot be cut."""
+        cut = take_rows(rows, self.laid, self.trunk)
+        return None if cut is None or cut[1] is None else SharedRows(cut[0], cut[1], self.split)
+
+
+def response_rows(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                  response_mask: torch.Tensor) -> list[tuple[list[int], int]]:
+    """Left-padded prompts (B, P) and right-padded responses (B, T) as rows ``(ids, start)`` of
+    :func:`forwards.prefixed_rows`: each prompt's real tokens and its response's, ``start`` at the
+    prompt's last token (the first position whose hidden state predicts a response token). E.g. prompt
+    (0, 5, 6) with mask (0, 1, 1) and response (7, 8, 0) with mask (1, 1, 0): ((5, 6, 7, 8), 1)."""
+    rows = []
+    for q, qm, r, rm in zip(query_ids.tolist(), query_mask.tolist(), response_ids.tolist(), response_mask.tolist()):
+        prompt = [t for t, k in zip(q, qm) if k]
+        rows.append((prompt + [t for t, k in zip(r, rm) if k], len(prompt) - 1))
+    return rows
+
+
+@torch.no_grad()
+def response_trunk(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                   response_mask: torch.Tensor, split: int, adapter: Adapters,
+                   pad_id: int = 0) -> Optional[SharedRows]:
+    """The trunk below ``split`` over rows of prompt + response, run once with ``adapter`` active (every
+    adapter set that agrees with it below ``split`` can then replay it), the start all prompts share (the
+    system prompt) once. None when ``split`` is 0 or the trunk cannot be recorded (then run the plain
+    path, :func:`forwards.forward_response`)."""
+    if split <= 0:
+        return None
+    laid, shared = shared_trunk(model, response_rows(query_ids, query_mask, response_ids, response_mask),
+                                pad_id, split, adapter)
+    return None if shared is None else SharedRows(laid, shared, split)
+
+
+def response_hidden(model, rows: SharedRows, adapter: Adapters, t: int) -> torch.Tensor:
+    """(B, t, H) final hidden states that predict response tokens 0..t-1 with ``adapter`` active, the
+    trunk replayed (:func:`member_hidden`); positions past a row's last token repeat its last column
+    (their logprobs are masked). Equal to :func:`forwards.forward_response`'s to float round-off."""
+    hidden = member_hidden(model, rows.laid, rows.split, rows.trunk, adapter)
+    first = rows.laid.pool.long().argmax(dim=1)
+    cols = (first.unsqueeze(1) + torch.arange(t, device=first.device)).minimum(rows.laid.last.unsqueeze(1))
+    return hidden.gather(1, cols.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def response_forward(model, rows: SharedRows, adapter: Adapters, response_ids: torch.Tensor, temperature: float,
+                     with_entropy: bool = False, with_hidden: bool = False) -> forwards.ForwardOut:
+    """:func:`forwards.forward_response` of ``rows`` with ``adapter`` active, the trunk replayed: only the
+    layers from ``rows.split`` up run (and train)."""
+    h = response_hidden(model, rows, adapter, response_ids.shape[1])
+    return forwards.response_outputs(model, h, response_ids, temperature, with_entropy, with_hidden)
+
+
+def differing_adapters(first: Optional[Sequence[str]], *others: Optional[Sequence[str]]) -> list[str]:
+    """The adapters active in some but not all of the sets (None: the base, none active): below the
+    lowest layer any of them holds (:func:`trunk_split`), the sets compute the same. E.g. ["sft"] and
+    ["sft", "policy"]: ["policy"]; None and ["sft", "policy"]: ["sft", "policy"]."""
+    sets = [set(first or [])] + [set(o or []) for o in others]
+    return sorted(set.union(*sets) - set.intersection(*sets))

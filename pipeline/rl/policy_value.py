@@ -10,7 +10,7 @@ from typing import Optional
 
 from torch import nn
 
-from pipeline.models import forwards, stacking
+from pipeline.models import forwards, stacking, trunk
 
 POLICY, VALUE, SFT = "policy", "value", "sft"
 
@@ -30,18 +30,23 @@ class PolicyValue(nn.Module):
         self.policy_adapters = policy_adapters
         self.value_adapters = value_adapters  # None: the head reads the policy's hidden states
 
-    def forward(self, query, query_mask, response, response_mask, temperature: float, with_entropy: bool = False):
+    def forward(self, query, query_mask, response, response_mask, temperature: float, with_entropy: bool = False,
+                shared: Optional[trunk.SharedRows] = None):
+        """(logprobs, entropy or None, values or None), each (B, T). With ``shared`` (these rows' trunk,
+        :func:`pipeline.models.trunk.response_trunk`) only the layers above the trunk run."""
         head_on_policy = self.value_head is not None and self.value_adapters is None
-        out = forwards.forward_response(self.peft_model, query, query_mask, response, response_mask, temperature,
-                                        with_entropy=with_entropy, with_hidden=head_on_policy)
+
+        def run(adapters, **kw):
+            if shared is not None:
+                return trunk.response_forward(self.peft_model, shared, adapters, response, temperature, **kw)
+            with stacking.active_adapters(self.peft_model, adapters):
+                return forwards.forward_response(self.peft_model, query, query_mask, response, response_mask,
+                                                 temperature, **kw)
+
+        out = run(self.policy_adapters, with_entropy=with_entropy, with_hidden=head_on_policy)
         if self.value_head is None:
             return out.logprobs, out.entropy, None
-        if head_on_policy:
-            hidden = out.hidden
-        else:
-            with stacking.active_adapters(self.peft_model, self.value_adapters):
-                hidden = forwards.forward_response(self.peft_model, query, query_mask, response, response_mask,
-                                                   temperature, with_hidden=True).hidden
+        hidden = out.hidden if head_on_policy else run(self.value_adapters, with_hidden=True).hidden
         values = self.value_head(hidden.float()).squeeze(-1)
         return out.logprobs, out.entropy, values
 

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pipeline.models import forwards, stacking, throughput
+from pipeline.models import forwards, stacking, throughput, trunk
 from pipeline.rl import ppo_math, rollout
 from pipeline.rl.ppo_state import StepFailed
 
@@ -45,6 +45,7 @@ class Batch:
     kl: Optional[torch.Tensor] = None  # (B, T) per-token KL estimate on real tokens
     advantages: Optional[torch.Tensor] = None
     returns: Optional[torch.Tensor] = None
+    shared: Optional[trunk.SharedRows] = None  # the rows' trunk below the lowest trained layer, when any
 
     @property
     def maskf(self) -> torch.Tensor:
@@ -129,17 +130,44 @@ def prepare(batch: Batch, pv, peft_model, reference_adapters: Optional[list[str]
     micro = micro_size(pc)
     row_chunks = torch.arange(pc.batch_size, device=batch.query.device).split(micro)
     q, qm, r, m = batch.query, batch.query_mask, batch.response, batch.mask
-    with torch.no_grad(), stacking.active_adapters(peft_model, reference_adapters):
-        batch.ref_logprobs = torch.cat([forwards.forward_response(peft_model, q[c], qm[c], r[c], m[c],
-                                                                  pc.temperature).logprobs for c in row_chunks])
+    split = shared_split(peft_model, pv, reference_adapters)
+    batch.shared = trunk.response_trunk(peft_model, q, qm, r, m, split, reference_adapters)
+
+    def reference(c):
+        view = _view(batch, c)
+        if view is not None:
+            return trunk.response_forward(peft_model, view, reference_adapters, r[c], pc.temperature).logprobs
+        with stacking.active_adapters(peft_model, reference_adapters):
+            return forwards.forward_response(peft_model, q[c], qm[c], r[c], m[c], pc.temperature).logprobs
+
+    with torch.no_grad():
+        batch.ref_logprobs = torch.cat([reference(c) for c in row_chunks])
     if pc.minibatches > 1 or micro < pc.batch_size // pc.minibatches:
         with torch.no_grad():
-            outs = [pv(q[c], qm[c], r[c], m[c], pc.temperature) for c in row_chunks]
+            outs = [pv(q[c], qm[c], r[c], m[c], pc.temperature, shared=_view(batch, c)) for c in row_chunks]
         batch.old_logprobs = torch.cat([o[0] for o in outs])
         batch.old_values = torch.cat([o[2] for o in outs]) if pc.algorithm == "ppo" else None
         batch.kl, batch.advantages, batch.returns = advantages(
             batch.old_logprobs, batch.ref_logprobs, batch.old_values, batch.scores, batch.maskf,
             kl_coef if pc.kl_in == "reward" else 0.0, pc)
+
+
+def shared_split(peft_model, pv, reference_adapters: Optional[list[str]]) -> int:
+    """The decoder layers below the lowest one holding a weight of the trained adapters, or of any adapter
+    the reference and the policy (and value model) do not share: there the reference, the policy and
+    the value model compute the same, and it does not change during the step's updates, so it runs once
+    per step (:mod:`pipeline.models.trunk`). 0 (nothing shared) with LoRA in every layer, the default
+    before ``ppo.lora.top_layers``, or with :data:`pipeline.models.trunk.SHARE_TRUNK` off."""
+    if not trunk.SHARE_TRUNK:
+        return 0
+    sets = [pv.policy_adapters] + ([pv.value_adapters] if pv.value_adapters else [])
+    differing = trunk.differing_adapters(reference_adapters, *sets)
+    return trunk.trunk_split(peft_model, differing) if differing else 0
+
+
+def _view(batch: Batch, rows: torch.Tensor) -> Optional[trunk.SharedRows]:
+    """The batch's shared trunk cut to ``rows``; None where there is none (then the plain forward)."""
+    return batch.shared.take(rows) if batch.shared is not None else None
 
 
 def _fill_from_first_forward(batch: Batch, c, logprobs, values, kl_coef: float, pc) -> None:
@@ -195,7 +223,8 @@ def update(batch: Batch, pv_ddp, optimizer, trainable: list, accelerator, kl_coe
                 weight = m.sum() / mb_tokens
                 sync = accelerator.no_sync(pv_ddp) if ci < len(chunks) - 1 else contextlib.nullcontext()
                 with sync:
-                    logprobs, entropy, values = pv_ddp(q[c], qm[c], r[c], mk[c], pc.temperature, with_entropy=True)
+                    logprobs, entropy, values = pv_ddp(q[c], qm[c], r[c], mk[c], pc.temperature, with_entropy=True,
+                                                       shared=_view(batch, c))
                     if batch.old_logprobs is None:
                         _fill_from_first_forward(batch, c, logprobs, values, kl_coef, pc)
                     loss, pg_loss, vf_loss, loss_stats = _micro_loss(batch, c, m, logprobs, values, kl_coef, pc)
@@ -266,12 +295,18 @@ def sample_rows(step: int, batch: Batch, scored: Scored, n: int) -> list[dict]:
 
 
 def step_flops(prompt: list[int], response: list[int], shared: int, pc, shape, trained_layers: int,
-               lora_params: int, value_adapter: bool) -> tuple[float, float]:
+               lora_params: int, value_adapter: bool, split: int = 0) -> tuple[float, float]:
     """``(generate, train)`` model FLOPs of one step on rows of ``prompt`` + ``response`` tokens
     (:mod:`pipeline.models.throughput`): generate is the prefill and decode of the real tokens; train is the
     reference pass, the old-logprob pass when it is separate, and ``ppo_epochs`` forward + LoRA backward
     passes (twice where a value adapter runs its own pass). The ``shared`` tokens every prompt starts with
-    run once per micro-batch of each pass (prefix sharing), not once per row."""
+    run once per micro-batch of each pass (prefix sharing), not once per row. With a shared trunk
+    (:func:`shared_split`: ``split`` of the layers) the trunk's part of the forward, logits aside, runs
+    once per step and every pass only the rest (the trunk's own prefix counted per micro-batch too: an
+    upper bound by a few tokens).
+
+    E.g. 2 of 4 layers shared, a forward of F of which G are logits: the trunk (F - G) / 2 once, and
+    each of the passes F - (F - G) / 2."""
     passes = 2 if value_adapter else 1
     separate_old = pc.minibatches > 1 or micro_size(pc) < pc.batch_size // pc.minibatches
     chunks = -(-len(prompt) // micro_size(pc))
@@ -281,11 +316,13 @@ def step_flops(prompt: list[int], response: list[int], shared: int, pc, shape, t
     train = (throughput.lora_train_flops(shape, own, response, trained_layers, lora_params)
              + chunks * (throughput.forward_flops(shape, shared, shared)
                          + throughput.lora_backward_flops(shape, shared, shared, trained_layers, lora_params)))
-    return flops_generate, forward * (1 + passes * separate_old) + pc.ppo_epochs * passes * train
+    trunk_part = (forward - sum(response) * 2.0 * shape.width * shape.vocab) * split / shape.layers
+    return flops_generate, (trunk_part + (forward - trunk_part) * (1 + passes * separate_old)
+                            + pc.ppo_epochs * passes * (train - trunk_part))
 
 
 def perf_metrics(batch: Batch, pc, shape, trained_layers: int, lora_params: int, times: dict[str, float],
-                 peak_flops_per_s: float, value_adapter: bool) -> dict:
+                 peak_flops_per_s: float, value_adapter: bool, split: int = 0) -> dict:
     """The step's model FLOPs (:func:`step_flops`), tokens/s and MFU per phase. The shared prompt start is
     counted over the whole batch (micro-batches may share more: the count is a lower bound). The score
     phase's FLOPs depend on the reward plugins and are not counted."""
@@ -294,7 +331,7 @@ def perf_metrics(batch: Batch, pc, shape, trained_layers: int, lora_params: int,
     lengths = batch.query_mask.sum(1)
     shared = forwards.common_prefix_length(batch.query, lengths, int(lengths.min()) - 1) if forwards.SHARE_PREFIXES else 0
     flops_generate, flops_train = step_flops(prompt, response, shared, pc, shape, trained_layers, lora_params,
-                                             value_adapter)
+                                             value_adapter, split)
     return {"perf/flops_generate": flops_generate, "perf/flops_train": flops_train,
             "perf/tokens_per_s_generate": sum(response) / max(times["generate"], 1e-9),
             "perf/tokens_per_s_train": pc.ppo_epochs * (sum(prompt) + sum(response)) / max(times["train"], 1e-9),

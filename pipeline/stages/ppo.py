@@ -261,7 +261,7 @@ def write_outputs(cfg: PipelineConfig, stage: StageWork, policy: Policy, tok, ba
 
 
 def estimate_ppo(encoded: list[list[int]], pc, shape, trained_layers: int, lora_params: int, value_adapter: bool,
-                 peak: float) -> str:
+                 peak: float, split: int = 0) -> str:
     """The a-priori duration of the run (:func:`pipeline.models.throughput.estimate_line`): ``ppo.steps``
     steps of ``ppo.batch_size`` rows of the mean prompt length and ``ppo.max_new_tokens`` response tokens."""
     mean_prompt = round(sum(len(e) for e in encoded) / max(len(encoded), 1))
@@ -269,7 +269,7 @@ def estimate_ppo(encoded: list[list[int]], pc, shape, trained_layers: int, lora_
     shared = forwards.common_prefix(sample, min(len(e) for e in sample) - 1)
     rows = pc.batch_size
     gen, train = ppo_step.step_flops([mean_prompt] * rows, [pc.max_new_tokens] * rows, shared, pc, shape,
-                                     trained_layers, lora_params, value_adapter)
+                                     trained_layers, lora_params, value_adapter, split)
     return throughput.estimate_line("ppo", f"{pc.steps} steps of {rows} rollouts", pc.steps * (gen + train), peak)
 
 
@@ -328,16 +328,20 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         if main_proc:
             print(f"[ppo] {lean_ops.coverage(peft_model)}", flush=True)
     lora_params, trained_layers = throughput.trained_extent(peft_model, shape.layers)
+    split = ppo_step.shared_split(peft_model, pv, policy.reference_adapters)  # the trunk run once per step
     peak = throughput.measured_peak(loading.compute_dtype(cfg.model, dev), dev)  # MFU's denominator: this machine, this dtype
     if main_proc:
-        print(estimate_ppo(encoded, pc, shape, trained_layers, lora_params, policy.value_adapters is not None, peak),
-              flush=True)
+        print(estimate_ppo(encoded, pc, shape, trained_layers, lora_params, policy.value_adapters is not None, peak,
+                           split), flush=True)
         t_params, t_total = loading.count_parameters(pv)
         print(f"[ppo] trainable parameters: {t_params:,} of {t_total:,}; policy adapters {policy.policy_adapters}, "
               f"reference {policy.reference_adapters or 'base (all adapters off)'}, "
               f"{f'value {pc.value_model}' if pc.algorithm == 'ppo' else f'{pc.algorithm}, no value model'}, "
               f"{pc.samples_per_prompt} samples per prompt, KL ({pc.kl_estimator}) in the {pc.kl_in}, "
               f"rollout weights {'merged' if merged else 'adapters'}", flush=True)
+        if split:
+            print(f"[ppo] decoder layers 0-{split - 1} of {shape.layers} hold no trained weight: they run once per step "
+                  "for the reference, old and training passes alike (the shared trunk)", flush=True)
     pv_ddp, optimizer = accelerator.prepare(pv, optimizer)
     run = RunState(stage.checkpoints, pv, optimizer, scheduler, kl_ctl, reward_fn, accelerator, pc.algorithm,
                    pc.samples_per_prompt)
@@ -392,7 +396,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         metrics = {**ppo_step.step_metrics(step, batch, scored, stats, first, mean_kl, kl_coef,
                                            scheduler.get_last_lr()[0], times, pc, reduce),
                    **ppo_step.perf_metrics(batch, pc, shape, trained_layers, lora_params, times, peak,
-                                           policy.value_adapters is not None),
+                                           policy.value_adapters is not None, split),
                    **watched}
         if main_proc:
             logger.log(metrics, step=step + 1)
