@@ -281,6 +281,24 @@ def test_merged_weights_equal_the_adapter_path_and_leave_the_model_unchanged(tin
     assert all(hasattr(m, "dense_weight") for m in pm.modules() if "forward" in vars(m))
 
 
+def test_merged_weights_copy_only_layers_with_an_adapter_to_merge(tiny_model_cfg_both, monkeypatch):
+    """A layer with no active adapter samples from the load's dense copy as it is: no second copy (with
+    the policy on the top layers, most of the model). Layers that merge get a copy of their own."""
+    pm, ids = _two_adapter_model(tiny_model_cfg_both)
+    copies = []
+    real = stacking.dense_weight
+    monkeypatch.setattr(stacking, "dense_weight", lambda layer: copies.append(layer) or real(layer))
+    n_linear = sum(1 for m in pm.modules() if hasattr(m, "dense_weight"))
+    assert n_linear > 0
+    with torch.no_grad():
+        with stacking.active_adapters(pm, None), stacking.merged_linear_weights(pm):
+            pm(input_ids=ids)
+        assert copies == []
+        with stacking.merged_linear_weights(pm):
+            pm(input_ids=ids)
+    assert len(copies) == n_linear  # every linear carries an adapter in this model
+
+
 def test_dense_weight_bytes_counts_logical_weights(tiny_model_cfg):
     pm, _ = _two_adapter_model(tiny_model_cfg)
     import bitsandbytes as bnb
