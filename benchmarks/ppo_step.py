@@ -1,7 +1,8 @@
 """PPO step benchmark on the embedded model, against trl 1.12's PPOTrainer measured in the same run.
 
 Setting (issue 4): SmolLM2-135M-Instruct in NF4 on CPU, batch 8, 32 response tokens, 4 PPO epochs,
-1 minibatch, LoRA r=8 on all linear layers, reference = base with adapters off, a learned reward
+1 minibatch, LoRA r=8 on all linear layers (of the top ``ppo.lora.top_layers`` in the shipped default;
+every layer, as the anchor, in ``all-layers``), reference = base with adapters off, a learned reward
 model (LoRA + score head) on the same base. Each setting runs in its own process so peak RSS is its own.
 
     python benchmarks/ppo_step.py                      # the main settings + the trl anchor if available
@@ -26,8 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 ANCHOR = REPO.parent / "shared" / "bench" / "trl_ppo_anchor.sh"
 
 SETTINGS = {
-    # the defaults as shipped (compute dtype auto: bf16 on CPUs with AMX/AVX512-BF16, float32 elsewhere)
+    # the defaults as shipped (compute dtype auto: bf16 on CPUs with AMX/AVX512-BF16, float32 elsewhere):
+    # the policy's LoRA on the top ppo.lora.top_layers layers, the trunk below them run once per step
     "default": [],
+    # LoRA in every layer, as the anchor trains it: every pass runs every layer
+    "all-layers": ["ppo.lora.top_layers=0"],
     # value head on the policy's hidden states, float32 compute: one forward per minibatch gives logprobs and values
     "head": ["ppo.value_model=head", "model.compute_dtype=float32"],
     # a separate value LoRA adapter + head: a second forward per minibatch
@@ -116,7 +120,7 @@ def _run_anchor(steps: int) -> dict | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", default="default,head,head-bf16-micro4",
+    ap.add_argument("--settings", default="default,all-layers",
                     help="comma-separated: " + ", ".join(SETTINGS))
     ap.add_argument("--steps", type=int, default=4, help="PPO steps per setting (the first is not timed)")
     ap.add_argument("--anchor-steps", type=int, default=3)
