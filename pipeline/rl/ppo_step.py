@@ -126,7 +126,9 @@ def micro_size(pc) -> int:
 
 def prepare(batch: Batch, pv, peft_model, reference_adapters: Optional[list[str]], kl_coef: float, pc) -> None:
     """Fill the batch's reference logprobs and, unless :func:`update`'s first forward can give them (one
-    minibatch in one piece), its old logprobs and values, KL, advantages and returns (all no-grad)."""
+    minibatch in one piece), its old logprobs and values, KL, advantages and returns (all no-grad).
+    First the layers below the lowest trained one (:func:`shared_split`) run once over the rows
+    (``batch.shared``); this step's reference, old and training passes replay them."""
     micro = micro_size(pc)
     row_chunks = torch.arange(pc.batch_size, device=batch.query.device).split(micro)
     q, qm, r, m = batch.query, batch.query_mask, batch.response, batch.mask
