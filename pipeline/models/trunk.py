@@ -276,8 +276,6 @@ def take_rows(rows: torch.Tensor, laid: forwards.PrefixedRows,
     return sub, Trunk(out, prefix, kv, trunk.top)
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Responses over a shared trunk (PPO)
 
@@ -293,7 +291,7 @@ class SharedRows:
     def take(self, rows: torch.Tensor) -> Optional["SharedRows"]:
         """Rows ``rows`` only (:func:`take_rows`); None where the trunk's output cannot be cut."""
         cut = take_rows(rows, self.laid, self.trunk)
-        return None if cut is None or cut[1] is None else SharedRows(cut[0], cut[1], self.split)
+        return None if cut is None else SharedRows(*cut, self.split)
 
 
 def response_rows(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
@@ -309,14 +307,13 @@ def response_rows(query_ids: torch.Tensor, query_mask: torch.Tensor, response_id
     return rows
 
 
-@torch.no_grad()
 def response_trunk(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                    response_mask: torch.Tensor, split: int, adapter: Adapters,
                    pad_id: int = 0) -> Optional[SharedRows]:
-    """The trunk below ``split`` over rows of prompt + response, run once with ``adapter`` active (every
-    adapter set that agrees with it below ``split`` can then replay it), the start all prompts share (the
-    system prompt) once. None when ``split`` is 0 or the trunk cannot be recorded (then run the plain
-    path, :func:`forwards.forward_response`)."""
+    """The trunk below ``split`` over rows of prompt + response, run once without gradients
+    (:func:`run_trunk`) with ``adapter`` active (every adapter set that agrees with it below ``split``
+    can then replay it), the start all prompts share (the system prompt) once. None when ``split`` is 0
+    or the trunk cannot be recorded (then run the plain path, :func:`forwards.forward_response`)."""
     if split <= 0:
         return None
     laid, shared = shared_trunk(model, response_rows(query_ids, query_mask, response_ids, response_mask),

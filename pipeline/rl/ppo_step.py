@@ -124,29 +124,29 @@ def micro_size(pc) -> int:
     return min(pc.micro_batch_size or mb_size, mb_size)
 
 
-def prepare(batch: Batch, pv, peft_model, reference_adapters: Optional[list[str]], kl_coef: float, pc) -> None:
+def prepare(batch: Batch, pv, peft_model, reference_adapters: Optional[list[str]], kl_coef: float, pc,
+            split: int) -> None:
     """Fill the batch's reference logprobs and, unless :func:`update`'s first forward can give them (one
     minibatch in one piece), its old logprobs and values, KL, advantages and returns (all no-grad).
-    First the layers below the lowest trained one (:func:`shared_split`) run once over the rows
-    (``batch.shared``); this step's reference, old and training passes replay them."""
+    First the ``split`` layers below the lowest trained one (:func:`shared_split`, 0: none) run once over
+    the rows (``batch.shared``); this step's reference, old and training passes replay them."""
     micro = micro_size(pc)
     row_chunks = torch.arange(pc.batch_size, device=batch.query.device).split(micro)
     q, qm, r, m = batch.query, batch.query_mask, batch.response, batch.mask
-    split = shared_split(peft_model, pv, reference_adapters)
     batch.shared = trunk.response_trunk(peft_model, q, qm, r, m, split, reference_adapters)
+    views = [_view(batch, c) for c in row_chunks]
 
-    def reference(c):
-        view = _view(batch, c)
+    def reference(c, view):
         if view is not None:
             return trunk.response_forward(peft_model, view, reference_adapters, r[c], pc.temperature).logprobs
         with stacking.active_adapters(peft_model, reference_adapters):
             return forwards.forward_response(peft_model, q[c], qm[c], r[c], m[c], pc.temperature).logprobs
 
     with torch.no_grad():
-        batch.ref_logprobs = torch.cat([reference(c) for c in row_chunks])
+        batch.ref_logprobs = torch.cat([reference(c, v) for c, v in zip(row_chunks, views)])
     if pc.minibatches > 1 or micro < pc.batch_size // pc.minibatches:
         with torch.no_grad():
-            outs = [pv(q[c], qm[c], r[c], m[c], pc.temperature, shared=_view(batch, c)) for c in row_chunks]
+            outs = [pv(q[c], qm[c], r[c], m[c], pc.temperature, shared=v) for c, v in zip(row_chunks, views)]
         batch.old_logprobs = torch.cat([o[0] for o in outs])
         batch.old_values = torch.cat([o[2] for o in outs]) if pc.algorithm == "ppo" else None
         batch.kl, batch.advantages, batch.returns = advantages(

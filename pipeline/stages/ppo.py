@@ -382,7 +382,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
             scored = ppo_step.score(step, batch, reward_fn, monitor_fn, tok, pc, reduce)
             t_score, t0 = time.time() - t0, time.time()
             kl_coef = kl_ctl.value
-            ppo_step.prepare(batch, pv, peft_model, policy.reference_adapters, kl_coef, pc)
+            ppo_step.prepare(batch, pv, peft_model, policy.reference_adapters, kl_coef, pc, split)
             run.begin_update(start)
             stats, first = ppo_step.update(batch, pv_ddp, optimizer, trainable, accelerator, kl_coef, pc, step)
         except StepFailed as failure:
