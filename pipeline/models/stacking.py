@@ -13,6 +13,7 @@ import torch
 
 from pipeline.artifacts import readers
 from pipeline.artifacts.outputs import ArtifactError
+from pipeline.models import few_rows
 from pipeline.models.loading import dense_weight, logical_shape, release_free_memory
 
 
@@ -68,7 +69,7 @@ def sample_from_merged(model: torch.nn.Module, mode: str, max_gb: float, dtype: 
 
 def _dense_forward(weight: torch.Tensor, bias: Optional[torch.Tensor]):
     def forward(x, *args, **kwargs):
-        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias)
+        return few_rows.linear(x.to(weight.dtype), weight, bias)
     return forward
 
 
@@ -100,7 +101,8 @@ def merged_linear_weights(model: torch.nn.Module, dtype: Optional[torch.dtype] =
     tokens, so per-call dequantisation and adapter overhead dominate sampling otherwise. Costs one
     dense copy of the linear weights while open, freed on exit. Equals the adapter path up to
     rounding in ``dtype`` (tested). No autograd through it. Layers with an active DoRA adapter are
-    left as they are.
+    left as they are. These layers and a plain LM head compute a call of a few rows (a decode step) in
+    the GEMM orientation :mod:`pipeline.models.few_rows` picks.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -132,6 +134,11 @@ def merged_linear_weights(model: torch.nn.Module, dtype: Optional[torch.dtype] =
                                                       @ layer.lora_A[name].weight.float())
                 bias = None if base.bias is None else base.bias.detach().to(dtype)
                 patch_forward(patched, layer, _dense_forward(weight.to(dtype), bias))
+            head = model.get_output_embeddings()
+            if type(head) is torch.nn.Linear and id(head) not in wrapped:
+                # the LM head of a decode step is its largest GEMM (49152 x 576 on the embedded model)
+                patch_forward(patched, head, _dense_forward(head.weight.detach(), None if head.bias is None
+                                                            else head.bias.detach()))
         yield
     finally:
         restore_forwards(patched)
