@@ -27,6 +27,7 @@ from pipeline.rl.ppo_math import (
     kl_per_token,
     last_token_index,
     logprobs_from_logits,
+    token_logprobs_and_entropy,
     make_kl_controller,
     masked_mean,
     masked_var,
@@ -104,6 +105,51 @@ def test_logprobs_without_a_graph_equal_the_graph_path_bit_for_bit():
         graph = logprobs_from_logits(logits.clone().requires_grad_(True), tokens, temperature=0.7)
         assert rowwise.dtype == dtype and graph.requires_grad
         assert torch.equal(rowwise, graph.detach())
+
+
+def test_token_logprobs_and_entropy_by_hand():
+    # z = [0, ln 3]: lse = ln 4; logprob(1) = ln 3 - ln 4 = ln 0.75; p = (0.25, 0.75);
+    # H = ln 4 - (0.25 x 0 + 0.75 x ln 3) = 1.3862944 - 0.8239592 = 0.5623351
+    # d logprob(1) / dz = onehot(1) - p = (-0.25, 0.25)
+    logits = t([[[0.0, math.log(3.0)]]]).requires_grad_(True)
+    logprobs, entropy = token_logprobs_and_entropy(logits, torch.tensor([[1]]), with_entropy=True)
+    close(logprobs, [[math.log(0.75)]])
+    close(entropy, [[0.5623351]])
+    assert not entropy.requires_grad
+    logprobs.sum().backward()
+    close(logits.grad, [[[-0.25, 0.25]]])
+    assert token_logprobs_and_entropy(logits, torch.tensor([[1]]))[1] is None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_gradient_equals_autograd_of_log_softmax(temperature):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 4, 17, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 17, (3, 4), generator=g)
+    upstream = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    got, entropy = token_logprobs_and_entropy(logits, tokens, temperature, with_entropy=True)
+    (grad,) = torch.autograd.grad((got * upstream).sum(), logits)
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    want = F.log_softmax(ref_logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    (want_grad,) = torch.autograd.grad((want * upstream).sum(), ref_logits)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad, want_grad, atol=1e-12, rtol=0)
+    torch.testing.assert_close(entropy, entropy_from_logits(logits.detach(), temperature), atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda z: token_logprobs_and_entropy(z, tokens, temperature)[0], (logits,))
+
+
+def test_token_logprobs_bf16_logits_get_bf16_gradients_computed_in_float32():
+    g = torch.Generator().manual_seed(4)
+    logits32 = torch.randn(2, 3, 9, generator=g)
+    tokens = torch.randint(0, 9, (2, 3), generator=g)
+    logits = logits32.to(torch.bfloat16).requires_grad_(True)
+    got, entropy = token_logprobs_and_entropy(logits, tokens, 0.9, with_entropy=True)
+    assert got.dtype == torch.float32 and entropy.dtype == torch.float32
+    got.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    exact = logits.detach().float().requires_grad_(True)
+    F.log_softmax(exact / 0.9, -1).gather(-1, tokens.unsqueeze(-1)).sum().backward()
+    torch.testing.assert_close(logits.grad.float(), exact.grad, atol=1e-2, rtol=0)  # bf16's 8 bits
 
 
 def test_logprobs_rejects_nonpositive_temperature():

@@ -98,15 +98,10 @@ def response_outputs(model, h: torch.Tensor, response_ids: torch.Tensor, tempera
             logits = lm_head(h / temperature)
         else:
             logits = lm_head(h) / temperature
-    # bf16/fp16 logits go to ppo_math as they are: it upcasts one row at a time for the log-softmax
-    # (float32 accuracy without a (B, T, vocab) float32 copy: 50 MB per copy at batch 8 on the
-    # embedded model, and on CPU every such fresh allocation is page-faulted in).
-    logprobs = ppo_math.logprobs_from_logits(logits, response_ids)
-    entropy = None
-    if with_entropy:
-        # A logged statistic, not part of the loss: no autograd graph over the vocabulary.
-        with torch.no_grad():
-            entropy = ppo_math.entropy_from_logits(logits)
+    # bf16/fp16 logits go to ppo_math as they are: it upcasts one row at a time (float32 accuracy without
+    # a (B, T, vocab) float32 copy: 50 MB per copy at batch 8 on the embedded model, and on CPU every such
+    # fresh allocation is page-faulted in). The entropy, a logged statistic, comes from the same pass.
+    logprobs, entropy = ppo_math.token_logprobs_and_entropy(logits, response_ids, with_entropy=with_entropy)
     return ForwardOut(logprobs=logprobs, entropy=entropy, hidden=h if with_hidden else None)
 
 
