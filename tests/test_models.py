@@ -443,3 +443,26 @@ def test_eval_kl_with_a_merged_reference_equals_the_adapter_path(tiny_model_cfg)
     torch.testing.assert_close(kl[True], kl[False], atol=1e-4, rtol=0)
     # k3 sums exp(log-ratio) terms, large where the adapters disagree: round-off relative to its size
     torch.testing.assert_close(torch.tensor(out[True].kl_k3), torch.tensor(out[False].kl_k3), atol=1e-4, rtol=1e-4)
+
+
+def test_heap_trim_trims_first_then_only_after_the_margin(monkeypatch):
+    """HeapTrim trims at its first call, then only once the resident set has grown past the last trim's
+    size + margin; where the size cannot be read it trims every time."""
+    rss = iter([1000, 900,  # first call: trims (size after: 900)
+                1800,  # 900 + 1 MiB margin (1,048,576 bytes) is not passed: no trim
+                900 + 2**20 + 1, 950,  # passed by 1 byte: trims (size after: 950)
+                950 + 2**20])  # not passed (equal): no trim
+    trims = []
+    monkeypatch.setattr(loading, "resident_bytes", lambda: next(rss))
+    monkeypatch.setattr(loading, "release_free_memory", lambda: trims.append(1))
+    trim = loading.HeapTrim(margin_mb=1)
+    assert [trim() for _ in range(4)] == [True, False, True, False]
+    assert len(trims) == 2 and trim.floor == 950
+    monkeypatch.setattr(loading, "resident_bytes", lambda: None)
+    assert trim() and trim()
+    assert len(trims) == 4
+
+
+def test_resident_bytes_reads_this_process():
+    rss = loading.resident_bytes()
+    assert rss is None or 10 * 2**20 < rss < 64 * 2**30

@@ -157,6 +157,47 @@ def release_free_memory() -> None:
             pass
 
 
+def resident_bytes() -> Optional[int]:
+    """This process's resident set size in bytes (Linux ``/proc/self/statm``); None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+# HeapTrim's margin in SFT's training loop (the trainer's ReleaseMemory callback).
+STEP_TRIM_MARGIN_MB = 256
+
+
+class HeapTrim:
+    """:func:`release_free_memory` at the end of a training step, once the resident set has grown by more
+    than ``margin_mb`` since the last trim (always where the size cannot be read).
+
+    A trim hands the step's freed activations back to the OS, and the next step page-faults them all in
+    again: trimming after every SFT step made 2.5-2.8M minor faults in 8 steps against 1.1-1.2M and took
+    1.13x the training time (30.9 and 32.9 s against 27.3 and 28.9 s, float32, AMD EPYC under the AVX2
+    caps). Without any trim glibc's heap creeps up as batch shapes vary: 2.67 GB against 2.23 GB at the
+    end of the default SFT run. A margin keeps the peak within it of trimming every step, for a trim
+    every few dozen steps. The reward and PPO loops still trim every step: there the faults come from
+    tensors above glibc's mmap threshold, trimmed or not (reward, 10 steps: 2.60-2.69M faults with a
+    256 MB margin against 2.71-2.77M, training time within noise), and PPO's peak memory is a target.
+    """
+
+    def __init__(self, margin_mb: float):
+        self.margin = margin_mb * 2**20
+        self.floor: Optional[int] = None
+
+    def __call__(self) -> bool:
+        """Trim if due; returns whether it trimmed."""
+        rss = resident_bytes()
+        if rss is not None and self.floor is not None and rss <= self.floor + self.margin:
+            return False
+        release_free_memory()
+        self.floor = resident_bytes()
+        return True
+
+
 def _detach_from_file(model: torch.nn.Module) -> None:
     """Copy CPU parameters that still view the memory-mapped weights file into process memory.
 
