@@ -2,7 +2,9 @@
 
 Both train a LoRA (r=16, all-linear) on the embedded SmolLM2-135M-Instruct in NF4 on CPU for the same
 number of steps on data/sft_train.jsonl, batch 8. Throughput = non-padding tokens seen / training
-seconds (the trainer's own counters). Each variant runs in its own process. ``ours-full-head`` is ours
+seconds (the trainer's own counters). Each variant runs in its own process. Ours runs with
+``sft.grad_accum=1`` (the default config accumulates 2 micro-batches of 4), so both see the same 8-row
+batches: the same tokens in the same steps. ``ours-full-head`` is ours
 with trl's LM head over every position, as trl runs it on CPU (trainer_utils.COMPACT_LM_HEAD off).
 ``trl-plain`` keeps trl's defaults: on a quantized base SFTTrainer casts the LoRA weights to bf16 and
 ``bf16`` defaults to on, which is emulated (about 40x slower than float32) on a CPU without
@@ -71,7 +73,7 @@ def ours(steps: int, padding_free: bool, compact_head: bool = True) -> dict:
 
     trainer_utils.COMPACT_LM_HEAD = compact_head
 
-    overrides = [f"sft.max_steps={steps}", "sft.batch_size=8", "sft.max_length=256", "sft.gold_eval_prompts=0",
+    overrides = [f"sft.max_steps={steps}", "sft.batch_size=8", "sft.grad_accum=1", "sft.max_length=256", "sft.gold_eval_prompts=0",
                  "data.sft_eval=", f"sft.padding_free={str(padding_free).lower()}", "sft.logging_steps=1000"]
     cfg = load_config(REPO / "configs" / "default.yaml", overrides)
     with tempfile.TemporaryDirectory() as tmp:
