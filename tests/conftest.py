@@ -5,6 +5,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Stages probe the matmul peak for 3 s (throughput.STAGE_PROBE_SECONDS); the tests' MFU is not a measurement.
+os.environ.setdefault("RLHF_PROBE_SECONDS", "0.05")
 
 from pathlib import Path  # noqa: E402
 

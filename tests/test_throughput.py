@@ -74,9 +74,16 @@ def test_measured_peak_probes_cpu_and_leaves_unprobed_devices_nan(monkeypatch):
 
     seen = []
     monkeypatch.setattr(throughput, "probe_matmul", lambda dtype, **kw: seen.append(kw) or 5.0)
+    monkeypatch.delenv("RLHF_PROBE_SECONDS", raising=False)
     assert throughput.measured_peak(torch.float32, torch.device("cpu")) == 5.0
+    assert seen[0] == {"seconds": throughput.STAGE_PROBE_SECONDS}
+    monkeypatch.setenv("RLHF_PROBE_SECONDS", "0.25")
     assert throughput.measured_peak(torch.bfloat16, torch.device("cuda")) == 5.0  # not run: probe faked
-    assert seen[1] == {"size": throughput.GPU_PROBE_SIZE, "device": torch.device("cuda")}
+    assert seen[1] == {"size": throughput.GPU_PROBE_SIZE, "seconds": 0.25, "device": torch.device("cuda")}
+    for bad in ("0", "-1", "soon"):
+        monkeypatch.setenv("RLHF_PROBE_SECONDS", bad)
+        with pytest.raises(ValueError, match="RLHF_PROBE_SECONDS"):
+            throughput.measured_peak(torch.float32, torch.device("cpu"))
     assert math.isnan(throughput.measured_peak(torch.float32, torch.device("meta")))
     assert probe_matmul(torch.float32, size=32, seconds=0.01, device="cpu") > 0
 
