@@ -312,11 +312,11 @@ def test_ensemble_flops_by_hand():
     from pipeline.models.throughput import DecoderShape, ensemble_train_flops, pair_train_flops
 
     shape = DecoderShape(matmul_params=1000, layers=2, width=8, vocab=10)
-    # the docstring's example: trunk 6,960 + 2 x (6,960 + 7,200)
-    assert ensemble_train_flops(shape, [(2, 1, 3)], [[0], [0]], 1, 1, 10) == 35280
+    # the docstring's example: trunk 6,960 + 2 x (6,960 + 8,160)
+    assert ensemble_train_flops(shape, [(2, 1, 3)], [[0], [0]], 1, 1, 10) == 37200
     # the second member's resample skips it: one member's count is the single model's
-    assert ensemble_train_flops(shape, [(2, 1, 3)], [[0], []], 1, 1, 10) == 21120
-    assert pair_train_flops(shape, [(2, 1, 3)], 1, 10) == 21120
+    assert ensemble_train_flops(shape, [(2, 1, 3)], [[0], []], 1, 1, 10) == 22080
+    assert pair_train_flops(shape, [(2, 1, 3)], 1, 10) == 22080
 
 
 # ---------------------------------------------------------------------------------------------

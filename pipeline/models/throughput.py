@@ -10,8 +10,10 @@ FLOP counts (a multiply-add is 2 FLOPs):
   T attended positions (PaLM's ``6N + 12 L H Q T`` training count divided by 3, with H Q = d); the LM head
   adds ``2 d V`` only where logits are made (Kaplan et al. 2020, table 1, count it the same way);
 - backward of a LoRA-trained frozen base: the input gradients through every frozen matmul above the lowest
-  adapted layer (as much as their forward, ``2 N_above + 4 L_above d T``), plus the adapters' weight and
-  input gradients (``4 N_lora``); full fine-tuning would add the frozen weights' gradients (another ``2 N``).
+  adapted layer (as much as their forward, ``2 N_above``), both operands' gradients of the attention's two
+  products (twice their forward, ``8 L_above d T``: PaLM's ``12 L H Q T`` less the forward's 4; the scores
+  and the weighted values have no weights to freeze), plus the adapters' weight and input gradients
+  (``4 N_lora``); full fine-tuning would add the frozen weights' gradients (another ``2 N``).
 """
 from __future__ import annotations
 
@@ -80,11 +82,13 @@ def lora_backward_flops(shape: DecoderShape, tokens: int, attended: float, train
                         lora_params: int, logits: int = 0) -> float:
     """FLOPs of the backward of a LoRA-trained frozen base: input gradients through the top
     ``trained_layers`` layers (the backward stops below the lowest adapted layer) and the LM head rows,
-    and the adapters' own weight and input gradients, ``4 N_lora`` per token.
+    and the adapters' own weight and input gradients, ``4 N_lora`` per token. In the attention both
+    products' operands are activations that need gradients (queries and keys, probabilities and values),
+    so its backward is twice its forward, ``8 L d T``, where the frozen matmuls' is once theirs.
 
     E.g. the shape above, 1 of 2 layers trained, 10 LoRA weights, 3 tokens attending to 2, 1 logit row:
-    3 (2 x 500 + 4 x 1 x 8 x 2) + 2 x 8 x 10 + 4 x 10 x 3 = 3,192 + 160 + 120 = 3,472."""
-    per_token = 2.0 * shape.params_per_layer * trained_layers + 4.0 * trained_layers * shape.width * attended
+    3 (2 x 500 + 8 x 1 x 8 x 2) + 2 x 8 x 10 + 4 x 10 x 3 = 3,384 + 160 + 120 = 3,664."""
+    per_token = 2.0 * shape.params_per_layer * trained_layers + 8.0 * trained_layers * shape.width * attended
     return tokens * per_token + logits * 2.0 * shape.width * shape.vocab + 4.0 * lora_params * tokens
 
 
@@ -182,10 +186,10 @@ def ensemble_train_flops(shape: DecoderShape, pairs: list[tuple[int, int, int]],
     resample holds. One member running every pair costs what :func:`pair_train_flops` counts.
 
     E.g. the shape of :func:`forward_flops` (2 layers), one pair (2, 1, 3), split 1, 1 trained layer,
-    10 LoRA weights: its forward is 13,920 and its backward 7,200 (:func:`pair_train_flops`); the trunk
+    10 LoRA weights: its forward is 13,920 and its backward 8,160 (:func:`pair_train_flops`); the trunk
     runs half the forward once, 6,960, and each member running the pair the other half and the backward,
-    6,960 + 7,200 = 14,160. Two members that both run it: 6,960 + 2 x 14,160 = 35,280; one of them only:
-    21,120, the single model's count."""
+    6,960 + 8,160 = 15,120. Two members that both run it: 6,960 + 2 x 15,120 = 37,200; one of them only:
+    22,080, the single model's count."""
     forward = [forward_flops(shape, p + c + r, p + max(c, r)) for p, c, r in pairs]
     backward = [lora_backward_flops(shape, p + c + r, p + max(c, r), trained_layers, lora_params)
                 for p, c, r in pairs]
@@ -251,8 +255,8 @@ def pair_train_flops(shape: DecoderShape, pairs: list[tuple[int, int, int]], tra
     rejected)`` token counts, the prompt run once per pair (prefix sharing) and no LM head; each token
     attends to its row's length (the prompt's tokens to the longer side's). E.g. the shape of
     :func:`forward_flops`, 1 of 2 layers trained, 10 LoRA weights, one pair (2, 1, 3):
-    6 tokens attending to 5 positions: 6 (2,000 + 4 x 2 x 8 x 5) + 6 (2 x 500 + 4 x 1 x 8 x 5) + 4 x 10 x 6
-    = 13,920 + 6,960 + 240 = 21,120."""
+    6 tokens attending to 5 positions: 6 (2,000 + 4 x 2 x 8 x 5) + 6 (2 x 500 + 8 x 1 x 8 x 5) + 4 x 10 x 6
+    = 13,920 + 7,920 + 240 = 22,080."""
     total = 0.0
     for p, c, r in pairs:
         tokens, attended = p + c + r, p + max(c, r)
@@ -267,7 +271,7 @@ def lm_train_flops_per_token(shape: DecoderShape, attended: float, trained_layer
     with the LM head on ``logit_share`` of the positions (1: every position, as trl's trainer computes
     logits off its Triton devices; the labelled share with :func:`trainer_utils.compact_lm_head`). E.g.
     the shape of :func:`forward_flops`, 2 layers trained, 10 LoRA weights, 2 attended: (2,000 + 128 +
-    160) + (2,000 + 128 + 160 + 40) = 4,616; with logits on half the positions 4,616 - 160 = 4,456."""
+    160) + (2,000 + 256 + 160 + 40) = 4,744; with logits on half the positions 4,744 - 160 = 4,584."""
     head = 2 * 2.0 * shape.width * shape.vocab  # the projection forward, and its input gradient
     return (forward_flops(shape, 1, attended) + lora_backward_flops(shape, 1, attended, trained_layers, lora_params)
             + logit_share * head)
