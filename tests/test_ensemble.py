@@ -358,6 +358,28 @@ def test_members_differ_after_training_and_are_recorded(ensemble_run):
     assert any("reward/m2/loss" in r for r in rows)
 
 
+def test_normalisation_scores_serve_the_rank_correlation(ensemble_run):
+    """The reward stage reads the rank correlation with gold off the scores the members' normalisation
+    computed (not a second pass over the same responses): they are the normalised ensemble's scores of
+    those responses, and the manifest's correlation is the one a fresh pass gives."""
+    from pipeline.config import load_config
+    from pipeline.models.reward_model import load_reward_scorer
+    from pipeline.stages import reward as rw
+
+    run, out = ensemble_run
+    cfg = load_config(CONFIG)
+    manifest = json.loads((out / "manifest.json").read_text())
+    scorer = load_reward_scorer(out)
+    saved_mean, saved_std = list(scorer.mean), list(scorer.std)
+    record, scores = rw.normalise_members(scorer, run / "sft", cfg.data)
+    assert record["mean"] == pytest.approx(saved_mean, abs=1e-6) and record["std"] == pytest.approx(saved_std, abs=1e-6)
+    convs, responses, _ = rw.sft_responses(run / "sft", cfg.data)
+    assert len(scores) == len(responses) >= 3
+    assert scores == pytest.approx(scorer([""] * len(convs), responses, prompt_messages=convs), abs=1e-6)
+    assert manifest["metrics"]["spearman_vs_gold_sft_eval"] == pytest.approx(
+        rw.spearman_on_sft_eval(scorer, cfg.data), abs=1e-9)
+
+
 def test_one_member_alone_is_the_single_model_scorer(ensemble_run, tiny_model_cfg):
     """members: [i] serves member i exactly as a one-model reward model is served (raw, no
     standardisation); the ensemble path with that one member and unit normalisation agrees to round-off."""

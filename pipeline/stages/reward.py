@@ -114,16 +114,18 @@ def _pair_gold(source: str, row_numbers: list[int]) -> Optional[list[tuple[float
     return out
 
 
-def spearman_on_sft_samples(scorer: RewardModelScorer, sft_dir: Path) -> Optional[dict]:
+def spearman_on_sft_samples(scorer: RewardModelScorer, sft_dir: Path,
+                            scores: Optional[list[float]] = None) -> Optional[dict]:
     """Rank correlation between the reward model and gold on responses the SFT policy sampled for the
-    eval prompts (``sft/gold_samples.jsonl``, written by the SFT stage); None when there are none."""
+    eval prompts (``sft/gold_samples.jsonl``, written by the SFT stage); None when there are none.
+    ``scores``: the scorer's scores of those responses where already computed (:func:`normalise_members`)."""
     path = sft_dir / "gold_samples.jsonl"
     if not path.is_file():
         return None
     rows = [r for _, r in loaders.read_rows(str(path)) if r.get("model") == "sft"]
     if len(rows) < 3:
         return None
-    learned = scorer([r["prompt"] for r in rows], [r["response"] for r in rows])
+    learned = scores if scores is not None else scorer([r["prompt"] for r in rows], [r["response"] for r in rows])
     return {"spearman_vs_gold_sft_samples": spearman(learned, [r["gold"] for r in rows]),
             "sft_samples_scored": len(rows)}
 
@@ -510,14 +512,17 @@ def sft_responses(sft_dir: Path, data_cfg) -> tuple[list[list[dict]], list[str],
     return [r["messages"][:-1] for r in sft_rows], [r["messages"][-1]["content"] for r in sft_rows], data_cfg.sft_eval
 
 
-def normalise_members(scorer: EnsembleScorer, sft_dir: Path, data_cfg) -> dict:
+def normalise_members(scorer: EnsembleScorer, sft_dir: Path, data_cfg) -> tuple[dict, list[float]]:
     """Each member's mean and std on the SFT policy's responses (Coste et al. 2023 normalise members
-    before combining them), set on ``scorer`` and returned for the manifest."""
+    before combining them), set on ``scorer``: ``(the manifest's record, the ensemble's scores of those
+    responses)``, which the rank correlation with gold reads (:func:`held_out_metrics`) rather than run
+    every member over them again."""
     convs, responses, source = sft_responses(sft_dir, data_cfg)
     raw = scorer.member_scores_ids(scorer.encode([""] * len(convs), responses, convs), progress="ensemble normalisation")
     scorer.mean = raw.double().mean(dim=1).tolist()
     scorer.std = raw.double().std(dim=1, unbiased=False).clamp(min=1e-6).tolist()
-    return {"source": source, "responses": len(responses), "mean": scorer.mean, "std": scorer.std}
+    scores = ensemble.aggregate(scorer.standardised(raw), scorer.aggregate, scorer.uwo_lambda).tolist()
+    return {"source": source, "responses": len(responses), "mean": scorer.mean, "std": scorer.std}, scores
 
 
 def member_metrics(scorer: EnsembleScorer, gold: Optional[list[tuple[float, float]]], gold_min_gap: float) -> dict:
@@ -531,22 +536,25 @@ def member_metrics(scorer: EnsembleScorer, gold: Optional[list[tuple[float, floa
     return out
 
 
-def spearman_on_sft_eval(scorer: RewardModelScorer, data_cfg) -> float:
+def spearman_on_sft_eval(scorer: RewardModelScorer, data_cfg, scores: Optional[list[float]] = None) -> float:
     """Rank correlation between the reward model and gold (VADER sentiment) on the data.sft_eval
-    responses, for runs whose SFT stage left no samples of its own."""
+    responses, for runs whose SFT stage left no samples of its own (``scores``: the scorer's, where
+    already computed)."""
     from reward.registry import build_reward
 
     sft_rows, _ = loaders.load_sft(data_cfg.sft_eval, **loaders.loader_options(data_cfg))
     convs = [r["messages"][:-1] for r in sft_rows]
     responses = [r["messages"][-1]["content"] for r in sft_rows]
-    learned = scorer([""] * len(convs), responses, prompt_messages=convs)
+    learned = scores if scores is not None else scorer([""] * len(convs), responses, prompt_messages=convs)
     gold = build_reward("sentiment")([c[-1]["content"] for c in convs], responses).total
     return spearman(learned, gold)
 
 
-def held_out_metrics(scorer: RewardModelScorer, pairs: PairSets, cfg: PipelineConfig, sft_dir: Path) -> dict:
+def held_out_metrics(scorer: RewardModelScorer, pairs: PairSets, cfg: PipelineConfig, sft_dir: Path,
+                     sft_scores: Optional[list[float]] = None) -> dict:
     """Held-out pair accuracy and margin (``eval_*``), and the rank correlation with gold on the SFT
-    policy's samples (or, without them, on data.sft_eval)."""
+    policy's samples (or, without them, on data.sft_eval); ``sft_scores``: the scorer's scores of those
+    responses (:func:`sft_responses`' order) where the ensemble's normalisation already computed them."""
     metrics: dict = {}
     if pairs.eval_rows:
         held = pair_metrics(scorer, pairs.eval_rows, pairs.gold, cfg.reward.gold_min_gap,
@@ -554,11 +562,11 @@ def held_out_metrics(scorer: RewardModelScorer, pairs: PairSets, cfg: PipelineCo
         metrics.update({f"eval_{k}": v for k, v in held.items()})
         if isinstance(scorer, EnsembleScorer):
             metrics.update(member_metrics(scorer, pairs.gold, cfg.reward.gold_min_gap))
-    on_sft = spearman_on_sft_samples(scorer, sft_dir)
+    on_sft = spearman_on_sft_samples(scorer, sft_dir, sft_scores)
     if on_sft is not None:
         metrics.update(on_sft)
     elif cfg.data.sft_eval:
-        metrics["spearman_vs_gold_sft_eval"] = spearman_on_sft_eval(scorer, cfg.data)
+        metrics["spearman_vs_gold_sft_eval"] = spearman_on_sft_eval(scorer, cfg.data, sft_scores)
     return metrics
 
 
@@ -665,10 +673,10 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
 
     # 6. held-out accuracy and margin, with the same scorer PPO will use; rank correlation with gold.
     #    An ensemble's members are first standardised on the SFT policy's responses.
-    scorer, normalization = trained_scorer(net, rc), None
+    scorer, normalization, sft_scores = trained_scorer(net, rc), None, None
     if len(net.adapters) > 1:
-        normalization = normalise_members(scorer, Path(run_dir) / "sft", cfg.data)
-    metrics.update(held_out_metrics(scorer, pairs, cfg, Path(run_dir) / "sft"))
+        normalization, sft_scores = normalise_members(scorer, Path(run_dir) / "sft", cfg.data)
+    metrics.update(held_out_metrics(scorer, pairs, cfg, Path(run_dir) / "sft", sft_scores))
     metrics["wall_seconds"] = round(time.time() - t0, 1)
     logger.log({"step": steps, **{f"reward/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
     logger.close()
