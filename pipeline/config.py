@@ -114,6 +114,9 @@ class SFTConfig:
     # Pack examples into rows of max_length (best-fit decreasing) and drop padding; sequences are
     # kept apart by position ids. Off by default: see README "SFT throughput".
     padding_free: bool = False
+    # Each step's rows drawn from a shuffled window of rows sorted by length, not at random: less padding
+    # (pipeline/data/batching.py; README "Speed on CPUs without AMX"). Ignored with padding_free.
+    group_by_length: bool = True
     logging_steps: int = 5
     tensorboard: bool = False
     seed: int = 42
@@ -144,6 +147,9 @@ class RewardStageConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 256
+    # Each batch's pairs drawn from a shuffled window of pairs sorted by their longer response, not at
+    # random: less padding (pipeline/data/batching.py; README "Speed on CPUs without AMX").
+    group_by_length: bool = True
     warmup_ratio: float = 0.05
     lr_scheduler: str = "cosine"
     logging_steps: int = 5

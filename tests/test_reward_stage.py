@@ -81,3 +81,26 @@ def test_encode_conversation_keeps_the_response_when_cutting(tiny_path):
     short, s2, cut2 = encode_conversation(tok, conv, "It is wonderful!", len(ids) - 5)
     # five tokens gone from the left: the response and its start index move with them
     assert cut2 and short == ids[5:] and s2 == start - 5
+
+
+def test_response_lengths_and_pair_order():
+    import torch
+
+    from pipeline.data.batching import length_grouped_order
+    from pipeline.stages.reward import pair_order, response_lengths
+
+    # ((9 ids, response from 5), (7 ids, from 5)): responses of 4 and 2 tokens, the pair pads to 4
+    pairs = [((list(range(9)), 5), (list(range(7)), 5)), ((list(range(6)), 2), (list(range(12)), 2))]
+    assert response_lengths(pairs) == [4, 10]
+    # no keys: the plain shuffle the stage drew before grouping existed, from the same generator state
+    assert pair_order(5, torch.Generator().manual_seed(3), None, 2) == \
+        torch.randperm(5, generator=torch.Generator().manual_seed(3)).tolist()
+    # keys: a grouped order seeded by one draw of the generator, so a saved generator state redraws it
+    keys = [1, 9, 2, 8, 5, 5]
+    g = torch.Generator().manual_seed(3)
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(3)))
+    assert pair_order(6, g, keys, 2) == length_grouped_order(keys, 2, seed)
+    # the generator moved on by that one draw: the next epoch's order comes from the next draw
+    h = torch.Generator().manual_seed(3)
+    torch.randint(0, 2 ** 62, (1,), generator=h)
+    assert torch.equal(g.get_state(), h.get_state())

@@ -36,7 +36,7 @@ from pipeline.artifacts.outputs import (
     write_manifest,
 )
 from pipeline.config import PipelineConfig, to_dict
-from pipeline.data import lengths, loaders
+from pipeline.data import batching, lengths, loaders
 from pipeline.data.lengths import LengthReport
 from pipeline.evaluation.stats import accuracy_se, spearman
 from pipeline.models import ensemble, forwards, lean_ops, loading, throughput, trunk
@@ -192,6 +192,10 @@ class Progress:
     epoch: int = 0
     window: dict[str, list[float]] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    # how each epoch's order is drawn (not saved: the config and the pairs give them): each pair's longest
+    # response, for batches of ``batch`` pairs of similar length; None, a plain shuffle
+    keys: Optional[list[int]] = None
+    batch: int = 1
 
 
 def load_pair_rows(data_cfg) -> tuple[list[dict], Any, list[dict], Any]:
@@ -284,12 +288,29 @@ def schedule(rc, n_pairs: int) -> tuple[int, int]:
     return steps, round(rc.warmup_ratio * steps)
 
 
+def response_lengths(pairs: list) -> list[int]:
+    """Each pair's longer response in tokens (its rows' own columns after the shared prompt), the length
+    a batch of pairs pads to. E.g. ((ids of 9, start 5), (ids of 7, start 5)): 4."""
+    return [max(len(ids) - start for ids, start in pair) for pair in pairs]
+
+
+def pair_order(n_pairs: int, gen: torch.Generator, keys: Optional[list[int]], batch: int) -> list[int]:
+    """An epoch's order of ``n_pairs`` pairs drawn from the data generator ``gen``: batches of ``batch``
+    pairs of similar ``keys`` (:func:`pipeline.data.batching.length_grouped_order`; reward.group_by_length)
+    or, with ``keys`` None, a plain shuffle."""
+    if keys is None:
+        return torch.randperm(n_pairs, generator=gen).tolist()
+    return batching.length_grouped_order(keys, batch, int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+
+
 def start_progress(seed: int, n_pairs: int, state: Optional[dict], ckpt: Optional[Path],
-                   named: list[tuple[str, torch.nn.Parameter]], optimizer) -> tuple[int, Progress]:
-    """``(first step, Progress)``: a fresh shuffle of ``n_pairs`` pairs by ``seed``, or, given a
-    checkpoint's ``state``, everything it saved put back (parameters, optimizer, both RNGs, data position)."""
+                   named: list[tuple[str, torch.nn.Parameter]], optimizer, keys: Optional[list[int]] = None,
+                   batch: int = 1) -> tuple[int, Progress]:
+    """``(first step, Progress)``: a fresh order of ``n_pairs`` pairs by ``seed`` (:func:`pair_order`), or,
+    given a checkpoint's ``state``, everything it saved put back (parameters, optimizer, both RNGs, data
+    position)."""
     gen = torch.Generator().manual_seed(seed)
-    progress = Progress(gen, torch.randperm(n_pairs, generator=gen).tolist())
+    progress = Progress(gen, pair_order(n_pairs, gen, keys, batch), keys=keys, batch=batch)
     if state is None:
         return 0, progress
     restore_parameters(named, state["params"], ckpt)
@@ -321,11 +342,11 @@ def set_learning_rate(optimizer, step: int, steps: int, warmup: int, kind: str) 
 
 def next_batch(n_pairs: int, progress: Progress, size: int) -> list[int]:
     """Indices of the next ``size`` pairs in the shuffled order; at the end of an epoch the data generator
-    draws a new order. Advances ``progress``."""
+    draws a new order (:func:`pair_order`). Advances ``progress``."""
     batch = []
     while len(batch) < size:
         if progress.cursor == len(progress.order):
-            progress.order = torch.randperm(n_pairs, generator=progress.gen).tolist()
+            progress.order = pair_order(n_pairs, progress.gen, progress.keys, progress.batch)
             progress.cursor, progress.epoch = 0, progress.epoch + 1
         batch.append(progress.order[progress.cursor])
         progress.cursor += 1
@@ -644,7 +665,8 @@ def run_reward(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False
 
     # 4. resume: shuffled pair order from reward.seed, or everything a checkpoint saved
     t_train = time.time()
-    start, progress = start_progress(rc.seed, len(pairs.train), state, ckpt, net.named, optimizer)
+    start, progress = start_progress(rc.seed, len(pairs.train), state, ckpt, net.named, optimizer,
+                                     response_lengths(pairs.train) if rc.group_by_length else None, rc.batch_size)
     state = None  # the parameters and the optimizer hold it now
     logger = MetricsLogger(work / "metrics.jsonl", work / "tensorboard" if rc.tensorboard else None,
                            resume_step=start if ckpt is not None else None)

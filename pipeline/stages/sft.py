@@ -22,7 +22,7 @@ from pipeline.artifacts.outputs import (
     write_text_atomic,
 )
 from pipeline.config import PipelineConfig, to_dict
-from pipeline.data import lengths, loaders
+from pipeline.data import batching, lengths, loaders
 from pipeline.evaluation.stats import mean_se
 from pipeline.models import lean_ops, loading, stacking, throughput
 from pipeline.models.trainer_utils import (
@@ -124,6 +124,12 @@ def build_trainer(cfg: PipelineConfig, model, tok, train_rows: list[dict], eval_
     fitted = {"train": _fit_lengths(trainer, "train", reports[0], cfg)}
     if eval_ds is not None:
         fitted["eval"] = _fit_lengths(trainer, "eval", reports[1], cfg)
+    if sc.group_by_length and not sc.padding_free:
+        # Each optimizer step's rows drawn from a window of similar lengths (pipeline/data/batching.py), in
+        # an order fixed by the seed and the epoch the trainer's state is in: a resumed run reads the same.
+        row_lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
+        trainer._get_train_sampler = lambda _dataset=None: batching.GroupedSampler(
+            row_lengths, sc.batch_size * sc.grad_accum, sc.seed, lambda: int(trainer.state.epoch or 0))
     return trainer, fitted
 
 
