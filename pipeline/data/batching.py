@@ -43,18 +43,6 @@ def length_grouped_order(lengths: Sequence[int], batch: int, seed: int, window: 
     return [i for k in order for i in batches[k]] + shuffled[full:]
 
 
-def padded_share(lengths: Sequence[int], order: Sequence[int], batch: int) -> float:
-    """The share of a padded batch's tokens that are padding, over ``order`` read ``batch`` rows at a
-    time. E.g. lengths (1, 9, 2, 8), order (0, 1, 2, 3), batch 2: batches padded to 9 and 8, 34 tokens
-    of which 20 real: 14 / 34."""
-    real = padded = 0
-    for s in range(0, len(order), batch):
-        rows = [lengths[i] for i in order[s:s + batch]]
-        real += sum(rows)
-        padded += max(rows) * len(rows)
-    return 1.0 - real / padded if padded else 0.0
-
-
 class GroupedSampler(torch.utils.data.Sampler):
     """:func:`length_grouped_order` as a sampler: a new order each epoch (``seed + epoch``), the epoch
     read from ``epoch()`` when iteration starts, so a run resumed mid-epoch reads the same order."""

@@ -190,12 +190,17 @@ class EnsembleScorer:
     def standardised(self, raw: torch.Tensor) -> torch.Tensor:
         return ensemble.standardise(raw, self.mean, self.std)
 
-    def score_ids(self, seqs: list[tuple[list[int], int]], progress: Optional[str] = None) -> torch.Tensor:
-        """(N,) ensemble scores of encoded rows; :meth:`details` then holds the members' part."""
-        z = self.standardised(self.member_scores_ids(seqs, progress))
+    def combine(self, raw: torch.Tensor) -> torch.Tensor:
+        """(N,) ensemble scores from the members' raw scores (members, N) (:meth:`member_scores_ids`):
+        standardised, then aggregated; :meth:`details` then holds the members' part."""
+        z = self.standardised(raw)
         self._details = {**{label: z[m].tolist() for m, label in enumerate(self.labels)},
                          "disagreement": ensemble.disagreement(z).tolist()}
         return ensemble.aggregate(z, self.aggregate, self.uwo_lambda)
+
+    def score_ids(self, seqs: list[tuple[list[int], int]], progress: Optional[str] = None) -> torch.Tensor:
+        """(N,) ensemble scores of encoded rows; :meth:`details` then holds the members' part."""
+        return self.combine(self.member_scores_ids(seqs, progress))
 
     def __call__(self, prompts, responses, prompt_messages=None, **info) -> list[float]:
         return self.score_ids(self.encode(prompts, responses, prompt_messages)).tolist()

@@ -542,8 +542,8 @@ def normalise_members(scorer: EnsembleScorer, sft_dir: Path, data_cfg) -> tuple[
     raw = scorer.member_scores_ids(scorer.encode([""] * len(convs), responses, convs), progress="ensemble normalisation")
     scorer.mean = raw.double().mean(dim=1).tolist()
     scorer.std = raw.double().std(dim=1, unbiased=False).clamp(min=1e-6).tolist()
-    scores = ensemble.aggregate(scorer.standardised(raw), scorer.aggregate, scorer.uwo_lambda).tolist()
-    return {"source": source, "responses": len(responses), "mean": scorer.mean, "std": scorer.std}, scores
+    record = {"source": source, "responses": len(responses), "mean": scorer.mean, "std": scorer.std}
+    return record, scorer.combine(raw).tolist()
 
 
 def member_metrics(scorer: EnsembleScorer, gold: Optional[list[tuple[float, float]]], gold_min_gap: float) -> dict:
