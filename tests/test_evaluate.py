@@ -445,3 +445,30 @@ def test_eval_phase_seconds_by_hand():
                         {"generate": 4, "kl": 0.0, "score": 1}, 2.0, 25.0)
     # the docstring's example: 8 + 2 + 4 + 5 + 2 = 21 of 25 accounted for
     assert got == {"generate": 8, "kl": 2, "score": 4, "best_of_n": 5, "forgetting": 2, "other": 4, "total": 25}
+
+
+def test_eval_kl_over_the_samplers_trunk_is_the_full_forwards(eval_run, data_overrides, tmp_path, monkeypatch,
+                                                              one_thread):
+    """A policy with LoRA on the top layer only, float32: eval's reference pass replays the layer below from
+    the sampler (trunk.sampled_response_hidden, for every PPO checkpoint) and the curves' KL columns equal
+    an eval whose reference runs every layer (trunk.SHARE_TRUNK off), to float round-off."""
+    from pipeline.models import trunk
+
+    run = _linked_run(tmp_path / "top1", eval_run[0])
+    extra = ["ppo.lora.top_layers=1", "model.compute_dtype=float32", "eval.best_of_n=[]", "eval.forgetting="]
+    r = _cli("ppo", run, *data_overrides, *extra)
+    assert r.exit_code == 0, (r.output, r.exception)
+    served = []
+    real = trunk.sampled_response_hidden
+    monkeypatch.setattr(trunk, "sampled_response_hidden", lambda *a, **k: served.append(real(*a, **k)) or served[-1])
+    curves = {}
+    for share in (True, False):
+        monkeypatch.setattr(trunk, "SHARE_TRUNK", share)
+        r = _cli("eval", run, *data_overrides, *extra, "--overwrite")
+        assert r.exit_code == 0, (r.output, r.exception)
+        curves[share] = {row["name"]: row for row in _csv(run)}
+    assert len(served) == 2 and all(h is not None for h in served)  # the two checkpoints, the first eval only
+    for name, row in curves[False].items():
+        for key in ("kl_k1_mean", "kl_k3_mean", "proxy_mean", "gold_mean"):
+            assert _f(curves[True][name], key) == pytest.approx(_f(row, key), rel=1e-4, abs=1e-5), (name, key)
+    assert _f(curves[True]["step-000003"], "kl_k3_mean") > 0.0

@@ -551,18 +551,18 @@ def test_critic_free_groups_are_k_samples_of_one_prompt_in_one_generate(monkeypa
     (row g*k + j = sample j of prompt g), and the estimator sees those groups: RLOO advantages of a
     group sum to 0."""
     calls, advantages = [], []
-    real_generate, real_adv = rollout.generate, ppo_math.critic_free_advantages
+    real_sample, real_adv = rollout.sample, ppo_math.critic_free_advantages
 
-    def recording_generate(model, tok, query, query_mask, *args, **kwargs):
+    def recording_sample(model, tok, query, query_mask, *args, **kwargs):
         calls.append(query.clone())
-        return real_generate(model, tok, query, query_mask, *args, **kwargs)
+        return real_sample(model, tok, query, query_mask, *args, **kwargs)
 
     def recording_adv(*args, **kwargs):
         out = real_adv(*args, **kwargs)
         advantages.append(out.detach().clone())
         return out
 
-    monkeypatch.setattr(rollout, "generate", recording_generate)
+    monkeypatch.setattr(rollout, "sample", recording_sample)
     monkeypatch.setattr(ppo_math, "critic_free_advantages", recording_adv)
     run = new_run()
     r = _ppo(run, data_overrides, "ppo.steps=2", "ppo.ppo_epochs=1", "ppo.batch_size=6", "ppo.minibatches=2",
@@ -637,7 +637,7 @@ def test_nan_loss_restores_and_saves_the_start_of_the_step(monkeypatch, new_run,
         state.update({f"value_head/{k}": v.detach().clone() for k, v in pv.value_head.state_dict().items()})
         return state
 
-    real_loss, real_generate = ppo_math.policy_loss, rollout.generate
+    real_loss, real_sample = ppo_math.policy_loss, rollout.sample
 
     def nan_loss(*args, **kwargs):
         seen["loss_calls"] += 1
@@ -649,13 +649,13 @@ def test_nan_loss_restores_and_saves_the_start_of_the_step(monkeypatch, new_run,
             return loss * float("nan"), stats
         return loss, stats
 
-    def recording_generate(*args, **kwargs):
+    def recording_sample(*args, **kwargs):
         seen["rng"].append(torch.get_rng_state())
-        return real_generate(*args, **kwargs)
+        return real_sample(*args, **kwargs)
 
     monkeypatch.setattr(ppo, "PolicyValue", Recording)
     monkeypatch.setattr(ppo_math, "policy_loss", nan_loss)
-    monkeypatch.setattr(rollout, "generate", recording_generate)
+    monkeypatch.setattr(rollout, "sample", recording_sample)
     run = new_run()
     cfg = load_config(CONFIG, [*data_overrides, "ppo.steps=3", "ppo.save_every=0", "ppo.ppo_epochs=2"])
     with pytest.raises(ppo.PPOError, match=r"step 2, PPO epoch 2: loss is nan") as info:
@@ -799,9 +799,11 @@ def test_shared_trunk_gives_the_same_run_as_every_layer_each_pass(monkeypatch, n
     from pipeline.models import trunk
 
     steps = 2 if precision == "float32" else 1
-    runs, calls = {}, []
+    runs, calls, served = {}, [], []
     real = trunk.response_forward
     monkeypatch.setattr(trunk, "response_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_served = trunk.sampled_shared_rows
+    monkeypatch.setattr(trunk, "sampled_shared_rows", lambda *a, **k: served.append(real_served(*a, **k)) or served[-1])
     for share in (False, True):
         monkeypatch.setattr(trunk, "SHARE_TRUNK", share)
         run = new_run()
@@ -809,6 +811,8 @@ def test_shared_trunk_gives_the_same_run_as_every_layer_each_pass(monkeypatch, n
         assert r.exit_code == 0, r.output
         assert ("shared trunk" in r.output) == share and bool(calls) == share
         runs[share] = run
+    # in float32 every step's trunk was the sampler's (kept while sampling, not run again); in bf16 it ran
+    assert len(served) == (steps if precision == "float32" else 0) and all(x is not None for x in served)
     rel, abs_, w_atol = (1e-4, 1e-5, 1e-5) if precision == "float32" else (5e-2, 5e-3, 1e-3)
     plain, shared = (_rows(runs[s] / "ppo" / "metrics.jsonl") for s in (False, True))
     assert plain[0]["ppo/kl"] == 0.0 and shared[0]["ppo/kl"] == 0.0

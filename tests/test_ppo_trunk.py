@@ -131,7 +131,8 @@ def test_step_flops_count_the_trunk_once():
     come from the first training forward), one PPO epoch, head on the policy:
     forward F = 5 tokens attending to 5 + 2 logit rows = 5 (2,000 + 4 x 2 x 8 x 5) + 2 x 160 = 11,920,
     G = 320; the train pass T = F + backward. Split 1 of 2: the trunk (F - G) / 2 = 5,800 once, then the
-    reference pass F - 5,800 = 6,120 and the training pass T - 5,800."""
+    reference pass F - 5,800 = 6,120 and the training pass T - 5,800; with the sampler's trunk replayed
+    (trunk_ran False) the 5,800 is not train's at all."""
     from types import SimpleNamespace
 
     shape = throughput.DecoderShape(matmul_params=1000, layers=2, width=8, vocab=10)
@@ -143,3 +144,112 @@ def test_step_flops_count_the_trunk_once():
     t = throughput.lora_train_flops(shape, [3], [2], 1, 10)
     assert plain == f + t
     assert shared == 5800 + (f - 5800) + (t - 5800)
+    _, replayed = ppo_step.step_flops([3], [2], 0, pc, shape, 1, 10, False, split=1, trunk_ran=False)
+    assert replayed == (f - 5800) + (t - 5800)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_the_samplers_trunk_serves_the_reference(merged):
+    """Eval's reference pass over the sampler's trunk (rollout.sample with trunk_split, then
+    trunk.sampled_response_hidden): the SFT reference's logprobs of the drawn rows equal a full forward's
+    to float round-off, with rows that stop early and leave the decode batch, from merged weights too."""
+    peft_model, pv, q, qm, *_ = _stack("float32", 1)
+    _, tok, _ = loading.load_base(load_config(CONFIG).model)
+    # each prompt twice (eval's samples per prompt: the prefill caches all of a repeated prompt but its last token)
+    q, qm = q.repeat_interleave(2, dim=0), qm.repeat_interleave(2, dim=0)
+    stop = [int(i) for i in torch.randint(5, tok.vocab_size - 1, (40,), generator=torch.Generator().manual_seed(1))]
+    weights = stacking.merged_linear_weights(peft_model) if merged else torch.no_grad()
+    with stacking.active_adapters(peft_model, [SFT, POLICY]), weights:
+        drawn = rollout.sample(peft_model, tok, q, qm, 10, 0.7, stop, generator_seed=4, with_logprobs=True,
+                               trunk_split=1)
+        plain = rollout.sample(peft_model, tok, q, qm, 10, 0.7, stop, generator_seed=4, with_logprobs=True)
+    assert torch.equal(drawn.response, plain.response)  # keeping the trunk changes no draw
+    assert drawn.trunk is not None and drawn.trunk.split == 1 and plain.trunk is None
+    m = drawn.mask.float()
+    assert (m.sum(dim=1) < m.shape[1]).any() and (m.sum(dim=1) == m.shape[1]).any()  # some stopped, some did not
+    with torch.no_grad(), stacking.active_adapters(peft_model, [SFT]):
+        want = forwards.forward_response(peft_model, q, qm, drawn.response, drawn.mask, 0.7).logprobs
+        hidden = trunk.sampled_response_hidden(peft_model, drawn.trunk, q, qm, drawn.response, drawn.mask)
+        got = forwards.response_outputs(peft_model, hidden, drawn.response, 0.7).logprobs
+    torch.testing.assert_close(got * m, want * m, atol=2e-5, rtol=0)
+    # the check has teeth: the policy's logprobs of the same rows are not the reference's
+    assert ((drawn.logprobs - want) * m).abs().max() > 1e-3
+    # a batch laid out unlike the sampler's (a row fewer) is not served from it
+    with torch.no_grad(), stacking.active_adapters(peft_model, [SFT]):
+        assert trunk.sampled_response_hidden(peft_model, drawn.trunk, q[1:], qm[1:], drawn.response[1:],
+                                             drawn.mask[1:]) is None
+
+
+def test_state_tap_assembles_rows_that_left_the_batch():
+    """StateTap.states by hand: the prompt's columns for every row, then one column per decode step for the
+    rows that step ran (rows 0 and 2 after row 1 left), 0 where a row was not run."""
+    tap = trunk.StateTap.__new__(trunk.StateTap)
+    tap.plain, tap.steps = True, []
+    tap.last = torch.arange(3 * 2 * 1, dtype=torch.float32).view(3, 2, 1)  # prompt: 3 rows x 2 columns
+    tap.take_prompt()
+    tap.last = torch.tensor([[[10.0]], [[11.0]], [[12.0]]])
+    tap.take_step(torch.tensor([0, 1, 2]))
+    tap.last = torch.tensor([[[20.0]], [[22.0]]])
+    tap.take_step(torch.tensor([0, 2]))
+    assert tap.states().squeeze(-1).tolist() == [[0, 1, 10, 20], [2, 3, 11, 0], [4, 5, 12, 22]]
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_the_samplers_trunk_serves_ppos_passes(merged):
+    """PPO's passes over the sampler's trunk (ppo_step.sample_rollout with trunk_split, then
+    trunk.sampled_shared_rows): laid out as response_trunk lays the rows out, and the reference's and the
+    policy's logprobs and values equal the plain forward's to float round-off, rows that stopped early
+    included, on a subset of the rows too; a fresh policy's KL to the reference is exactly 0 over it."""
+    peft_model, pv, q, qm, *_ = _stack("float32", 1)
+    _, tok, _ = loading.load_base(load_config(CONFIG).model)
+    stop = [int(i) for i in torch.randint(5, tok.vocab_size - 1, (40,), generator=torch.Generator().manual_seed(2))]
+    weights = stacking.merged_linear_weights(peft_model) if merged else torch.no_grad()
+    with stacking.active_adapters(peft_model, [SFT, POLICY]), weights:
+        drawn = rollout.sample(peft_model, tok, q, qm, 10, 0.7, stop, generator_seed=6, trunk_split=1)
+    r, m = drawn.response, drawn.mask
+    mf = m.float()
+    assert (mf.sum(dim=1) < mf.shape[1]).any()  # a row stopped early
+    assert drawn.trunk.top is not None and len(drawn.trunk.kv) == 1
+    shared = trunk.sampled_shared_rows(peft_model, drawn.trunk, q, qm, r, m)
+    ran = trunk.response_trunk(peft_model, q, qm, r, m, 1, [SFT])
+    assert shared is not None
+    for name in ("prefix_ids", "prefix_mask", "ids", "mask", "group", "pool", "last"):
+        assert torch.equal(getattr(shared.laid, name), getattr(ran.laid, name)), name
+    # the states on the rows' real columns but each row's last (whose state nothing reads)
+    real = shared.laid.mask.bool().clone()
+    real[torch.arange(real.shape[0]), shared.laid.last] = False
+    torch.testing.assert_close(shared.trunk.out[real], ran.trunk.out[real], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.trunk.top, ran.trunk.top, atol=2e-5, rtol=1e-5)
+    with torch.no_grad():
+        plain = pv(q, qm, r, m, 0.7)
+        replayed = pv(q, qm, r, m, 0.7, shared=shared)
+        for a, b in zip(plain, replayed):
+            if a is not None:  # logprobs and values (no entropy asked for)
+                assert ((a - b) * mf).abs().max() <= 2e-5 * max(1.0, a.abs().max().item())
+        with stacking.active_adapters(peft_model, [SFT]):
+            ref = forwards.forward_response(peft_model, q, qm, r, m, 0.7).logprobs
+        ref_shared = trunk.response_forward(peft_model, shared, [SFT], r, 0.7).logprobs
+        assert ((ref - ref_shared) * mf).abs().max() <= 1e-4
+        assert ((ref - plain[0]) * mf).abs().max() > 1e-3
+        rows = torch.tensor([2, 0])
+        sub = pv(q[rows], qm[rows], r[rows], m[rows], 0.7, shared=shared.take(rows))[0]
+        assert ((sub - plain[0][rows]) * mf[rows]).abs().max() <= 1e-4
+    fresh, fresh_pv, *_ = _stack("float32", 1, policy_b=0.0)
+    with stacking.active_adapters(fresh, [SFT, POLICY]), torch.no_grad():
+        drawn = rollout.sample(fresh, tok, q, qm, 10, 0.7, stop, generator_seed=6, trunk_split=1)
+        shared = trunk.sampled_shared_rows(fresh, drawn.trunk, q, qm, drawn.response, drawn.mask)
+        old = fresh_pv(q, qm, drawn.response, drawn.mask, 0.7, shared=shared)[0]
+        ref = trunk.response_forward(fresh, shared, [SFT], drawn.response, 0.7).logprobs
+    assert torch.equal(ppo_math.kl_per_token(old, ref, "k3") * drawn.mask, torch.zeros_like(old))
+
+
+def test_sampled_rows_are_not_served_where_the_prefill_cached_more_than_the_shared_start():
+    """Each prompt twice: the prefill caches every prompt's rest but its last token, which PPO's layout
+    (one prefix, the start all rows share) would have to see again: sampled_shared_rows declines."""
+    peft_model, pv, q, qm, *_ = _stack("float32", 1)
+    _, tok, _ = loading.load_base(load_config(CONFIG).model)
+    q, qm = q.repeat_interleave(2, dim=0), qm.repeat_interleave(2, dim=0)
+    with stacking.active_adapters(peft_model, [SFT, POLICY]), torch.no_grad():
+        drawn = rollout.sample(peft_model, tok, q, qm, 6, 0.7, [], generator_seed=6, trunk_split=1)
+    assert drawn.trunk is not None and drawn.trunk.top is None
+    assert trunk.sampled_shared_rows(peft_model, drawn.trunk, q, qm, drawn.response, drawn.mask) is None

@@ -345,3 +345,157 @@ def differing_adapters(first: Optional[Sequence[str]], *others: Optional[Sequenc
     ["sft", "policy"]: ["policy"]; None and ["sft", "policy"]: ["sft", "policy"]."""
     sets = [set(first or [])] + [set(o or []) for o in others]
     return sorted(set.union(*sets) - set.intersection(*sets))
+
+
+# ---------------------------------------------------------------------------------------------
+# The trunk the sampler computed (eval's reference pass)
+
+
+class StateTap:
+    """While entered, keeps what decoder layer ``split - 1`` returns on each forward (its hidden states,
+    (B, S, H)): :func:`pipeline.rl.rollout.decode` reads it after each of its forwards and assembles the
+    sampled rows' trunk (:class:`SampledTrunk`). ``plain`` turns False when the layer returns neither a
+    tensor nor a tuple led by one (nothing to replay then)."""
+
+    def __init__(self, model, split: int):
+        _, stack = loading.decoder_layers(model)
+        self.layer = stack[split - 1]
+        self.split = split
+        self.plain = True
+        self.last: Optional[torch.Tensor] = None
+        self.prompt: Optional[torch.Tensor] = None
+        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.seen: list[Optional[torch.Tensor]] = []
+        self._handle = None
+
+    def __enter__(self) -> "StateTap":
+        self._handle = self.layer.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def _hook(self, module, args, output) -> None:
+        if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
+            output = output[0]
+        if not torch.is_tensor(output):
+            self.plain = False
+        self.last = output if torch.is_tensor(output) else None
+        self.seen.append(self.last)
+
+    def take_prefill(self) -> Optional[torch.Tensor]:
+        """What the layer returned on the prefill's start (:func:`pipeline.models.forwards.prefill_prompts`),
+        (1, s, H), when that was its one pass (every row a distinct prompt: nothing but the shared start
+        cached); else None."""
+        seen, self.seen = self.seen, []
+        return seen[0] if len(seen) == 1 and seen[0] is not None and seen[0].shape[0] == 1 else None
+
+    def take_prompt(self) -> None:
+        """The decode's first forward: the prompt columns it ran, every row."""
+        self.prompt = self.last
+        self.seen = []
+
+    def take_step(self, rows: torch.Tensor) -> None:
+        """A decode step's forward over batch rows ``rows`` (B',) of the output: one column each."""
+        if self.last is not None:
+            self.steps.append((rows, self.last[:, -1]))
+        self.seen = []
+
+    def states(self) -> Optional[torch.Tensor]:
+        """(B, C + steps, H): the prompt's C columns, then one per decode step (rows that had left the
+        batch: 0, past their stop token and masked); None when not plain."""
+        if not self.plain or self.prompt is None:
+            return None
+        b, c, h = self.prompt.shape
+        out = self.prompt.new_zeros((b, c + len(self.steps), h))
+        out[:, :c] = self.prompt
+        for t, (rows, column) in enumerate(self.steps):
+            out[rows, c + t] = column
+        return out
+
+
+@dataclass
+class SampledTrunk:
+    """The trunk of sampled rows, as the sampler ran it (:func:`pipeline.rl.rollout.sample` with
+    ``trunk_split``): ``states`` (B, C + T - 1, H), what decoder layer ``split - 1`` returned on the C
+    prompt columns the decode's first forward ran (columns ``cached`` on of the prefilled layout,
+    ``mask`` (B, cached + C), :func:`pipeline.models.forwards.prefill_prompts`) and on response tokens
+    0..T-2 (each predicts the next; the last one's state is never needed). Where the prefill ran only
+    the start every row shares (``cached`` columns; PPO's rollouts, one sample of each prompt), also that
+    start's ``top`` (1, cached, H) and its keys and values in each layer below the split, ``kv`` (1, heads,
+    cached, head_dim) each, which a :class:`Trunk` of the rows is made of (:func:`sampled_shared_rows`)."""
+    split: int
+    mask: torch.Tensor
+    cached: int
+    states: torch.Tensor
+    top: Optional[torch.Tensor] = None
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def sampled_response_hidden(model, sampled: SampledTrunk, query_ids: torch.Tensor, query_mask: torch.Tensor,
+                            response_ids: torch.Tensor, response_mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """(B, T, H) final hidden states predicting response tokens 0..T-1 under the active adapters, the layers
+    below ``sampled.split`` replayed from what the sampler computed there: every adapter set that agrees
+    with the sampler's below the split (the SFT reference of a policy with LoRA on the top layers only)
+    runs only its layers above it. The prompt's shared start runs whole (its keys and values above the
+    split are this model's own), as in :func:`pipeline.models.forwards.forward_response`, to whose
+    hidden states these are equal to float round-off. None when this batch's prefill is laid out unlike
+    the sampler's (then run that function)."""
+    net = forwards.backbone(model)
+    _, stack = loading.decoder_layers(model)
+    t = response_ids.shape[1]
+    with loading.compute_context(model):
+        ids, mask, cache = forwards.prefill_prompts(model, query_ids, query_mask, 0)
+        c = cache.get_seq_length() if cache is not None else 0
+        if cache is None or c != sampled.cached or not torch.equal(mask.long(), sampled.mask.long()):
+            return None
+        states = sampled.states
+        need = ids.shape[1] - c + t
+        if states.shape[1] < need - 1:
+            return None
+        states = torch.cat([states[:, :need], states.new_zeros((states.shape[0], max(0, need - states.shape[1]),
+                                                                 states.shape[2]))], dim=1)
+        full_mask = torch.cat([mask.long(), response_mask.long()], dim=1)
+        position_ids = (full_mask.cumsum(dim=1) - 1).clamp(min=0)
+        with _replayed(stack, sampled.split, states):
+            hidden = net(input_ids=torch.cat([ids[:, c:], response_ids], dim=1), attention_mask=full_mask,
+                         position_ids=position_ids[:, c:], past_key_values=cache, use_cache=True).last_hidden_state
+    q = ids.shape[1] - c
+    return hidden[:, q - 1:q - 1 + t]
+
+
+def sampled_shared_rows(model, sampled: SampledTrunk, query_ids: torch.Tensor, query_mask: torch.Tensor,
+                        response_ids: torch.Tensor, response_mask: torch.Tensor,
+                        pad_id: int = 0) -> Optional[SharedRows]:
+    """:func:`response_trunk`'s rows made from what the sampler computed below ``sampled.split`` instead of
+    running the trunk again: the same layout (:func:`shared_trunk`: the start every row shares as the one
+    prefix, each row's own columns its prompt's rest and its response), the rows' states gathered from the
+    sampler's columns (a row's rest sat left-padded before its response there), the prefix's from the
+    prefill. None where the layouts do not line up (the prefill cached more than the shared start, or the
+    layer returned no plain tensor); then run :func:`response_trunk`.
+
+    E.g. a row whose rest is 2 tokens of the sampler's 3 prompt columns and whose response is 3 tokens:
+    own columns 0, 1 <- sampler columns 1, 2; own 2, 3 <- 3, 4 (response tokens 0, 1); own 4 (the last
+    response token, whose state nothing reads) <- 0."""
+    if sampled.top is None or not sampled.kv or len(sampled.kv) != sampled.split:
+        return None
+    device = query_ids.device
+    backbone, _ = forwards._backbone_and_head(model)
+    share = forwards.SHARE_PREFIXES and vars(backbone).get("_rlhf_trunk_prefix", True)
+    laid = forwards.prefixed_rows(response_rows(query_ids, query_mask, response_ids, response_mask), pad_id, device,
+                                  None, share)
+    s = laid.prefix_ids.shape[1]
+    if s == 0 or s != sampled.cached or sampled.top.shape[1] != s or laid.prefix_ids.shape[0] != 1:
+        return None
+    states = sampled.states
+    b, width, hidden = states.shape
+    c = sampled.mask.shape[1] - sampled.cached  # the prompt columns the decode's first forward ran
+    rest = sampled.mask[:, sampled.cached:].long().sum(dim=1, keepdim=True).to(device)
+    if not torch.equal(rest.squeeze(1) + response_mask.long().sum(dim=1), laid.mask.long().sum(dim=1)):
+        return None
+    cols = torch.arange(laid.ids.shape[1], device=device).unsqueeze(0)
+    src = torch.where(cols < rest, c - rest + cols, c + cols - rest).clamp(max=width)
+    padded = torch.cat([states, states.new_zeros((b, 1, hidden))], dim=1)  # column ``width``: zeros
+    out = padded.gather(1, src.unsqueeze(-1).expand(-1, -1, hidden))
+    return SharedRows(laid, Trunk(out, None, list(sampled.kv), sampled.top), sampled.split)

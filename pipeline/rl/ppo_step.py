@@ -46,6 +46,8 @@ class Batch:
     advantages: Optional[torch.Tensor] = None
     returns: Optional[torch.Tensor] = None
     shared: Optional[trunk.SharedRows] = None  # the rows' trunk below the lowest trained layer, when any
+    sampled: Optional[trunk.SampledTrunk] = None  # what the sampler computed below that layer, when kept
+    trunk_from_sampler: bool = False  # prepare replayed the sampler's trunk: its FLOPs are generate's, not train's
 
     @property
     def maskf(self) -> torch.Tensor:
@@ -62,17 +64,21 @@ class Scored:
 
 
 def sample_rollout(peft_model, tok, encoded: list[list[int]], prompts: list[dict], idx: list[int],
-            policy_adapters: list[str], merged: bool, pc, stop_ids: list[int], device) -> Batch:
+                   policy_adapters: list[str], merged: bool, pc, stop_ids: list[int], device,
+                   trunk_split: int = 0) -> Batch:
     """Sample one response per row (row i answers prompt ``idx[i]``) from the policy adapters, at
-    ``pc.temperature``, top_k 0, top_p 1 (DESIGN.md 4.4)."""
+    ``pc.temperature``, top_k 0, top_p 1 (DESIGN.md 4.4). ``trunk_split`` > 0 keeps what the layers
+    below it computed while sampling (:func:`rollout.sample`), for :func:`prepare` to replay."""
     query, query_mask = forwards.left_pad([encoded[i] for i in idx], tok.pad_token_id)
     weights = stacking.merged_linear_weights if merged else lambda model: contextlib.nullcontext()
     with stacking.active_adapters(peft_model, policy_adapters), weights(peft_model):
-        response, mask, ended = rollout.generate(peft_model, tok, query, query_mask, pc.max_new_tokens,
-                                                 pc.temperature, stop_ids)
+        drawn = rollout.sample(peft_model, tok, query, query_mask, pc.max_new_tokens, pc.temperature, stop_ids,
+                               trunk_split=trunk_split)
+    response, mask, ended = drawn.response, drawn.mask, drawn.ended
     texts = rollout.decode_responses(tok, response.cpu(), mask.cpu())
     query, query_mask, response, mask, ended = (t.to(device) for t in (query, query_mask, response, mask, ended))
-    return Batch(idx, [prompts[i]["prompt"] for i in idx], query, query_mask, response, mask, ended, texts)
+    return Batch(idx, [prompts[i]["prompt"] for i in idx], query, query_mask, response, mask, ended, texts,
+                 sampled=drawn.trunk)
 
 
 def score(step: int, batch: Batch, reward_fn, monitor_fn, tok, pc, reduce_mean: Callable[[float], float]) -> Scored:
@@ -133,7 +139,15 @@ def prepare(batch: Batch, pv, peft_model, reference_adapters: Optional[list[str]
     micro = micro_size(pc)
     row_chunks = torch.arange(pc.batch_size, device=batch.query.device).split(micro)
     q, qm, r, m = batch.query, batch.query_mask, batch.response, batch.mask
-    batch.shared = trunk.response_trunk(peft_model, q, qm, r, m, split, reference_adapters)
+    # The sampler computed the trunk already where it kept it (float32: its weights agree with the
+    # reference's there to round-off); else it runs here, once.
+    batch.shared = None
+    if split > 0 and batch.sampled is not None and batch.sampled.split == split:
+        batch.shared = trunk.sampled_shared_rows(peft_model, batch.sampled, q, qm, r, m)
+    batch.sampled = None  # its states are in batch.shared now, or not needed
+    batch.trunk_from_sampler = batch.shared is not None
+    if batch.shared is None:
+        batch.shared = trunk.response_trunk(peft_model, q, qm, r, m, split, reference_adapters)
     views = [_view(batch, c) for c in row_chunks]
 
     def reference(c, view):
@@ -297,7 +311,7 @@ def sample_rows(step: int, batch: Batch, scored: Scored, n: int) -> list[dict]:
 
 
 def step_flops(prompt: list[int], response: list[int], shared: int, pc, shape, trained_layers: int,
-               lora_params: int, value_adapter: bool, split: int = 0) -> tuple[float, float]:
+               lora_params: int, value_adapter: bool, split: int = 0, trunk_ran: bool = True) -> tuple[float, float]:
     """``(generate, train)`` model FLOPs of one step on rows of ``prompt`` + ``response`` tokens
     (:mod:`pipeline.models.throughput`): generate is the prefill and decode of the real tokens; train is the
     reference pass, the old-logprob pass when it is separate, and ``ppo_epochs`` forward + LoRA backward
@@ -305,7 +319,8 @@ def step_flops(prompt: list[int], response: list[int], shared: int, pc, shape, t
     run once per micro-batch of each pass (prefix sharing), not once per row. With a shared trunk
     (:func:`shared_split`: ``split`` of the layers) the trunk's part of the forward, logits aside, runs
     once per step and every pass only the rest (the trunk's own prefix counted per micro-batch too: an
-    upper bound by a few tokens).
+    upper bound by a few tokens); not at all with ``trunk_ran`` False, where the sampler's trunk served
+    (:func:`prepare`; generate counts it).
 
     E.g. 2 of 4 layers shared, a forward of F of which G are logits: the trunk (F - G) / 2 once, and
     each of the passes F - (F - G) / 2."""
@@ -319,7 +334,7 @@ def step_flops(prompt: list[int], response: list[int], shared: int, pc, shape, t
              + chunks * (throughput.forward_flops(shape, shared, shared)
                          + throughput.lora_backward_flops(shape, shared, shared, trained_layers, lora_params)))
     trunk_part = (forward - sum(response) * 2.0 * shape.width * shape.vocab) * split / shape.layers
-    return flops_generate, (trunk_part + (forward - trunk_part) * (1 + passes * separate_old)
+    return flops_generate, (trunk_part * trunk_ran + (forward - trunk_part) * (1 + passes * separate_old)
                             + pc.ppo_epochs * passes * (train - trunk_part))
 
 
@@ -333,7 +348,7 @@ def perf_metrics(batch: Batch, pc, shape, trained_layers: int, lora_params: int,
     lengths = batch.query_mask.sum(1)
     shared = forwards.common_prefix_length(batch.query, lengths, int(lengths.min()) - 1) if forwards.SHARE_PREFIXES else 0
     flops_generate, flops_train = step_flops(prompt, response, shared, pc, shape, trained_layers, lora_params,
-                                             value_adapter, split)
+                                             value_adapter, split, trunk_ran=not batch.trunk_from_sampler)
     return {"perf/flops_generate": flops_generate, "perf/flops_train": flops_train,
             "perf/tokens_per_s_generate": sum(response) / max(times["generate"], 1e-9),
             "perf/tokens_per_s_train": pc.ppo_epochs * (sum(prompt) + sum(response)) / max(times["train"], 1e-9),

@@ -5,6 +5,7 @@ derived from the attention mask so a row's logits do not depend on how much left
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -12,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from pipeline.data import lengths
-from pipeline.models import forwards, loading
+from pipeline.models import forwards, loading, trunk
 from pipeline.models.forwards import left_pad
 from pipeline.rl import ppo_math
 
@@ -171,17 +172,19 @@ class Sampled:
     """One batch of sampled responses (:func:`sample`): ``response`` (B, T) long, right-padded after the
     first stop token; ``mask`` (B, T) True up to and including it; ``ended`` (B,) whether a stop token
     came; ``logprobs`` (B, T) float32, each token's log-probability under softmax(logits / T) of the
-    model as it sampled (0 past the mask), or None when not asked for."""
+    model as it sampled (0 past the mask), or None when not asked for; ``trunk``, what the layers below
+    ``trunk_split`` computed while sampling (None when not asked for, or where the sampler could not keep it)."""
     response: torch.Tensor
     mask: torch.Tensor
     ended: torch.Tensor
     logprobs: Optional[torch.Tensor] = None
+    trunk: Optional[trunk.SampledTrunk] = None
 
 
 @torch.no_grad()
 def sample(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
            temperature: float, stop_ids: Optional[list[int]] = None, generator_seed: Optional[int] = None,
-           with_logprobs: bool = False) -> Sampled:
+           with_logprobs: bool = False, trunk_split: int = 0) -> Sampled:
     """Sample responses with plain temperature sampling (no top-k, top-p or repetition penalty) so
     that sampling and scoring (logits / temperature) describe the same distribution (DESIGN.md 4.4).
     Tokens after the first stop token are replaced by pad and masked out; the stop token itself is kept.
@@ -190,6 +193,11 @@ def sample(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, 
     from (one gather and log-sum-exp per decode step, no extra forward). They equal
     :func:`pipeline.models.forwards.forward_response` over the same rows to float round-off (tested),
     in the precision the model samples in: from merged weights they are the merged model's.
+
+    ``trunk_split`` > 0 also keeps what decoder layer ``trunk_split - 1`` returned on the rows
+    (:class:`pipeline.models.trunk.SampledTrunk`): a model that agrees with the sampler below that layer
+    (eval's SFT reference of a policy with LoRA on the top layers) then scores the rows running only the
+    layers above it (:func:`pipeline.models.trunk.sampled_response_hidden`).
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -207,16 +215,27 @@ def sample(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, 
             loading.decode_attention(model):
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
-        ids, mask, cache = shared_prefix_prefill(model, query_ids.to(device), query_mask.to(device),
-                                                 tokenizer.pad_token_id)
-        drawn_logprobs = None
-        if cache is not None:
-            # a plain key/value cache (prefill_prompts gives no other): rows can leave the batch
-            response, drawn_logprobs = decode(model, ids, mask, cache, max_new_tokens, sampler, stop_ids, tokenizer.pad_token_id)
-        else:
-            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, generation_config=gen_cfg,
-                                 logits_processor=LogitsProcessorList([sampler]))
-            response = out[:, ids.shape[1]:]
+        tap = trunk.StateTap(model, trunk_split) if trunk_split > 0 else None
+        with tap or contextlib.nullcontext():
+            ids, mask, cache = shared_prefix_prefill(model, query_ids.to(device), query_mask.to(device),
+                                                     tokenizer.pad_token_id)
+            top = tap.take_prefill() if tap is not None else None
+            drawn_logprobs, sampled_trunk = None, None
+            if cache is not None:
+                # a plain key/value cache (prefill_prompts gives no other): rows can leave the batch
+                cached = cache.get_seq_length()
+                # the shared start's keys and values below the split, before the decode grows and cuts the cache
+                below = cache.layers[:trunk_split] if top is not None else []
+                kv = [(layer.keys[:1, :, :cached], layer.values[:1, :, :cached]) for layer in below]
+                response, drawn_logprobs = decode(model, ids, mask, cache, max_new_tokens, sampler, stop_ids,
+                                                  tokenizer.pad_token_id, tap=tap)
+                states = tap.states() if tap is not None else None
+                if states is not None:
+                    sampled_trunk = trunk.SampledTrunk(trunk_split, mask, cached, states, top, kv)
+            else:
+                out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                     generation_config=gen_cfg, logits_processor=LogitsProcessorList([sampler]))
+                response = out[:, ids.shape[1]:]
     response = response.cpu()
     if response.shape[1] == 0:
         response = torch.full((query_ids.shape[0], 1), tokenizer.pad_token_id, dtype=torch.long)
@@ -227,7 +246,7 @@ def sample(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, 
         steps = (drawn_logprobs if drawn_logprobs is not None else sampler.logprobs).cpu()
         logprobs[:, :steps.shape[1]] = steps[:, :response.shape[1]]
         logprobs = logprobs * mask
-    return Sampled(response, mask, ended, logprobs)
+    return Sampled(response, mask, ended, logprobs, sampled_trunk)
 
 
 # A decode batch drops its finished rows, and their rows of the cache, once they are at least this share of
@@ -239,14 +258,15 @@ DROP_FINISHED = 1 / 16
 
 
 def decode(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new_tokens: int, sampler: "TemperatureSampler",
-           stop_ids: list[int], pad_id: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+           stop_ids: list[int], pad_id: int,
+           tap: Optional[trunk.StateTap] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``generate``'s sampling loop over left-padded ``ids`` (B, P) (``mask``), continuing from ``cache``, a
     plain key/value cache of their first columns (:func:`pipeline.models.forwards.prefill_prompts`), with
     ``sampler`` drawing each token: ``(response (B, steps), logprobs (B, steps) with sampler.record, else
     None)``, tokens after a row's stop token ``pad_id``. Unlike ``generate``, rows that have stopped leave
     the batch (:data:`DROP_FINISHED`): the rest run without them. Every step draws one uniform for each of
     the B rows, finished or not, as ``generate`` does, so the tokens drawn from a seed are ``generate``'s
-    (to float round-off in the forwards over fewer rows)."""
+    (to float round-off in the forwards over fewer rows). ``tap`` (entered) is told which rows each forward ran."""
     b, p = ids.shape
     device = ids.device
     cached = cache.get_seq_length()
@@ -257,6 +277,8 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new_tokens: 
     last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     logits = model(input_ids=ids[:, cached:], attention_mask=attention[:, :p], position_ids=position[:, cached:],
                    past_key_values=cache, use_cache=True, **last_only).logits[:, -1]
+    if tap is not None:
+        tap.take_prompt()
     position = position[:, -1:] + 1
     response = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device) if sampler.record else None
@@ -281,6 +303,8 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new_tokens: 
             rows, live, attention, position, pick = (x[kept] for x in (rows, live, attention, position, pick))
         logits = model(input_ids=pick.unsqueeze(1), attention_mask=attention[:, :p + steps], position_ids=position,
                        past_key_values=cache, use_cache=True, **last_only).logits[:, -1]
+        if tap is not None:
+            tap.take_step(rows)
         position = position + 1
     return response[:, :steps], logprobs[:, :steps] if logprobs is not None else None
 

@@ -18,7 +18,8 @@ temperature (through :func:`pipeline.rl.rollout.sample`, top_k=0, top_p=1) and e
 
 - its KL to the PPO reference (``ppo.reference``: "sft" = SFT adapter only, "base" = no adapters):
   the sum over response tokens of k1 = logp - logp_ref, and of k3, both from logits / temperature
-  exactly as PPO computes them (the model's own from the sampler in float32, see :func:`_sample`);
+  exactly as PPO computes them (in float32 the model's own from the sampler, and the reference's over
+  the layers the sampler computed for both below a top-layers policy, see :func:`_sample`);
   reported as the mean over sequences (and k1's standard error);
 - the proxy reward (``ppo.rewards``, what PPO optimised) and the gold reward (``eval.gold``);
 - a gold win against the SFT model's response to the same prompt (sample j vs sample j; ties count
@@ -89,7 +90,7 @@ from pipeline.evaluation.runs import (
 )
 from pipeline.evaluation.stats import mean_se, sequence_kl, win_rate
 from pipeline.fusion import gating
-from pipeline.models import forwards, loading, stacking
+from pipeline.models import forwards, loading, stacking, trunk
 from pipeline.rl import rollout
 from pipeline.rl.policy_value import POLICY, SFT
 
@@ -285,13 +286,21 @@ def _sample(stack: Stack, plan: SamplingPlan, adapters: Optional[list[str]], k: 
     # side of the KL costs no forward; in bf16/fp16, merged weights round differently from the adapters
     # by more than that, and the model is run again through its adapters.
     keep_logprobs = with_kl and not same_as_reference and plan.float32
+    # Where the model and the reference agree below some layer (a policy with LoRA on the top layers over
+    # the SFT reference), the sampler keeps what it computed there and the reference runs only the layers
+    # above (float32, where the sampler's side is the model's to round-off).
+    split = 0
+    if keep_logprobs and gated is contextlib.nullcontext and trunk.SHARE_TRUNK:
+        differing = trunk.differing_adapters(reference, adapters)
+        split = trunk.trunk_split(peft_model, differing) if differing else 0
     t0 = time.time()
     with stacking.active_adapters(peft_model, adapters), gated(), weights(peft_model):
         for b, s in enumerate(tqdm(range(0, len(rows), batch_size), desc=desc, leave=False)):
             chunk = rows[s:s + batch_size]
             query, query_mask = forwards.left_pad([encoded[i] for i, _ in chunk], tok.pad_token_id)
             drawn = rollout.sample(peft_model, tok, query, query_mask, plan.max_new_tokens, temperature,
-                                   plan.stop_ids, generator_seed=seed + b, with_logprobs=keep_logprobs)
+                                   plan.stop_ids, generator_seed=seed + b, with_logprobs=keep_logprobs,
+                                   trunk_split=split)
             batches.append((chunk, query, query_mask, drawn))
     out.seconds["generate"] = time.time() - t0
     t0 = time.time()
@@ -309,6 +318,16 @@ def _sample(stack: Stack, plan: SamplingPlan, adapters: Optional[list[str]], k: 
             if with_kl and same_as_reference:
                 out.kl_k1.extend([0.0] * len(chunk))
                 out.kl_k3.extend([0.0] * len(chunk))
+            elif with_kl and drawn.trunk is not None and (hidden := _sampled_reference_hidden(
+                    peft_model, reference, drawn, query, query_mask)) is not None:
+                for c in range(0, len(chunk), _LOGPROB_ROWS):
+                    r, m = (t[c:c + _LOGPROB_ROWS].to(device) for t in (response, mask))
+                    with torch.no_grad():
+                        h = hidden[c:c + _LOGPROB_ROWS]
+                        ref = forwards.response_outputs(peft_model, h, r, temperature).logprobs
+                    logp = drawn.logprobs[c:c + _LOGPROB_ROWS].to(device)
+                    out.kl_k1.extend(sequence_kl(logp, ref, m, "k1").tolist())
+                    out.kl_k3.extend(sequence_kl(logp, ref, m, "k3").tolist())
             elif with_kl:
                 for c in range(0, len(chunk), _LOGPROB_ROWS):
                     q, qm, r, m = (t[c:c + _LOGPROB_ROWS].to(device) for t in (query, query_mask, response, mask))
@@ -329,6 +348,17 @@ def _sample(stack: Stack, plan: SamplingPlan, adapters: Optional[list[str]], k: 
             out.ended.extend(bool(e) for e in ended)
     out.seconds["kl"] = time.time() - t0 if with_kl else 0.0
     return out
+
+
+def _sampled_reference_hidden(peft_model, reference: Optional[list[str]], drawn: rollout.Sampled,
+                              query: torch.Tensor, query_mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """The reference's final hidden states over ``drawn``'s rows (B, T, H), its layers below the split
+    replayed from the sampler's (:func:`pipeline.models.trunk.sampled_response_hidden`); None where they
+    cannot be (then the plain forward)."""
+    device = next(peft_model.parameters()).device
+    with stacking.active_adapters(peft_model, reference):
+        return trunk.sampled_response_hidden(peft_model, drawn.trunk, query.to(device), query_mask.to(device),
+                                             drawn.response.to(device), drawn.mask.to(device))
 
 
 def _score(samples: Samples, prompts: list[dict], tok, rewards: Rewards, batch_size: int) -> None:

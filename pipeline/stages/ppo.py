@@ -261,15 +261,16 @@ def write_outputs(cfg: PipelineConfig, stage: StageWork, policy: Policy, tok, ba
 
 
 def estimate_ppo(encoded: list[list[int]], pc, shape, trained_layers: int, lora_params: int, value_adapter: bool,
-                 peak: float, split: int = 0) -> str:
+                 peak: float, split: int = 0, sampled_trunk: bool = False) -> str:
     """The a-priori duration of the run (:func:`pipeline.models.throughput.estimate_line`): ``ppo.steps``
-    steps of ``ppo.batch_size`` rows of the mean prompt length and ``ppo.max_new_tokens`` response tokens."""
+    steps of ``ppo.batch_size`` rows of the mean prompt length and ``ppo.max_new_tokens`` response tokens
+    (``sampled_trunk``: the sampler's trunk replayed, not run again)."""
     mean_prompt = round(sum(len(e) for e in encoded) / max(len(encoded), 1))
     sample = encoded[:256]
     shared = forwards.common_prefix(sample, min(len(e) for e in sample) - 1)
     rows = pc.batch_size
     gen, train = ppo_step.step_flops([mean_prompt] * rows, [pc.max_new_tokens] * rows, shared, pc, shape,
-                                     trained_layers, lora_params, value_adapter, split)
+                                     trained_layers, lora_params, value_adapter, split, trunk_ran=not sampled_trunk)
     return throughput.estimate_line("ppo", f"{pc.steps} steps of {rows} rollouts", pc.steps * (gen + train), peak)
 
 
@@ -329,10 +330,13 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
             print(f"[ppo] {lean_ops.coverage(peft_model)}", flush=True)
     lora_params, trained_layers = throughput.trained_extent(peft_model, shape.layers)
     split = ppo_step.shared_split(peft_model, pv, policy.reference_adapters)  # the trunk run once per step
+    # In float32 the sampler's trunk is the reference's to round-off, and prepare replays it instead of running
+    # the trunk again; in bf16 merged sampling weights round differently from the adapters.
+    sampled_split = split if loading.compute_dtype(cfg.model, dev) == torch.float32 else 0
     peak = throughput.measured_peak(loading.compute_dtype(cfg.model, dev), dev)  # MFU's denominator: this machine, this dtype
     if main_proc:
         print(estimate_ppo(encoded, pc, shape, trained_layers, lora_params, policy.value_adapters is not None, peak,
-                           split), flush=True)
+                           split, sampled_split > 0), flush=True)
         t_params, t_total = loading.count_parameters(pv)
         print(f"[ppo] trainable parameters: {t_params:,} of {t_total:,}; policy adapters {policy.policy_adapters}, "
               f"reference {policy.reference_adapters or 'base (all adapters off)'}, "
@@ -341,7 +345,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
               f"rollout weights {'merged' if merged else 'adapters'}", flush=True)
         if split:
             print(f"[ppo] decoder layers 0-{split - 1} of {shape.layers} hold no trained weight: they run once per step "
-                  "for the reference, old and training passes alike (the shared trunk)", flush=True)
+                  f"({'kept from the sampler' if sampled_split else 'after sampling'}) for the reference, old and "
+                  "training passes alike (the shared trunk)", flush=True)
     pv_ddp, optimizer = accelerator.prepare(pv, optimizer)
     run = RunState(stage.checkpoints, pv, optimizer, scheduler, kl_ctl, reward_fn, accelerator, pc.algorithm,
                    pc.samples_per_prompt)
@@ -377,7 +382,7 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
         try:
             t0 = time.time()
             batch = ppo_step.sample_rollout(peft_model, tok, encoded, prompts, idx, policy.policy_adapters, merged,
-                                            pc, stop_ids, dev)
+                                            pc, stop_ids, dev, sampled_split)
             t_generate, t0 = time.time() - t0, time.time()
             scored = ppo_step.score(step, batch, reward_fn, monitor_fn, tok, pc, reduce)
             t_score, t0 = time.time() - t0, time.time()
