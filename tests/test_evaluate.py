@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -296,7 +297,9 @@ def test_eval_outputs_manifest_summary_samples_and_png(eval_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     summary = (out / "summary.txt").read_text()
     assert "gold peaks at step-00000" in summary
-    assert "Gao et al. 2022 fits" in summary and "did" in summary and "gold than best-of-n" in summary
+    # which way PPO against best-of-n goes on a tiny random model is the samples' noise; that it is said is the test
+    assert "Gao et al. 2022 fits" in summary
+    assert re.search(r"(reached|did not reach) a higher gold than best-of-n", summary)
     assert set(json.loads((out / "manifest.json").read_text())["metrics"]["fits"]) <= {"ppo", "bon"}
     assert "gold peaks at" in output  # printed at the end
     manifest = json.loads((out / "manifest.json").read_text())

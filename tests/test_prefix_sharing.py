@@ -1,6 +1,8 @@
 """Prefix sharing (pipeline.models.forwards.prefixed_hidden): rows that begin with the same tokens run them
 once. The logprobs, gradients and reward features must equal the plain forward's to float round-off, on
 the NF4 path, with padding on both sides of the rows."""
+import contextlib
+
 import pytest
 import torch
 from helpers import randomize_lora_b
@@ -318,3 +320,71 @@ def test_scoring_runs_each_prompt_once_per_batch_and_scores_as_the_plain_forward
     # rests, the rows' own tokens; the row alone, whole.
     assert widths[:2] == [(4, 8), (1, 8)], widths
     assert widths[2:] == [(1, 3), (2, 2), (4, 3), (1, 8)], widths
+
+
+def test_right_padded_lengths_by_hand():
+    assert forwards.right_padded_lengths(torch.tensor([[1, 1, 0], [1, 1, 1]])).tolist() == [2, 3]
+    assert forwards.right_padded_lengths(torch.tensor([[0, 1, 1], [1, 1, 1]])) is None  # left padding
+    assert forwards.right_padded_lengths(torch.tensor([[1, 0, 1]])) is None  # a hole
+
+
+def test_sft_rows_run_their_shared_start_once_and_train_as_the_plain_forward(tiny_model_cfg_both):
+    """SFT's loss through trl's fused LM head over right-padded rows (as trl's collator pads them), with the
+    stage's lean kernels and compact head, with and without forwards.shared_row_starts: the same loss and
+    LoRA gradients to float round-off, with the 5 tokens every row begins with run once."""
+    from peft import get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from pipeline.models import lean_ops
+    from pipeline.models.trainer_utils import compact_lm_head
+
+    model, _, _ = loading.load_base(tiny_model_cfg_both)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    pm = get_peft_model(model, loading.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)))
+    randomize_lora_b(pm, 0.05, torch.Generator().manual_seed(1))
+    lean_ops.install(pm)
+    g = torch.Generator().manual_seed(4)
+    start = [7, 8, 9, 10, 11]
+    rows = [start + torch.randint(20, 200, (n,), generator=g).tolist() for n in (6, 3, 8)]
+    rows[2][5] = rows[0][5]  # rows 0 and 2 share one more token; row 1 does not: the start is 5 tokens
+    ids = torch.zeros((3, 13), dtype=torch.long)
+    mask = torch.zeros((3, 13), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :7] = -100  # the prompt
+
+    def loss_and_grads(share: bool):
+        pm.zero_grad(set_to_none=True)
+        with compact_lm_head(), loading.compute_context(pm), (
+                forwards.shared_row_starts(pm) if share else contextlib.nullcontext()) as count:
+            out = pm(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+            out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}, count
+
+    layer = forwards.backbone(pm).layers[0]
+    widths: list = []
+    hook = layer.register_forward_hook(lambda m, args, kw, out: widths.append(tuple((args or [kw["hidden_states"]])[0].shape[:2])),
+                                       with_kwargs=True)
+    plain_loss, plain_grads, _ = loss_and_grads(False)
+    assert widths == [(3, 13)]
+    widths.clear()
+    loss, grads, count = loss_and_grads(True)
+    # the start once, then the three rows' 8 columns after it; 11 + 8 + 13 = 32 tokens given, 5 + 6 + 3 + 8 = 22 run
+    assert widths == [(1, 5), (3, 8)]
+    assert (count.given, count.ran) == (32, 22)
+    assert "forward" not in vars(forwards.backbone(pm))  # the plain forward is back
+    # float32: the same sums over other matmul shapes; bf16 rounds each shape its own way (2^-8 relative)
+    bf16 = tiny_model_cfg_both.compute_dtype == "bfloat16"
+    assert torch.allclose(loss.float(), plain_loss.float(), atol=2e-2 if bf16 else 1e-5) and plain_loss > 0
+    assert grads.keys() == plain_grads.keys() and len(grads) > 0
+    for name in grads:  # the start's pass gets its gradient from every row
+        scale = plain_grads[name].abs().max().clamp(min=1e-6)
+        assert ((grads[name] - plain_grads[name]).abs().max() / scale) < (0.2 if bf16 else 1e-4), name
+    # a batch that shares nothing, and a left-padded one, take the plain forward
+    widths.clear()
+    with torch.no_grad(), forwards.shared_row_starts(pm):
+        pm(input_ids=ids[:, 5:], attention_mask=mask[:, 5:])
+        pm(input_ids=torch.flip(ids, dims=[1]), attention_mask=torch.flip(mask, dims=[1]))
+    hook.remove()
+    assert widths == [(3, 8), (3, 13)]

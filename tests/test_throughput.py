@@ -15,6 +15,7 @@ from pipeline.models.throughput import (
     decoder_shape,
     estimate_line,
     forward_flops,
+    lm_train_flops,
     lm_train_flops_per_token,
     lora_backward_flops,
     mfu,
@@ -130,6 +131,15 @@ def test_lm_train_flops_per_token_by_hand():
     # forward 2,000 + 4 x 2 x 8 x 2 + 2 x 8 x 10 = 2,288; backward 2 x 500 x 2 + 8 x 2 x 8 x 2 + 160 + 40 = 2,456
     assert lm_train_flops_per_token(shape, 2, 2, 10) == pytest.approx(4_744)
     assert lm_train_flops_per_token(shape, 2, 2, 10, logit_share=0.5) == pytest.approx(4_584)
+
+
+def test_lm_train_flops_counts_the_body_on_tokens_run_and_the_head_on_tokens_given():
+    shape = DecoderShape(matmul_params=1_000, layers=2, width=8, vocab=10)
+    # body 4,744 - head 2 x 2 x 8 x 10 = 4,424 per token run; 10 given, 6 run, logits on half:
+    # 6 x 4,424 + 10 x 0.5 x 320 = 26,544 + 1,600 = 28,144
+    assert lm_train_flops(shape, 10, 6, 2, 2, 10, 0.5) == pytest.approx(28_144)
+    # nothing shared: tokens x the per-token count
+    assert lm_train_flops(shape, 10, 10, 2, 2, 10, 0.5) == pytest.approx(10 * 4_584)
 
 
 def test_estimate_line_states_the_time_at_typical_and_full_mfu():

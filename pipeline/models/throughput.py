@@ -277,6 +277,19 @@ def lm_train_flops_per_token(shape: DecoderShape, attended: float, trained_layer
             + logit_share * head)
 
 
+def lm_train_flops(shape: DecoderShape, given: int, ran: int, attended: float, trained_layers: int,
+                   lora_params: int, logit_share: float = 1.0) -> float:
+    """Model FLOPs of SFT training on ``given`` tokens of which ``ran`` ran through the decoder (the rest
+    were a start rows share, run once: :func:`forwards.shared_row_starts`): the body
+    (:func:`lm_train_flops_per_token` without the head) per token run, the LM head on ``logit_share`` of
+    the given tokens, whose labels do not change. E.g. the shape of :func:`forward_flops`, 2 layers
+    trained, 10 LoRA weights, 2 attended, logits on half: body 4,744 - 320 = 4,424, head 320; 10 tokens
+    given, 6 run: 6 x 4,424 + 10 x 0.5 x 320 = 26,544 + 1,600 = 28,144."""
+    head = 2 * 2.0 * shape.width * shape.vocab
+    body = lm_train_flops_per_token(shape, attended, trained_layers, lora_params, 0.0)
+    return ran * body + given * logit_share * head
+
+
 # What the stages' training loops reached on the embedded model in float32 under AVX2 and in bf16 on AMX
 # (README "Speed"): the a-priori estimate a stage prints before it starts assumes this share of the peak.
 TYPICAL_MFU = 0.45

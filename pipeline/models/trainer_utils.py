@@ -22,7 +22,13 @@ class JsonlMetrics(TrainerCallback):
         # each row then carries the window's tokens/s and MFU (perf/*).
         self.flops_per_token = 0.0
         self.peak = float("nan")
-        self._last: tuple[float, int] | None = None
+        # Where model FLOPs are not tokens x flops_per_token (SFT runs the start its rows share once), a
+        # callable giving this process's FLOPs so far.
+        self.flops_so_far = None
+        self._last: tuple[float, int, float] | None = None
+
+    def _flops(self, seen: int) -> float:
+        return self.flops_so_far() if self.flops_so_far is not None else seen * self.flops_per_token
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # The end-of-training summary (train_loss...) covers only the steps since a resume; the stage logs
@@ -39,13 +45,13 @@ class JsonlMetrics(TrainerCallback):
         if self.flops_per_token and self._last is not None and seen > self._last[1] and "loss" in logs:
             tokens, seconds = seen - self._last[1], now - self._last[0]
             row["perf/tokens_per_s"] = tokens / max(seconds, 1e-9)
-            row["perf/mfu"] = tokens * self.flops_per_token / max(seconds, 1e-9) / self.peak
+            row["perf/mfu"] = (self._flops(seen) - self._last[2]) / max(seconds, 1e-9) / self.peak
         if "loss" in logs:
-            self._last = (now, seen)
+            self._last = (now, seen, self._flops(seen))
         self.logger.log(row, step=state.global_step)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._last = (time.time(), state.num_input_tokens_seen)
+        self._last = (time.time(), state.num_input_tokens_seen, self._flops(state.num_input_tokens_seen))
 
 
 class ResumableCheckpoints(TrainerCallback):

@@ -1,11 +1,12 @@
 """Stage 1: supervised fine-tuning of a LoRA adapter on the 4-bit base (QLoRA), with trl's SFTTrainer."""
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -24,7 +25,7 @@ from pipeline.artifacts.outputs import (
 from pipeline.config import PipelineConfig, to_dict
 from pipeline.data import batching, lengths, loaders
 from pipeline.evaluation.stats import mean_se
-from pipeline.models import lean_ops, loading, stacking, throughput
+from pipeline.models import forwards, lean_ops, loading, stacking, throughput
 from pipeline.models.trainer_utils import (
     JsonlMetrics,
     ReleaseMemory,
@@ -133,21 +134,28 @@ def build_trainer(cfg: PipelineConfig, model, tok, train_rows: list[dict], eval_
     return trainer, fitted
 
 
-def training_flops(cfg: PipelineConfig, trainer, shape) -> tuple[float, float]:
-    """``(model FLOPs per trained token, this machine's measured peak FLOP/s)``, after printing the
-    a-priori duration of training (:func:`pipeline.models.throughput.estimate_line`): LoRA training with
-    logits where they are computed (:func:`trainer_utils.logit_share`), each token attending to the mean
-    row length."""
-    lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
+def training_flops(cfg: PipelineConfig, trainer, shape) -> tuple[Callable[[int, int], float], float]:
+    """``(work, peak)``: ``work(given, ran)`` the model FLOPs of training on ``given`` tokens of which
+    ``ran`` ran through the decoder (:func:`throughput.lm_train_flops`: LoRA training with logits where
+    they are computed, :func:`trainer_utils.logit_share`; each token attending to the mean row length),
+    and this machine's measured peak FLOP/s. Prints the a-priori duration of training first
+    (:func:`pipeline.models.throughput.estimate_line`), with the start every row shares run once per
+    micro-batch (:func:`forwards.shared_row_starts`)."""
+    rows = trainer.train_dataset["input_ids"]
+    lengths = [len(x) for x in rows]
+    mean_length = sum(lengths) / max(len(lengths), 1)
     lora_params, trained_layers = throughput.trained_extent(trainer.model, shape.layers)
     device = next(trainer.model.parameters()).device
-    per_token = throughput.lm_train_flops_per_token(shape, sum(lengths) / max(len(lengths), 1), trained_layers,
-                                                    lora_params, logit_share(trainer.train_dataset, device))
+    work = functools.partial(throughput.lm_train_flops, shape, attended=mean_length, trained_layers=trained_layers,
+                             lora_params=lora_params, logit_share=logit_share(trainer.train_dataset, device))
     peak = throughput.measured_peak(loading.compute_dtype(cfg.model, device), device)
     tokens = sum(lengths) * cfg.sft.epochs if cfg.sft.max_steps <= 0 else (
-        sum(lengths) / max(len(lengths), 1) * cfg.sft.max_steps * cfg.sft.batch_size * cfg.sft.grad_accum)
-    print(throughput.estimate_line("sft", f"training on {tokens:,.0f} tokens", per_token * tokens, peak), flush=True)
-    return per_token, peak
+        mean_length * cfg.sft.max_steps * cfg.sft.batch_size * cfg.sft.grad_accum)
+    b = 1 if cfg.sft.padding_free else cfg.sft.batch_size
+    start = forwards.common_prefix(rows, min(lengths) - 1) if rows and b > 1 and forwards.SHARE_PREFIXES else 0
+    ran = tokens * (1 - (b - 1) / b * start / max(mean_length, 1))
+    print(throughput.estimate_line("sft", f"training on {tokens:,.0f} tokens", work(tokens, ran), peak), flush=True)
+    return work, peak
 
 
 def eval_loss(trainer, max_length: int) -> float:
@@ -260,7 +268,8 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     eval_prompts, fitted["gold_prompts"] = fit_gold_prompts(tok, eval_rows, eval_report, cfg)
     trainable, total = loading.count_parameters(trainer.model)
     print(f"[sft] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", flush=True)
-    metrics_cb.flops_per_token, metrics_cb.peak = training_flops(cfg, trainer, shape)
+    flops_of, metrics_cb.peak = training_flops(cfg, trainer, shape)
+    metrics_cb.flops_per_token = flops_of(1, 1)
 
     # 3. evaluate before training; kept in the work folder, where a resumed run reads it back
     metrics: dict = {"trainable_params": trainable, "total_params": total,
@@ -281,12 +290,16 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     guard.graceful_stop(True)  # SIGINT/SIGTERM from here on: the Trainer saves the step it finished and stops
     # The lean kernels for training only (-7% time, README "Speed on CPUs without AMX"): the evaluations
     # before and after run the model's own forwards, as a plain reload of the saved adapter would.
+    # The start every row of a micro-batch shares (the system prompt) runs once for the rows (README "Speed
+    # on CPUs without AMX", "SFT rows share their start").
     lean_ops.install(trainer.model)
     try:
-        with compact_lm_head():
+        with compact_lm_head(), forwards.shared_row_starts(trainer.model) as starts:
+            metrics_cb.flops_so_far = lambda: flops_of(starts.given, starts.ran)
             trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
     finally:
         lean_ops.uninstall(trainer.model)
+    metrics_cb.flops_so_far = None
     guard.graceful_stop(False)
     if guard.stop_requested() and trainer.state.global_step < trainer.state.max_steps:
         raise guard.StopRequested(guard.stop_requested(), f"after step {trainer.state.global_step}")
@@ -295,8 +308,12 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     # Non-padding tokens (include_num_input_tokens_seen="non_padding"), so padding-free runs compare fairly.
     metrics["train_tokens"] = int(trainer.state.num_input_tokens_seen)
     metrics["train_tokens_per_second"] = round(metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9), 1)
-    metrics["train_mfu"] = throughput.mfu(metrics["train_tokens"] * metrics_cb.flops_per_token, metrics["train_seconds"],
-                                          metrics_cb.peak)
+    # MFU over this process's tokens, as train_seconds is its time (a resumed run's train_tokens count the
+    # earlier ones too); not recorded, so that a resumed run's metrics equal an uninterrupted one's.
+    if starts.given > starts.ran:
+        print(f"[sft] the start rows share ran once per micro-batch: {starts.ran:,} of {starts.given:,} tokens run "
+              f"through the model ({starts.ran / starts.given:.0%})", flush=True)
+    metrics["train_mfu"] = throughput.mfu(flops_of(starts.given, starts.ran), metrics["train_seconds"], metrics_cb.peak)
     metrics["peak_flops_per_s"] = metrics_cb.peak
 
     # 5. evaluate after training
