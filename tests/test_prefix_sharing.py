@@ -328,7 +328,7 @@ def test_right_padded_lengths_by_hand():
     assert forwards.right_padded_lengths(torch.tensor([[1, 0, 1]])) is None  # a hole
 
 
-def test_sft_rows_run_their_shared_start_once_and_train_as_the_plain_forward(tiny_model_cfg_both):
+def test_sft_rows_run_their_shared_start_once_and_train_as_the_plain_forward(tiny_model_cfg_both, monkeypatch):
     """SFT's loss through trl's fused LM head over right-padded rows (as trl's collator pads them), with the
     stage's lean kernels and compact head, with and without forwards.shared_row_starts: the same loss and
     LoRA gradients to float round-off, with the 5 tokens every row begins with run once."""
@@ -353,6 +353,8 @@ def test_sft_rows_run_their_shared_start_once_and_train_as_the_plain_forward(tin
         ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :7] = -100  # the prompt
+
+    monkeypatch.setattr(forwards, "SHARE_START_MIN_ROWS", 3)
 
     def loss_and_grads(share: bool):
         pm.zero_grad(set_to_none=True)
@@ -386,5 +388,6 @@ def test_sft_rows_run_their_shared_start_once_and_train_as_the_plain_forward(tin
     with torch.no_grad(), forwards.shared_row_starts(pm):
         pm(input_ids=ids[:, 5:], attention_mask=mask[:, 5:])
         pm(input_ids=torch.flip(ids, dims=[1]), attention_mask=torch.flip(mask, dims=[1]))
+        pm(input_ids=ids[:2], attention_mask=mask[:2])  # fewer rows than SHARE_START_MIN_ROWS
     hook.remove()
-    assert widths == [(3, 8), (3, 13)]
+    assert widths == [(3, 8), (3, 13), (2, 13)]

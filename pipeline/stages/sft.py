@@ -152,7 +152,8 @@ def training_flops(cfg: PipelineConfig, trainer, shape) -> tuple[Callable[[int, 
     tokens = sum(lengths) * cfg.sft.epochs if cfg.sft.max_steps <= 0 else (
         mean_length * cfg.sft.max_steps * cfg.sft.batch_size * cfg.sft.grad_accum)
     b = 1 if cfg.sft.padding_free else cfg.sft.batch_size
-    start = forwards.common_prefix(rows, min(lengths) - 1) if rows and b > 1 and forwards.SHARE_PREFIXES else 0
+    shares = b >= max(forwards.SHARE_START_MIN_ROWS, 2) and forwards.SHARE_PREFIXES
+    start = forwards.common_prefix(rows, min(lengths) - 1) if rows and shares else 0
     ran = tokens * (1 - (b - 1) / b * start / max(mean_length, 1))
     print(throughput.estimate_line("sft", f"training on {tokens:,.0f} tokens", work(tokens, ran), peak), flush=True)
     return work, peak
@@ -290,8 +291,8 @@ def run_sft(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     guard.graceful_stop(True)  # SIGINT/SIGTERM from here on: the Trainer saves the step it finished and stops
     # The lean kernels for training only (-7% time, README "Speed on CPUs without AMX"): the evaluations
     # before and after run the model's own forwards, as a plain reload of the saved adapter would.
-    # The start every row of a micro-batch shares (the system prompt) runs once for the rows (README "Speed
-    # on CPUs without AMX", "SFT rows share their start").
+    # The start every row of a micro-batch of 8 or more shares (the system prompt) runs once for the rows
+    # (README "Speed on CPUs without AMX", "SFT rows share their start").
     lean_ops.install(trainer.model)
     try:
         with compact_lm_head(), forwards.shared_row_starts(trainer.model) as starts:
