@@ -155,6 +155,46 @@ def test_kept_base_logprobs_and_the_base_own_hidden_states_change_nothing(tiny_n
         assert k["nll_sums"] == f["nll_sums"] and k["kl_sums"] == f["kl_sums"]
 
 
+def test_policies_on_top_layers_replay_the_sft_trunk_and_measure_as_the_full_forward(tiny_nf4):
+    """Models whose adapters differ from ``trunk_of``'s only in the top layers (PPO checkpoints over the SFT
+    adapter) get the same loss and KL as a full forward, to float round-off, with the layers below run
+    once for all of them."""
+    from pipeline.config import LoraConfigSection
+    from pipeline.models import loading
+
+    peft, _, _, text, probe = tiny_nf4
+    layers = len(loading.decoder_layers(peft)[1])
+    gen = torch.Generator().manual_seed(5)
+    for name in ("top1", "top2"):
+        peft.add_adapter(name, loading.lora_config(LoraConfigSection(
+            r=4, alpha=8, dropout=0.0, top_layers=1, target_modules=["q_proj", "v_proj", "down_proj"]), model=peft))
+        with torch.no_grad():
+            for n, p in peft.named_parameters():
+                if f".{name}." in n and "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    calls = []
+    # the first layer's attention runs only where the layer computes (a replayed layer returns its record)
+    hook = loading.decoder_layers(peft)[1][0].self_attn.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        full = [probe.measure(adapters=["random", t]) for t in ("top1", "top2")]
+        assert len(calls) == 2 * len(text.batches)
+        calls.clear()
+        shared = [probe.measure(adapters=["random", t], trunk_of=["random"]) for t in ("top1", "top2")]
+        # the first layer ran once per batch for both models (the trunk, below the top layer), and not again
+        assert len(calls) == len(text.batches) and layers > 1
+        calls.clear()
+        sft = probe.measure(adapters=["random"], trunk_of=["random"])  # the trunk's own adapters: a full forward
+        assert len(calls) == len(text.batches)
+    finally:
+        hook.remove()
+        for name in ("top1", "top2"):
+            peft.delete_adapter(name)
+    for f, s in zip(full, shared):
+        assert s["nll_sums"] == pytest.approx(f["nll_sums"], rel=1e-5)
+        assert s["kl_sums"] == pytest.approx(f["kl_sums"], rel=1e-4, abs=1e-6)
+    assert full[0]["kl"] != full[1]["kl"] != sft["kl"]  # the top layers' adapters count
+
+
 def test_a_full_model_is_measured_against_its_snapshot(tiny_nf4):
     """A plain model whose head trains (a full fine-tune): the probe keeps the base's head."""
     from pipeline.config import ModelConfig

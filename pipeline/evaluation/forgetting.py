@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import loaders
-from pipeline.models import forwards, loading, stacking
+from pipeline.models import forwards, loading, stacking, trunk
 
 # Columns this check adds to curves.csv and to every eval point (None where it does not apply).
 COLUMNS = ("general_nll", "general_ppl", "general_kl_to_base")
@@ -193,6 +193,7 @@ class ForgettingProbe:
                                 for ids, mask, _ in text.batches]
         vocab = self.base_head.out_features
         self.base_logprobs = None
+        self._trunk: Optional[tuple[tuple, list]] = None  # ((adapters, split), states per batch): _shared_trunk
         if text.tokens * vocab * 4 <= BASE_LOGPROBS_MAX_BYTES:
             self.base_logprobs = [[self._base_logprobs(h[s:s + chunk]) for s in range(0, h.shape[0], chunk)]
                                   for h in self._scored_hidden(self.base_hidden)]
@@ -205,11 +206,32 @@ class ForgettingProbe:
         with torch.no_grad(), loading.compute_context(self.base_model):
             return F.log_softmax(self.base_head(hidden), dim=-1, dtype=torch.float32)
 
-    def measure(self, model=None, adapters: Optional[list[str]] = None) -> dict:
+    def _shared_trunk(self, adapters: Optional[list[str]], trunk_of: Optional[list[str]]) -> tuple[int, Optional[list]]:
+        """``(split, states per batch)``: what ``trunk_of``'s layers below ``split`` compute over the text,
+        where ``adapters`` hold no weight below it (a policy with LoRA on its top layers over its SFT
+        adapter); run once and kept for the next model. ``(0, None)`` where nothing is shared."""
+        if not trunk_of or not adapters or not trunk.SHARE_TRUNK:
+            return 0, None
+        differing = trunk.differing_adapters(trunk_of, adapters)
+        split = trunk.trunk_split(self.base_model, differing) if differing else 0
+        if not 0 < split < len(loading.decoder_layers(self.base_model)[1]):
+            return 0, None
+        key = (tuple(trunk_of), split)
+        if self._trunk is None or self._trunk[0] != key:
+            with torch.no_grad():
+                states = [trunk.layer_states(self.base_model, split, trunk_of, ids.to(self.device), mask.to(self.device))
+                          for ids, mask, _ in self.text.batches]
+            self._trunk = (key, states)
+        return split, self._trunk[1]
+
+    def measure(self, model=None, adapters: Optional[list[str]] = None, trunk_of: Optional[list[str]] = None) -> dict:
         """Loss, perplexity and KL to the base of ``model`` (default: the base model) with ``adapters``
         active (None: every adapter off): :func:`summarize` plus per-passage ``nll_sums``/``kl_sums``/
-        ``token_counts`` in file order."""
+        ``token_counts`` in file order. ``trunk_of``: adapters that compute what ``adapters`` do below
+        some layer (the SFT adapter under a policy with LoRA on its top layers): those layers run once
+        for every such model, and each runs only the layers above (the same numbers to float round-off)."""
         model = self.base_model if model is None else model
+        split, states = self._shared_trunk(adapters, trunk_of) if model is self.base_model else (0, None)
         head = forwards.output_head(model)
         n = self.text.passages
         nll_sums = torch.zeros(n, dtype=torch.float64)
@@ -220,7 +242,12 @@ class ForgettingProbe:
         with torch.no_grad(), _adapters(model, adapters):
             for b, ((ids, mask, index), base_hidden) in enumerate(zip(self.text.batches, self.base_hidden)):
                 ids, mask = ids.to(self.device), mask.to(self.device)
-                hidden = base_hidden if own else forwards.final_hidden(model, ids, mask)
+                if own:
+                    hidden = base_hidden
+                elif states is not None:
+                    hidden = trunk.replayed_final_hidden(model, split, states[b], ids, mask)
+                else:
+                    hidden = forwards.final_hidden(model, ids, mask)
                 # position t predicts token t + 1; score where that token is real
                 scored = mask[:, 1:].bool()
                 h, hb = hidden[:, :-1][scored], base_hidden[:, :-1][scored]

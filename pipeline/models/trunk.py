@@ -339,6 +339,27 @@ def response_forward(model, rows: SharedRows, adapter: Adapters, response_ids: t
     return forwards.response_outputs(model, h, response_ids, temperature, with_entropy, with_hidden)
 
 
+def layer_states(model, split: int, adapter: Adapters, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """What decoder layer ``split - 1`` returns over rows ``input_ids`` (B, T), left- or right-padded
+    (position ids count each row's real tokens, as :func:`forwards.final_hidden`), only ``adapter`` active;
+    the layers above do not run. For :func:`replayed_final_hidden` of every adapter set that computes
+    the same below ``split``."""
+    return _capture(model, split, adapter, input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=_position_ids(attention_mask), use_cache=False)
+
+
+def replayed_final_hidden(model, split: int, states, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`forwards.final_hidden` (B, T, H) under the active adapters, with the layers below ``split``
+    replayed from ``states`` (:func:`layer_states` of an adapter set that computes the same there, over the
+    same rows): equal to the full forward to float round-off, for ``1 - split / layers`` of its work."""
+    net = forwards.backbone(model)
+    _, stack = loading.decoder_layers(model)
+    with loading.compute_context(model), _replayed(stack, split, states):
+        return net(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask),
+                   use_cache=False).last_hidden_state
+
+
 def differing_adapters(first: Optional[Sequence[str]], *others: Optional[Sequence[str]]) -> list[str]:
     """The adapters active in some but not all of the sets (None: the base, none active): below the
     lowest layer any of them holds (:func:`trunk_split`), the sets compute the same. E.g. ["sft"] and

@@ -189,6 +189,9 @@ class ForgettingRun:
     probe: Optional[forgetting.ForgettingProbe] = None
     models: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
+    # The KL reference's adapters: a policy with LoRA on its top layers over them runs only those layers
+    # (ForgettingProbe.measure's trunk_of).
+    trunk_of: Optional[list[str]] = None
 
     def measure(self, spec: ModelSpec) -> None:
         """Record ``spec``'s loss, perplexity and KL to the base on the general text (no-op without a probe)."""
@@ -196,7 +199,8 @@ class ForgettingRun:
             return
         t0 = time.time()
         with (spec.gated or contextlib.nullcontext)():
-            self.models[spec.name] = self.probe.measure(adapters=spec.adapters)
+            self.models[spec.name] = self.probe.measure(adapters=spec.adapters,
+                                                        trunk_of=self.trunk_of if spec.gated is None else None)
         self.seconds += time.time() - t0
 
 
@@ -523,7 +527,7 @@ def _start_forgetting(stack: Stack, passages: Optional[list[str]], ec) -> Forget
         stack.tok, passages, ec.forgetting, ec.forgetting_max_tokens, min(ec.batch_size, forgetting.BATCH)))
     print(f"[eval] forgetting check on {ec.forgetting}: {probe.text.passages} passages, {probe.text.tokens} "
           f"scored tokens ({probe.text.truncated} cut to eval.forgetting_max_tokens)", flush=True)
-    return ForgettingRun(probe, seconds=time.time() - t0)
+    return ForgettingRun(probe, seconds=time.time() - t0, trunk_of=stack.reference)
 
 
 def _build_rewards(cfg: PipelineConfig, run_dir: Path, stack: Stack, series: list[Series]) -> Rewards:
