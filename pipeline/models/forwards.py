@@ -357,6 +357,11 @@ def right_padded_lengths(attention_mask: torch.Tensor) -> Optional[torch.Tensor]
 SHARE_START_MIN_ROWS = 8
 
 
+def shares_row_starts(rows: int) -> bool:
+    """Whether :func:`shared_row_starts` runs a micro-batch of ``rows`` rows' common start once."""
+    return SHARE_PREFIXES and rows >= max(SHARE_START_MIN_ROWS, 2)
+
+
 @dataclass
 class StartCount:
     """Tokens the backbone got (``given``) and ran (``ran``) in the gradient-carrying forwards under
@@ -386,8 +391,7 @@ def shared_row_starts(model):
 
     def forward(input_ids=None, attention_mask=None, **kwargs):
         lengths = None
-        if (SHARE_PREFIXES and input_ids is not None and attention_mask is not None
-                and input_ids.shape[0] >= max(SHARE_START_MIN_ROWS, 2)
+        if (input_ids is not None and attention_mask is not None and shares_row_starts(input_ids.shape[0])
                 and kwargs.get("position_ids") is None and kwargs.get("past_key_values") is None
                 and kwargs.get("inputs_embeds") is None and vars(net).get("_rlhf_prefix_cache", True)
                 and not (net.training and getattr(net, "gradient_checkpointing", False))):
@@ -396,29 +400,33 @@ def shared_row_starts(model):
         if lengths is not None:
             shared = common_prefix([row[:n] for row, n in zip(input_ids.tolist(), lengths.tolist())],
                                    int(lengths.min()) - 1)
-        if torch.is_grad_enabled():
-            count.given += int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
-        if shared == 0:
-            if torch.is_grad_enabled():
-                count.ran += int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
+        given = int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
+        out = None
+        if shared:
+            out = _start_once(input_ids, attention_mask, shared, kwargs)
+        counting = torch.is_grad_enabled()
+        count.given += given if counting else 0
+        if out is None:
+            count.ran += given if counting else 0
             return plain(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        count.ran += shared + int(attention_mask[:, shared:].sum()) if counting else 0
+        return out
+
+    def _start_once(input_ids, attention_mask, shared, kwargs):
+        """The rows' hidden states with their first ``shared`` tokens run once; None where the backbone's
+        cache is not a plain key/value store (then marked, and the plain forward runs)."""
         b, t = input_ids.shape
-        kwargs.pop("use_cache", None)
-        kwargs.pop("position_ids", None)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("use_cache", "position_ids")}
         top = plain(input_ids=input_ids[:1, :shared], attention_mask=attention_mask[:1, :shared],
                     position_ids=torch.arange(shared, device=input_ids.device).unsqueeze(0), use_cache=True, **kwargs)
         cache = top.past_key_values
         if not plain_cache(cache):
             net._rlhf_prefix_cache = False
-            if torch.is_grad_enabled():
-                count.ran += int(attention_mask.sum())
-            return plain(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+            return None
         select_cache_rows(cache.layers, torch.zeros(b, dtype=torch.long, device=input_ids.device))
         rest = plain(input_ids=input_ids[:, shared:], attention_mask=attention_mask,
                      position_ids=torch.arange(shared, t, device=input_ids.device).unsqueeze(0).expand(b, -1),
                      past_key_values=cache, use_cache=True, **kwargs)
-        if torch.is_grad_enabled():
-            count.ran += shared + int(attention_mask[:, shared:].sum())
         hidden = torch.cat([top.last_hidden_state.expand(b, -1, -1), rest.last_hidden_state], dim=1)
         return BaseModelOutputWithPast(last_hidden_state=hidden)
 

@@ -152,8 +152,7 @@ def training_flops(cfg: PipelineConfig, trainer, shape) -> tuple[Callable[[int, 
     tokens = sum(lengths) * cfg.sft.epochs if cfg.sft.max_steps <= 0 else (
         mean_length * cfg.sft.max_steps * cfg.sft.batch_size * cfg.sft.grad_accum)
     b = 1 if cfg.sft.padding_free else cfg.sft.batch_size
-    shares = b >= max(forwards.SHARE_START_MIN_ROWS, 2) and forwards.SHARE_PREFIXES
-    start = forwards.common_prefix(rows, min(lengths) - 1) if rows and shares else 0
+    start = forwards.common_prefix(rows, min(lengths) - 1) if rows and forwards.shares_row_starts(b) else 0
     ran = tokens * (1 - (b - 1) / b * start / max(mean_length, 1))
     print(throughput.estimate_line("sft", f"training on {tokens:,.0f} tokens", work(tokens, ran), peak), flush=True)
     return work, peak
