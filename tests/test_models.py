@@ -466,3 +466,35 @@ def test_heap_trim_trims_first_then_only_after_the_margin(monkeypatch):
 def test_resident_bytes_reads_this_process():
     rss = loading.resident_bytes()
     assert rss is None or 10 * 2**20 < rss < 64 * 2**30
+
+
+def test_response_logprobs_through_the_fused_head_equal_the_model_logits(tiny_model_cfg_both):
+    """forwards.response_outputs computes the LM head and the log-softmax in one function; its log-probabilities,
+    entropies and the hidden states' gradient equal those of the model's own logits (lm_head(h / T))."""
+    from peft import get_peft_model
+
+    from pipeline.models import forwards
+    from pipeline.rl import ppo_math
+
+    model, tok, _ = loading.load_base(tiny_model_cfg_both)
+    pm = get_peft_model(model, loading.lora_config(LoraConfigSection(r=4, alpha=8, dropout=0.0)))
+    randomize_lora_b(pm, 0.3)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 5, model.config.hidden_size, generator=g).to(model.get_input_embeddings().weight.dtype)
+    tokens = torch.randint(0, model.config.vocab_size, (3, 5), generator=g)
+    h_fused, h_plain = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+    got = forwards.response_outputs(pm, h_fused, tokens, 0.7, with_entropy=True)
+    with loading.compute_context(pm):
+        logits = pm.get_output_embeddings()(h_plain / 0.7)
+    want, want_entropy = ppo_math.token_logprobs_and_entropy(logits, tokens, with_entropy=True)
+    bf16 = tiny_model_cfg_both.compute_dtype == "bfloat16"
+    torch.testing.assert_close(got.logprobs, want, atol=0.0, rtol=0.0)  # the same logits, the same arithmetic
+    torch.testing.assert_close(got.entropy, want_entropy, atol=1e-4, rtol=0.0)  # a dot product, not mul + sum
+    got.logprobs.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(h_fused.grad.float(), h_plain.grad.float(), atol=3e-2 if bf16 else 1e-5, rtol=0.0)
+    with torch.no_grad():  # and without a graph, bit for bit (the KL-0 invariant of PPO's step 1)
+        assert torch.equal(forwards.response_outputs(pm, h, tokens, 0.7).logprobs, got.logprobs.detach())
+    assert forwards._LOGITS_BUFFERS  # the logits went into a kept buffer (on CPU)
+    forwards.release_logits_buffers()
+    assert not forwards._LOGITS_BUFFERS

@@ -24,6 +24,7 @@ from pipeline.rl.ppo_math import (
     gae_advantages,
     group_stats,
     grpo_advantages,
+    head_token_logprobs_and_entropy,
     kl_per_token,
     last_token_index,
     logprobs_from_logits,
@@ -150,6 +151,75 @@ def test_token_logprobs_bf16_logits_get_bf16_gradients_computed_in_float32():
     exact = logits.detach().float().requires_grad_(True)
     F.log_softmax(exact / 0.9, -1).gather(-1, tokens.unsqueeze(-1)).sum().backward()
     torch.testing.assert_close(logits.grad.float(), exact.grad, atol=1e-2, rtol=0)  # bf16's 8 bits
+
+
+def test_head_token_logprobs_by_hand():
+    # W = [[0], [1]], h = ln 3: z = W h = [0, ln 3], so logprob(1) = ln 0.75 and H = 0.5623351 as above;
+    # d logprob(1) / dh = W[1] - (p0 W[0] + p1 W[1]) = 1 - (0.25 x 0 + 0.75 x 1) = 0.25
+    weight = t([[0.0], [1.0]])
+    hidden = t([[[math.log(3.0)]]]).requires_grad_(True)
+    logprobs, entropy = head_token_logprobs_and_entropy(hidden, weight, torch.tensor([[1]]), with_entropy=True)
+    close(logprobs, [[math.log(0.75)]])
+    close(entropy, [[0.5623351]])
+    assert not entropy.requires_grad
+    logprobs.sum().backward()
+    close(hidden.grad, [[[0.25]]])
+
+
+def test_head_token_logprobs_equal_the_linear_head_then_token_logprobs():
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(17, 6, generator=g, dtype=torch.float64)
+    hidden = torch.randn(3, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 17, (3, 4), generator=g)
+    upstream = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    got, entropy = head_token_logprobs_and_entropy(hidden, weight, tokens, with_entropy=True)
+    (grad,) = torch.autograd.grad((got * upstream).sum(), hidden)
+    ref_hidden = hidden.detach().clone().requires_grad_(True)
+    want, want_entropy = token_logprobs_and_entropy(F.linear(ref_hidden, weight), tokens, with_entropy=True)
+    (want_grad,) = torch.autograd.grad((want * upstream).sum(), ref_hidden)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(entropy, want_entropy, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad, want_grad, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda h: head_token_logprobs_and_entropy(h, weight, tokens)[0], (hidden,))
+    with torch.no_grad():  # the same logprobs without a graph (the KL-0 invariant of step 1)
+        assert torch.equal(head_token_logprobs_and_entropy(hidden, weight, tokens)[0], got.detach())
+
+
+def test_head_token_logprobs_backward_survives_later_calls_reusing_the_logits_buffer():
+    g = torch.Generator().manual_seed(6)
+    weight = torch.randn(11, 5, generator=g)
+    first = torch.randn(2, 3, 5, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 11, (2, 3), generator=g)
+    buffer = torch.empty(4 * 3 * 11)
+    logprobs, _ = head_token_logprobs_and_entropy(first, weight, tokens, buffer=buffer)
+    for rows in (1, 4):  # two more calls write over the buffer before the backward
+        head_token_logprobs_and_entropy(torch.randn(rows, 3, 5, generator=g), weight, tokens[:1].expand(rows, 3),
+                                        buffer=buffer)
+    logprobs.sum().backward()
+    exact = first.detach().clone().requires_grad_(True)
+    F.log_softmax(F.linear(exact, weight), -1).gather(-1, tokens.unsqueeze(-1)).sum().backward()
+    torch.testing.assert_close(first.grad, exact.grad, atol=1e-5, rtol=0)
+
+
+def test_head_token_logprobs_refuse_a_trained_head_and_keep_bf16_gradients():
+    weight = torch.randn(9, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="trained LM head"):
+        head_token_logprobs_and_entropy(torch.randn(1, 2, 4), weight, torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="2 x 9"):  # a buffer too small for the logits
+        head_token_logprobs_and_entropy(torch.randn(1, 2, 4), weight.detach(), torch.zeros(1, 2, dtype=torch.long),
+                                        buffer=torch.empty(17))
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(9, 4, generator=g)
+    hidden32 = torch.randn(2, 3, 4, generator=g)
+    tokens = torch.randint(0, 9, (2, 3), generator=g)
+    hidden = hidden32.to(torch.bfloat16).requires_grad_(True)
+    got, _ = head_token_logprobs_and_entropy(hidden, weight.to(torch.bfloat16), tokens)
+    assert got.dtype == torch.float32
+    got.sum().backward()
+    assert hidden.grad.dtype == torch.bfloat16
+    exact = hidden.detach().float().requires_grad_(True)
+    F.log_softmax(F.linear(exact, weight.to(torch.bfloat16).float()), -1).gather(-1, tokens.unsqueeze(-1)).sum().backward()
+    torch.testing.assert_close(hidden.grad.float(), exact.grad, atol=3e-2, rtol=0)  # bf16's 8 bits
 
 
 def test_logprobs_rejects_nonpositive_temperature():
