@@ -148,7 +148,9 @@ class _TokenLogSoftmax(torch.autograd.Function):
         return z if temperature == 1.0 else z / temperature
 
     @staticmethod
-    def forward(ctx, logits, tokens, temperature, with_entropy):
+    def _row_stats(logits, tokens, temperature, with_entropy, keep_probs=False):
+        """Per row of the batch: ``(lse, picked token's z, entropy or None)`` of ``z = logits / T``; with
+        ``keep_probs`` each row of ``logits`` is overwritten with its probabilities after use."""
         out_dtype = logits.dtype if logits.dtype in _FULL_PRECISION else torch.float32
         lse = torch.empty(logits.shape[:-1], dtype=out_dtype, device=logits.device)
         picked = torch.empty_like(lse)
@@ -159,10 +161,19 @@ class _TokenLogSoftmax(torch.autograd.Function):
             z = _TokenLogSoftmax._rows(logits, b, temperature)
             torch.logsumexp(z, dim=-1, out=lse[b])
             picked[b] = z.gather(-1, index[b]).squeeze(-1)
-            if with_entropy:
+            if with_entropy or keep_probs:
                 buf = torch.empty_like(z) if buf is None else buf
                 p = torch.sub(z, lse[b].unsqueeze(-1), out=buf).exp_()
-                entropy[b] = lse[b] - p.mul_(z).sum(dim=-1)
+                if with_entropy:
+                    entropy[b] = lse[b] - (torch.einsum("tv,tv->t", p, z) if keep_probs else p.mul_(z).sum(dim=-1))
+                if keep_probs:
+                    logits[b].copy_(p)  # the row's logits are not needed again
+        return lse, picked, entropy
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, with_entropy):
+        lse, picked, entropy = _TokenLogSoftmax._row_stats(logits, tokens, temperature, with_entropy)
+        index = tokens.unsqueeze(-1)
         ctx.save_for_backward(logits, index, lse)
         ctx.temperature = temperature
         if entropy is not None:
@@ -237,25 +248,10 @@ class _HeadTokenLogSoftmax(torch.autograd.Function):
         if logits is None:
             logits = torch.empty(b_ * t_, weight.shape[0], dtype=weight.dtype, device=weight.device)
         torch.mm(hidden.reshape(b_ * t_, h_), weight.t(), out=logits)
-        z3 = logits.view(b_, t_, -1)
         need_grad = ctx.needs_input_grad[0]
-        out_dtype = z3.dtype if z3.dtype in _FULL_PRECISION else torch.float32
-        lse = torch.empty((b_, t_), dtype=out_dtype, device=z3.device)
-        picked = torch.empty_like(lse)
-        entropy = torch.empty_like(lse) if with_entropy else None
-        index = tokens.unsqueeze(-1)
-        buf = None
-        for b in range(b_):
-            z = _TokenLogSoftmax._rows(z3, b, 1.0)
-            torch.logsumexp(z, dim=-1, out=lse[b])
-            picked[b] = z.gather(-1, index[b]).squeeze(-1)
-            if with_entropy or need_grad:
-                buf = torch.empty_like(z) if buf is None else buf
-                p = torch.sub(z, lse[b].unsqueeze(-1), out=buf).exp_()
-                if with_entropy:
-                    entropy[b] = lse[b] - torch.einsum("tv,tv->t", p, z)
-                if need_grad:
-                    z3[b].copy_(p)  # the buffer holds p from here: the logits are not needed again
+        # with a gradient the buffer holds p afterwards, what the Jacobian below needs
+        lse, picked, entropy = _TokenLogSoftmax._row_stats(logits.view(b_, t_, -1), tokens, 1.0, with_entropy,
+                                                           keep_probs=need_grad)
         if need_grad:
             jac = torch.index_select(weight, 0, tokens.reshape(-1)).sub_(torch.mm(logits, weight))
             ctx.save_for_backward(jac.view(b_, t_, h_))
