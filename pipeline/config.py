@@ -206,6 +206,9 @@ class PPOConfig:
     minibatches: int = 1
     ppo_epochs: int = 4
     learning_rate: float = 3e-6
+    # "linear": decays to 0 over ppo.steps (trl's PPO default); "constant": the same rate every step, so
+    # the last steps push as hard as the first (over-optimisation studies, configs/overopt.yaml).
+    lr_scheduler: str = "linear"
     max_grad_norm: float = 1.0
     kl_coef: float = 0.05
     # k1, k2 or k3 (Schulman 2020); "auto": k3 for grpo (as DeepSeekMath), k1 otherwise.
@@ -507,6 +510,7 @@ RULES: dict[str, Rule] = {
     "ppo.minibatches": _POSITIVE_INT,
     "ppo.ppo_epochs": _POSITIVE_INT,
     "ppo.learning_rate": _RATE,
+    "ppo.lr_scheduler": _one_of("linear", "constant"),
     "ppo.max_grad_norm": _at_least(0, " (0 = no clipping)"),
     "ppo.kl_coef": _at_least(0),
     "ppo.algorithm": _one_of("ppo", "rloo", "grpo"),

@@ -28,6 +28,7 @@ from pipeline.rl.ppo_math import (
     kl_per_token,
     last_token_index,
     logprobs_from_logits,
+    lr_factor,
     token_logprobs_and_entropy,
     make_kl_controller,
     masked_mean,
@@ -664,6 +665,17 @@ def test_value_loss_no_change_is_half_mse():
     loss, stats = value_loss(v, v.clone(), t([[0.0, 0.0, 0.0]]), t([[1, 1, 0]]))
     close(loss, 1.25)
     close(stats["vf_clipfrac"], 0.0)
+
+
+# --------------------------------------------------------------------------- learning-rate schedule
+
+
+def test_lr_factor_linear_decays_to_zero_and_constant_stays():
+    # linear over 40 steps: 1 - 0/40 = 1; 1 - 30/40 = 0.25; 1 - 40/40 = 0; past the end clipped at 0
+    assert [lr_factor("linear", s, 40) for s in (0, 30, 40, 50)] == [1.0, 0.25, 0.0, 0.0]
+    assert [lr_factor("constant", s, 40) for s in (0, 30, 40)] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="linear or constant"):
+        lr_factor("cosine", 0, 40)
 
 
 # --------------------------------------------------------------------------- KL controllers

@@ -812,6 +812,17 @@ class FixedKLController:
         self.value = float(state["value"])
 
 
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning rate's multiplier before update ``step`` (0-based) of ``steps``: ``linear`` decays
+    from 1 to 0 over the run (trl's PPO trainer; Ouyang et al. 2022 decay too), ``constant`` stays 1.
+    E.g. linear, step 30 of 40: 1 - 30 / 40 = 0.25."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, 1.0 - step / max(1, steps))
+    raise ValueError(f"ppo.lr_scheduler must be linear or constant, got {schedule!r}")
+
+
 def make_kl_controller(
     kind: str, init: float, target: Optional[float] = None, horizon: Optional[int] = None
 ) -> Union[AdaptiveKLController, FixedKLController]:

@@ -320,7 +320,8 @@ def run_ppo(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False, r
     # 4. optimizer, schedule, KL controller, sampling weights, the lean kernels; resume
     trainable = [p for p in pv.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=pc.learning_rate, eps=1e-5)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(1, pc.steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lambda s: ppo_math.lr_factor(pc.lr_scheduler, s, pc.steps))
     kl_ctl = ppo_math.make_kl_controller(pc.kl_controller, pc.kl_coef, pc.kl_target, pc.kl_horizon)
     merged = stacking.sample_from_merged(peft_model, pc.rollout_weights, pc.rollout_merge_max_gb,
                                          loading.compute_dtype(cfg.model, dev))
