@@ -488,13 +488,11 @@ def test_response_logprobs_through_the_fused_head_equal_the_model_logits(tiny_mo
         logits = pm.get_output_embeddings()(h_plain / 0.7)
     want, want_entropy = ppo_math.token_logprobs_and_entropy(logits, tokens, with_entropy=True)
     bf16 = tiny_model_cfg_both.compute_dtype == "bfloat16"
-    torch.testing.assert_close(got.logprobs, want, atol=0.0, rtol=0.0)  # the same logits, the same arithmetic
-    torch.testing.assert_close(got.entropy, want_entropy, atol=1e-4, rtol=0.0)  # a dot product, not mul + sum
+    # the same logits; the logsumexp summed block by block (online), so equal to float round-off
+    torch.testing.assert_close(got.logprobs, want, atol=1e-5, rtol=0.0)
+    torch.testing.assert_close(got.entropy, want_entropy, atol=1e-4, rtol=0.0)
     got.logprobs.sum().backward()
     want.sum().backward()
     torch.testing.assert_close(h_fused.grad.float(), h_plain.grad.float(), atol=3e-2 if bf16 else 1e-5, rtol=0.0)
     with torch.no_grad():  # and without a graph, bit for bit (the KL-0 invariant of PPO's step 1)
         assert torch.equal(forwards.response_outputs(pm, h, tokens, 0.7).logprobs, got.logprobs.detach())
-    assert forwards._LOGITS_BUFFERS  # the logits went into a kept buffer (on CPU)
-    forwards.release_logits_buffers()
-    assert not forwards._LOGITS_BUFFERS

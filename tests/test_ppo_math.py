@@ -186,29 +186,51 @@ def test_head_token_logprobs_equal_the_linear_head_then_token_logprobs():
         assert torch.equal(head_token_logprobs_and_entropy(hidden, weight, tokens)[0], got.detach())
 
 
-def test_head_token_logprobs_backward_survives_later_calls_reusing_the_logits_buffer():
-    g = torch.Generator().manual_seed(6)
-    weight = torch.randn(11, 5, generator=g)
-    first = torch.randn(2, 3, 5, generator=g, requires_grad=True)
-    tokens = torch.randint(0, 11, (2, 3), generator=g)
-    buffer = torch.empty(4 * 3 * 11)
-    logprobs, _ = head_token_logprobs_and_entropy(first, weight, tokens, buffer=buffer)
-    for rows in (1, 4):  # two more calls write over the buffer before the backward
-        head_token_logprobs_and_entropy(torch.randn(rows, 3, 5, generator=g), weight, tokens[:1].expand(rows, 3),
-                                        buffer=buffer)
+def test_head_token_logprobs_in_vocabulary_blocks_by_hand():
+    # One column per block: block 0 (z = 0) gives m = 0, s = 1, s1 = 0; block 1 (z = ln 3 > m) rescales by
+    # exp(0 - ln 3) = 1/3: s = 1/3 + 1 = 4/3, s1 = 0 + 1 x ln 3, m = ln 3; lse = ln 3 + ln(4/3) = ln 4,
+    # logprob(1) = ln 3 - ln 4 = ln 0.75, H = ln 4 - (ln 3) / (4/3) = 0.5623351, as in one block
+    weight = t([[0.0], [1.0]])
+    hidden = t([[[math.log(3.0)]]]).requires_grad_(True)
+    logprobs, entropy = head_token_logprobs_and_entropy(hidden, weight, torch.tensor([[1]]), with_entropy=True,
+                                                         vocab_block=1)
+    close(logprobs, [[math.log(0.75)]])
+    close(entropy, [[0.5623351]])
     logprobs.sum().backward()
-    exact = first.detach().clone().requires_grad_(True)
-    F.log_softmax(F.linear(exact, weight), -1).gather(-1, tokens.unsqueeze(-1)).sum().backward()
-    torch.testing.assert_close(first.grad, exact.grad, atol=1e-5, rtol=0)
+    close(hidden.grad, [[[0.25]]])
+
+
+@pytest.mark.parametrize("vocab_block,row_block", [(1, 1), (4, 5), (5, 3), (17, 12), (64, 64)])
+def test_head_token_logprobs_do_not_depend_on_the_blocks(vocab_block, row_block):
+    # Blocks that divide neither V = 17 nor the 12 rows, one that holds everything, and one column at a time
+    g = torch.Generator().manual_seed(6)
+    weight = torch.randn(17, 6, generator=g, dtype=torch.float64) * 3  # wide logits: the max moves between blocks
+    hidden = torch.randn(3, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 17, (3, 4), generator=g)
+    got, entropy = head_token_logprobs_and_entropy(hidden, weight, tokens, True, vocab_block, row_block)
+    (grad,) = torch.autograd.grad(got.sum(), hidden)
+    ref = hidden.detach().clone().requires_grad_(True)
+    want, want_entropy = token_logprobs_and_entropy(F.linear(ref, weight), tokens, with_entropy=True)
+    (want_grad,) = torch.autograd.grad(want.sum(), ref)
+    for a, b in ((got, want), (entropy, want_entropy), (grad, want_grad)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match=">= 1"):
+        head_token_logprobs_and_entropy(hidden, weight, tokens, vocab_block=0)
+
+
+def test_head_token_logprobs_of_empty_responses():
+    weight = torch.randn(9, 4)
+    hidden = torch.randn(2, 0, 4, requires_grad=True)
+    got, entropy = head_token_logprobs_and_entropy(hidden, weight, torch.zeros(2, 0, dtype=torch.long), True)
+    assert got.shape == entropy.shape == (2, 0)
+    got.sum().backward()
+    assert torch.equal(hidden.grad, torch.zeros(2, 0, 4))
 
 
 def test_head_token_logprobs_refuse_a_trained_head_and_keep_bf16_gradients():
     weight = torch.randn(9, 4, requires_grad=True)
     with pytest.raises(ValueError, match="trained LM head"):
         head_token_logprobs_and_entropy(torch.randn(1, 2, 4), weight, torch.zeros(1, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match="2 x 9"):  # a buffer too small for the logits
-        head_token_logprobs_and_entropy(torch.randn(1, 2, 4), weight.detach(), torch.zeros(1, 2, dtype=torch.long),
-                                        buffer=torch.empty(17))
     g = torch.Generator().manual_seed(7)
     weight = torch.randn(9, 4, generator=g)
     hidden32 = torch.randn(2, 3, 4, generator=g)

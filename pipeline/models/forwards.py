@@ -89,38 +89,16 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
                             with_hidden)
 
 
-# The CPU buffer response_outputs writes the LM head's logits into, per dtype: grown, never shrunk (50 MB
-# in PPO's 8-row passes on the embedded model, 200 MB in eval's 32-row ones). On CUDA the caching
-# allocator already reuses its blocks.
-_LOGITS_BUFFERS: dict[torch.dtype, torch.Tensor] = {}
-
-
-def _logits_buffer(numel: int, weight: torch.Tensor) -> Optional[torch.Tensor]:
-    if weight.device.type != "cpu":
-        return None
-    buf = _LOGITS_BUFFERS.get(weight.dtype)
-    if buf is None or buf.numel() < numel:
-        _LOGITS_BUFFERS.pop(weight.dtype, None)
-        buf = _LOGITS_BUFFERS[weight.dtype] = torch.empty(numel, dtype=weight.dtype)
-    return buf
-
-
-def release_logits_buffers() -> None:
-    """Drop the logits buffers (:func:`response_outputs` makes them again when next needed)."""
-    _LOGITS_BUFFERS.clear()
-
-
 def response_outputs(model, h: torch.Tensor, response_ids: torch.Tensor, temperature: float,
                      with_entropy: bool = False, with_hidden: bool = False) -> ForwardOut:
     """Logprobs (B, T) of ``response_ids`` (B, T) from ``h`` (B, T, H), the final hidden states that
     predict them, through the LM head with logits / temperature (and entropies, ``h`` when asked)."""
     _, lm_head = _backbone_and_head(model)
     if type(lm_head) is torch.nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad:
-        # the head and the log-softmax in one function: no (B, T, vocab) logits kept or allocated per call
+        # the head and the log-softmax in one function, in blocks of the vocabulary: no (B, T, vocab) logits
         w = lm_head.weight
         logprobs, entropy = ppo_math.head_token_logprobs_and_entropy(
-            (h / temperature).to(w.dtype), w, response_ids, with_entropy=with_entropy,
-            buffer=_logits_buffer(h.shape[0] * h.shape[1] * w.shape[0], w))
+            (h / temperature).to(w.dtype), w, response_ids, with_entropy=with_entropy)
         return ForwardOut(logprobs=logprobs, entropy=entropy, hidden=h if with_hidden else None)
     with loading.compute_context(model):
         if lm_head.bias is None:

@@ -148,9 +148,8 @@ class _TokenLogSoftmax(torch.autograd.Function):
         return z if temperature == 1.0 else z / temperature
 
     @staticmethod
-    def _row_stats(logits, tokens, temperature, with_entropy, keep_probs=False):
-        """Per row of the batch: ``(lse, picked token's z, entropy or None)`` of ``z = logits / T``; with
-        ``keep_probs`` each row of ``logits`` is overwritten with its probabilities after use."""
+    def _row_stats(logits, tokens, temperature, with_entropy):
+        """Per row of the batch: ``(lse, picked token's z, entropy or None)`` of ``z = logits / T``."""
         out_dtype = logits.dtype if logits.dtype in _FULL_PRECISION else torch.float32
         lse = torch.empty(logits.shape[:-1], dtype=out_dtype, device=logits.device)
         picked = torch.empty_like(lse)
@@ -161,13 +160,10 @@ class _TokenLogSoftmax(torch.autograd.Function):
             z = _TokenLogSoftmax._rows(logits, b, temperature)
             torch.logsumexp(z, dim=-1, out=lse[b])
             picked[b] = z.gather(-1, index[b]).squeeze(-1)
-            if with_entropy or keep_probs:
+            if with_entropy:
                 buf = torch.empty_like(z) if buf is None else buf
                 p = torch.sub(z, lse[b].unsqueeze(-1), out=buf).exp_()
-                if with_entropy:
-                    entropy[b] = lse[b] - (torch.einsum("tv,tv->t", p, z) if keep_probs else p.mul_(z).sum(dim=-1))
-                if keep_probs:
-                    logits[b].copy_(p)  # the row's logits are not needed again
+                entropy[b] = lse[b] - p.mul_(z).sum(dim=-1)
         return lse, picked, entropy
 
     @staticmethod
@@ -195,66 +191,121 @@ class _TokenLogSoftmax(torch.autograd.Function):
         return grad, None, None, None
 
 
+# Vocabulary columns per matmul of :func:`head_token_logprobs_and_entropy`, and rows per pass over them
+# (each pass reads the whole head weight once): a block of at most 1024 x 2048 float32 logits (8 MB) is
+# read back from cache by the reductions that follow its matmul. Swept on the embedded head (AMD EPYC,
+# AVX2 caps, `benchmarks/lm_head.py`): 256 x 4096 and 512 x 4096 were slower at eval's 1,024 rows, 2048 and
+# 4096 columns the same at PPO's 256 (README "Speed on CPUs without AMX", the LM head in vocabulary blocks).
+HEAD_VOCAB_BLOCK = 2048
+HEAD_ROW_BLOCK = 1024
+
+
 def head_token_logprobs_and_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = False,
-    buffer: Optional[torch.Tensor] = None,
+    vocab_block: int = HEAD_VOCAB_BLOCK, row_block: int = HEAD_ROW_BLOCK,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """:func:`token_logprobs_and_entropy` of the logits ``z = hidden @ weight.T`` (a bias-free LM head),
-    computed in one function so that the ``(B, T, V)`` logits live only inside it.
+    without ever forming the ``(B, T, V)`` logits.
 
     Args:
         hidden: ``(B, T, H)`` final hidden states, already divided by the temperature
             (``W (h / T) = (W h) / T``), in ``weight``'s dtype.
         weight: ``(V, H)`` the LM head's weight; frozen (no gradient is returned for it).
         tokens: ``(B, T)`` long token ids.
-        buffer: where the ``(B*T, V)`` logits are written, a 1-D tensor of ``weight``'s dtype and device
-            with at least ``B*T*V`` elements, reused across calls (its content is scratch); None: a fresh one.
+        vocab_block, row_block: the block of logits made at a time, ``row_block x vocab_block``.
 
-    Returns ``(logprobs (B, T), entropy (B, T) or None)`` as :func:`token_logprobs_and_entropy`; the
-    log-probabilities carry a gradient to ``hidden``.
+    Returns ``(logprobs (B, T), entropy (B, T) or None)`` as :func:`token_logprobs_and_entropy` (float32 for
+    half-precision weights); the log-probabilities carry a gradient to ``hidden``.
 
-    Each log-probability depends on its own position's hidden state only, and its gradient there is one
-    H-vector: ``d logprob_t / d h_t = W[token_t] - sum_v p_tv W_v`` (the softmax's Jacobian through the
-    linear map). Forward computes it while ``p`` is at hand, one ``(B*T, V) x (V, H)`` product, the one
-    autograd's LM-head backward would make; backward is then ``grad_t * J_t``. So no ``(B, T, V)`` tensor
-    is kept for backward or made in it (autograd kept the logits and made their gradient: 50 MB each at
-    8 x 32 x 49,152), and the logits can go into a reused ``buffer``: on CPU glibc memory-maps a fresh
-    tensor that large and page-faults it in on every call. On 8 x 32 tokens of the embedded model's head
-    (float32, AMD EPYC under the AVX2 caps, 20 interleaved pairs) forward + backward took 0.859 ± 0.014
-    of the time of the linear head and :func:`token_logprobs_and_entropy`, 262 against 304 ms; a forward
-    without a graph 0.911 ± 0.015. The log-probabilities are those of :func:`token_logprobs_and_entropy`
-    on ``hidden @ weight.T``, with or without a gradient (the KL-0 invariant of step 1).
+    The logits are made ``vocab_block`` columns at a time and folded into running per-row statistics as
+    the online softmax does (Milakov & Gimelshein 2018; as Liger Kernel's fused linear cross-entropy,
+    Hsu et al. 2024, and Cut Cross-Entropy, Wijmans et al. 2024, do for the LM head): the running max
+    ``m``, ``s = sum exp(z - m)``, for the entropy ``s1 = sum exp(z - m) z``, each rescaled by
+    ``exp(m_old - m_new)`` when the max grows; then ``lse = m + ln s``, ``logprob = z[token] - lse`` and
+    ``H = lse - s1 / s``. Each log-probability depends on its own position's hidden state only, and its
+    gradient there is one H-vector, ``d logprob_t / d h_t = W[token_t] - sum_v p_tv W_v`` (the softmax's
+    Jacobian through the linear map); its sum is accumulated the same way, ``acc = sum exp(z - m) W_v``
+    block by block, so backward is ``grad_t * J_t``. Nothing of size ``(B, T, V)`` is made in forward,
+    kept for backward or made in it, and each block is read back from cache rather than memory.
+
+    With and without a graph the log-probabilities come from the same operations (bit for bit: the KL-0
+    invariant of PPO's step 1). They equal :func:`token_logprobs_and_entropy` of ``hidden @ weight.T`` to float round-off (the
+    logsumexp is summed in another order).
 
     E.g. V = 2, H = 1, W = [[0], [1]], h = ln 3: z = [0, ln 3], p = (0.25, 0.75), logprob(1) = ln 0.75
     and its gradient W[1] - (0.25 * 0 + 0.75 * 1) = 0.25 (check: d/dh (h - ln(1 + e^h)) = 1 - 0.75).
+    With ``vocab_block`` 1: after block 0, m = 0, s = 1; block 1 has z = ln 3 > m, so s = 1 * exp(0 - ln 3)
+    + 1 = 4/3 and m = ln 3; lse = ln 3 + ln(4/3) = ln 4, as in one block.
     """
     if weight.requires_grad:
         raise ValueError("head_token_logprobs_and_entropy returns no gradient for a trained LM head; "
                          "use token_logprobs_and_entropy on its logits")
-    n, v = hidden.shape[0] * hidden.shape[1], weight.shape[0]
-    if buffer is not None and (buffer.numel() < n * v or buffer.dtype != weight.dtype or buffer.device != weight.device):
-        raise ValueError(f"the logits buffer holds {buffer.numel()} {buffer.dtype} elements on {buffer.device}; "
-                         f"{n} x {v} {weight.dtype} on {weight.device} are needed")
-    logits = buffer[:n * v].view(n, v) if buffer is not None else None
-    return _HeadTokenLogSoftmax.apply(hidden, weight, tokens.long(), bool(with_entropy), logits)
+    if vocab_block < 1 or row_block < 1:
+        raise ValueError(f"vocab_block and row_block must be >= 1, got {vocab_block} and {row_block}")
+    return _HeadTokenLogSoftmax.apply(hidden, weight, tokens.long(), bool(with_entropy), int(vocab_block),
+                                      int(row_block))
+
+
+def _head_row_stats(h: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, with_entropy: bool,
+                    with_jacobian: bool, vocab_block: int):
+    """For rows ``h`` (n, H) and their ``tokens`` (n,): ``(lse, z[token], entropy or None, Jacobian (n, H)
+    or None)`` of ``z = h @ weight.T``, by one pass over blocks of the vocabulary (see
+    :func:`head_token_logprobs_and_entropy`)."""
+    n, v = h.shape[0], weight.shape[0]
+    stat = dict(dtype=weight.dtype if weight.dtype in _FULL_PRECISION else torch.float32, device=h.device)
+    m = torch.full((n,), -math.inf, **stat)
+    s = torch.zeros(n, **stat)
+    s1 = torch.zeros(n, **stat) if with_entropy else None
+    acc = torch.zeros(n, h.shape[1], **stat) if with_jacobian else None
+    picked = torch.zeros(n, **stat)
+    z_buf = torch.empty(n, min(vocab_block, v), dtype=weight.dtype, device=h.device)
+    e_buf = torch.empty(n, min(vocab_block, v), **stat)
+    for c in range(0, v, vocab_block):
+        w_c = weight[c:c + vocab_block]
+        width = w_c.shape[0]
+        z = torch.mm(h, w_c.t(), out=z_buf[:, :width])
+        z = z if z.dtype == stat["dtype"] else z.to(stat["dtype"])
+        here = (tokens >= c) & (tokens < c + width)
+        picked = torch.where(here, z.gather(1, (tokens - c).clamp(0, width - 1).unsqueeze(1)).squeeze(1), picked)
+        m_new = torch.maximum(m, z.amax(dim=1))
+        rescale = torch.exp(m - m_new)  # 0 on the first block (m = -inf)
+        e = torch.sub(z, m_new.unsqueeze(1), out=e_buf[:, :width]).exp_()
+        s.mul_(rescale).add_(e.sum(dim=1))
+        if with_entropy:
+            s1.mul_(rescale).add_(torch.einsum("tv,tv->t", e, z))
+        if with_jacobian:
+            acc.mul_(rescale.unsqueeze(1))
+            if e.dtype == weight.dtype:
+                acc.addmm_(e, w_c)
+            else:
+                acc.add_(torch.mm(e.to(weight.dtype), w_c))
+        m = m_new
+    lse = m + s.log()
+    entropy = lse - s1 / s if with_entropy else None
+    jacobian = None
+    if with_jacobian:
+        jacobian = weight.index_select(0, tokens).to(stat["dtype"]).sub_(acc.div_(s.unsqueeze(1)))
+    return lse, picked, entropy, jacobian
 
 
 class _HeadTokenLogSoftmax(torch.autograd.Function):
     """The autograd function behind :func:`head_token_logprobs_and_entropy`."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, tokens, with_entropy, logits):
+    def forward(ctx, hidden, weight, tokens, with_entropy, vocab_block, row_block):
         b_, t_, h_ = hidden.shape
-        if logits is None:
-            logits = torch.empty(b_ * t_, weight.shape[0], dtype=weight.dtype, device=weight.device)
-        torch.mm(hidden.reshape(b_ * t_, h_), weight.t(), out=logits)
+        flat, flat_tokens = hidden.reshape(b_ * t_, h_), tokens.reshape(-1)
         need_grad = ctx.needs_input_grad[0]
-        # with a gradient the buffer holds p afterwards, what the Jacobian below needs
-        lse, picked, entropy = _TokenLogSoftmax._row_stats(logits.view(b_, t_, -1), tokens, 1.0, with_entropy,
-                                                           keep_probs=need_grad)
+        if b_ * t_ == 0:
+            empty = hidden.new_zeros((b_, t_), dtype=torch.float32 if hidden.dtype not in _FULL_PRECISION else None)
+            ctx.save_for_backward(hidden.new_zeros(b_, t_, h_))
+            return empty, (empty.clone() if with_entropy else None)
+        parts = [_head_row_stats(flat[r:r + row_block], weight, flat_tokens[r:r + row_block], with_entropy,
+                                 need_grad, vocab_block) for r in range(0, b_ * t_, row_block)]
+        lse, picked = (torch.cat([p[i] for p in parts]).view(b_, t_) for i in (0, 1))
+        entropy = torch.cat([p[2] for p in parts]).view(b_, t_) if with_entropy else None
         if need_grad:
-            jac = torch.index_select(weight, 0, tokens.reshape(-1)).sub_(torch.mm(logits, weight))
-            ctx.save_for_backward(jac.view(b_, t_, h_))
+            ctx.save_for_backward(torch.cat([p[3] for p in parts]).view(b_, t_, h_).to(hidden.dtype))
         if entropy is not None:
             ctx.mark_non_differentiable(entropy)
         return picked - lse, entropy
@@ -262,7 +313,7 @@ class _HeadTokenLogSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, _grad_entropy):
         (jac,) = ctx.saved_tensors
-        return grad_logprobs.to(jac.dtype).unsqueeze(-1) * jac, None, None, None, None
+        return grad_logprobs.to(jac.dtype).unsqueeze(-1) * jac, None, None, None, None, None
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

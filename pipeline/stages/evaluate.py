@@ -350,7 +350,6 @@ def _sample(stack: Stack, plan: SamplingPlan, adapters: Optional[list[str]], k: 
             out.texts.extend(rollout.decode_responses(tok, response, mask))
             out.response_ids.extend(row[msk.bool()].tolist() for row, msk in zip(response, mask))
             out.ended.extend(bool(e) for e in ended)
-    forwards.release_logits_buffers()  # 200 MB at 32 rows: not held through the scoring and forgetting phases
     out.seconds["kl"] = time.time() - t0 if with_kl else 0.0
     return out
 
