@@ -207,7 +207,7 @@ class PPOConfig:
     ppo_epochs: int = 4
     learning_rate: float = 3e-6
     # "linear": decays to 0 over ppo.steps (trl's PPO default); "constant": the same rate every step, so
-    # the last steps push as hard as the first (over-optimisation studies, configs/overopt.yaml).
+    # the last steps push as hard as the first (over-optimisation studies; README runs H and I).
     lr_scheduler: str = "linear"
     max_grad_norm: float = 1.0
     kl_coef: float = 0.05
