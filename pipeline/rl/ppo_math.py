@@ -148,8 +148,7 @@ class _TokenLogSoftmax(torch.autograd.Function):
         return z if temperature == 1.0 else z / temperature
 
     @staticmethod
-    def _row_stats(logits, tokens, temperature, with_entropy):
-        """Per row of the batch: ``(lse, picked token's z, entropy or None)`` of ``z = logits / T``."""
+    def forward(ctx, logits, tokens, temperature, with_entropy):
         out_dtype = logits.dtype if logits.dtype in _FULL_PRECISION else torch.float32
         lse = torch.empty(logits.shape[:-1], dtype=out_dtype, device=logits.device)
         picked = torch.empty_like(lse)
@@ -164,12 +163,6 @@ class _TokenLogSoftmax(torch.autograd.Function):
                 buf = torch.empty_like(z) if buf is None else buf
                 p = torch.sub(z, lse[b].unsqueeze(-1), out=buf).exp_()
                 entropy[b] = lse[b] - p.mul_(z).sum(dim=-1)
-        return lse, picked, entropy
-
-    @staticmethod
-    def forward(ctx, logits, tokens, temperature, with_entropy):
-        lse, picked, entropy = _TokenLogSoftmax._row_stats(logits, tokens, temperature, with_entropy)
-        index = tokens.unsqueeze(-1)
         ctx.save_for_backward(logits, index, lse)
         ctx.temperature = temperature
         if entropy is not None:
@@ -296,12 +289,9 @@ class _HeadTokenLogSoftmax(torch.autograd.Function):
         b_, t_, h_ = hidden.shape
         flat, flat_tokens = hidden.reshape(b_ * t_, h_), tokens.reshape(-1)
         need_grad = ctx.needs_input_grad[0]
-        if b_ * t_ == 0:
-            empty = hidden.new_zeros((b_, t_), dtype=torch.float32 if hidden.dtype not in _FULL_PRECISION else None)
-            ctx.save_for_backward(hidden.new_zeros(b_, t_, h_))
-            return empty, (empty.clone() if with_entropy else None)
+        # at least one (possibly empty) row block, so that empty responses give empty results
         parts = [_head_row_stats(flat[r:r + row_block], weight, flat_tokens[r:r + row_block], with_entropy,
-                                 need_grad, vocab_block) for r in range(0, b_ * t_, row_block)]
+                                 need_grad, vocab_block) for r in range(0, max(b_ * t_, 1), row_block)]
         lse, picked = (torch.cat([p[i] for p in parts]).view(b_, t_) for i in (0, 1))
         entropy = torch.cat([p[2] for p in parts]).view(b_, t_) if with_entropy else None
         if need_grad:
