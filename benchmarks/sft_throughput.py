@@ -6,6 +6,8 @@ seconds (the trainer's own counters). Each variant runs in its own process. Ours
 ``sft.grad_accum=1`` (the default config accumulates 2 micro-batches of 4), so both see the same 8-row
 batches: the same tokens in the same steps. ``ours-full-head`` is ours
 with trl's LM head over every position, as trl runs it on CPU (trainer_utils.COMPACT_LM_HEAD off);
+``ours-trl-head`` scores the labelled positions with trl's chunked function instead of the blocked head
+(trainer_utils.BLOCKED_LM_HEAD off);
 ``ours-unshared`` runs the start every row of a batch shares (the system prompt) once a row, as trl does
 (forwards.SHARE_PREFIXES off).
 ``trl-plain`` keeps trl's defaults: on a quantized base SFTTrainer casts the LoRA weights to bf16 and
@@ -30,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("trl-plain", "trl-fp32", "ours", "ours-full-head", "ours-unshared", "ours-padding-free")
+VARIANTS = ("trl-plain", "trl-fp32", "ours", "ours-full-head", "ours-trl-head", "ours-unshared", "ours-padding-free")
 
 
 def plain_trl(steps: int, fp32: bool = False) -> dict:
@@ -68,12 +70,14 @@ def plain_trl(steps: int, fp32: bool = False) -> dict:
     return {"tokens": tokens, "seconds": seconds}
 
 
-def ours(steps: int, padding_free: bool, compact_head: bool = True, share_starts: bool = True) -> dict:
+def ours(steps: int, padding_free: bool, compact_head: bool = True, share_starts: bool = True,
+         blocked_head: bool = True) -> dict:
     from pipeline.config import load_config
     from pipeline.models import forwards, trainer_utils
     from pipeline.stages.sft import run_sft
 
     trainer_utils.COMPACT_LM_HEAD = compact_head
+    trainer_utils.BLOCKED_LM_HEAD = blocked_head
     forwards.SHARE_PREFIXES = share_starts
 
     overrides = [f"sft.max_steps={steps}", "sft.batch_size=8", "sft.grad_accum=1", "sft.max_length=256", "sft.gold_eval_prompts=0",
@@ -95,7 +99,8 @@ def main() -> None:
         if a.child.startswith("trl-"):
             r = plain_trl(a.steps, fp32=a.child == "trl-fp32")
         else:
-            r = ours(a.steps, a.child == "ours-padding-free", a.child != "ours-full-head", a.child != "ours-unshared")
+            r = ours(a.steps, a.child == "ours-padding-free", a.child != "ours-full-head", a.child != "ours-unshared",
+                     a.child != "ours-trl-head")
         print(json.dumps(r))
         return
     results = {}

@@ -25,6 +25,7 @@ from pipeline.rl.ppo_math import (
     group_stats,
     grpo_advantages,
     head_token_logprobs_and_entropy,
+    head_token_stats,
     kl_per_token,
     last_token_index,
     logprobs_from_logits,
@@ -165,6 +166,20 @@ def test_head_token_logprobs_by_hand():
     assert not entropy.requires_grad
     logprobs.sum().backward()
     close(hidden.grad, [[[0.25]]])
+
+
+def test_head_token_top1_by_hand():
+    # W = [[0], [1], [1]], h = ln 3: z = [0, ln 3, ln 3]; tokens 1 and 2 tie for the largest logit and both
+    # count as top-1 (z[token] >= max z), token 0 does not; in one or one-column blocks alike. The
+    # log-probabilities: ln(3 / 7) for 1 and 2, ln(1 / 7) for 0, each with a gradient as without with_top1.
+    weight = t([[0.0], [1.0], [1.0]])
+    hidden = t([[[math.log(3.0)]] * 3])
+    tokens = torch.tensor([[0, 1, 2]])
+    for block in (3, 1):
+        logprobs, entropy, top1 = head_token_stats(hidden, weight, tokens, with_top1=True, vocab_block=block)
+        assert entropy is None and top1.tolist() == [[False, True, True]]
+        close(logprobs, [[math.log(1 / 7), math.log(3 / 7), math.log(3 / 7)]])
+    assert head_token_stats(hidden, weight, tokens)[2] is None
 
 
 def test_head_token_logprobs_equal_the_linear_head_then_token_logprobs():

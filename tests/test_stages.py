@@ -220,17 +220,20 @@ def test_pipeline_end_to_end_through_the_cli(reward_run):
         assert manifest["peak_flops_per_s"] > 0 and 0 < manifest["train_mfu"] < 1, stage
 
 
-def test_compact_lm_head_gives_the_full_heads_loss_and_gradients_on_fewer_rows(tiny_model_cfg):
+def test_compact_lm_head_gives_the_full_heads_loss_and_gradients_on_fewer_rows(tiny_model_cfg, monkeypatch):
     """SFT's loss through trl's fused LM head, with (pipeline.models.trainer_utils.compact_lm_head) and
-    without the head restricted to labelled positions on CPU: the same loss and LoRA gradients to float
-    round-off, from 2 x 11 = 22 projected rows down to the 2 x 5 = 10 that carry a label."""
+    without the head restricted to labelled positions on CPU: the same loss, LoRA gradients and logged
+    entropy and accuracy to float round-off, from 2 x 11 = 22 projected rows down to the 2 x 5 = 10 that
+    carry a label; and the same again with those rows' head in vocabulary blocks (BLOCKED_LM_HEAD)."""
     import trl.trainer.utils as trl_utils
     from helpers import randomize_lora_b
     from peft import get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
     from pipeline.config import LoraConfigSection
+    from pipeline.models import trainer_utils
     from pipeline.models.trainer_utils import compact_lm_head
+    from pipeline.rl import ppo_math
 
     model, _, _ = loading.load_base(tiny_model_cfg)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
@@ -240,31 +243,48 @@ def test_compact_lm_head_gives_the_full_heads_loss_and_gradients_on_fewer_rows(t
     ids = torch.randint(5, 200, (2, 12), generator=gen)
     labels = ids.clone()
     labels[:, :7] = -100  # the prompt: positions 1..6 predict no label; 7..11 (5 per row) do
-    rows, original = [], trl_utils._ChunkedLogProbFunction.apply
+    with torch.no_grad():  # two labels per row the model's top-1, so that the accuracy is not all False
+        labels[:, 8:10] = pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, 7:9].argmax(-1)
+    rows, blocked_rows = [], []
+    original, original_stats = trl_utils._ChunkedLogProbFunction.apply, ppo_math.head_token_stats
 
     def counting(hidden, *args):
         rows.append(hidden.shape[0])
         return original(hidden, *args)
 
-    def loss_and_grads():
+    def counting_stats(hidden, *args):
+        blocked_rows.append(hidden.shape[1])
+        return original_stats(hidden, *args)
+
+    def run():
         pm.zero_grad(set_to_none=True)
         out = pm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True)
         out.loss.backward()
-        return out.loss.detach(), {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+        grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+        return out.loss.detach(), grads, out.entropy.detach(), out.is_top1
 
+    monkeypatch.setattr(ppo_math, "head_token_stats", counting_stats)
     trl_utils._ChunkedLogProbFunction.apply = counting
     try:
-        full_loss, full_grads = loss_and_grads()
+        full = run()
+        monkeypatch.setattr(trainer_utils, "BLOCKED_LM_HEAD", False)
         with compact_lm_head():
-            loss, grads = loss_and_grads()
+            compact = run()
+        monkeypatch.setattr(trainer_utils, "BLOCKED_LM_HEAD", True)
+        with compact_lm_head():
+            blocked = run()
     finally:
         trl_utils._ChunkedLogProbFunction.apply = original
-    assert rows == [22, 10]
-    assert trl_utils._use_triton(torch.device("cpu")) is False  # the patch is undone
-    assert torch.allclose(loss, full_loss, atol=1e-6) and full_loss > 0
-    assert grads.keys() == full_grads.keys() and len(grads) > 0
-    for name in grads:
-        assert torch.allclose(grads[name], full_grads[name], atol=1e-6, rtol=1e-5), name
+    assert rows == [22, 10] and blocked_rows == [10]
+    assert trl_utils._use_triton(torch.device("cpu")) is False  # the patches are undone
+    assert trl_utils._ChunkedLogProbFunction.apply is original
+    assert full[0] > 0 and full[1] and full[3].any()
+    for loss, grads, entropy, top1 in (compact, blocked):
+        assert torch.allclose(loss, full[0], atol=1e-6)
+        assert grads.keys() == full[1].keys()
+        for name in grads:
+            assert torch.allclose(grads[name], full[1][name], atol=1e-6, rtol=1e-5), name
+        assert torch.allclose(entropy, full[2], atol=1e-5) and torch.equal(top1, full[3])
 
 
 def test_sft_runs_without_eval_rows(tmp_path, threads):

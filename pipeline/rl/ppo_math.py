@@ -197,6 +197,15 @@ def head_token_logprobs_and_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = False,
     vocab_block: int = HEAD_VOCAB_BLOCK, row_block: int = HEAD_ROW_BLOCK,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The log-probabilities and entropies of :func:`head_token_stats`: ``(logprobs, entropy or None)``."""
+    stats = head_token_stats(hidden, weight, tokens, with_entropy, False, vocab_block, row_block)
+    return stats[0], stats[1]
+
+
+def head_token_stats(
+    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = False,
+    with_top1: bool = False, vocab_block: int = HEAD_VOCAB_BLOCK, row_block: int = HEAD_ROW_BLOCK,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """:func:`token_logprobs_and_entropy` of the logits ``z = hidden @ weight.T`` (a bias-free LM head),
     without ever forming the ``(B, T, V)`` logits.
 
@@ -205,10 +214,14 @@ def head_token_logprobs_and_entropy(
             (``W (h / T) = (W h) / T``), in ``weight``'s dtype.
         weight: ``(V, H)`` the LM head's weight; frozen (no gradient is returned for it).
         tokens: ``(B, T)`` long token ids.
+        with_entropy, with_top1: also return the entropies, whether each token is its row's top-1.
         vocab_block, row_block: the block of logits made at a time, ``row_block x vocab_block``.
 
-    Returns ``(logprobs (B, T), entropy (B, T) or None)`` as :func:`token_logprobs_and_entropy` (float32 for
-    half-precision weights); the log-probabilities carry a gradient to ``hidden``.
+    Returns ``(logprobs (B, T), entropy (B, T) or None, is_top1 (B, T) or None)``: the first two as
+    :func:`token_logprobs_and_entropy` (float32 for half-precision weights), the log-probabilities with a
+    gradient to ``hidden``; ``is_top1`` (bool, ``with_top1``) whether the token's logit is the row's
+    largest, ``z[token] >= max z`` (a token tied with another for the largest counts, where an argmax
+    would pick one of them: exact ties of float logits only).
 
     The logits are made ``vocab_block`` columns at a time and folded into running per-row statistics as
     the online softmax does (Milakov & Gimelshein 2018; as Liger Kernel's fused linear cross-entropy,
@@ -231,18 +244,18 @@ def head_token_logprobs_and_entropy(
     + 1 = 4/3 and m = ln 3; lse = ln 3 + ln(4/3) = ln 4, as in one block.
     """
     if weight.requires_grad:
-        raise ValueError("head_token_logprobs_and_entropy returns no gradient for a trained LM head; "
+        raise ValueError("head_token_stats returns no gradient for a trained LM head; "
                          "use token_logprobs_and_entropy on its logits")
     if vocab_block < 1 or row_block < 1:
         raise ValueError(f"vocab_block and row_block must be >= 1, got {vocab_block} and {row_block}")
-    return _HeadTokenLogSoftmax.apply(hidden, weight, tokens.long(), bool(with_entropy), int(vocab_block),
-                                      int(row_block))
+    return _HeadTokenLogSoftmax.apply(hidden, weight, tokens.long(), bool(with_entropy), bool(with_top1),
+                                      int(vocab_block), int(row_block))
 
 
 def _head_row_stats(h: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, with_entropy: bool,
                     with_jacobian: bool, vocab_block: int):
     """For rows ``h`` (n, H) and their ``tokens`` (n,): ``(lse, z[token], entropy or None, Jacobian (n, H)
-    or None)`` of ``z = h @ weight.T``, by one pass over blocks of the vocabulary (see
+    or None, max z)`` of ``z = h @ weight.T``, by one pass over blocks of the vocabulary (see
     :func:`head_token_logprobs_and_entropy`)."""
     n, v = h.shape[0], weight.shape[0]
     stat = dict(dtype=weight.dtype if weight.dtype in _FULL_PRECISION else torch.float32, device=h.device)
@@ -278,14 +291,14 @@ def _head_row_stats(h: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
     jacobian = None
     if with_jacobian:
         jacobian = weight.index_select(0, tokens).to(stat["dtype"]).sub_(acc.div_(s.unsqueeze(1)))
-    return lse, picked, entropy, jacobian
+    return lse, picked, entropy, jacobian, m
 
 
 class _HeadTokenLogSoftmax(torch.autograd.Function):
     """The autograd function behind :func:`head_token_logprobs_and_entropy`."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, tokens, with_entropy, vocab_block, row_block):
+    def forward(ctx, hidden, weight, tokens, with_entropy, with_top1, vocab_block, row_block):
         b_, t_, h_ = hidden.shape
         flat, flat_tokens = hidden.reshape(b_ * t_, h_), tokens.reshape(-1)
         need_grad = ctx.needs_input_grad[0]
@@ -296,14 +309,14 @@ class _HeadTokenLogSoftmax(torch.autograd.Function):
         entropy = torch.cat([p[2] for p in parts]).view(b_, t_) if with_entropy else None
         if need_grad:
             ctx.save_for_backward(torch.cat([p[3] for p in parts]).view(b_, t_, h_).to(hidden.dtype))
-        if entropy is not None:
-            ctx.mark_non_differentiable(entropy)
-        return picked - lse, entropy
+        top1 = torch.cat([p[1] >= p[4] for p in parts]).view(b_, t_) if with_top1 else None
+        ctx.mark_non_differentiable(*(x for x in (entropy, top1) if x is not None))
+        return picked - lse, entropy, top1
 
     @staticmethod
-    def backward(ctx, grad_logprobs, _grad_entropy):
+    def backward(ctx, grad_logprobs, _grad_entropy, _grad_top1):
         (jac,) = ctx.saved_tensors
-        return grad_logprobs.to(jac.dtype).unsqueeze(-1) * jac, None, None, None, None, None
+        return grad_logprobs.to(jac.dtype).unsqueeze(-1) * jac, None, None, None, None, None, None
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
