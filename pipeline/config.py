@@ -171,6 +171,11 @@ class RewardStageConfig:
     # adapter and head, seeded reward.seed + member, on its own bootstrap resample of the pairs. 1 = one
     # reward model, as before. Serve them with {name: reward_model, args: {aggregate: mean|min|uwo}}.
     ensemble: int = 1
+    # An ensemble's members train their own layers in one batch (one matmul over every member's rows
+    # through the frozen weights; README "Reward ensembles"): the k = 4 stage in 0.78x the time of one
+    # member at a time, holding every member's activations at once (peak RSS 3.5 GB against 2.0 GB on the
+    # overopt config). false: one member at a time, the same gradients to float round-off.
+    ensemble_together: bool = True
 
 
 @dataclass

@@ -214,11 +214,12 @@ def test_shared_prefixes_give_every_member_the_plain_features(two_member_model, 
     assert sp == {"system": 5, "pairs": 6}[case] and g == {"system": 1, "pairs": 3}[case]
     # the trunk (layer 0) and each member's layer 1 run the start all prefixes share once (one group: all
     # of it; the pairs' prompts: their first token), each group's rest once (the pairs' prompts after that
-    # token, left-padded to 5), then the rows' own columns
+    # token, left-padded to 5), then the rows' own columns; the members' layer 1 runs each level once for
+    # both members, on twice the rows (trunk.members_hidden)
     levels = {"system": [(1, 5)], "pairs": [(1, 1), (3, 5)]}[case]
     assert tr.top_length == levels[0][1]
     assert shapes[0] == levels + [tuple(laid.ids.shape)]
-    assert shapes[1] == (levels + [tuple(laid.ids.shape)]) * 2
+    assert shapes[1] == [(2 * n, w) for n, w in levels + [tuple(laid.ids.shape)]]
     for a, features in zip(adapters, got):
         torch.testing.assert_close(features, _plain_features(pm, encoded, pooling, a), **TOL)
     assert (got[0] - got[1]).abs().max() > 1e-2  # the members really differ
@@ -265,6 +266,71 @@ def test_shared_prefix_gradients_on_a_members_resample_equal_the_plain_forward(t
     for a, b in zip(grads(got), grads(want)):
         # round-off measured up to 2e-6 of each weight's largest gradient (the single model's prefix path: 3e-6)
         assert (a - b).abs().max() <= 2e-5 * b.abs().max()
+
+
+@pytest.mark.parametrize("case", sorted(SHARED) + ["unshared"])
+def test_members_in_one_batch_equal_each_member_on_its_own_rows(two_member_model, case):
+    """The training path (reward.ensemble_backward): member 0 keeps pairs 0 and 1, member 1 pairs 1 and 2
+    (their bootstrap resamples); both run their layer in one batch (trunk.members_hidden), each LoRA
+    linear applying a member's adapter to its rows only. Features and both members' LoRA gradients equal
+    each member's own pass over its rows (trunk.take_rows, trunk.member_hidden), and the layer runs once."""
+    from pipeline.models import forwards
+    from pipeline.models.loading import decoder_layers
+
+    pm, _ = two_member_model
+    encoded, groups = SHARED[case] if case in SHARED else (ROWS, None)
+    adapters = ["default", "member1"]
+    params = [p for n, p in pm.named_parameters() if "lora_" in n and p.requires_grad]
+    laid, tr = trunk.shared_trunk(pm, encoded, 0, 1, "default", groups)
+    # pairs: rows i and i + 3 (PAIR_GROUPS); the system prompt's and unshared rows: rows themselves
+    member_rows = ([torch.tensor([0, 1, 3, 4]), torch.tensor([1, 2, 4, 5])] if case == "pairs"
+                   else [torch.tensor([0, 1]), torch.tensor([1, 2])])
+    direction = torch.linspace(-1, 1, pm.config.hidden_size)
+
+    def loss(features):
+        return sum(((f @ direction) ** 2).sum() for f in features)
+
+    def grads(features):
+        pm.zero_grad(set_to_none=True)
+        loss(features).backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    _, stack = decoder_layers(pm)
+    calls = []
+    hook = stack[1].mlp.register_forward_hook(lambda *a: calls.append(1))
+    together = trunk.members_hidden(pm, laid, 1, tr, adapters, member_rows)
+    hook.remove()
+    assert together is not None and len(calls) == {"system": 2, "pairs": 3, "unshared": 1}[case]  # per level, once
+    got = [forwards.pool_hidden(h, r.pool, r.last, "mean") for h, r in together]
+    want = []
+    for a, rows in zip(adapters, member_rows):
+        sub, s_trunk = trunk.take_rows(rows, laid, tr)
+        want.append(forwards.pool_hidden(trunk.member_hidden(pm, sub, 1, s_trunk, a), sub.pool, sub.last, "mean"))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL)
+    for a, b in zip(grads(got), grads(want)):
+        assert (a - b).abs().max() <= 2e-5 * max(b.abs().max(), 1e-12)
+    assert (got[0][1] - got[1][0]).abs().max() > 1e-2  # the same row under the two members differs
+
+
+def test_member_rows_must_cover_the_batch(two_member_model):
+    from pipeline.models import lean_ops
+
+    pm, _ = two_member_model
+    linear = next(m for m in pm.modules() if lean_ops.is_peft_lora_linear(m) and "member1" in m.lora_A)
+    spans = lean_ops.MemberSpans(["default", "member1"])
+    forward = lean_ops.member_rows_forward(linear, spans)
+    x = torch.randn(3, 2, linear.in_features)
+    with pytest.raises(RuntimeError, match="do not cover the batch"):
+        forward(x)
+    spans.counts = [1, 1]
+    with pytest.raises(RuntimeError, match="do not cover the batch"):
+        forward(x)
+    spans.counts = [3, 0]  # every row member 0's: the layer with only its adapter, as peft computes it
+    from pipeline.models import stacking
+
+    with stacking.active_adapters(pm, ["default"]):
+        torch.testing.assert_close(forward(x), linear(x), rtol=1e-6, atol=1e-6)
 
 
 def test_prefixes_fall_back_to_whole_rows(two_member_model, monkeypatch):
@@ -356,6 +422,31 @@ def test_members_differ_after_training_and_are_recorded(ensemble_run):
         assert 0.0 <= metrics[f"member{m}_eval_accuracy"] <= 1.0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("reward/m2/loss" in r for r in rows)
+
+
+def test_members_trained_in_one_batch_equal_members_trained_one_at_a_time(ensemble_run, tmp_path, monkeypatch):
+    """The stage with the members' layers batched (trunk.members_hidden, the fixture's run) and with one
+    member at a time (reward.ensemble_together=false, and trunk.BATCH_MEMBERS off for the scoring too):
+    the same LoRA weights and heads after 3 steps to float round-off, and the same held-out accuracies."""
+    from safetensors.torch import load_file
+
+    from pipeline.config import load_config
+    from pipeline.stages.reward import run_reward
+
+    run, out = ensemble_run
+    monkeypatch.setattr(trunk, "BATCH_MEMBERS", False)
+    cfg = load_config(CONFIG, ["model.compute_dtype=float32", "reward.ensemble=3", "reward.max_steps=3",
+                               "reward.lora.top_layers=1", "reward.ensemble_together=false"])
+    alone = run_reward(cfg, tmp_path / "run")
+    info = json.loads((out / "manifest.json").read_text())["ensemble"]
+    for folder in info["folders"]:
+        a, b = (load_file(str(o / folder / "adapter_model.safetensors")) for o in (out, alone))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    m_a, m_b = (json.loads((o / "manifest.json").read_text())["metrics"] for o in (out, alone))
+    for m in range(3):
+        assert m_a[f"member{m}_eval_accuracy"] == m_b[f"member{m}_eval_accuracy"]
 
 
 def test_normalisation_scores_serve_the_rank_correlation(ensemble_run):

@@ -89,9 +89,15 @@ def member_features(model, encoded: Sequence[tuple[list[int], int]], pad_id: int
                     adapters: Sequence[str], split: Optional[int] = None,
                     groups: Optional[Sequence] = None) -> list[torch.Tensor]:
     """(B, H) float32 features of rows ``(ids, response_start)`` under each of ``adapters``, the trunk
-    below ``split`` (default: :func:`pipeline.models.trunk.trunk_split`) run once for all of them, and the start the rows of
-    each of ``groups`` share (default: all rows one group, e.g. their system prompt) once per group."""
+    below ``split`` (default: :func:`pipeline.models.trunk.trunk_split`) run once for all of them, the
+    members' layers above it on all members' rows at once where they can (:func:`trunk.members_hidden`),
+    and the start the rows of each of ``groups`` share (default: all rows one group, e.g. their system
+    prompt) once per group."""
     split = trunk.trunk_split(model, adapters) if split is None else split
     rows, shared = trunk.shared_trunk(model, encoded, pad_id, split, adapters[0], groups)
+    every = torch.arange(rows.ids.shape[0], device=rows.ids.device)
+    together = trunk.members_hidden(model, rows, split, shared, adapters, [every] * len(adapters))
+    if together is not None:
+        return [forwards.pool_hidden(hidden, laid.pool, laid.last, pooling) for hidden, laid in together]
     return [forwards.pool_hidden(trunk.member_hidden(model, rows, split, shared, a), rows.pool, rows.last, pooling)
             for a in adapters]

@@ -123,6 +123,52 @@ def lora_forward(module):
     return forward
 
 
+class MemberSpans:
+    """The rows of the batch each of ``adapters`` owns, for :func:`member_rows_forward`: ``counts[i]``
+    consecutive batch rows for adapter i, in order; set by the caller before each forward."""
+
+    def __init__(self, adapters: list[str]):
+        self.adapters = adapters
+        self.counts: list[int] | None = None
+
+
+def covers_member_rows(module, adapters) -> bool:
+    """Whether :func:`member_rows_forward` computes ``module`` (a peft LoRA linear) for ``adapters``: each
+    of them a plain LoRA there (not merged, no variant such as DoRA, no LoRA bias)."""
+    return (not module.merged and not module.disable_adapters and not module.lora_variant
+            and all(a in module.lora_A and module.lora_B[a].bias is None for a in adapters))
+
+
+def member_rows_forward(module, spans: MemberSpans):
+    """A peft LoRA linear's forward over a batch whose rows belong to different adapters (reward-ensemble
+    members): the frozen base over every row in one matmul, then each adapter's update on its own rows,
+    ``addmm(base(x)[rows_i], A_i(x[rows_i]), B_i^T, alpha=scaling_i)`` (:func:`lora_forward`'s fold). As
+    peft's mixed-adapter batches (``adapter_names``, which it allows in inference only), with gradients:
+    adapter i's weights see only its rows. Shapes: x ``(B, ..., in)`` -> ``(B, ..., out)``, B the sum of
+    ``spans.counts``."""
+
+    def forward(x, *args, **kwargs):
+        counts = spans.counts
+        if counts is None or sum(counts) != x.shape[0] or len(counts) != len(spans.adapters):
+            raise RuntimeError(f"member rows {counts} do not cover the batch of {x.shape[0]} rows "
+                               f"for {len(spans.adapters)} adapters")
+        result = module.base_layer(x, *args, **kwargs)
+        parts, at = [], 0
+        for name, n in zip(spans.adapters, counts):
+            if n == 0:
+                continue
+            xs, rs = x[at:at + n], result[at:at + n]
+            dropped, keep_share = dropout_input(module.lora_dropout[name], xs)
+            a = module.lora_A[name](dropped.to(module.lora_A[name].weight.dtype)
+                                    if not torch.is_autocast_enabled(x.device.type) else dropped)
+            flat = torch.addmm(rs.reshape(-1, rs.shape[-1]), a.reshape(-1, a.shape[-1]).to(rs.dtype),
+                               module.lora_B[name].weight.t().to(rs.dtype), alpha=module.scaling[name] / keep_share)
+            parts.append(flat.view(rs.shape))
+            at += n
+        return torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else result)
+    return forward
+
+
 def dropout_input(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
     """``(x * keep, 1 - p)``: inverted dropout (Srivastava et al. 2014) with the ``1 / (1 - p)`` rescale
     left to the caller, who folds it into the LoRA addmm's ``alpha``. Shapes: x ``(..., in)`` -> same.

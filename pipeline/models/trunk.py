@@ -28,6 +28,8 @@ Adapters = Union[str, Sequence[str], None]
 # PPO replays the trunk wherever its LoRA leaves the lower layers out (ppo.lora.top_layers); off, every
 # pass runs every layer (benchmarks/ppo_step.py compares the two).
 SHARE_TRUNK = True
+# Reward-ensemble members run their own layers in one batch (members_hidden); off, one member at a time.
+BATCH_MEMBERS = True
 
 
 def _names(adapter: Adapters) -> Optional[list[str]]:
@@ -207,34 +209,49 @@ def member_hidden(model, rows: forwards.PrefixedRows, split: int, trunk: Optiona
 
 
 def _prefixed_member(backbone, stack: torch.nn.ModuleList, rows: forwards.PrefixedRows, split: int,
-                     trunk: Trunk) -> torch.Tensor:
+                     trunk: Trunk, spans=None, group_counts: Optional[Sequence[int]] = None) -> torch.Tensor:
     """:func:`member_hidden` of rows sharing prefixes: the member's own layers run the trunk's two levels
     (the top once, each group's rest once), and every row of a group attends to their keys and values;
-    with gradients on, the cache is part of the graph."""
+    with gradients on, the cache is part of the graph. With ``spans`` (:func:`members_hidden`), the rows
+    and groups are k members' one after the other (``group_counts`` groups each): the top runs once per
+    member, and each pass sets the spans' rows per member first."""
     cache = _new_cache(backbone)
     top, rest, _, mask = forwards.prefix_levels(rows.prefix_ids, rows.prefix_mask, trunk.top_length)
     s, g = top.shape[1], rest.shape[0]
     below = cache.layers[:split]
+    k = 1 if spans is None else len(group_counts)
+    # the top's row of each group: 0, or with k members, its member's
+    top_of_group = torch.repeat_interleave(torch.arange(k, device=top.device),
+                                           torch.tensor(list(group_counts or [g]), device=top.device))
     # The replayed layers write no keys, so the first pass sees an empty cache, as it must; before each
     # later pass they get the trunk's, which they never read: the pass's masks start after their length.
     if s:
-        with _replayed(stack, split, trunk.top):
-            backbone(input_ids=top, attention_mask=mask[:1, :s], position_ids=_position_ids(mask[:1, :s]),
-                     past_key_values=cache, use_cache=True)
-        forwards.select_cache_rows(cache.layers[split:], torch.zeros(g, dtype=torch.long, device=top.device))
+        _set_counts(spans, [1] * k)
+        with _replayed(stack, split, trunk.top.expand(k, -1, -1)):
+            backbone(input_ids=top.expand(k, -1), attention_mask=mask[:1, :s].expand(k, -1),
+                     position_ids=_position_ids(mask[:1, :s]).expand(k, -1), past_key_values=cache, use_cache=True)
+        forwards.select_cache_rows(cache.layers[split:], top_of_group)
         for layer, (keys, values) in zip(below, trunk.kv):
             layer.update(keys[:, :, :s], values[:, :, :s])
     if rest.shape[1]:
+        _set_counts(spans, group_counts)
         with _replayed(stack, split, trunk.prefix):
             backbone(input_ids=rest, attention_mask=mask, position_ids=_position_ids(mask)[:, s:],
                      past_key_values=cache, use_cache=True)
         for layer, (keys, values) in zip(below, trunk.kv):
             layer.update(keys[:, :, s:], values[:, :, s:])
     forwards.select_cache_rows(cache.layers[split:], rows.group)
+    if spans is not None:
+        spans.counts = torch.bincount(top_of_group[rows.group], minlength=k).tolist()
     full = torch.cat([mask[rows.group], rows.mask.long()], dim=1)
     with _replayed(stack, split, trunk.out):
         return backbone(input_ids=rows.ids, attention_mask=full, position_ids=_position_ids(full)[:, mask.shape[1]:],
                         past_key_values=cache, use_cache=True).last_hidden_state
+
+
+def _set_counts(spans, counts) -> None:
+    if spans is not None:
+        spans.counts = list(counts)
 
 
 def _batch_rows(out, rows: torch.Tensor, width: int):
@@ -255,25 +272,95 @@ def take_rows(rows: torch.Tensor, laid: forwards.PrefixedRows,
     pairs), and the padding the dropped rows forced goes too. Exact: a row's hidden states do not depend
     on other rows or on padding. None when the recorded trunk output is neither a tensor nor a tuple led
     by one (then run every row)."""
+    taken = _take([rows], laid, trunk)
+    return None if taken is None else taken[:2]
+
+
+def _take(member_rows: Sequence[torch.Tensor], laid: forwards.PrefixedRows, trunk: Optional[Trunk]):
+    """:func:`take_rows` of each of ``member_rows`` in turn, stacked into one batch, each part with groups
+    of its own (a group kept by two parts is there twice): ``(rows, trunk, groups per part)``."""
+    kept, group, counts, offset = [], [], [], 0
+    for rows in member_rows:
+        k, g = torch.unique(laid.group[rows], return_inverse=True)
+        kept.append(k)
+        group.append(g + offset)
+        counts.append(len(k))
+        offset += len(k)
+    rows, kept = torch.cat(list(member_rows)), torch.cat(kept)
     width = int(laid.mask[rows].sum(dim=1).max().item())
-    kept, group = torch.unique(laid.group[rows], return_inverse=True)
     prefix_mask = laid.prefix_mask[kept]
     start = prefix_mask.shape[1] - int(prefix_mask.sum(dim=1).max().item())
     sub = forwards.PrefixedRows(laid.prefix_ids[kept, start:], prefix_mask[:, start:], laid.ids[rows, :width],
-                                laid.mask[rows, :width], group, laid.pool[rows, :width], laid.last[rows])
+                                laid.mask[rows, :width], torch.cat(group), laid.pool[rows, :width], laid.last[rows])
     if trunk is None:
-        return sub, None
+        return sub, None, counts
     out = _batch_rows(trunk.out, rows, width)
     if out is None:
         return None
     if not trunk.kv:
-        return sub, Trunk(out)
+        return sub, Trunk(out), counts
     # the prefixes' left padding that went is the rests' (the top has none): their first ``start`` columns
     s = trunk.top_length
     kv = [(torch.cat([k[kept, :, :s], k[kept, :, s + start:]], dim=2),
            torch.cat([v[kept, :, :s], v[kept, :, s + start:]], dim=2)) for k, v in trunk.kv]
     prefix = trunk.prefix[kept, start:] if trunk.prefix is not None else None
-    return sub, Trunk(out, prefix, kv, trunk.top)
+    return sub, Trunk(out, prefix, kv, trunk.top), counts
+
+
+def members_hidden(model, laid: forwards.PrefixedRows, split: int, trunk: Optional[Trunk], adapters: Sequence[str],
+                   member_rows: Sequence[torch.Tensor]) -> Optional[list[tuple[torch.Tensor, forwards.PrefixedRows]]]:
+    """:func:`member_hidden` of every member at once: member m (``adapters[m]``) on rows ``member_rows[m]``
+    of ``laid`` (as :func:`take_rows` cuts them), all members' rows stacked into one batch for the layers
+    from ``split`` up, each LoRA linear there applying member m's adapter to member m's rows only
+    (:func:`pipeline.models.lean_ops.member_rows_forward`): the frozen weights' matmuls run once over every
+    member's rows instead of once per member, on k times the rows. Each member's prefixes run on its own
+    rows of the cache (its layers give them other keys and values). Per member ``(hidden (B_m, S, H), its
+    rows)``, equal to :func:`member_hidden` of its cut to float round-off; with gradients on, each
+    member's LoRA weights get the gradient of its rows only. None where this cannot run (no trunk, a layer
+    that returns no plain tensor, a LoRA linear the mixed forward does not cover): then loop over
+    :func:`member_hidden`."""
+    from pipeline.models import lean_ops
+
+    if not BATCH_MEMBERS or split <= 0 or trunk is None:
+        return None
+    _, stack = loading.decoder_layers(model)
+    linears = [m for layer in stack[split:] for m in layer.modules() if lean_ops.is_peft_lora_linear(m)]
+    if not linears or not all(lean_ops.covers_member_rows(m, adapters) for m in linears):
+        return None
+    taken = _take(member_rows, laid, trunk)
+    if taken is None:
+        return None
+    rows, stacked, group_counts = taken
+    backbone, _ = forwards._backbone_and_head(model)
+    spans = lean_ops.MemberSpans(list(adapters))
+    saved = [vars(m).get("forward") for m in linears]
+    for m in linears:
+        m.forward = lean_ops.member_rows_forward(m, spans)
+    try:
+        # the mixed forwards choose each row's adapter themselves; one member active keeps any other
+        # adapter on the base (a policy's) out, as in member_hidden
+        with stacking.active_adapters(model, [adapters[0]]), loading.compute_context(model):
+            if _shares(rows):
+                hidden = _prefixed_member(backbone, stack, rows, split, stacked, spans, group_counts)
+            else:
+                spans.counts = [len(r) for r in member_rows]
+                with _replayed(stack, split, stacked.out):
+                    hidden = backbone(input_ids=rows.ids, attention_mask=rows.mask,
+                                      position_ids=_position_ids(rows.mask), use_cache=False).last_hidden_state
+    finally:
+        for m, fwd in zip(linears, saved):
+            if fwd is None:
+                del m.forward
+            else:
+                m.forward = fwd
+    out, at = [], 0
+    for r in member_rows:
+        part = slice(at, at + len(r))
+        out.append((hidden[part], forwards.PrefixedRows(rows.prefix_ids, rows.prefix_mask, rows.ids[part],
+                                                        rows.mask[part], rows.group[part], rows.pool[part],
+                                                        rows.last[part])))
+        at += len(r)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -469,32 +469,46 @@ def record(progress: Progress, prefix: str, loss: torch.Tensor, chosen: torch.Te
 
 
 def ensemble_backward(net: RewardNet, batch: list, idx: list[int], rc, step: int, progress: Progress) -> None:
-    """Gradients of every member on one micro-batch: the trunk below ``net.split`` runs once, then each
-    member's own layers and head on only the pairs its bootstrap resample holds, its loss weighted by
-    their multiplicities (:func:`trunk.take_rows`). Both sides of a pair share their prompt: it runs
-    once per pair, and the system prompt the pairs share once per batch, in the trunk and in each
-    member's layers (:func:`trunk.shared_trunk`, :func:`forwards.prefix_levels`). Logs the
-    members' mean loss, accuracy and margin on their own resamples, and each member's loss (``m<i>/loss``)."""
+    """Gradients of every member on one micro-batch: the trunk below ``net.split`` runs once, then the
+    members' own layers and heads, each member on only the pairs its bootstrap resample holds, its loss
+    weighted by their multiplicities (:func:`trunk.take_rows`); all members' rows in one batch through
+    their layers (:func:`trunk.members_hidden`; reward.ensemble_together), else one member at a time. Both sides of a pair share
+    their prompt: it runs once per pair, and the system prompt the pairs share once per batch, in the
+    trunk and in each member's layers (:func:`trunk.shared_trunk`, :func:`forwards.prefix_levels`). Logs
+    the members' mean loss, accuracy and margin on their own resamples, and each member's loss (``m<i>/loss``)."""
     encoded = [b[0] for b in batch] + [b[1] for b in batch]
     laid, shared = trunk.shared_trunk(net.peft_model, encoded, net.tok.pad_token_id, net.split, net.adapters[0],
                                          groups=list(range(len(batch))) * 2)
-    for m, (adapter, head) in enumerate(zip(net.adapters, net.heads)):
-        weights = net.weights[m, idx]
-        keep = torch.nonzero(weights > 0).squeeze(1)
-        if keep.numel() == 0:  # this member's resample holds none of these pairs
-            continue
-        cut = trunk.take_rows(torch.cat([keep, keep + len(batch)]), laid, shared)
-        if cut is None:
-            cut, keep = (laid, shared), torch.arange(len(batch))
-        rows, m_trunk = cut
-        hidden = trunk.member_hidden(net.peft_model, rows, net.split, m_trunk, adapter)
-        scores = head(forwards.pool_hidden(hidden, rows.pool, rows.last, rc.pooling)).squeeze(-1)
+    members = []  # (member, its pairs of the batch)
+    for m in range(len(net.adapters)):
+        keep = torch.nonzero(net.weights[m, idx] > 0).squeeze(1)
+        if keep.numel():  # else this member's resample holds none of these pairs
+            members.append((m, keep))
+    rows = [torch.cat([keep, keep + len(batch)]) for _, keep in members]
+    together = trunk.members_hidden(net.peft_model, laid, net.split, shared, [net.adapters[m] for m, _ in members],
+                                    rows) if members and rc.ensemble_together else None
+    total = None
+    for i, (m, keep) in enumerate(members):
+        if together is not None:
+            hidden, m_rows = together[i]
+        else:
+            cut = trunk.take_rows(rows[i], laid, shared)
+            if cut is None:
+                cut, keep = (laid, shared), torch.arange(len(batch))
+            m_rows, m_trunk = cut
+            hidden = trunk.member_hidden(net.peft_model, m_rows, net.split, m_trunk, net.adapters[m])
+        scores = net.heads[m](forwards.pool_hidden(hidden, m_rows.pool, m_rows.last, rc.pooling)).squeeze(-1)
         chosen, rejected = scores[:len(keep)], scores[len(keep):]
-        loss = ensemble.weighted_pairwise_loss(chosen, rejected, weights[keep], rc.center_rewards_coefficient)
+        loss = ensemble.weighted_pairwise_loss(chosen, rejected, net.weights[m, idx][keep], rc.center_rewards_coefficient)
         check_loss(loss, step)
-        (loss / rc.grad_accum).backward()
+        if together is None:  # one member's graph at a time
+            (loss / rc.grad_accum).backward()
+        else:
+            total = loss if total is None else total + loss
         record(progress, "", loss, chosen.detach(), rejected.detach())
         progress.window.setdefault(f"m{m}/loss", []).append(loss.item())
+    if total is not None:
+        (total / rc.grad_accum).backward()
 
 
 def log_window(logger: MetricsLogger, bar, progress: Progress, step: int, optimizer, grad_norm: torch.Tensor,
