@@ -253,8 +253,17 @@ def test_metrics_of_a_resumed_run_drop_the_rows_after_the_checkpoint(tmp_path):
     log = outputs.MetricsLogger(tmp_path / "m.jsonl", resume_step=2)
     log.log({"step": 3, "x": 30})
     log.close()
-    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().split("\n") if line.strip()]
     assert [(r["step"], r["x"]) for r in rows] == [(0, 0), (1, 1), (2, 2), (3, 30)]
+
+
+def test_truncating_a_log_keeps_rows_whose_text_holds_unicode_line_breaks(tmp_path):
+    """json.dumps(ensure_ascii=False) leaves U+0085 and U+2028 inside strings (a tiny model sampled a
+    response with U+0085); str.splitlines would cut such a row in two."""
+    path = tmp_path / "s.jsonl"
+    outputs.write_jsonl(path, [{"step": 1, "text": "a\u0085b"}, {"step": 2, "text": "c\u2028d"}])
+    outputs.truncate_jsonl(path, 1)
+    assert [json.loads(line) for line in path.read_text().split("\n") if line.strip()] == [{"step": 1, "text": "a\u0085b"}]
 
 
 # ---------------------------------------------------------------------------------------------

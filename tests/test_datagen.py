@@ -117,7 +117,7 @@ def test_quick_mode_writes_all_files(tmp_path):
     for name in datagen.FILES:
         path = out / name
         assert path.is_file(), name
-        rows[name] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        rows[name] = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
         assert rows[name], f"{name} is empty"
     sizes = datagen.QUICK_SPLITS
     assert len(rows["prompts_train.jsonl"]) == sizes["train"]
@@ -170,7 +170,7 @@ def test_committed_data_is_valid():
     from pathlib import Path
 
     folder = Path(__file__).resolve().parent.parent / "data"
-    rows = {n: [json.loads(line) for line in (folder / n).read_text(encoding="utf-8").splitlines()]
+    rows = {n: [json.loads(line) for line in (folder / n).read_text(encoding="utf-8").split("\n") if line.strip()]
             for n in datagen.FILES}
     expected = {"prompts_train.jsonl": 300, "prompts_tune.jsonl": 50, "prompts_eval.jsonl": 100,
                 "sft_train.jsonl": 300, "sft_eval.jsonl": 40}

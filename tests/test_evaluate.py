@@ -318,7 +318,7 @@ def test_eval_outputs_manifest_summary_samples_and_png(eval_run):
     assert [line.split()[0] for line in table[3:7]] == ["base", "sft", "step-000002", "step-000003"]
     assert table[3].split()[1:] == [f"{general['models']['base']['nll']:.4f}", "+0.0000",
                                     f"{general['models']['base']['ppl']:.3f}", "0.0000"]
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().split("\n") if line.strip()]
     assert {s["name"] for s in samples} >= {"base", "sft", "step-000002", "step-000003", "n=4"}
     for s in samples:
         assert isinstance(s["response"], str) and math.isfinite(s["gold"]) and math.isfinite(s["proxy"])

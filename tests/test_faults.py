@@ -126,7 +126,7 @@ class Stage:
 
 def _rows(path: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if not any(t in k for t in TIMING)}
-            for line in path.read_text().splitlines() if line.strip()]
+            for line in path.read_text().split("\n") if line.strip()]
 
 
 def assert_same_artifacts(got: Path, want: Path, stage: str) -> None:

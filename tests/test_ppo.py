@@ -160,7 +160,7 @@ def _ppo(run, data_overrides, *overrides, flags=()):
 
 
 def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
 
 
 def _reward_spec(*extra: str) -> str:

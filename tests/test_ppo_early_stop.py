@@ -72,7 +72,7 @@ def _ppo(run: Path, mode: str, save_every: int = 2, flags=()):
 
 
 def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
 
 
 def _checkpoints(run: Path) -> list[str]:

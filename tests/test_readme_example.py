@@ -33,7 +33,7 @@ def test_readme_reward_example_runs(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["score", "--config", str(REPO / "configs/tiny.yaml"), "--input", str(rows),
                                   "--output", str(out), "--rewards", '[{name: "my_rewards:politeness"}]'])
     assert r.exit_code == 0, r.output
-    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    scored = [json.loads(line) for line in out.read_text().split("\n") if line.strip()]
     assert [s["score"] for s in scored] == [1.0, 0.0]
     assert scored[1]["prompt"] == "Hey"
 

@@ -103,7 +103,7 @@ def test_sft_artifact_is_complete(sft_run):
     assert any("sft/loss" in r for r in rows)
     assert not list(run.glob(".sft.tmp-*"))
     # gold before/after on the eval prompts, with the samples kept for the reward stage's correlation
-    samples = [json.loads(line) for line in (out / "gold_samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (out / "gold_samples.jsonl").read_text().split("\n") if line.strip()]
     cfg = load_config(CONFIG)
     n = min(cfg.sft.gold_eval_prompts, cfg.data.max_rows) * cfg.sft.gold_samples_per_prompt
     assert [s["model"] for s in samples] == ["base"] * n + ["sft"] * n == ["base"] * m["gold_samples"] + ["sft"] * n

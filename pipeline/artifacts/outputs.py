@@ -129,7 +129,9 @@ def truncate_jsonl(path: str | Path, step: int) -> None:
     checkpoint of ``step`` logs them again."""
     path = Path(path)
     if path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        # split at "\n" only: str.splitlines also splits at U+0085, U+2028 and other characters that
+        # json.dumps(ensure_ascii=False) leaves inside strings (a sampled response held one)
+        rows = [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
         write_jsonl(path, [r for r in rows if r.get("step", 0) <= step])
 
 

@@ -177,7 +177,7 @@ def monitor_history(pc, metrics_path: Path, start_step: int) -> list[float]:
     Empty for a fresh start or with early stopping off."""
     if pc.early_stop == "off" or start_step == 0:
         return []
-    rows = ([json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = ([json.loads(line) for line in metrics_path.read_text().split("\n") if line.strip()]
             if metrics_path.is_file() else [])
     try:
         return early_stop.history_from_rows(rows, f"ppo/monitor/{pc.early_stop_monitor}", start_step)
@@ -236,7 +236,7 @@ def write_outputs(cfg: PipelineConfig, stage: StageWork, policy: Policy, tok, ba
 
         save_file({k: v.detach().cpu().contiguous() for k, v in policy.pv.value_head.state_dict().items()},
                   str(work / VALUE_HEAD_FILE))
-    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().split("\n") if line.strip()]
     last = rows[-1] if rows else {}
     headline = {k: last[k] for k in ("ppo/kl", "ppo/score", "ppo/rlhf_reward", "ppo/kl_coef") if k in last}
     headline["steps"] = steps_run
