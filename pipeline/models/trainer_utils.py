@@ -9,6 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 from pipeline.artifacts.outputs import MetricsLogger
+from pipeline.rl import ppo_math
 
 
 class JsonlMetrics(TrainerCallback):
@@ -157,8 +158,6 @@ class _BlockedHeadLogProb:
                 or weight.requires_grad or not set(outputs) <= {"log_probs", "entropy", "is_top1"}):
             return cls.trl_function.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap,
                                           logit_scale, outputs)
-        from pipeline.rl import ppo_math
-
         # trl's function computes in the autocast dtype when autocast is on (bf16 training); so do we
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
         with torch.autocast("cpu", enabled=False):

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from pipeline.models import forwards, loading, stacking
+from pipeline.models import forwards, lean_ops, loading, stacking
 
 Adapters = Union[str, Sequence[str], None]
 
@@ -319,8 +319,6 @@ def members_hidden(model, laid: forwards.PrefixedRows, split: int, trunk: Option
     member's LoRA weights get the gradient of its rows only. None where this cannot run (no trunk, a layer
     that returns no plain tensor, a LoRA linear the mixed forward does not cover): then loop over
     :func:`member_hidden`."""
-    from pipeline.models import lean_ops
-
     if not BATCH_MEMBERS or split <= 0 or trunk is None:
         return None
     _, stack = loading.decoder_layers(model)
