@@ -112,15 +112,23 @@ def lora_forward(module):
                or (not autocast and module.lora_A[n].weight.dtype != x.dtype) for n in names):
             return peft_forward(x, *args, **kwargs)
         result = module.base_layer(x)
-        out_features = result.shape[-1]
         for n in names:
-            dropped, keep_share = dropout_input(module.lora_dropout[n], x)
-            a = module.lora_A[n](dropped)
-            flat = torch.addmm(result.reshape(-1, out_features), a.reshape(-1, a.shape[-1]),
-                               module.lora_B[n].weight.t(), alpha=module.scaling[n] / keep_share)
-            result = flat.view(result.shape)
+            result = _add_lora(module, n, x, result)
         return result
     return forward
+
+
+def _add_lora(module, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """``result + scaling * B(A(dropout(x)))`` of adapter ``name`` as one ``addmm`` (the scale in its
+    epilogue). Shapes: x ``(..., in)``, result ``(..., out)``. Outside autocast the adapter's input is cast
+    to its weights' dtype and its output to ``result``'s, as peft does (no-ops where they agree)."""
+    dropped, keep_share = dropout_input(module.lora_dropout[name], x)
+    if not torch.is_autocast_enabled(x.device.type):
+        dropped = dropped.to(module.lora_A[name].weight.dtype)
+    a = module.lora_A[name](dropped)
+    flat = torch.addmm(result.reshape(-1, result.shape[-1]), a.reshape(-1, a.shape[-1]).to(result.dtype),
+                       module.lora_B[name].weight.t().to(result.dtype), alpha=module.scaling[name] / keep_share)
+    return flat.view(result.shape)
 
 
 class MemberSpans:
@@ -142,7 +150,7 @@ def covers_member_rows(module, adapters) -> bool:
 def member_rows_forward(module, spans: MemberSpans):
     """A peft LoRA linear's forward over a batch whose rows belong to different adapters (reward-ensemble
     members): the frozen base over every row in one matmul, then each adapter's update on its own rows,
-    ``addmm(base(x)[rows_i], A_i(x[rows_i]), B_i^T, alpha=scaling_i)`` (:func:`lora_forward`'s fold). As
+    ``addmm(base(x)[rows_i], A_i(x[rows_i]), B_i^T, alpha=scaling_i)`` (:func:`_add_lora`, as :func:`lora_forward`). As
     peft's mixed-adapter batches (``adapter_names``, which it allows in inference only), with gradients:
     adapter i's weights see only its rows. Shapes: x ``(B, ..., in)`` -> ``(B, ..., out)``, B the sum of
     ``spans.counts``."""
@@ -155,15 +163,8 @@ def member_rows_forward(module, spans: MemberSpans):
         result = module.base_layer(x, *args, **kwargs)
         parts, at = [], 0
         for name, n in zip(spans.adapters, counts):
-            if n == 0:
-                continue
-            xs, rs = x[at:at + n], result[at:at + n]
-            dropped, keep_share = dropout_input(module.lora_dropout[name], xs)
-            a = module.lora_A[name](dropped.to(module.lora_A[name].weight.dtype)
-                                    if not torch.is_autocast_enabled(x.device.type) else dropped)
-            flat = torch.addmm(rs.reshape(-1, rs.shape[-1]), a.reshape(-1, a.shape[-1]).to(rs.dtype),
-                               module.lora_B[name].weight.t().to(rs.dtype), alpha=module.scaling[name] / keep_share)
-            parts.append(flat.view(rs.shape))
+            if n:
+                parts.append(_add_lora(module, name, x[at:at + n], result[at:at + n]))
             at += n
         return torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else result)
     return forward

@@ -173,21 +173,28 @@ def shared_trunk(model, encoded: Sequence[tuple[list[int], int]], pad_id: int, s
     return rows, trunk
 
 
-@contextlib.contextmanager
-def _replayed(stack: torch.nn.ModuleList, split: int, output) -> Iterator[None]:
+def _replayed(stack: torch.nn.ModuleList, split: int, output):
     """Layers ``0..split-1`` return the trunk's recorded ``output`` instead of computing: the layer at
     ``split`` then reads the shared hidden states, and the model builds masks and positions as usual."""
-    saved = [vars(layer).get("forward") for layer in stack[:split]]
-    for layer in stack[:split]:
-        layer.forward = lambda *args, **kwargs: output
+    return _instance_forwards(stack[:split], lambda layer: lambda *args, **kwargs: output)
+
+
+@contextlib.contextmanager
+def _instance_forwards(modules, make) -> Iterator[None]:
+    """Within the block each of ``modules`` runs ``make(module)`` as its forward; after it, the forward
+    it had (its class's, or an instance forward set before, e.g. :mod:`pipeline.models.lean_ops`')."""
+    modules = list(modules)
+    saved = [vars(m).get("forward") for m in modules]
+    for m in modules:
+        m.forward = make(m)
     try:
         yield
     finally:
-        for layer, fwd in zip(stack[:split], saved):
+        for m, fwd in zip(modules, saved):
             if fwd is None:
-                del layer.forward
+                del m.forward
             else:
-                layer.forward = fwd
+                m.forward = fwd
 
 
 def member_hidden(model, rows: forwards.PrefixedRows, split: int, trunk: Optional[Trunk],
@@ -331,26 +338,17 @@ def members_hidden(model, laid: forwards.PrefixedRows, split: int, trunk: Option
     rows, stacked, group_counts = taken
     backbone, _ = forwards._backbone_and_head(model)
     spans = lean_ops.MemberSpans(list(adapters))
-    saved = [vars(m).get("forward") for m in linears]
-    for m in linears:
-        m.forward = lean_ops.member_rows_forward(m, spans)
-    try:
-        # the mixed forwards choose each row's adapter themselves; one member active keeps any other
-        # adapter on the base (a policy's) out, as in member_hidden
-        with stacking.active_adapters(model, [adapters[0]]), loading.compute_context(model):
-            if _shares(rows):
-                hidden = _prefixed_member(backbone, stack, rows, split, stacked, spans, group_counts)
-            else:
-                spans.counts = [len(r) for r in member_rows]
-                with _replayed(stack, split, stacked.out):
-                    hidden = backbone(input_ids=rows.ids, attention_mask=rows.mask,
-                                      position_ids=_position_ids(rows.mask), use_cache=False).last_hidden_state
-    finally:
-        for m, fwd in zip(linears, saved):
-            if fwd is None:
-                del m.forward
-            else:
-                m.forward = fwd
+    # the mixed forwards choose each row's adapter themselves; one member active keeps any other adapter on
+    # the base (a policy's) out, as in member_hidden
+    with _instance_forwards(linears, lambda m: lean_ops.member_rows_forward(m, spans)), \
+            stacking.active_adapters(model, [adapters[0]]), loading.compute_context(model):
+        if _shares(rows):
+            hidden = _prefixed_member(backbone, stack, rows, split, stacked, spans, group_counts)
+        else:
+            spans.counts = [len(r) for r in member_rows]
+            with _replayed(stack, split, stacked.out):
+                hidden = backbone(input_ids=rows.ids, attention_mask=rows.mask,
+                                  position_ids=_position_ids(rows.mask), use_cache=False).last_hidden_state
     out, at = [], 0
     for r in member_rows:
         part = slice(at, at + len(r))
