@@ -307,6 +307,15 @@ def test_eval_outputs_manifest_summary_samples_and_png(eval_run):
     points = manifest["metrics"]["points"]
     assert [p["name"] for p in points] == [r["name"] for r in rows]
     assert [p["gold_mean"] for p in points] == [float(r["gold_mean"]) for r in rows]
+    # every sampled model keeps its per-prompt means (paired falls, pipeline/evaluation/overopt.py): one per
+    # prompt, averaging to the point's mean (equal sample counts per prompt); best-of-n's picks keep none
+    for p in points:
+        if p["kind"] == "bon":
+            assert "gold_by_prompt" not in p
+            continue
+        assert len(p["gold_by_prompt"]) == len(p["proxy_by_prompt"]) == 4
+        assert sum(p["gold_by_prompt"]) / 4 == pytest.approx(p["gold_mean"], abs=1e-12)
+        assert sum(p["proxy_by_prompt"]) / 4 == pytest.approx(p["proxy_mean"], abs=1e-12)
     assert set(manifest["adapters"]) == {"sft", "ppo:step-000002", "ppo:step-000003"}
     general = manifest["metrics"]["forgetting"]
     assert (general["source"], general["passages"]) == ("data/general_text.jsonl", 48)

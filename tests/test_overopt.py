@@ -4,6 +4,7 @@ import pytest
 
 from pipeline.datagen_overopt import derive_pairs, hedges, more_hedged
 from pipeline.evaluation.overopt import fall_along
+from pipeline.evaluation.stats import paired_diff, prompt_means
 from reward.registry import build_reward
 from reward.text import seq_rep
 
@@ -89,3 +90,29 @@ def test_fall_along_a_series_by_hand():
     # rising all the way: the peak is the last point, no fall
     rising = fall_along(points[:2], "ppo")
     assert rising.fall == 0.0 and rising.peak_name == "step-2"
+
+
+def test_prompt_means_and_paired_diff_by_hand():
+    assert prompt_means([1, 3, 0.5, 0.5], 2) == [2.0, 0.5]
+    with pytest.raises(ValueError, match="whole prompts"):
+        prompt_means([1, 2, 3], 2)
+    # d = [0.1, 0.2, 0.0]: mean 0.1, std 0.1, se 0.1 / sqrt(3) = 0.057735
+    mean, se = paired_diff([0.9, 0.5, 0.7], [0.8, 0.3, 0.7])
+    assert mean == pytest.approx(0.1) and se == pytest.approx(0.057735, abs=1e-6)
+    with pytest.raises(ValueError, match="length"):
+        paired_diff([1.0], [1.0, 2.0])
+
+
+def test_fall_along_pairs_prompts_where_the_points_keep_them():
+    # Two prompts, one dull (0.2) and one bright (0.9) for every model: each prompt falls by 0.1 and 0.3.
+    # Per-sample SEs (0.1 each) hide the fall (0.2 / 0.1414 = 1.4 SE); paired: d = [0.1, 0.3], mean 0.2,
+    # std 0.1414, se 0.1414 / sqrt(2) = 0.1 -> 2.0 SE.
+    sft = _pt("sft", "sft", None, 0.0, 0.55, 0.1) | {"gold_by_prompt": [0.2, 0.9]}
+    peak = _pt("ppo", "step-2", 2, 1.0, 0.65, 0.1) | {"gold_by_prompt": [0.3, 1.0]}
+    last = _pt("ppo", "step-4", 4, 3.0, 0.45, 0.1) | {"gold_by_prompt": [0.2, 0.7]}
+    f = fall_along([sft, peak, last], "ppo")
+    assert f.fall == pytest.approx(0.2) and f.paired_prompts == 2
+    assert f.fall_se == pytest.approx(0.1) and f.unpaired_se == pytest.approx(0.141421, abs=1e-6)
+    # One point without per-prompt means (an older eval): the unpaired error
+    f = fall_along([sft, peak, _pt("ppo", "step-4", 4, 3.0, 0.45, 0.1)], "ppo")
+    assert f.paired_prompts == 0 and f.fall_se == pytest.approx(0.141421, abs=1e-6)

@@ -115,6 +115,10 @@ def test_stop_ends_the_run_at_the_hand_computed_step_and_eval_reads_it(tmp_path)
     assert all(f"step-{s:06d}" in evaluated for s in (2, 4, 6, 8)) and "step-000010" not in evaluated
     points = json.loads((run / "eval" / "manifest.json").read_text())["metrics"]["points"]
     assert all("monitor/held_out_mean" in p for p in points if p["kind"] == "ppo")  # eval watched it too
+    for p in points:  # with its per-prompt means, which average to its mean
+        if p["kind"] == "ppo":
+            by_prompt = p["monitor/held_out_by_prompt"]
+            assert sum(by_prompt) / len(by_prompt) == pytest.approx(p["monitor/held_out_mean"], abs=1e-12)
 
 
 def test_mark_runs_every_step_and_records_the_peak(tmp_path):

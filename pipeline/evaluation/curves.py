@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline.evaluation.stats import mean_se
+from pipeline.evaluation.stats import mean_se, prompt_means
 
 CSV_COLUMNS = ("kind", "name", "step", "kl_k1_mean", "kl_k1_se", "kl_k3_mean", "sqrt_kl", "proxy_mean",
                "proxy_se", "gold_mean", "gold_se", "win_rate", "win_lo", "win_hi", "n_samples", "series",
@@ -137,9 +137,12 @@ def curve_fits(points: list[dict]) -> dict:
 
 def make_point(kind: str, name: str, step: Optional[int], k1: Sequence[float], k3: Sequence[float],
                proxy: Sequence[float], gold: Sequence[float], win: tuple[float, float, float],
-               series: Optional[str] = None) -> dict:
+               series: Optional[str] = None, per_prompt: Optional[int] = None) -> dict:
     """One row of the curves: means (and standard errors) over a model's samples. ``series`` defaults to
-    ``kind``; RL checkpoints pass their series key."""
+    ``kind``; RL checkpoints pass their series key. With ``per_prompt`` (samples per prompt, the samples
+    prompt-major) the row also keeps gold's and the proxy's per-prompt means, ``gold_by_prompt`` and
+    ``proxy_by_prompt``, so that two models on the same prompts can be compared pair by pair
+    (:func:`pipeline.evaluation.overopt.fall_along`); the CSV leaves them out."""
     k1_mean, k1_se = mean_se(k1)
     k3_mean, _ = mean_se(k3)
     proxy_mean, proxy_se = mean_se(proxy)
@@ -147,7 +150,9 @@ def make_point(kind: str, name: str, step: Optional[int], k1: Sequence[float], k
     return {"kind": kind, "name": name, "step": step, "kl_k1_mean": k1_mean, "kl_k1_se": k1_se,
             "kl_k3_mean": k3_mean, "sqrt_kl": math.sqrt(max(k1_mean, 0.0)), "proxy_mean": proxy_mean,
             "proxy_se": proxy_se, "gold_mean": gold_mean, "gold_se": gold_se, "win_rate": win[0],
-            "win_lo": win[1], "win_hi": win[2], "n_samples": len(gold), "series": series or kind}
+            "win_lo": win[1], "win_hi": win[2], "n_samples": len(gold), "series": series or kind} | (
+        {} if per_prompt is None else
+        {"gold_by_prompt": prompt_means(gold, per_prompt), "proxy_by_prompt": prompt_means(proxy, per_prompt)})
 
 
 def best_gold(points: list[dict]) -> Optional[dict]:

@@ -30,6 +30,25 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def prompt_means(values: Sequence[float], k: int) -> list[float]:
+    """Per-prompt means of ``values`` laid out prompt-major (sample j of prompt i at ``i * k + j``): a
+    list of ``len(values) // k`` floats. E.g. k = 2: [1, 3, 0.5, 0.5] -> [2.0, 0.5]."""
+    if k < 1 or len(values) % k:
+        raise ValueError(f"{len(values)} values are not whole prompts of {k} samples")
+    return [math.fsum(float(v) for v in values[i:i + k]) / k for i in range(0, len(values), k)]
+
+
+def paired_diff(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of ``a - b`` taken pair by pair: two models' per-prompt means on the same
+    prompts. The prompt's own effect (some prompts draw duller answers from every model) cancels, and
+    the samples of one prompt, which are not independent of each other, count as one observation: the
+    paired t-test's standard error, ``std(d, ddof=1) / sqrt(n)``. E.g. a = [0.9, 0.5, 0.7], b = [0.8, 0.3,
+    0.7]: d = [0.1, 0.2, 0.0], mean 0.1, std 0.1, se 0.1 / sqrt(3) = 0.05774."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values differ in length: {len(a)} and {len(b)}")
+    return mean_se([float(x) - float(y) for x, y in zip(a, b)])
+
+
 def wilson_interval(rate: float, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval for a proportion ``rate`` observed over ``n`` trials (default 95%)."""
     if n <= 0:

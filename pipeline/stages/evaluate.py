@@ -88,7 +88,7 @@ from pipeline.evaluation.runs import (
     collect_series,
     exact_copy_of,
 )
-from pipeline.evaluation.stats import mean_se, sequence_kl, win_rate
+from pipeline.evaluation.stats import mean_se, prompt_means, sequence_kl, win_rate
 from pipeline.fusion import gating
 from pipeline.models import forwards, loading, stacking, trunk
 from pipeline.rl import rollout
@@ -644,19 +644,23 @@ def _model_points(specs: list[ModelSpec], results: dict[str, Samples], forgotten
     for spec in specs:
         s = results[spec.name]
         win = win_rate(s.gold, comparator.gold)  # same (prompt, sample) order: sample j of prompt i vs j of i
+        k = len(s.gold) // max(1, len(set(s.prompt_index)))
         points.append(make_point(spec.kind, spec.name, spec.step, s.kl_k1, s.kl_k3, s.proxy, s.gold, win,
-                                 series=spec.series) | forgetting.columns(forgotten.get(spec.name))
-                      | watched_columns(s.proxy_components))
+                                 series=spec.series, per_prompt=k) | forgetting.columns(forgotten.get(spec.name))
+                      | watched_columns(s.proxy_components, k))
     return points
 
 
-def watched_columns(components: dict[str, list[float]]) -> dict:
+def watched_columns(components: dict[str, list[float]], per_prompt: Optional[int] = None) -> dict:
     """``<key>_mean`` and ``<key>_se`` of what is drawn along KL besides proxy and gold: the monitors
-    (``monitor/<id>``) and a reward ensemble's disagreement (``<component>/disagreement``)."""
+    (``monitor/<id>``) and a reward ensemble's disagreement (``<component>/disagreement``); with
+    ``per_prompt`` (samples per prompt) also ``<key>_by_prompt``, as :func:`make_point` keeps gold's."""
     out = {}
     for key, values in components.items():
         if key.startswith("monitor/") or key.endswith("/disagreement"):
             out[f"{key}_mean"], out[f"{key}_se"] = mean_se(values)
+            if per_prompt is not None:
+                out[f"{key}_by_prompt"] = prompt_means(values, per_prompt)
     return out
 
 
