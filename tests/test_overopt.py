@@ -3,7 +3,8 @@
 import pytest
 
 from pipeline.datagen_overopt import derive_pairs, hedges, more_hedged
-from pipeline.evaluation.overopt import fall_along
+from pipeline.evaluation.curves import rl_series
+from pipeline.evaluation.overopt import arms_of, compare_arms, comparison_lines, fall_along, last_difference
 from pipeline.evaluation.stats import paired_diff, prompt_means
 from reward.registry import build_reward
 from reward.text import seq_rep
@@ -116,3 +117,40 @@ def test_fall_along_pairs_prompts_where_the_points_keep_them():
     # One point without per-prompt means (an older eval): the unpaired error
     f = fall_along([sft, peak, _pt("ppo", "step-4", 4, 3.0, 0.45, 0.1)], "ppo")
     assert f.paired_prompts == 0 and f.fall_se == pytest.approx(0.141421, abs=1e-6)
+
+
+def test_arms_of_reads_the_comparison_folders():
+    assert arms_of(["ppo:single-s42", "ppo:mean-s42", "ppo:mean-s43", "ppo"]) == {
+        "single": {42: "ppo:single-s42"}, "mean": {42: "ppo:mean-s42", 43: "ppo:mean-s43"}}
+
+
+def test_compare_arms_by_hand():
+    sft = _pt("sft", "sft", None, 0.0, 0.5, 0.01)
+
+    def arm(series, golds, last_se):  # checkpoints at steps 2 and 4, gold_se 0.01 but the last's
+        return [_pt("ppo", "step-2", 2, 1.0, golds[0], 0.01, series=series),
+                _pt("ppo", "step-4", 4, 2.0, golds[1], last_se, series=series)]
+
+    # single falls 0.2 (s1) and 0.1 (s2); mean falls 0.05 and 0.07 and ends 0.10 and 0.20 above single, with
+    # unpaired SEs sqrt(0.01^2 + 0.01^2) and sqrt(0.01^2 + 0.02^2) (no per-prompt means)
+    points = [sft, *arm("ppo:single-s1", (0.8, 0.6), 0.01), *arm("ppo:single-s2", (0.7, 0.6), 0.01),
+              *arm("ppo:mean-s1", (0.75, 0.70), 0.01), *arm("ppo:mean-s2", (0.87, 0.80), 0.02),
+              *arm("ppo:min-s3", (0.9, 0.1), 0.01)]  # no seed shared with single: not read
+    (r,) = compare_arms(points, arms_of(rl_series(points)))
+    assert r.arm == "mean" and r.seeds == [1, 2] and not r.paired
+    # fall (0.05 + 0.07) / 2 = 0.06 against (0.2 + 0.1) / 2 = 0.15: 0.4x
+    assert r.fall == pytest.approx(0.06) and r.ref_fall == pytest.approx(0.15) and r.fall_ratio == pytest.approx(0.4)
+    # last (0.10 + 0.20) / 2 = 0.15 +- sqrt(0.0002 + 0.0005) / 2 = 0.013229 -> 11.3 SE
+    assert r.last_diff == pytest.approx(0.15) and r.last_diff_se == pytest.approx(0.013229, abs=1e-6)
+    (line,) = comparison_lines([r])
+    assert "0.40x single's +0.150" in line and "fall <= 0.5x: yes; last >= +2 SE: yes" in line
+
+
+def test_last_difference_pairs_prompts():
+    a = _pt("ppo", "step-4", 4, 2.0, 0.7, 0.1, series="a") | {"gold_by_prompt": [0.9, 0.5]}
+    b = _pt("ppo", "step-4", 4, 2.0, 0.55, 0.1, series="b") | {"gold_by_prompt": [0.8, 0.3]}
+    # d = [0.1, 0.2]: mean 0.15, std 0.070711, se 0.05
+    diff, se, paired = last_difference([a, b], "a", "b")
+    assert paired and diff == pytest.approx(0.15) and se == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="no checkpoint in series 'c'"):
+        last_difference([a, b], "a", "c")
