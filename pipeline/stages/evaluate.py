@@ -644,7 +644,7 @@ def _model_points(specs: list[ModelSpec], results: dict[str, Samples], forgotten
     for spec in specs:
         s = results[spec.name]
         win = win_rate(s.gold, comparator.gold)  # same (prompt, sample) order: sample j of prompt i vs j of i
-        k = len(s.gold) // max(1, len(set(s.prompt_index)))
+        k = len(s.gold) // len(set(s.prompt_index)) if s.prompt_index else None  # samples per prompt
         points.append(make_point(spec.kind, spec.name, spec.step, s.kl_k1, s.kl_k3, s.proxy, s.gold, win,
                                  series=spec.series, per_prompt=k) | forgetting.columns(forgotten.get(spec.name))
                       | watched_columns(s.proxy_components, k))
