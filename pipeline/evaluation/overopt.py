@@ -52,14 +52,23 @@ def fall_along(points: list[dict], series: str, key: str = "gold") -> Optional[F
         return None
     peak = max(fam, key=lambda p: p[f"{key}_mean"])
     last = fam[-1]
-    se = lambda p: p.get(f"{key}_se") or 0.0  # noqa: E731
     fall = peak[f"{key}_mean"] - last[f"{key}_mean"]
-    unpaired = math.hypot(se(peak), se(last))
-    a, b = peak.get(f"{key}_by_prompt"), last.get(f"{key}_by_prompt")
-    paired = peak is not last and a is not None and b is not None and len(a) == len(b) >= 2
-    fall_se = paired_diff(a, b)[1] if paired else unpaired
-    return Fall(key, peak["name"], peak["kl_k1_mean"], peak[f"{key}_mean"], se(peak), last["name"],
-                last["kl_k1_mean"], last[f"{key}_mean"], fall, fall_se, unpaired, len(a) if paired else 0)
+    unpaired = _unpaired_se(peak, last, key)
+    n = 0 if peak is last else _paired_prompts(peak, last, key)
+    fall_se = paired_diff(peak[f"{key}_by_prompt"], last[f"{key}_by_prompt"])[1] if n else unpaired
+    return Fall(key, peak["name"], peak["kl_k1_mean"], peak[f"{key}_mean"], peak.get(f"{key}_se") or 0.0,
+                last["name"], last["kl_k1_mean"], last[f"{key}_mean"], fall, fall_se, unpaired, n)
+
+
+def _paired_prompts(a: dict, b: dict, key: str) -> int:
+    """How many prompts two points can be paired over on ``key`` (both keep per-prompt means of one
+    length, at least 2); 0 when they cannot."""
+    pa, pb = a.get(f"{key}_by_prompt"), b.get(f"{key}_by_prompt")
+    return len(pa) if pa is not None and pb is not None and len(pa) == len(pb) >= 2 else 0
+
+
+def _unpaired_se(a: dict, b: dict, key: str) -> float:
+    return math.hypot(a.get(f"{key}_se") or 0.0, b.get(f"{key}_se") or 0.0)
 
 
 def report_lines(points: list[dict], fits: dict, series: list[str], watched: list[str]) -> list[str]:
@@ -122,10 +131,9 @@ def last_difference(points: list[dict], series: str, reference: str, key: str = 
             raise ValueError(f"no checkpoint in series {name!r}")
         last[name] = max(fam, key=lambda p: p["step"])
     a, b = last[series], last[reference]
-    pa, pb = a.get(f"{key}_by_prompt"), b.get(f"{key}_by_prompt")
-    if pa is not None and pb is not None and len(pa) == len(pb) >= 2:
-        return (*paired_diff(pa, pb), True)
-    return a[f"{key}_mean"] - b[f"{key}_mean"], math.hypot(a.get(f"{key}_se") or 0.0, b.get(f"{key}_se") or 0.0), False
+    if _paired_prompts(a, b, key):
+        return (*paired_diff(a[f"{key}_by_prompt"], b[f"{key}_by_prompt"]), True)
+    return a[f"{key}_mean"] - b[f"{key}_mean"], _unpaired_se(a, b, key), False
 
 
 def compare_arms(points: list[dict], arms: dict[str, dict[int, str]], reference: str = "single",
